@@ -1,0 +1,310 @@
+//! The `[server]` section: listeners, who may relay, limits and timeouts.
+//!
+//! Every field has a safe default so `oauthrelay serve` runs with no file at
+//! all. Parsing errors carry the TOML span, so the binary can report
+//! `file:line:col: message`.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// SMTP listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Name used in the greeting, EHLO reply and `Received:` header.
+    /// `None`: the system host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Clients that may relay without AUTH.
+    pub allow_networks: Vec<Network>,
+    /// Largest message accepted, in bytes; advertised in the EHLO `SIZE`.
+    pub max_message_size: ByteSize,
+    /// Recipients per message; more get `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Simultaneous SMTP sessions; more get `421 4.7.0`.
+    pub max_connections: usize,
+    /// Longest command line, CRLF included; longer get `500 5.5.2`.
+    pub max_line_length: usize,
+    /// Protocol errors a session may make before it is disconnected.
+    pub max_errors: u32,
+    /// AUTH only after STARTTLS (loopback clients are exempt).
+    pub require_tls_for_auth: bool,
+    /// Deadline for a whole command line, counted from our previous reply
+    /// (RFC 5321 4.5.3.2 server timeout: 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Deadline for a DATA or BDAT transfer (RFC 5321: 3 minutes per data
+    /// block), extended by one second per `min_data_rate` bytes received.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Bytes per second that extend `data_timeout` (as Postfix's
+    /// `smtpd_min_data_rate`): a slow but honest client is not cut off.
+    pub min_data_rate: u64,
+    /// On shutdown, how long sessions in DATA may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Failed AUTH attempts per client address within `auth_failure_window`
+    /// before AUTH is refused with `454 4.7.0`.
+    pub auth_failure_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub auth_failure_window: Duration,
+    /// Optional STARTTLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Optional SMTP AUTH users.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            hostname: None,
+            allow_networks: vec![
+                Network::new(IpAddr::from([127, 0, 0, 0]), 8),
+                Network::new(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 128),
+            ],
+            max_message_size: ByteSize(36_700_160),
+            max_recipients: 100,
+            max_connections: 100,
+            max_line_length: 2048,
+            max_errors: 20,
+            require_tls_for_auth: true,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            min_data_rate: 500,
+            shutdown_grace: Duration::from_secs(30),
+            auth_failure_limit: 5,
+            auth_failure_window: Duration::from_secs(900),
+            tls: None,
+            users: Vec::new(),
+        }
+    }
+}
+
+/// `[server.tls]`: certificate and key in PEM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// `[[server.users]]`: a client that may relay after AUTH PLAIN or LOGIN.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// A PHC string (`$argon2id$...`) from `oauthrelay hash-password`.
+    #[serde(deserialize_with = "de_password_hash")]
+    pub password_hash: String,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password_hash", &"<redacted>")
+            .finish()
+    }
+}
+
+fn de_password_hash<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if argon2::PasswordHash::new(&s).is_err() {
+        return Err(serde::de::Error::custom(
+            "password_hash is not a PHC hash string; create one with `oauthrelay hash-password` \
+             (plaintext passwords are not accepted)",
+        ));
+    }
+    Ok(s)
+}
+
+/// An IP network in CIDR notation (`192.168.1.0/24`, `::1/128`); a bare
+/// address means a single host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    /// A network; host bits of `addr` are cleared.
+    pub fn new(addr: IpAddr, prefix: u8) -> Network {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.min(max);
+        Network {
+            addr: mask(addr, prefix),
+            prefix,
+        }
+    }
+
+    /// Whether `ip` is inside this network. IPv4-mapped IPv6 addresses
+    /// (`::ffff:127.0.0.1`) are compared as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
+            IpAddr::from((bits & m).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
+            IpAddr::from((bits & m).to_be_bytes())
+        }
+    }
+}
+
+impl FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Network, String> {
+        let bad = || format!("invalid network {s:?}: expected an address or CIDR like 192.168.1.0/24");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(bad()),
+            },
+            None => max,
+        };
+        Ok(Network::new(addr, prefix))
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Network {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A size in bytes: an integer, or a string with a unit
+/// (`"35MB"`, `"35 MiB"`, `"512k"`). Units are powers of 1000 (`kB`, `MB`,
+/// `GB`) or 1024 (`KiB`, `MiB`, `GiB`, and the bare `k`/`M`/`G`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let bad = || format!("invalid size {s:?}: expected bytes, or a number with a unit like \"35MB\" or \"512KiB\"");
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" | "b" => 1,
+            "kB" | "KB" | "kb" => 1_000,
+            "MB" | "mb" => 1_000_000,
+            "GB" | "gb" => 1_000_000_000,
+            "k" | "K" | "KiB" | "kiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size in bytes, or a string like \"35MB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_match_like_cidr() {
+        let n: Network = "127.0.0.1/32".parse().unwrap();
+        assert!(n.contains("127.0.0.1".parse().unwrap()));
+        assert!(!n.contains("127.0.0.2".parse().unwrap()));
+        assert!(n.contains("::ffff:127.0.0.1".parse().unwrap()));
+        let n: Network = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(n.to_string(), "10.0.0.0/8");
+        assert!(n.contains("10.200.0.1".parse().unwrap()));
+        let v6: Network = "::1".parse().unwrap();
+        assert!(v6.contains("::1".parse().unwrap()));
+        assert!(!v6.contains("127.0.0.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!("nonsense".parse::<Network>().is_err());
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!("35MB".parse::<ByteSize>().unwrap().0, 35_000_000);
+        assert_eq!("35 MiB".parse::<ByteSize>().unwrap().0, 35 << 20);
+        assert_eq!("512k".parse::<ByteSize>().unwrap().0, 512 << 10);
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert!("".parse::<ByteSize>().is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! `[[accounts]]`: one Google account oauthrelay sends as.
+//!
+//! The table holds both the OAuth side (client, token file, endpoints) and
+//! the SMTP side (host, port, TLS mode, sender routing) of an account, since
+//! an account is one thing to the person writing the config.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Gmail's defaults.
+pub const GMAIL_SMTP_HOST: &str = "smtp.gmail.com";
+pub const GOOGLE_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
+pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
+
+/// One `[[accounts]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// Short name used on the command line (`--account NAME`), in logs and
+    /// metrics labels.
+    pub name: String,
+    /// The Gmail address: XOAUTH2 `user=`, and the sender when
+    /// `rewrite_from` is on.
+    pub email: String,
+    /// OAuth client id (a "Desktop app" client). Not needed with
+    /// `service_account_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Inline client secret. Prefer `client_secret_file` or a systemd
+    /// credential named `<name>.client_secret`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_redacted"
+    )]
+    pub client_secret: Option<SecretString>,
+    /// File holding the client secret (must not be group/world-readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Where tokens are stored. Default: `<state dir>/tokens/<name>.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Envelope senders routed to this account: `*` matches anything
+    /// (including the null sender), `*@example.com` a domain,
+    /// `scanner@example.com` one address. Case-insensitive; first account
+    /// that matches wins.
+    #[serde(default = "default_senders")]
+    pub senders: Vec<String>,
+    /// Set the envelope sender and `From:` to `email`, keeping the original
+    /// in `Reply-To:` when the message has none.
+    #[serde(default)]
+    pub rewrite_from: bool,
+    /// Google Workspace: a service account's JSON key; tokens come from the
+    /// JWT bearer grant with `sub = email` (domain-wide delegation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_key_file: Option<PathBuf>,
+    #[serde(default = "default_smtp_host")]
+    pub smtp_host: String,
+    #[serde(default = "default_smtp_port")]
+    pub smtp_port: u16,
+    #[serde(default)]
+    pub smtp_tls: SmtpTls,
+    /// Extra trusted root (PEM) for the SMTP and HTTPS endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_auth_url")]
+    pub auth_url: Endpoint,
+    #[serde(default = "default_token_url")]
+    pub token_url: Endpoint,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// TLS from the first byte (port 465).
+    #[default]
+    Implicit,
+    /// Plain connection upgraded with STARTTLS (port 587).
+    Starttls,
+}
+
+/// An OAuth endpoint URL: `https://`, or `http://` for a loopback host only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Endpoint(url::Url);
+
+impl Endpoint {
+    pub fn url(&self) -> &url::Url {
+        &self.0
+    }
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Endpoint, String> {
+        let url = url::Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+        match url.scheme() {
+            "https" => Ok(Endpoint(url)),
+            "http" => {
+                let loopback = match url.host() {
+                    Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    None => false,
+                };
+                if loopback {
+                    Ok(Endpoint(url))
+                } else {
+                    Err(format!(
+                        "{s:?}: plain http:// is only allowed for a loopback host; use https://"
+                    ))
+                }
+            }
+            other => Err(format!("{s:?}: unsupported scheme {other:?}; use https://")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Endpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Endpoint, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+fn ser_redacted<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(secret) if !secret.expose_secret().is_empty() => s.serialize_str("<redacted>"),
+        _ => s.serialize_str(""),
+    }
+}
+
+fn default_senders() -> Vec<String> {
+    vec!["*".to_string()]
+}
+fn default_smtp_host() -> String {
+    GMAIL_SMTP_HOST.to_string()
+}
+fn default_smtp_port() -> u16 {
+    465
+}
+fn default_auth_url() -> Endpoint {
+    Endpoint(url::Url::parse(GOOGLE_AUTH_URL).expect("constant URL"))
+}
+fn default_token_url() -> Endpoint {
+    Endpoint(url::Url::parse(GOOGLE_TOKEN_URL).expect("constant URL"))
+}
+fn default_scopes() -> Vec<String> {
+    vec![GMAIL_SCOPE.to_string()]
+}
+
+impl AccountConfig {
+    /// Whether this account's `senders` patterns accept `sender`
+    /// (`""` is the null sender).
+    pub fn matches_sender(&self, sender: &str) -> bool {
+        self.senders.iter().any(|p| sender_matches(p, sender))
+    }
+}
+
+/// Case-insensitive glob match where `*` matches any run of characters.
+pub fn sender_matches(pattern: &str, sender: &str) -> bool {
+    let p = pattern.to_ascii_lowercase();
+    let s = sender.to_ascii_lowercase();
+    glob(p.as_bytes(), s.as_bytes())
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    // Iterative wildcard match with single backtrack point.
+    let (mut pi, mut si) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sender_patterns() {
+        assert!(sender_matches("*", ""));
+        assert!(sender_matches("*", "a@b.c"));
+        assert!(sender_matches("*@Example.com", "scanner@example.COM"));
+        assert!(!sender_matches("*@example.com", "x@example.org"));
+        assert!(sender_matches("scan*@example.com", "scanner2@example.com"));
+        assert!(!sender_matches("a@b.c", "aa@b.c"));
+    }
+
+    #[test]
+    fn endpoints_refuse_plain_http_off_loopback() {
+        assert!("http://127.0.0.1:8080/token".parse::<Endpoint>().is_ok());
+        assert!("http://localhost/token".parse::<Endpoint>().is_ok());
+        assert!("http://[::1]:9/token".parse::<Endpoint>().is_ok());
+        assert!("http://example.com/token".parse::<Endpoint>().is_err());
+        assert!("ftp://example.com/token".parse::<Endpoint>().is_err());
+        assert!("https://oauth2.googleapis.com/token".parse::<Endpoint>().is_ok());
+    }
+}

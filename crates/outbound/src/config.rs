@@ -1,0 +1,55 @@
+//! `[delivery]`: how hard and how often we try to hand mail to Gmail.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[delivery]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Simultaneous upstream connections (workers) per account.
+    pub concurrency: usize,
+    /// First retry delay; doubles with jitter on every further attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Cap on the retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Age after which a message that still cannot be delivered fails
+    /// permanently (bounce). RFC 5321 4.5.4.1 suggests 4-5 days.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// TCP connect and TLS handshake deadline.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for each reply from the upstream server (RFC 5321 4.5.3.2
+    /// gives 5 minutes for most commands; Gmail answers in milliseconds).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Deadline for the reply to the end of the message (RFC 5321: 10 min).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// An authenticated connection idle this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On shutdown, how long running transactions may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            concurrency: 4,
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            max_age: Duration::from_secs(5 * 86_400),
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}

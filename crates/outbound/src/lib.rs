@@ -1,0 +1,5 @@
+//! oauthrelay's delivery workers.
+
+pub mod config;
+
+pub use config::DeliveryConfig;

@@ -1,0 +1,62 @@
+//! The spool's errors, each knowing the SMTP reply a session should give.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::MessageId;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    /// No space left on the spool's file system (or quota exceeded).
+    #[error("the spool's file system is full")]
+    DiskFull,
+    /// Any other I/O failure while writing or reading the spool.
+    #[error("spool I/O error: {0}")]
+    Io(#[source] Arc<io::Error>),
+    /// Another process holds the spool's lock.
+    #[error("spool {path} is in use by another oauthrelay process{}; stop it first or use another [spool] dir", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked { path: PathBuf, pid: Option<u32> },
+    /// The spool directory cannot be created or opened.
+    #[error("cannot use spool directory {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("no message {0} in the queue")]
+    NotFound(MessageId),
+    /// The spool's writer has stopped (shutdown).
+    #[error("the spool is shutting down")]
+    Closed,
+}
+
+impl SpoolError {
+    pub(crate) fn io(e: io::Error) -> SpoolError {
+        if is_disk_full(&e) {
+            SpoolError::DiskFull
+        } else {
+            SpoolError::Io(Arc::new(e))
+        }
+    }
+
+    /// The reply an SMTP session gives when this error stops a message:
+    /// `(code, enhanced status, text)`.
+    pub fn smtp_reply(&self) -> (u16, &'static str, &'static str) {
+        match self {
+            SpoolError::DiskFull => (452, "4.3.1", "Insufficient system storage, try again later"),
+            SpoolError::Closed => (421, "4.3.2", "Service shutting down, try again later"),
+            _ => (451, "4.3.0", "Local error in processing, try again later"),
+        }
+    }
+
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SpoolError::DiskFull)
+    }
+}
+
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(28) | Some(122))
+}

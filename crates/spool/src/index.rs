@@ -1,0 +1,68 @@
+//! The in-memory view of the spool: every live message, where its bytes
+//! are, and how many live messages pin each segment.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::envelope::Envelope;
+use crate::record::Extent;
+use crate::MessageId;
+
+pub(crate) struct Entry {
+    pub envelope: Envelope,
+    /// Body pieces in order.
+    pub extents: Vec<Extent>,
+    /// Segment holding the message's latest `Commit` record.
+    pub commit_seg: u64,
+}
+
+impl Entry {
+    /// Segments this message needs to survive.
+    pub(crate) fn segments(&self) -> BTreeSet<u64> {
+        let mut s: BTreeSet<u64> = self.extents.iter().map(|e| e.seg).collect();
+        s.insert(self.commit_seg);
+        s
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Index {
+    pub messages: BTreeMap<MessageId, Entry>,
+    /// Segment number -> live messages that need it.
+    pub segments: BTreeMap<u64, usize>,
+    /// Segment files on disk, the active one included.
+    pub files: BTreeSet<u64>,
+}
+
+impl Index {
+    pub(crate) fn insert(&mut self, id: MessageId, entry: Entry) {
+        for seg in entry.segments() {
+            *self.segments.entry(seg).or_default() += 1;
+        }
+        if let Some(old) = self.messages.insert(id, entry) {
+            self.unpin(&old);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: MessageId) -> Option<Entry> {
+        let old = self.messages.remove(&id)?;
+        self.unpin(&old);
+        Some(old)
+    }
+
+    fn unpin(&mut self, entry: &Entry) {
+        for seg in entry.segments() {
+            if let Some(n) = self.segments.get_mut(&seg) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Ids of the live messages that pin `seg`.
+    pub(crate) fn pinning(&self, seg: u64) -> Vec<MessageId> {
+        self.messages
+            .iter()
+            .filter(|(_, e)| e.commit_seg == seg || e.extents.iter().any(|x| x.seg == seg))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}

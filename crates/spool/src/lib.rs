@@ -1,0 +1,489 @@
+//! oauthrelay's durable mail queue.
+//!
+//! Messages live in append-only segment files with group commit: a
+//! [`MessageWriter::commit`] returns only once the message's bytes and
+//! envelope are on stable storage, and one `fdatasync` covers every message
+//! that finished meanwhile. See `docs/design.md` for the layout and why.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), spool::SpoolError> {
+//! let (spool, _recovery) = spool::Spool::open(std::path::Path::new("/var/spool/oauthrelay"))?;
+//! let mut w = spool.begin();
+//! w.write(b"Subject: hi\r\n\r\nhello\r\n").await?;
+//! let id = w.commit(spool::Envelope::new("a@example.com", ["b@example.com".to_string()])).await?;
+//! let body = spool.read_body(id)?.read_to_end().await?;
+//! spool.remove(id).await?;
+//! # let _ = body; Ok(()) }
+//! ```
+
+mod envelope;
+mod error;
+mod id;
+mod index;
+mod record;
+mod recover;
+mod segment;
+mod writer;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+pub use envelope::{Envelope, RcptState, Recipient};
+pub use error::SpoolError;
+pub use id::MessageId;
+pub use recover::Recovery;
+
+use id::IdGen;
+use index::Index;
+use record::Extent;
+use writer::{Op, Writer};
+
+/// Bodies are stored in pieces of this size while they arrive.
+pub const CHUNK_SIZE: usize = 64 << 10;
+/// Body bytes in flight between sessions and the writer thread.
+const IN_FLIGHT_BYTES: usize = 4 << 20;
+
+/// Tuning knobs; the defaults suit production.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A new segment file is started when the active one reaches this size.
+    pub segment_size: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            segment_size: 64 << 20,
+        }
+    }
+}
+
+/// The queue. Cheap to clone; all clones share one writer thread.
+#[derive(Clone)]
+pub struct Spool {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Op>,
+    budget: Arc<Semaphore>,
+}
+
+pub(crate) struct Shared {
+    dir: PathBuf,
+    index: Mutex<Index>,
+    ids: IdGen,
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<MessageId>>>,
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    health: Mutex<Option<SpoolError>>,
+    _lock: File,
+}
+
+impl Shared {
+    pub(crate) fn lock_index(&self) -> MutexGuard<'_, Index> {
+        // A panic while holding the lock cannot leave the index half-updated
+        // in a way that matters more than stopping would; keep serving.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn contains(&self, id: MessageId) -> bool {
+        self.lock_index().messages.contains_key(&id)
+    }
+
+    pub(crate) fn notify(&self, ids: &[MessageId]) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        subs.retain(|tx| ids.iter().all(|id| tx.send(*id).is_ok()));
+    }
+
+    pub(crate) fn set_healthy(&self) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_some() {
+            tracing::info!("spool writes work again");
+            *h = None;
+        }
+    }
+
+    pub(crate) fn set_unhealthy(&self, e: &SpoolError) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+    }
+
+    pub(crate) fn forget_segment(&self, seg: u64) {
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&seg);
+    }
+
+    fn segment_file(&self, seg: u64) -> Result<Arc<File>, SpoolError> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = files.get(&seg) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(segment::path(&self.dir, seg)).map_err(SpoolError::io)?);
+        files.insert(seg, f.clone());
+        Ok(f)
+    }
+
+    /// Read whole extents (used when copying messages forward).
+    pub(crate) fn read_extents(&self, extents: &[Extent]) -> Result<Vec<u8>, SpoolError> {
+        let total: usize = extents.iter().map(|e| e.len as usize).sum();
+        let mut out = vec![0u8; total];
+        let mut at = 0;
+        for e in extents {
+            let f = self.segment_file(e.seg)?;
+            f.read_exact_at(&mut out[at..at + e.len as usize], e.off)
+                .map_err(SpoolError::io)?;
+            at += e.len as usize;
+        }
+        Ok(out)
+    }
+}
+
+impl Spool {
+    /// Open (creating if needed) the spool in `dir`, take its lock, and
+    /// recover every committed message. Blocking: call it before serving or
+    /// from `spawn_blocking`. Needs a Tokio runtime only later, for the async
+    /// methods.
+    pub fn open(dir: &Path) -> Result<(Spool, Recovery), SpoolError> {
+        Spool::open_with(dir, Options::default())
+    }
+
+    pub fn open_with(dir: &Path, options: Options) -> Result<(Spool, Recovery), SpoolError> {
+        let open_err = |e: std::io::Error| SpoolError::Open {
+            path: dir.to_path_buf(),
+            source: Arc::new(e),
+        };
+        std::fs::create_dir_all(dir).map_err(open_err)?;
+        let lock = take_lock(dir)?;
+        let recovered = recover::recover(dir).map_err(open_err)?;
+        let active_no = recovered.last_segment + 1;
+        let file = segment::create(dir, active_no).map_err(open_err)?;
+        let mut index = recovered.index;
+        index.files.insert(active_no);
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            index: Mutex::new(index),
+            ids: IdGen::new(recovered.last_id),
+            subscribers: Mutex::new(Vec::new()),
+            files: Mutex::new(HashMap::new()),
+            health: Mutex::new(None),
+            _lock: lock,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer::new(
+            shared.clone(),
+            writer::Active {
+                no: active_no,
+                file,
+                len: 0,
+            },
+            options.segment_size.max(1),
+        );
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(open_err)?;
+        Ok((
+            Spool {
+                shared,
+                tx,
+                budget: Arc::new(Semaphore::new(IN_FLIGHT_BYTES / 1024)),
+            },
+            recovered.report,
+        ))
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Start a new message. Its id is allocated now, so ids sort by the time
+    /// a message started arriving. Dropping the writer without `commit`
+    /// abandons the message.
+    pub fn begin(&self) -> MessageWriter {
+        MessageWriter {
+            id: self.shared.ids.next(),
+            spool: self.clone(),
+            buf: Vec::new(),
+            written: 0,
+            sent_chunks: false,
+            done: false,
+        }
+    }
+
+    /// Ids of messages as they are committed (after they are durable).
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<MessageId> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    /// The current envelope of a queued message.
+    pub fn envelope(&self, id: MessageId) -> Option<Envelope> {
+        self.shared
+            .lock_index()
+            .messages
+            .get(&id)
+            .map(|e| e.envelope.clone())
+    }
+
+    /// Every queued message, oldest first.
+    pub fn list(&self) -> Vec<(MessageId, Envelope)> {
+        self.shared
+            .lock_index()
+            .messages
+            .iter()
+            .map(|(id, e)| (*id, e.envelope.clone()))
+            .collect()
+    }
+
+    /// Number of queued messages and when the oldest was received.
+    pub fn stats(&self) -> (usize, Option<SystemTime>) {
+        let index = self.shared.lock_index();
+        let oldest = index.messages.values().map(|e| e.envelope.received).min();
+        (index.messages.len(), oldest)
+    }
+
+    /// `Err` with the last write error while the spool cannot write (disk
+    /// full, I/O errors); `Ok` once a write has succeeded again.
+    pub fn health(&self) -> Result<(), SpoolError> {
+        match &*self.shared.health.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// A reader over a queued message's bytes.
+    pub fn read_body(&self, id: MessageId) -> Result<BodyReader, SpoolError> {
+        let index = self.shared.lock_index();
+        let entry = index.messages.get(&id).ok_or(SpoolError::NotFound(id))?;
+        let mut pieces = Vec::with_capacity(entry.extents.len());
+        for e in &entry.extents {
+            pieces.push((self.shared.segment_file(e.seg)?, e.off, e.len));
+        }
+        let len = pieces.iter().map(|p| u64::from(p.2)).sum();
+        Ok(BodyReader {
+            pieces,
+            next: 0,
+            len,
+        })
+    }
+
+    /// Replace a message's envelope (delivery state); durable on return.
+    pub async fn update(&self, id: MessageId, envelope: Envelope) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Update {
+            id,
+            envelope: Box::new(envelope),
+            reply,
+        })
+        .await
+    }
+
+    /// Remove a message; durable on return.
+    pub async fn remove(&self, id: MessageId) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Remove { id, reply }).await
+    }
+
+    /// Wait until everything sent so far is durable.
+    pub async fn sync(&self) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Sync { reply }).await
+    }
+
+    /// Make everything durable and stop the writer thread. Later writes fail
+    /// with [`SpoolError::Closed`].
+    pub async fn close(&self) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Stop { reply }).await
+    }
+
+    async fn call(&self, op: impl FnOnce(writer::Reply) -> Op) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(op(reply)).map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+}
+
+/// One message being received. Bytes are streamed to the spool in pieces of
+/// [`CHUNK_SIZE`], so memory does not grow with the message.
+pub struct MessageWriter {
+    id: MessageId,
+    spool: Spool,
+    buf: Vec<u8>,
+    written: u64,
+    sent_chunks: bool,
+    done: bool,
+}
+
+impl MessageWriter {
+    /// The id the message will have.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Append body bytes. Errors (disk full) may also surface only at
+    /// [`commit`](Self::commit).
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<(), SpoolError> {
+        self.written += data.len() as u64;
+        while !data.is_empty() {
+            let room = CHUNK_SIZE - self.buf.len();
+            let (now, rest) = data.split_at(room.min(data.len()));
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(CHUNK_SIZE.min(now.len().max(4096)));
+            }
+            self.buf.extend_from_slice(now);
+            data = rest;
+            if self.buf.len() == CHUNK_SIZE {
+                self.flush_chunk().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_chunk(&mut self) -> Result<(), SpoolError> {
+        let permits = (self.buf.len() / 1024).max(1) as u32;
+        let permit = self
+            .spool
+            .budget
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_SIZE));
+        self.sent_chunks = true;
+        self.spool
+            .tx
+            .send(Op::Chunk {
+                id: self.id.as_u64(),
+                data,
+                _permit: permit,
+            })
+            .map_err(|_| SpoolError::Closed)
+    }
+
+    /// Store the envelope and make the message durable. On `Ok` the message
+    /// is on stable storage and subscribers are told its id.
+    pub async fn commit(mut self, envelope: Envelope) -> Result<MessageId, SpoolError> {
+        self.done = true;
+        let id = self.id;
+        let tail = std::mem::take(&mut self.buf);
+        self.spool
+            .call(|reply| Op::Commit {
+                id: id.as_u64(),
+                envelope: Box::new(envelope),
+                tail,
+                reply,
+            })
+            .await?;
+        Ok(id)
+    }
+}
+
+impl Drop for MessageWriter {
+    fn drop(&mut self) {
+        if !self.done && self.sent_chunks {
+            let _ = self.spool.tx.send(Op::Abort {
+                id: self.id.as_u64(),
+            });
+        }
+    }
+}
+
+/// Reads a queued message's bytes in pieces.
+pub struct BodyReader {
+    pieces: Vec<(Arc<File>, u64, u32)>,
+    next: usize,
+    len: u64,
+}
+
+impl BodyReader {
+    /// Total size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The next piece (at most [`CHUNK_SIZE`] bytes, usually exactly one
+    /// stored piece), or `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SpoolError> {
+        let Some((file, off, len)) = self.pieces.get(self.next).cloned() else {
+            return Ok(None);
+        };
+        self.next += 1;
+        let read = move || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, off).map(|_| buf)
+        };
+        // Small reads come from the page cache in microseconds; larger ones
+        // may hit the disk and go to the blocking pool.
+        let r = if len as usize <= 16 << 10 {
+            read()
+        } else {
+            tokio::task::spawn_blocking(read)
+                .await
+                .map_err(|e| SpoolError::Io(Arc::new(std::io::Error::other(e))))?
+        };
+        r.map(Some).map_err(SpoolError::io)
+    }
+
+    /// The whole body in memory.
+    pub async fn read_to_end(mut self) -> Result<Vec<u8>, SpoolError> {
+        let mut out = Vec::with_capacity(self.len as usize);
+        while let Some(piece) = self.next_chunk().await? {
+            out.extend_from_slice(&piece);
+        }
+        Ok(out)
+    }
+}
+
+/// Take the spool's lock file, recording our pid in it.
+fn take_lock(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join("lock");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| SpoolError::Open {
+            path: path.clone(),
+            source: Arc::new(e),
+        })?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            return Err(SpoolError::Locked {
+                path: dir.to_path_buf(),
+                pid: s.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(SpoolError::Open {
+                path,
+                source: Arc::new(e),
+            });
+        }
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
+}

@@ -1,0 +1,493 @@
+//! The group-commit writer: one thread owns the active segment, appends every
+//! record that was queued while it was busy with one `write`, makes them
+//! durable with one `fdatasync`, and only then answers the callers.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::envelope::Envelope;
+use crate::error::SpoolError;
+use crate::index::Entry;
+use crate::record::{self, Extent, Kind};
+use crate::segment;
+use crate::{MessageId, Shared};
+
+/// Largest batch the writer takes before writing (bytes of payload).
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Once this many segment files exist, the oldest one's survivors are copied
+/// forward so the file can be deleted.
+const COMPACT_AT_SEGMENTS: usize = 4;
+
+pub(crate) type Reply = oneshot::Sender<Result<(), SpoolError>>;
+
+pub(crate) enum Op {
+    /// A piece of a body still being received. Not acknowledged.
+    Chunk {
+        id: u64,
+        data: Vec<u8>,
+        _permit: OwnedSemaphorePermit,
+    },
+    /// The last piece plus the envelope: make the message exist.
+    Commit {
+        id: u64,
+        envelope: Box<Envelope>,
+        tail: Vec<u8>,
+        reply: Reply,
+    },
+    /// Forget an unfinished message.
+    Abort { id: u64 },
+    Update {
+        id: MessageId,
+        envelope: Box<Envelope>,
+        reply: Reply,
+    },
+    Remove { id: MessageId, reply: Reply },
+    /// Durability barrier.
+    Sync { reply: Reply },
+    /// Sync and stop.
+    Stop { reply: Reply },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Chunk { data, .. } => data.len(),
+            Op::Commit { tail, .. } => tail.len() + 512,
+            _ => 256,
+        }
+    }
+}
+
+/// A message being received.
+#[derive(Default)]
+struct Open {
+    extents: Vec<Extent>,
+    size: u64,
+    failed: Option<SpoolError>,
+}
+
+/// What to do once the batch is durable.
+enum Done {
+    Commit {
+        id: MessageId,
+        entry: Entry,
+        reply: Reply,
+    },
+    Update {
+        id: MessageId,
+        envelope: Box<Envelope>,
+        reply: Reply,
+    },
+    Remove {
+        id: MessageId,
+        reply: Reply,
+    },
+    Sync {
+        reply: Reply,
+    },
+}
+
+impl Done {
+    fn fail(self, e: &SpoolError) {
+        let reply = match self {
+            Done::Commit { reply, .. }
+            | Done::Update { reply, .. }
+            | Done::Remove { reply, .. }
+            | Done::Sync { reply } => reply,
+        };
+        let _ = reply.send(Err(e.clone()));
+    }
+}
+
+pub(crate) struct Active {
+    pub no: u64,
+    pub file: File,
+    pub len: u64,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    active: Active,
+    segment_size: u64,
+    open: HashMap<u64, Open>,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    pub(crate) fn new(shared: Arc<Shared>, active: Active, segment_size: u64) -> Writer {
+        Writer {
+            shared,
+            active,
+            segment_size,
+            open: HashMap::new(),
+            buf: Vec::with_capacity(256 << 10),
+        }
+    }
+
+    pub(crate) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        self.reclaim();
+        let mut batch = Vec::new();
+        while let Some(op) = rx.blocking_recv() {
+            let mut bytes = op.bytes();
+            batch.push(op);
+            while bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let stop = self.process(&mut batch);
+            if let Some(reply) = stop {
+                let r = self.active.file.sync_data().map_err(SpoolError::io);
+                let _ = reply.send(r);
+                break;
+            }
+            if self.active.len >= self.segment_size {
+                self.rotate(true);
+            }
+            self.reclaim();
+        }
+        debug!("spool writer stopped");
+    }
+
+    /// Write and sync one batch. Returns the reply of a `Stop` if one came.
+    fn process(&mut self, batch: &mut Vec<Op>) -> Option<Reply> {
+        let base = self.active.len;
+        let seg = self.active.no;
+        self.buf.clear();
+        let mut done: Vec<Done> = Vec::new();
+        let mut touched: BTreeSet<u64> = BTreeSet::new();
+        let mut stop = None;
+
+        for op in batch.drain(..) {
+            match op {
+                Op::Chunk { id, data, _permit } => {
+                    let open = self.open.entry(id).or_default();
+                    if open.failed.is_some() {
+                        continue;
+                    }
+                    let p = record::encode(&mut self.buf, Kind::Data, &[&record::id_bytes(id), &data]);
+                    open.extents.push(Extent {
+                        seg,
+                        off: base + p as u64 + 8,
+                        len: data.len() as u32,
+                    });
+                    open.size += data.len() as u64;
+                    touched.insert(id);
+                }
+                Op::Abort { id } => {
+                    self.open.remove(&id);
+                }
+                Op::Commit {
+                    id,
+                    mut envelope,
+                    tail,
+                    reply,
+                } => {
+                    let open = self.open.remove(&id).unwrap_or_default();
+                    if let Some(e) = open.failed {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                    let mut extents = open.extents;
+                    envelope.size = open.size + tail.len() as u64;
+                    let env = record::encode_envelope(&envelope);
+                    let head = record::commit_head(id, &env, &extents);
+                    let p = record::encode(&mut self.buf, Kind::Commit, &[&head, &tail]);
+                    if !tail.is_empty() {
+                        extents.push(Extent {
+                            seg,
+                            off: base + (p + head.len()) as u64,
+                            len: tail.len() as u32,
+                        });
+                    }
+                    done.push(Done::Commit {
+                        id: MessageId::from_u64(id),
+                        entry: Entry {
+                            envelope: *envelope,
+                            extents,
+                            commit_seg: seg,
+                        },
+                        reply,
+                    });
+                }
+                Op::Update {
+                    id,
+                    envelope,
+                    reply,
+                } => {
+                    if !self.shared.contains(id) {
+                        let _ = reply.send(Err(SpoolError::NotFound(id)));
+                        continue;
+                    }
+                    let env = record::encode_envelope(&envelope);
+                    record::encode(
+                        &mut self.buf,
+                        Kind::Update,
+                        &[&record::id_bytes(id.as_u64()), &env],
+                    );
+                    done.push(Done::Update {
+                        id,
+                        envelope,
+                        reply,
+                    });
+                }
+                Op::Remove { id, reply } => {
+                    if !self.shared.contains(id) {
+                        let _ = reply.send(Err(SpoolError::NotFound(id)));
+                        continue;
+                    }
+                    record::encode(&mut self.buf, Kind::Remove, &[&record::id_bytes(id.as_u64())]);
+                    done.push(Done::Remove { id, reply });
+                }
+                Op::Sync { reply } => done.push(Done::Sync { reply }),
+                Op::Stop { reply } => stop = Some(reply),
+            }
+        }
+
+        if !self.buf.is_empty() {
+            if let Err(e) = self.active.file.write_all_at(&self.buf, base) {
+                let err = SpoolError::io(e);
+                self.report(&err);
+                // Leave no partial record behind: cut the file back.
+                if let Err(t) = self.active.file.set_len(base) {
+                    warn!(error = %t, "cannot truncate spool segment after a failed write; continuing in a new segment");
+                    self.abandon_segment();
+                }
+                for id in touched {
+                    if let Some(o) = self.open.get_mut(&id) {
+                        o.failed = Some(err.clone());
+                    }
+                }
+                for d in done {
+                    d.fail(&err);
+                }
+                return stop;
+            }
+            self.active.len = base + self.buf.len() as u64;
+        }
+
+        if !done.is_empty() {
+            if let Err(e) = self.active.file.sync_data() {
+                // After a failed fsync the state of the file's tail is unknown
+                // (the kernel may have dropped the dirty pages): nothing in it
+                // that was not already acknowledged can be trusted.
+                let err = SpoolError::io(e);
+                self.report(&err);
+                for d in done {
+                    d.fail(&err);
+                }
+                self.abandon_segment();
+                return stop;
+            }
+            self.shared.set_healthy();
+            self.apply(done);
+        }
+        stop
+    }
+
+    fn report(&self, err: &SpoolError) {
+        error!(error = %err, segment = self.active.no, "spool write failed; clients get a temporary error until it works again");
+        self.shared.set_unhealthy(err);
+    }
+
+    /// Publish durable changes and answer the callers.
+    fn apply(&mut self, done: Vec<Done>) {
+        let mut committed = Vec::new();
+        {
+            let mut index = self.shared.lock_index();
+            for d in &done {
+                match d {
+                    Done::Commit { .. } | Done::Sync { .. } => {}
+                    Done::Update { id, envelope, .. } => {
+                        if let Some(e) = index.messages.get_mut(id) {
+                            let size = e.envelope.size;
+                            e.envelope = (**envelope).clone();
+                            e.envelope.size = size;
+                        }
+                    }
+                    Done::Remove { id, .. } => {
+                        index.remove(*id);
+                    }
+                }
+            }
+            for d in done {
+                match d {
+                    Done::Commit { id, entry, reply } => {
+                        index.insert(id, entry);
+                        committed.push(id);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Done::Update { reply, .. } | Done::Remove { reply, .. } | Done::Sync { reply } => {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+        }
+        if !committed.is_empty() {
+            self.shared.notify(&committed);
+        }
+    }
+
+    /// Sync the active segment (when `sync`) and continue in a new one.
+    fn rotate(&mut self, sync: bool) {
+        if sync && let Err(e) = self.active.file.sync_data() {
+            let err = SpoolError::io(e);
+            self.report(&err);
+            self.abandon_segment();
+            return;
+        }
+        match segment::create(&self.shared.dir, self.active.no + 1) {
+            Ok(file) => {
+                debug!(segment = self.active.no + 1, "spool segment started");
+                self.shared.lock_index().files.insert(self.active.no + 1);
+                self.active = Active {
+                    no: self.active.no + 1,
+                    file,
+                    len: 0,
+                };
+            }
+            Err(e) => {
+                let err = SpoolError::io(e);
+                self.report(&err);
+            }
+        }
+    }
+
+    /// Give up on the active segment after a failure that leaves its tail
+    /// unknown: unfinished messages with pieces in it fail, and writing goes
+    /// on in a fresh segment.
+    fn abandon_segment(&mut self) {
+        let seg = self.active.no;
+        let err = SpoolError::Io(Arc::new(io::Error::other(
+            "spool segment abandoned after a write or sync failure",
+        )));
+        for o in self.open.values_mut() {
+            if o.extents.iter().any(|e| e.seg == seg) {
+                o.failed.get_or_insert_with(|| err.clone());
+            }
+        }
+        self.rotate(false);
+    }
+
+    /// Delete segments nobody needs, oldest first; copy long-lived survivors
+    /// out of the oldest segment once enough segments have piled up.
+    fn reclaim(&mut self) {
+        loop {
+            let (oldest, count) = {
+                let index = self.shared.lock_index();
+                let oldest = match index.files.first().copied() {
+                    Some(s) if s != self.active.no => {
+                        let pinned_by_open = self.open.values().any(|o| o.extents.iter().any(|e| e.seg == s));
+                        let live = index.segments.get(&s).copied().unwrap_or(0);
+                        Some((s, live, pinned_by_open))
+                    }
+                    _ => None,
+                };
+                (oldest, index.files.len())
+            };
+            let Some((seg, live, pinned_by_open)) = oldest else {
+                return;
+            };
+            if pinned_by_open {
+                return;
+            }
+            if live > 0 {
+                if count < COMPACT_AT_SEGMENTS || !self.compact(seg) {
+                    return;
+                }
+                continue;
+            }
+            // Deleting must not overtake the deletion of older segments, so
+            // the directory is synced after each one.
+            {
+                let mut index = self.shared.lock_index();
+                index.segments.remove(&seg);
+                index.files.remove(&seg);
+                self.shared.forget_segment(seg);
+            }
+            match segment::remove(&self.shared.dir, seg) {
+                Ok(()) => debug!(segment = seg, "spool segment deleted"),
+                Err(e) => {
+                    warn!(segment = seg, error = %e, "cannot delete spool segment");
+                    return;
+                }
+            }
+        }
+    }
+
+
+    /// Copy the live messages of `seg` into the active segment. Returns
+    /// whether the segment is now free.
+    fn compact(&mut self, seg: u64) -> bool {
+        let ids = self.shared.lock_index().pinning(seg);
+        info!(segment = seg, messages = ids.len(), "copying long-queued messages out of an old spool segment");
+        for id in ids {
+            let (envelope, extents) = {
+                let index = self.shared.lock_index();
+                match index.messages.get(&id) {
+                    Some(e) => (e.envelope.clone(), e.extents.clone()),
+                    None => continue,
+                }
+            };
+            let body = match self.shared.read_extents(&extents) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(id = %id, error = %e, "cannot read a message to copy it forward; keeping the old segment");
+                    return false;
+                }
+            };
+            let base = self.active.len;
+            let no = self.active.no;
+            self.buf.clear();
+            let mut new_extents = Vec::new();
+            for piece in body.chunks(crate::CHUNK_SIZE) {
+                let p = record::encode(&mut self.buf, Kind::Data, &[&record::id_bytes(id.as_u64()), piece]);
+                new_extents.push(Extent {
+                    seg: no,
+                    off: base + p as u64 + 8,
+                    len: piece.len() as u32,
+                });
+            }
+            let env = record::encode_envelope(&envelope);
+            let head = record::commit_head(id.as_u64(), &env, &new_extents);
+            record::encode(&mut self.buf, Kind::Commit, &[&head]);
+            let r = self
+                .active
+                .file
+                .write_all_at(&self.buf, base)
+                .and_then(|_| self.active.file.sync_data());
+            if let Err(e) = r {
+                let err = SpoolError::io(e);
+                self.report(&err);
+                let _ = self.active.file.set_len(base);
+                return false;
+            }
+            self.active.len = base + self.buf.len() as u64;
+            let mut index = self.shared.lock_index();
+            // The message may have been removed meanwhile only by this
+            // thread, so it is still there; keep its newest envelope.
+            if let Some(old) = index.messages.get(&id) {
+                let envelope = old.envelope.clone();
+                index.insert(
+                    id,
+                    Entry {
+                        envelope,
+                        extents: new_extents,
+                        commit_seg: no,
+                    },
+                );
+            }
+        }
+        self.shared.lock_index().segments.get(&seg).copied().unwrap_or(0) == 0
+    }
+}
