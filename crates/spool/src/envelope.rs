@@ -37,7 +37,11 @@ pub struct Envelope {
     #[serde(default)]
     pub attempts: u32,
     /// When the next attempt is due; `None`: as soon as possible.
-    #[serde(default, with = "opt_unix_millis", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_unix_millis",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub next_attempt: Option<SystemTime>,
     /// The last temporary error, for `queue list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,7 +60,10 @@ pub struct Envelope {
 
 impl Envelope {
     /// A new envelope for `sender` and `recipients`, received now.
-    pub fn new(sender: impl Into<String>, recipients: impl IntoIterator<Item = String>) -> Envelope {
+    pub fn new(
+        sender: impl Into<String>,
+        recipients: impl IntoIterator<Item = String>,
+    ) -> Envelope {
         Envelope {
             sender: sender.into(),
             recipients: recipients.into_iter().map(Recipient::new).collect(),

@@ -46,7 +46,9 @@ impl FromStr for MessageId {
     fn from_str(s: &str) -> Result<MessageId, String> {
         let s = s.trim();
         if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("{s:?} is not a queue id (hex digits, as `queue list` shows)"));
+            return Err(format!(
+                "{s:?} is not a queue id (hex digits, as `queue list` shows)"
+            ));
         }
         u64::from_str_radix(s, 16)
             .map(MessageId)
@@ -88,10 +90,12 @@ impl IdGen {
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let candidate = now.max(last + 1);
-            match self
-                .last
-                .compare_exchange_weak(last, candidate, Ordering::AcqRel, Ordering::Relaxed)
-            {
+            match self.last.compare_exchange_weak(
+                last,
+                candidate,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return MessageId(candidate),
                 Err(actual) => last = actual,
             }
@@ -109,7 +113,10 @@ mod tests {
         let a = g.next();
         let b = g.next();
         assert!(b > a);
-        assert!(a.to_string() < b.to_string(), "text form sorts like the value");
+        assert!(
+            a.to_string() < b.to_string(),
+            "text form sorts like the value"
+        );
         assert_eq!(a.to_string().parse::<MessageId>().unwrap(), a);
         assert!("xyz".parse::<MessageId>().is_err());
     }

@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::MessageId;
 use crate::envelope::Envelope;
 use crate::record::Extent;
-use crate::MessageId;
 
 pub(crate) struct Entry {
     pub envelope: Envelope,

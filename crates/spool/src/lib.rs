@@ -80,7 +80,6 @@ pub(crate) struct Shared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<MessageId>>>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     health: Mutex<Option<SpoolError>>,
-    _lock: File,
 }
 
 impl Shared {
@@ -171,7 +170,6 @@ impl Spool {
             subscribers: Mutex::new(Vec::new()),
             files: Mutex::new(HashMap::new()),
             health: Mutex::new(None),
-            _lock: lock,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer::new(
@@ -182,6 +180,7 @@ impl Spool {
                 len: 0,
             },
             options.segment_size.max(1),
+            lock,
         );
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -298,8 +297,9 @@ impl Spool {
         self.call(|reply| Op::Sync { reply }).await
     }
 
-    /// Make everything durable and stop the writer thread. Later writes fail
-    /// with [`SpoolError::Closed`].
+    /// Make everything durable, stop the writer thread and release the
+    /// spool's lock (once this returns another process may open it). Later
+    /// writes fail with [`SpoolError::Closed`].
     pub async fn close(&self) -> Result<(), SpoolError> {
         self.call(|reply| Op::Stop { reply }).await
     }

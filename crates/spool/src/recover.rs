@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use tracing::{error, info, warn};
 
+use crate::MessageId;
 use crate::index::{Entry, Index};
 use crate::record::{self, Extent, HEADER_LEN, Header, Kind, MAGIC};
 use crate::segment;
-use crate::MessageId;
 
 /// What recovery found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -73,7 +73,8 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                 match resync(&data, pos + 1) {
                     Some(next) => {
                         let region = &data[pos..next];
-                        let saved = save_aside(dir, &format!("seg-{seg:016x}-at-{pos}.bin"), region);
+                        let saved =
+                            save_aside(dir, &format!("seg-{seg:016x}-at-{pos}.bin"), region);
                         error!(
                             segment = seg,
                             offset = pos,
@@ -88,7 +89,12 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                     None => {
                         let torn = (data.len() - pos) as u64;
                         if data[pos..].iter().any(|&b| b != 0) {
-                            info!(segment = seg, offset = pos, bytes = torn, "dropping an unacknowledged partial write at the end of a spool segment");
+                            info!(
+                                segment = seg,
+                                offset = pos,
+                                bytes = torn,
+                                "dropping an unacknowledged partial write at the end of a spool segment"
+                            );
                         }
                         report.torn_bytes += torn;
                         break;
@@ -106,7 +112,11 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                 Kind::Commit => {
                     let Some(c) = record::decode_commit(payload) else {
                         report.moved_aside += 1;
-                        let saved = save_aside(dir, &format!("seg-{seg:016x}-at-{pos}.bin"), &data[pos..pos + HEADER_LEN + payload.len()]);
+                        let saved = save_aside(
+                            dir,
+                            &format!("seg-{seg:016x}-at-{pos}.bin"),
+                            &data[pos..pos + HEADER_LEN + payload.len()],
+                        );
                         error!(segment = seg, offset = pos, saved = %saved.display(), "undecodable commit record moved aside");
                         pos += HEADER_LEN + header.len;
                         continue;
@@ -114,7 +124,10 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                     last_id = last_id.max(c.id);
                     let id = MessageId::from_u64(c.id);
                     let envelope = record::decode_envelope(c.envelope);
-                    let missing = c.extents.iter().any(|e| chunks.get(&(e.seg, e.off)) != Some(&(c.id, e.len)));
+                    let missing = c
+                        .extents
+                        .iter()
+                        .any(|e| chunks.get(&(e.seg, e.off)) != Some(&(c.id, e.len)));
                     match envelope {
                         Some(envelope) if !missing => {
                             let mut extents = c.extents;
@@ -149,13 +162,18 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                 Kind::Update => {
                     if let Some(id) = record::payload_id(payload) {
                         let id = MessageId::from_u64(id);
-                        match (index.messages.get_mut(&id), record::decode_envelope(&payload[8..])) {
+                        match (
+                            index.messages.get_mut(&id),
+                            record::decode_envelope(&payload[8..]),
+                        ) {
                             (Some(e), Some(env)) => {
                                 let size = e.envelope.size;
                                 e.envelope = env;
                                 e.envelope.size = size;
                             }
-                            (Some(_), None) => warn!(id = %id, "undecodable envelope update ignored"),
+                            (Some(_), None) => {
+                                warn!(id = %id, "undecodable envelope update ignored")
+                            }
                             // An update for a message whose segment is gone.
                             (None, _) => {}
                         }

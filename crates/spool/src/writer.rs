@@ -41,17 +41,26 @@ pub(crate) enum Op {
         reply: Reply,
     },
     /// Forget an unfinished message.
-    Abort { id: u64 },
+    Abort {
+        id: u64,
+    },
     Update {
         id: MessageId,
         envelope: Box<Envelope>,
         reply: Reply,
     },
-    Remove { id: MessageId, reply: Reply },
+    Remove {
+        id: MessageId,
+        reply: Reply,
+    },
     /// Durability barrier.
-    Sync { reply: Reply },
+    Sync {
+        reply: Reply,
+    },
     /// Sync and stop.
-    Stop { reply: Reply },
+    Stop {
+        reply: Reply,
+    },
 }
 
 impl Op {
@@ -76,7 +85,7 @@ struct Open {
 enum Done {
     Commit {
         id: MessageId,
-        entry: Entry,
+        entry: Box<Entry>,
         reply: Reply,
     },
     Update {
@@ -117,16 +126,24 @@ pub(crate) struct Writer {
     segment_size: u64,
     open: HashMap<u64, Open>,
     buf: Vec<u8>,
+    /// The spool's lock file, held while this thread runs.
+    _lock: File,
 }
 
 impl Writer {
-    pub(crate) fn new(shared: Arc<Shared>, active: Active, segment_size: u64) -> Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        active: Active,
+        segment_size: u64,
+        lock: File,
+    ) -> Writer {
         Writer {
             shared,
             active,
             segment_size,
             open: HashMap::new(),
             buf: Vec::with_capacity(256 << 10),
+            _lock: lock,
         }
     }
 
@@ -145,11 +162,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let stop = self.process(&mut batch);
-            if let Some(reply) = stop {
+            if let Some(reply) = self.process(&mut batch) {
                 let r = self.active.file.sync_data().map_err(SpoolError::io);
+                // Release the lock before answering, so whoever waited for
+                // the close can open the spool at once.
+                drop(self);
                 let _ = reply.send(r);
-                break;
+                debug!("spool writer stopped");
+                return;
             }
             if self.active.len >= self.segment_size {
                 self.rotate(true);
@@ -175,7 +195,8 @@ impl Writer {
                     if open.failed.is_some() {
                         continue;
                     }
-                    let p = record::encode(&mut self.buf, Kind::Data, &[&record::id_bytes(id), &data]);
+                    let p =
+                        record::encode(&mut self.buf, Kind::Data, &[&record::id_bytes(id), &data]);
                     open.extents.push(Extent {
                         seg,
                         off: base + p as u64 + 8,
@@ -212,11 +233,11 @@ impl Writer {
                     }
                     done.push(Done::Commit {
                         id: MessageId::from_u64(id),
-                        entry: Entry {
+                        entry: Box::new(Entry {
                             envelope: *envelope,
                             extents,
                             commit_seg: seg,
-                        },
+                        }),
                         reply,
                     });
                 }
@@ -246,7 +267,11 @@ impl Writer {
                         let _ = reply.send(Err(SpoolError::NotFound(id)));
                         continue;
                     }
-                    record::encode(&mut self.buf, Kind::Remove, &[&record::id_bytes(id.as_u64())]);
+                    record::encode(
+                        &mut self.buf,
+                        Kind::Remove,
+                        &[&record::id_bytes(id.as_u64())],
+                    );
                     done.push(Done::Remove { id, reply });
                 }
                 Op::Sync { reply } => done.push(Done::Sync { reply }),
@@ -323,11 +348,13 @@ impl Writer {
             for d in done {
                 match d {
                     Done::Commit { id, entry, reply } => {
-                        index.insert(id, entry);
+                        index.insert(id, *entry);
                         committed.push(id);
                         let _ = reply.send(Ok(()));
                     }
-                    Done::Update { reply, .. } | Done::Remove { reply, .. } | Done::Sync { reply } => {
+                    Done::Update { reply, .. }
+                    | Done::Remove { reply, .. }
+                    | Done::Sync { reply } => {
                         let _ = reply.send(Ok(()));
                     }
                 }
@@ -387,7 +414,10 @@ impl Writer {
                 let index = self.shared.lock_index();
                 let oldest = match index.files.first().copied() {
                     Some(s) if s != self.active.no => {
-                        let pinned_by_open = self.open.values().any(|o| o.extents.iter().any(|e| e.seg == s));
+                        let pinned_by_open = self
+                            .open
+                            .values()
+                            .any(|o| o.extents.iter().any(|e| e.seg == s));
                         let live = index.segments.get(&s).copied().unwrap_or(0);
                         Some((s, live, pinned_by_open))
                     }
@@ -425,12 +455,15 @@ impl Writer {
         }
     }
 
-
     /// Copy the live messages of `seg` into the active segment. Returns
     /// whether the segment is now free.
     fn compact(&mut self, seg: u64) -> bool {
         let ids = self.shared.lock_index().pinning(seg);
-        info!(segment = seg, messages = ids.len(), "copying long-queued messages out of an old spool segment");
+        info!(
+            segment = seg,
+            messages = ids.len(),
+            "copying long-queued messages out of an old spool segment"
+        );
         for id in ids {
             let (envelope, extents) = {
                 let index = self.shared.lock_index();
@@ -451,7 +484,11 @@ impl Writer {
             self.buf.clear();
             let mut new_extents = Vec::new();
             for piece in body.chunks(crate::CHUNK_SIZE) {
-                let p = record::encode(&mut self.buf, Kind::Data, &[&record::id_bytes(id.as_u64()), piece]);
+                let p = record::encode(
+                    &mut self.buf,
+                    Kind::Data,
+                    &[&record::id_bytes(id.as_u64()), piece],
+                );
                 new_extents.push(Extent {
                     seg: no,
                     off: base + p as u64 + 8,
@@ -488,6 +525,12 @@ impl Writer {
                 );
             }
         }
-        self.shared.lock_index().segments.get(&seg).copied().unwrap_or(0) == 0
+        self.shared
+            .lock_index()
+            .segments
+            .get(&seg)
+            .copied()
+            .unwrap_or(0)
+            == 0
     }
 }

@@ -1,0 +1,336 @@
+//! The spool's guarantees, checked from the outside: what is committed is
+//! found again byte-exact after a reopen, whatever else happened.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use spool::{Envelope, MessageId, Options, RcptState, Spool, SpoolError};
+
+fn env(sender: &str, rcpts: &[&str]) -> Envelope {
+    let mut e = Envelope::new(sender, rcpts.iter().map(|s| s.to_string()));
+    e.client = Some("127.0.0.1:40000".into());
+    e.helo = "printer.local".into();
+    e
+}
+
+async fn put(spool: &Spool, body: &[u8]) -> MessageId {
+    let mut w = spool.begin();
+    // Write in odd-sized pieces, as a network would deliver them.
+    for piece in body.chunks(7919) {
+        w.write(piece).await.unwrap();
+    }
+    w.commit(env("a@example.com", &["b@example.com"]))
+        .await
+        .unwrap()
+}
+
+async fn body(spool: &Spool, id: MessageId) -> Vec<u8> {
+    spool.read_body(id).unwrap().read_to_end().await.unwrap()
+}
+
+async fn reopen(spool: Spool, dir: &Path) -> Spool {
+    spool.close().await.unwrap();
+    drop(spool);
+    Spool::open(dir).unwrap().0
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test]
+async fn committed_messages_survive_a_reopen_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, rec) = Spool::open(dir.path()).unwrap();
+    assert_eq!(rec.messages, 0);
+    let mut new_ids = spool.subscribe();
+
+    let small = b"Subject: hi\r\n\r\n\xc3\xa9t\xc3\xa9 8-bit \xff body\r\n".to_vec();
+    let large = pattern(3 * spool::CHUNK_SIZE + 12345, 7);
+    let empty: Vec<u8> = Vec::new();
+    let a = put(&spool, &small).await;
+    let b = put(&spool, &large).await;
+    let c = put(&spool, &empty).await;
+    assert!(a < b && b < c, "ids sort by time");
+    assert_eq!(new_ids.recv().await, Some(a));
+    assert_eq!(new_ids.recv().await, Some(b));
+    assert_eq!(new_ids.recv().await, Some(c));
+    assert_eq!(spool.envelope(b).unwrap().size, large.len() as u64);
+
+    let spool = reopen(spool, dir.path()).await;
+    let listed: Vec<MessageId> = spool.list().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(listed, vec![a, b, c]);
+    assert_eq!(body(&spool, a).await, small);
+    assert_eq!(body(&spool, b).await, large);
+    assert_eq!(body(&spool, c).await, empty);
+    let e = spool.envelope(a).unwrap();
+    assert_eq!(e.sender, "a@example.com");
+    assert_eq!(e.helo, "printer.local");
+    assert_eq!(e.client.as_deref(), Some("127.0.0.1:40000"));
+    // New ids keep sorting after recovered ones.
+    let d = put(&spool, b"x").await;
+    assert!(d > c);
+}
+
+#[tokio::test]
+async fn an_abandoned_message_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let mut w = spool.begin();
+    w.write(&pattern(5 * spool::CHUNK_SIZE, 1)).await.unwrap();
+    drop(w);
+    let kept = put(&spool, b"kept").await;
+    let spool = reopen(spool, dir.path()).await;
+    let ids: Vec<_> = spool.list().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, vec![kept]);
+}
+
+#[tokio::test]
+async fn updates_and_removals_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let a = put(&spool, b"one").await;
+    let b = put(&spool, b"two").await;
+    let mut e = spool.envelope(a).unwrap();
+    e.attempts = 3;
+    e.recipients[0].state = RcptState::Delivered;
+    e.recipients[0].reply = Some("250 2.1.5 OK".into());
+    e.last_error = Some("451 4.3.0 try later".into());
+    spool.update(a, e.clone()).await.unwrap();
+    spool.remove(b).await.unwrap();
+    assert!(matches!(
+        spool.remove(b).await,
+        Err(SpoolError::NotFound(_))
+    ));
+
+    let spool = reopen(spool, dir.path()).await;
+    let got = spool.envelope(a).unwrap();
+    assert_eq!(got.attempts, 3);
+    assert_eq!(got.recipients[0].state, RcptState::Delivered);
+    assert_eq!(got.last_error.as_deref(), Some("451 4.3.0 try later"));
+    assert_eq!(got.size, 3, "size survives envelope updates");
+    assert!(spool.envelope(b).is_none());
+}
+
+#[tokio::test]
+async fn a_second_process_cannot_open_a_locked_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    match Spool::open(dir.path()) {
+        Err(SpoolError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("two owners of one spool"),
+    }
+    spool.close().await.unwrap();
+    assert!(Spool::open(dir.path()).is_ok(), "lock released by close");
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_dropped_and_everything_acknowledged_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let a = put(&spool, b"first").await;
+    let b = put(&spool, &pattern(100_000, 3)).await;
+    spool.close().await.unwrap();
+    drop(spool);
+    // A crash in the middle of a batch leaves a partial record behind.
+    let last = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    let tail: Vec<u8> = bytes[..40].to_vec();
+    bytes.extend_from_slice(&tail);
+    std::fs::write(&last, bytes).unwrap();
+
+    let (spool, rec) = Spool::open(dir.path()).unwrap();
+    assert_eq!(rec.torn_bytes, 40);
+    assert_eq!(rec.moved_aside, 0);
+    assert_eq!(body(&spool, a).await, b"first");
+    assert_eq!(body(&spool, b).await, pattern(100_000, 3));
+}
+
+#[tokio::test]
+async fn a_corrupt_record_is_moved_aside_and_the_rest_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let a = put(&spool, b"AAAA-first-message").await;
+    let b = put(&spool, b"BBBB-second-message").await;
+    let c = put(&spool, b"CCCC-third-message").await;
+    spool.close().await.unwrap();
+    drop(spool);
+    let seg = segments(dir.path())
+        .into_iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes
+        .windows(4)
+        .position(|w| w == b"BBBB")
+        .expect("body of b in the segment");
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+
+    let (spool, rec) = Spool::open(dir.path()).unwrap();
+    assert_eq!(rec.moved_aside, 1);
+    assert!(spool.envelope(b).is_none());
+    assert_eq!(body(&spool, a).await, b"AAAA-first-message");
+    assert_eq!(body(&spool, c).await, b"CCCC-third-message");
+    let aside: Vec<_> = std::fs::read_dir(dir.path().join("corrupt"))
+        .unwrap()
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged record is kept for a human");
+}
+
+#[tokio::test]
+async fn many_concurrent_commits_share_syncs_and_all_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..20u8 {
+        let spool = spool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for i in 0..25u8 {
+                let b = pattern(1000 + usize::from(i) * 3, t ^ i);
+                mine.push((put(&spool, &b).await, b));
+            }
+            mine
+        }));
+    }
+    let mut all = BTreeMap::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), 500, "ids are unique");
+    let spool = reopen(spool, dir.path()).await;
+    assert_eq!(spool.list().len(), 500);
+    for (id, b) in &all {
+        assert_eq!(&body(&spool, *id).await, b);
+    }
+}
+
+#[tokio::test]
+async fn old_segments_are_reclaimed_and_long_lived_messages_copied_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        segment_size: 16 << 10,
+    };
+    let (spool, _) = Spool::open_with(dir.path(), opts.clone()).unwrap();
+    // One message stays queued (deferred for days) while traffic flows.
+    let keeper_body = pattern(150_000, 9);
+    let keeper = put(&spool, &keeper_body).await;
+    let mut e = spool.envelope(keeper).unwrap();
+    e.attempts = 5;
+    spool.update(keeper, e).await.unwrap();
+    for i in 0..200u32 {
+        let id = put(&spool, &pattern(3000, i as u8)).await;
+        spool.remove(id).await.unwrap();
+    }
+    spool.sync().await.unwrap();
+    let n = segments(dir.path()).len();
+    assert!(
+        n <= 5,
+        "segments are reclaimed while traffic flows ({n} left)"
+    );
+    let spool = reopen(spool, dir.path()).await;
+    assert_eq!(spool.list().len(), 1);
+    assert_eq!(body(&spool, keeper).await, keeper_body);
+    assert_eq!(spool.envelope(keeper).unwrap().attempts, 5);
+}
+
+/// Mount a tiny tmpfs for the disk-full test, or explain why not.
+fn tiny_fs(size: &str) -> Option<(tempfile::TempDir, Unmount)> {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        let msg = "SKIPPED: cannot mount a tmpfs (needs root) for the disk-full test";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{msg}; CI must run it");
+        }
+        eprintln!("\n!!!! {msg} !!!!\n");
+        return None;
+    }
+    let path = dir.path().to_path_buf();
+    Some((dir, Unmount(path)))
+}
+
+struct Unmount(std::path::PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_cleanly_and_recovers_when_space_returns() {
+    let Some((fs, _unmount)) = tiny_fs("1m") else {
+        return;
+    };
+    let spool_dir = fs.path().join("spool");
+    let (spool, _) = Spool::open(&spool_dir).unwrap();
+    let mut kept = Vec::new();
+    let err = loop {
+        let body = pattern(40_000, kept.len() as u8);
+        let mut w = spool.begin();
+        let r = async {
+            w.write(&body).await?;
+            w.commit(env("a@example.com", &["b@example.com"])).await
+        }
+        .await;
+        match r {
+            Ok(id) => kept.push((id, body)),
+            Err(e) => break e,
+        }
+        if kept.len() > 100 {
+            panic!("a 1 MiB file system never filled up");
+        }
+    };
+    assert!(err.is_disk_full(), "got {err}");
+    assert_eq!(err.smtp_reply().0, 452);
+    assert_eq!(err.smtp_reply().1, "4.3.1");
+    assert!(spool.health().is_err(), "readiness reports the full disk");
+
+    // Space returns: messages are delivered and removed.
+    for (id, _) in kept.drain(..kept.len() / 2) {
+        spool.remove(id).await.unwrap();
+    }
+    let mut after = None;
+    for _ in 0..50 {
+        if let Ok(id) = {
+            let mut w = spool.begin();
+            match w.write(b"after the disk was full").await {
+                Ok(()) => w.commit(env("a@example.com", &["b@example.com"])).await,
+                Err(e) => Err(e),
+            }
+        } {
+            after = Some(id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = after.expect("writes work again once space is back");
+    assert!(spool.health().is_ok());
+
+    let spool = reopen(spool, &spool_dir).await;
+    for (id, b) in &kept {
+        assert_eq!(&body(&spool, *id).await, b, "acknowledged messages intact");
+    }
+    assert_eq!(body(&spool, after).await, b"after the disk was full");
+    assert_eq!(spool.list().len(), kept.len() + 1, "no partial message");
+}
