@@ -178,6 +178,29 @@ fn default_scopes() -> Vec<String> {
 }
 
 impl AccountConfig {
+    /// An entry with Gmail's defaults: everything but the name and email
+    /// left to be filled in.
+    pub fn new(name: impl Into<String>, email: impl Into<String>) -> AccountConfig {
+        AccountConfig {
+            name: name.into(),
+            email: email.into(),
+            client_id: None,
+            client_secret: None,
+            client_secret_file: None,
+            token_file: None,
+            senders: default_senders(),
+            rewrite_from: false,
+            service_account_key_file: None,
+            smtp_host: default_smtp_host(),
+            smtp_port: default_smtp_port(),
+            smtp_tls: SmtpTls::default(),
+            ca_file: None,
+            auth_url: default_auth_url(),
+            token_url: default_token_url(),
+            scopes: default_scopes(),
+        }
+    }
+
     /// Whether this account's `senders` patterns accept `sender`
     /// (`""` is the null sender).
     pub fn matches_sender(&self, sender: &str) -> bool {

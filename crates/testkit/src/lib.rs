@@ -7,3 +7,4 @@
 //!   against the fake token endpoint's tokens, scripted faults).
 
 pub mod ca;
+pub mod google;

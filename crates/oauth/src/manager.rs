@@ -1,0 +1,961 @@
+//! The token manager: one cached access token per account, refreshed
+//! single-flight before it expires, and the needs-authorization state.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{Mutex, broadcast};
+use tokio::time::Instant;
+
+use crate::account::{Account, Credentials};
+use crate::http::{self, Failure, Grant};
+use crate::metrics::OAuthMetrics;
+use crate::service_account::{JWT_BEARER_GRANT, ServiceAccountKey};
+use crate::status::AccountStatus;
+use crate::store::{self, Fingerprint, RefreshRecord, RefreshResult, StoreError, TokenFile};
+use crate::token::AccessToken;
+
+/// Tuning for [`TokenManager`]. `Default` gives the production values.
+#[derive(Clone)]
+pub struct ManagerOptions {
+    /// Refresh when the cached token has less than this left (capped at half
+    /// the token's lifetime). Default 5 minutes.
+    pub refresh_margin: Duration,
+    /// Bound on one token request (connect + TLS + answer). Default 30 s.
+    pub request_timeout: Duration,
+    /// Token requests per refresh before giving up with
+    /// [`TokenError::Temporary`]. Default 4.
+    pub attempts: u32,
+    /// First wait between attempts; doubles each time. Default 1 s.
+    pub backoff_initial: Duration,
+    /// Longest wait between attempts. Default 20 s.
+    pub backoff_max: Duration,
+    /// After a refresh failed temporarily, callers get the error (or the
+    /// still-valid old token) without a new request for this long.
+    /// Default 10 s.
+    pub failure_cooldown: Duration,
+    /// How often token files (and service-account keys) are checked for
+    /// changes. `None`: no watcher. Default 2 s.
+    pub watch_interval: Option<Duration>,
+    /// Where to count refreshes and publish `oauthrelay_account_authorized`.
+    pub metrics: Option<OAuthMetrics>,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> ManagerOptions {
+        ManagerOptions {
+            refresh_margin: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(30),
+            attempts: 4,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(20),
+            failure_cooldown: Duration::from_secs(10),
+            watch_interval: Some(Duration::from_secs(2)),
+            metrics: None,
+        }
+    }
+}
+
+/// A change in an account's ability to get tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountEvent {
+    /// The account can get tokens again (new token file, reload): release
+    /// its held mail.
+    Authorized(String),
+    /// Google refused the account's credentials: hold its mail.
+    NeedsAuthorization(String),
+}
+
+/// Why [`TokenManager::access_token`] gave no token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("unknown account {0:?}")]
+    UnknownAccount(String),
+    /// Google refused the credentials for good (or none are stored). No
+    /// request is made until the token file changes or the manager is
+    /// reloaded. `fix` names the command that fixes it.
+    #[error("account {account:?} needs authorization: {reason}; {fix}")]
+    NeedsAuthorization {
+        account: String,
+        /// OAuth error code (`invalid_grant`, `invalid_client`...) or
+        /// `not_authorized` when no refresh token is stored.
+        code: String,
+        reason: String,
+        fix: String,
+    },
+    /// The token endpoint could not be reached or failed (5xx, timeouts),
+    /// after retries. Try again later.
+    #[error("account {account:?}: no access token for now: {reason}")]
+    Temporary { account: String, reason: String },
+}
+
+impl TokenError {
+    /// Worth retrying later without human action.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, TokenError::Temporary { .. })
+    }
+
+    /// The account waits for a human (authorize, import, config fix).
+    pub fn needs_authorization(&self) -> bool {
+        matches!(self, TokenError::NeedsAuthorization { .. })
+    }
+}
+
+/// Why the manager could not be built or reloaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("two accounts are named {0:?}")]
+    DuplicateAccount(String),
+    #[error("account {account:?}: {source}")]
+    TokenFile {
+        account: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("account {account:?}: {reason}")]
+    Setup { account: String, reason: String },
+}
+
+/// Access tokens for delivery. Cheap to clone (an `Arc`); `Send + Sync`.
+///
+/// - [`access_token`](TokenManager::access_token) returns the cached token
+///   while it has more than `refresh_margin` to live; otherwise exactly one
+///   caller refreshes it (the others wait for that result), with a timeout
+///   and bounded retries with exponential backoff on 5xx, timeouts and
+///   network errors.
+/// - [`invalidate`](TokenManager::invalidate) after Gmail refused the token
+///   (`535 5.7.8`) makes the next call refresh.
+/// - `invalid_grant`, `invalid_client`, `unauthorized_client`,
+///   `admin_policy_enforced` (any OAuth error from Google) put the account in
+///   *needs authorization*: callers get [`TokenError::NeedsAuthorization`]
+///   at once, without requests, the log names the fixing command, the token
+///   file, [`status`](TokenManager::status) and the
+///   `oauthrelay_account_authorized` gauge show it, and
+///   [`AccountEvent::NeedsAuthorization`] is sent.
+/// - A changed token file (`authorize`, `token import`), seen by the
+///   watcher or by the next call, or [`reload`](TokenManager::reload)
+///   (SIGHUP) brings the account back and sends
+///   [`AccountEvent::Authorized`].
+#[derive(Clone)]
+pub struct TokenManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    slots: RwLock<HashMap<String, Arc<Slot>>>,
+    options: ManagerOptions,
+    events: broadcast::Sender<AccountEvent>,
+}
+
+struct Slot {
+    name: String,
+    state: Mutex<State>,
+    view: StdMutex<AccountStatus>,
+    /// Bumped by `invalidate`; a cached token from an older generation is
+    /// not handed out.
+    invalidations: AtomicU64,
+}
+
+struct State {
+    account: Account,
+    http: reqwest::Client,
+    refresh_token: Option<SecretString>,
+    cached: Option<Cached>,
+    blocked: Option<Blocked>,
+    cooldown: Option<(Instant, String)>,
+    last_refresh: Option<RefreshRecord>,
+    token_seen: Option<Fingerprint>,
+    key_seen: Option<Fingerprint>,
+    /// Last token-file problem logged (not repeated every poll).
+    file_problem: Option<String>,
+}
+
+struct Cached {
+    token: AccessToken,
+    refresh_at: Instant,
+    expires: Instant,
+    generation: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Blocked {
+    code: String,
+    reason: String,
+}
+
+impl TokenManager {
+    /// Load every account's token file and start the watcher (when
+    /// `options.watch_interval` is set and this runs inside a Tokio
+    /// runtime; the watcher stops when the last clone is dropped).
+    ///
+    /// Fails on duplicate names and on token files that cannot be used
+    /// (unreadable, too open, corrupt).
+    pub fn new(accounts: Vec<Account>, options: ManagerOptions) -> Result<TokenManager, ManagerError> {
+        let (events, _) = broadcast::channel(64);
+        let mut slots = HashMap::new();
+        for account in accounts {
+            if slots.contains_key(&account.name) {
+                return Err(ManagerError::DuplicateAccount(account.name));
+            }
+            let slot = Slot::load(account, &options)?;
+            slots.insert(slot.name.clone(), Arc::new(slot));
+        }
+        let inner = Arc::new(Inner {
+            slots: RwLock::new(slots),
+            options,
+            events,
+        });
+        if let Some(every) = inner.options.watch_interval
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(watch(Arc::downgrade(&inner), every));
+        }
+        Ok(TokenManager { inner })
+    }
+
+    /// A valid access token for `account` (see the type's docs).
+    pub async fn access_token(&self, account: &str) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(account)?;
+        let mut st = slot.state.lock().await;
+        if st.blocked.is_some() {
+            // Cheap: one stat. Picks up `authorize` / `token import` at once
+            // instead of at the next watcher tick.
+            self.inner.check_files(&slot, &mut st, false);
+        }
+        if let Some(b) = &st.blocked {
+            return Err(b.error(&st.account));
+        }
+        let generation = slot.invalidations.load(Ordering::Acquire);
+        let now = Instant::now();
+        if let Some(c) = &st.cached
+            && c.generation == generation
+            && now < c.refresh_at
+        {
+            return Ok(c.token.clone());
+        }
+        if let Some((until, reason)) = &st.cooldown
+            && now < *until
+        {
+            if let Some(c) = &st.cached
+                && c.generation == generation
+                && now < c.expires
+            {
+                return Ok(c.token.clone());
+            }
+            return Err(TokenError::Temporary {
+                account: slot.name.clone(),
+                reason: reason.clone(),
+            });
+        }
+        self.inner.refresh(&slot, &mut st).await
+    }
+
+    /// Gmail refused the token this account handed out (`535 5.7.8` after
+    /// the XOAUTH2 challenge): the next [`access_token`] call refreshes.
+    ///
+    /// [`access_token`]: TokenManager::access_token
+    pub fn invalidate(&self, account: &str) {
+        if let Ok(slot) = self.slot(account) {
+            slot.invalidations.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(account = %account, "access token invalidated; the next use refreshes it");
+        }
+    }
+
+    /// Re-read token files and service-account keys, and give accounts
+    /// blocked by a client or policy error one more try (SIGHUP). With
+    /// `Some(accounts)`, the account list is replaced: new accounts are
+    /// added, missing ones dropped, changed ones updated in place.
+    /// An account blocked by `invalid_grant` stays blocked until its token
+    /// file changes: only a new refresh token can fix that.
+    pub async fn reload(&self, accounts: Option<Vec<Account>>) -> Result<(), ManagerError> {
+        let current: Vec<Arc<Slot>> = self.slots_snapshot();
+        let Some(accounts) = accounts else {
+            for slot in current {
+                let mut st = slot.state.lock().await;
+                if let Credentials::ServiceAccount(key) = &st.account.credentials {
+                    let path = key.path.clone();
+                    self.inner.reload_key(&slot, &mut st, &path);
+                }
+                st.token_seen = None;
+                self.inner.check_files(&slot, &mut st, true);
+                st.cooldown = None;
+            }
+            return Ok(());
+        };
+
+        let mut seen = std::collections::HashSet::new();
+        for a in &accounts {
+            if !seen.insert(a.name.clone()) {
+                return Err(ManagerError::DuplicateAccount(a.name.clone()));
+            }
+        }
+        let mut first_error = None;
+        for account in accounts {
+            let existing = self.slot(&account.name).ok();
+            match existing {
+                Some(slot) => {
+                    let client = match http::client(&account.extra_roots, self.inner.options.request_timeout) {
+                        Ok(c) => c,
+                        Err(reason) => {
+                            first_error.get_or_insert(ManagerError::Setup {
+                                account: account.name.clone(),
+                                reason,
+                            });
+                            continue;
+                        }
+                    };
+                    let mut st = slot.state.lock().await;
+                    st.account = account;
+                    st.http = client;
+                    st.key_seen = key_fingerprint(&st.account);
+                    st.token_seen = None;
+                    st.cooldown = None;
+                    self.inner.check_files(&slot, &mut st, true);
+                }
+                None => match Slot::load(account, &self.inner.options) {
+                    Ok(slot) => {
+                        let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+                        slots.insert(slot.name.clone(), Arc::new(slot));
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                },
+            }
+        }
+        {
+            let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+            slots.retain(|name, _| {
+                let keep = seen.contains(name);
+                if !keep && let Some(m) = &self.inner.options.metrics {
+                    m.remove_account(name);
+                }
+                keep
+            });
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Account state changes, for releasing held mail at once.
+    pub fn subscribe(&self) -> broadcast::Receiver<AccountEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Live per-account state (for `/readyz` and the control socket),
+    /// sorted by name. Does not wait for refreshes in progress.
+    pub fn status(&self) -> Vec<AccountStatus> {
+        let mut out: Vec<AccountStatus> = self
+            .slots_snapshot()
+            .iter()
+            .map(|s| s.view.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        out.sort_by(|a, b| a.account.cmp(&b.account));
+        out
+    }
+
+    /// Live state of one account.
+    pub fn account_status(&self, account: &str) -> Option<AccountStatus> {
+        let slot = self.slot(account).ok()?;
+        let view = slot.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Some(view)
+    }
+
+    /// Names of the managed accounts, sorted.
+    pub fn accounts(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.slots_snapshot().iter().map(|s| s.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    fn slot(&self, account: &str) -> Result<Arc<Slot>, TokenError> {
+        self.inner
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(account)
+            .cloned()
+            .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
+    }
+
+    fn slots_snapshot(&self) -> Vec<Arc<Slot>> {
+        self.inner
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for TokenManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenManager")
+            .field("accounts", &self.accounts())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    fn load(account: Account, options: &ManagerOptions) -> Result<Slot, ManagerError> {
+        let http = http::client(&account.extra_roots, options.request_timeout).map_err(|reason| {
+            ManagerError::Setup {
+                account: account.name.clone(),
+                reason,
+            }
+        })?;
+        let token_seen = store::fingerprint(&account.token_file);
+        let file = store::load(&account.token_file).map_err(|source| ManagerError::TokenFile {
+            account: account.name.clone(),
+            source,
+        })?;
+        let name = account.name.clone();
+        let key_seen = key_fingerprint(&account);
+        let mut st = State {
+            account,
+            http,
+            refresh_token: None,
+            cached: None,
+            blocked: None,
+            cooldown: None,
+            last_refresh: None,
+            token_seen,
+            key_seen,
+            file_problem: None,
+        };
+        st.apply_file(file.as_ref(), true);
+        let slot = Slot {
+            name,
+            view: StdMutex::new(st.view()),
+            state: Mutex::new(st),
+            invalidations: AtomicU64::new(0),
+        };
+        if let Some(m) = &options.metrics {
+            let authorized = slot.view.lock().map(|v| v.authorized).unwrap_or(false);
+            m.init_account(&slot.name, authorized);
+        }
+        Ok(slot)
+    }
+}
+
+fn key_fingerprint(account: &Account) -> Option<Fingerprint> {
+    match &account.credentials {
+        Credentials::ServiceAccount(key) => store::fingerprint(&key.path),
+        Credentials::Client { .. } => None,
+    }
+}
+
+impl Blocked {
+    fn error(&self, account: &Account) -> TokenError {
+        TokenError::NeedsAuthorization {
+            account: account.name.clone(),
+            code: self.code.clone(),
+            reason: self.reason.clone(),
+            fix: fix_for(account, &self.code),
+        }
+    }
+}
+
+/// What to tell the user to run for an account blocked with `code`.
+pub(crate) fn fix_for(account: &Account, code: &str) -> String {
+    let name = &account.name;
+    if account.is_service_account() {
+        return "fix the service account key or its domain-wide delegation, then reload the daemon (systemctl reload oauthrelay)".into();
+    }
+    let authorize =
+        format!("oauthrelay authorize --account {name} (or: oauthrelay token import --account {name})");
+    match code {
+        "invalid_client" | "unauthorized_client" | "disabled_client" | "redirect_uri_mismatch" => format!(
+            "correct client_id / client secret in the config and reload the daemon, then run: oauthrelay authorize --account {name}"
+        ),
+        "admin_policy_enforced" => format!(
+            "ask the Workspace administrator to trust the OAuth client, then run: oauthrelay authorize --account {name}"
+        ),
+        "invalid_scope" => format!(
+            "fix `scopes` in the config (SMTP needs https://mail.google.com/), then run: oauthrelay authorize --account {name}"
+        ),
+        _ => format!("run: {authorize}"),
+    }
+}
+
+impl State {
+    fn is_service_account(&self) -> bool {
+        self.account.is_service_account()
+    }
+
+    /// Take the token file's content as the truth about the refresh token
+    /// and the needs-authorization flag. With `fresh_try`, a flag set by
+    /// anything but `invalid_grant` on a refresh token is ignored (startup,
+    /// reload: the config may have been fixed).
+    fn apply_file(&mut self, file: Option<&TokenFile>, fresh_try: bool) {
+        let empty = TokenFile::default();
+        let file = file.unwrap_or(&empty);
+        let now = SystemTime::now();
+        let file_token = file.valid_access_token(now);
+
+        if self.is_service_account() {
+            // A service account's block lives in memory only: the key file
+            // or a reload lifts it, not the token file.
+            if self.cached.is_none()
+                && self.blocked.is_none()
+                && let Some(t) = file_token
+            {
+                self.cached = Some(cached_from_file(t));
+            }
+            self.last_refresh = file.last_refresh.clone();
+            return;
+        } else {
+            let changed = match (&self.refresh_token, &file.refresh_token) {
+                (Some(a), Some(b)) => a.expose_secret() != b.expose_secret(),
+                (None, None) => false,
+                _ => true,
+            };
+            if changed {
+                self.refresh_token = file.refresh_token.clone();
+                self.cached = file_token.map(cached_from_file);
+                self.cooldown = None;
+            } else if self.cached.is_none()
+                && let Some(t) = file_token
+            {
+                self.cached = Some(cached_from_file(t));
+            }
+        }
+        self.last_refresh = file.last_refresh.clone();
+
+        let flagged_code = file
+            .last_refresh
+            .as_ref()
+            .and_then(|r| r.error_code.clone())
+            .unwrap_or_else(|| "invalid_grant".into());
+        self.blocked = if self.refresh_token.is_none() {
+            Some(Blocked {
+                code: "not_authorized".into(),
+                reason: format!(
+                    "no refresh token is stored in {}",
+                    self.account.token_file.display()
+                ),
+            })
+        } else if file.needs_authorization && !(fresh_try && flagged_code != "invalid_grant") {
+            let reason = file
+                .last_refresh
+                .as_ref()
+                .and_then(|r| r.error.clone())
+                .unwrap_or_else(|| format!("Google refused the credentials ({flagged_code})"));
+            Some(Blocked {
+                code: flagged_code,
+                reason,
+            })
+        } else {
+            None
+        };
+        if self.blocked.is_some() {
+            self.cached = None;
+        }
+    }
+
+    fn view(&self) -> AccountStatus {
+        let mut v = AccountStatus::base(&self.account);
+        v.refresh_token_stored = self.refresh_token.is_some();
+        v.authorized = self.blocked.is_none();
+        v.needs_authorization = self.blocked.is_some();
+        v.access_token_expires_at = self.cached.as_ref().map(|c| c.token.expires_at());
+        v.last_refresh = self.last_refresh.clone();
+        if let Some(b) = &self.blocked {
+            v.problem = Some(b.reason.clone());
+            v.fix = Some(fix_for(&self.account, &b.code));
+        } else if let Some((_, reason)) = &self.cooldown {
+            v.problem = Some(format!("token refresh failing: {reason}"));
+        }
+        v
+    }
+}
+
+fn cached_from_file(token: AccessToken) -> Cached {
+    let left = token.expires_in();
+    let now = Instant::now();
+    Cached {
+        refresh_at: now + left.saturating_sub(Duration::from_secs(300)),
+        expires: now + left,
+        token,
+        generation: 0,
+    }
+}
+
+impl Inner {
+    /// Publish the state to `status()`, metrics and events after a change.
+    fn publish(&self, slot: &Slot, st: &State, was_blocked: bool) {
+        let view = st.view();
+        *slot.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+        let blocked = st.blocked.is_some();
+        if let Some(m) = &self.options.metrics {
+            m.set_authorized(&slot.name, !blocked);
+        }
+        if was_blocked && !blocked {
+            tracing::info!(account = %slot.name, "account is authorized again; held mail can go");
+            let _ = self.events.send(AccountEvent::Authorized(slot.name.clone()));
+        } else if !was_blocked && let Some(b) = &st.blocked {
+            tracing::error!(
+                account = %slot.name,
+                code = %b.code,
+                "account needs authorization: {}; its mail is held until you {}",
+                b.reason,
+                fix_for(&st.account, &b.code)
+            );
+            let _ = self.events.send(AccountEvent::NeedsAuthorization(slot.name.clone()));
+        }
+    }
+
+    /// Reload the token file (and service-account key) if it changed since
+    /// last seen.
+    fn check_files(&self, slot: &Slot, st: &mut State, fresh_try: bool) {
+        if let Credentials::ServiceAccount(key) = &st.account.credentials {
+            let fp = store::fingerprint(&key.path);
+            if fp.is_some() && fp != st.key_seen {
+                let path = key.path.clone();
+                self.reload_key(slot, st, &path);
+            }
+        }
+        let was_blocked = st.blocked.is_some();
+        let fp = store::fingerprint(&st.account.token_file);
+        if fp == st.token_seen && !fresh_try {
+            return;
+        }
+        st.token_seen = fp;
+        match store::load(&st.account.token_file) {
+            Ok(file) => {
+                st.file_problem = None;
+                st.apply_file(file.as_ref(), fresh_try);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if st.file_problem.as_deref() != Some(text.as_str()) {
+                    tracing::error!(account = %slot.name, "cannot use the token file: {text}");
+                    st.file_problem = Some(text);
+                }
+            }
+        }
+        self.publish(slot, st, was_blocked);
+    }
+
+    /// Re-read a service account's key file; a new key lifts a block.
+    fn reload_key(&self, slot: &Slot, st: &mut State, path: &std::path::Path) {
+        st.key_seen = store::fingerprint(path);
+        let loaded = crate::perms::check_private_file(path)
+            .map_err(|e| e.to_string())
+            .and_then(|()| ServiceAccountKey::load(path).map_err(|e| e.to_string()));
+        match loaded {
+            Ok(key) => {
+                let was_blocked = st.blocked.is_some();
+                st.account.credentials = Credentials::ServiceAccount(key);
+                st.blocked = None;
+                st.cooldown = None;
+                tracing::info!(account = %slot.name, key = %path.display(), "service account key reloaded");
+                self.publish(slot, st, was_blocked);
+            }
+            Err(e) => tracing::error!(account = %slot.name, "cannot reload the service account key: {e}"),
+        }
+    }
+
+    async fn refresh(&self, slot: &Slot, st: &mut State) -> Result<AccessToken, TokenError> {
+        let opts = &self.options;
+        let mut delay = opts.backoff_initial;
+        let mut attempt: u32 = 1;
+        loop {
+            let used = st.refresh_token.clone();
+            let outcome = request(st, opts.request_timeout).await;
+            if let Some(m) = &opts.metrics {
+                m.refresh(&slot.name, outcome.is_ok());
+            }
+            match outcome {
+                Ok(grant) => return Ok(self.on_success(slot, st, grant, used).await),
+                Err(Failure::Rejected {
+                    status,
+                    code,
+                    description,
+                }) => {
+                    return Err(self.on_rejected(slot, st, status, code, description, used).await);
+                }
+                Err(Failure::Temporary(reason)) => {
+                    if attempt >= opts.attempts.max(1) {
+                        return self.on_temporary(slot, st, reason, attempt).await;
+                    }
+                    tracing::warn!(
+                        account = %slot.name,
+                        attempt,
+                        retry_in = %humantime::format_duration(delay),
+                        "token refresh failed, retrying: {reason}"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(opts.backoff_max);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn on_success(
+        &self,
+        slot: &Slot,
+        st: &mut State,
+        grant: Grant,
+        used: Option<SecretString>,
+    ) -> AccessToken {
+        let was_blocked = st.blocked.is_some();
+        let lifetime = grant.expires_in;
+        let margin = self.options.refresh_margin.min(lifetime / 2);
+        let now = Instant::now();
+        let token = AccessToken::new(grant.access_token, SystemTime::now() + lifetime);
+        st.cached = Some(Cached {
+            token: token.clone(),
+            refresh_at: now + (lifetime - margin),
+            expires: now + lifetime,
+            generation: slot.invalidations.load(Ordering::Acquire),
+        });
+        let rotated = grant.refresh_token.is_some();
+        if let Some(rt) = grant.refresh_token.clone() {
+            st.refresh_token = Some(rt);
+        }
+        st.cooldown = None;
+        st.blocked = None;
+        let record = RefreshRecord {
+            at: SystemTime::now(),
+            result: RefreshResult::Ok,
+            error_code: None,
+            error: None,
+        };
+        st.last_refresh = Some(record.clone());
+        tracing::info!(
+            account = %slot.name,
+            expires_in = %humantime::format_duration(lifetime),
+            new_refresh_token = rotated,
+            "access token refreshed"
+        );
+
+        let access = token.secret().clone();
+        let expires_at = token.expires_at();
+        let scopes = grant
+            .scope
+            .map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+        let new_rt = grant.refresh_token;
+        self.persist(slot, st, used, move |f| {
+            f.access_token = Some(access);
+            f.access_token_expires_at = Some(expires_at);
+            if let Some(s) = scopes {
+                f.scopes = s;
+            }
+            if let Some(rt) = new_rt {
+                f.refresh_token = Some(rt);
+            }
+            f.last_refresh = Some(record);
+            f.needs_authorization = false;
+        })
+        .await;
+        self.publish(slot, st, was_blocked);
+        token
+    }
+
+    async fn on_rejected(
+        &self,
+        slot: &Slot,
+        st: &mut State,
+        status: u16,
+        code: String,
+        description: Option<String>,
+        used: Option<SecretString>,
+    ) -> TokenError {
+        let was_blocked = st.blocked.is_some();
+        let reason = if st.is_service_account() {
+            crate::explain::describe_jwt(&code, description.as_deref())
+        } else {
+            crate::explain::describe(&code, description.as_deref())
+        };
+        let reason = format!("the token endpoint refused (HTTP {status}): {reason}");
+        let blocked = Blocked {
+            code: code.clone(),
+            reason: reason.clone(),
+        };
+        st.blocked = Some(blocked.clone());
+        st.cached = None;
+        st.cooldown = None;
+        let record = RefreshRecord {
+            at: SystemTime::now(),
+            result: RefreshResult::Error,
+            error_code: Some(code),
+            error: Some(reason),
+        };
+        st.last_refresh = Some(record.clone());
+        self.persist(slot, st, used, move |f| {
+            f.access_token = None;
+            f.access_token_expires_at = None;
+            f.last_refresh = Some(record);
+            f.needs_authorization = true;
+        })
+        .await;
+        self.publish(slot, st, was_blocked);
+        match &st.blocked {
+            Some(b) => b.error(&st.account),
+            // The token file was replaced meanwhile and lifted the block.
+            None => TokenError::Temporary {
+                account: slot.name.clone(),
+                reason: "the credentials changed during the refresh; try again".into(),
+            },
+        }
+    }
+
+    async fn on_temporary(
+        &self,
+        slot: &Slot,
+        st: &mut State,
+        reason: String,
+        attempts: u32,
+    ) -> Result<AccessToken, TokenError> {
+        let reason = format!("{reason} (after {attempts} attempts)");
+        st.cooldown = Some((Instant::now() + self.options.failure_cooldown, reason.clone()));
+        let record = RefreshRecord {
+            at: SystemTime::now(),
+            result: RefreshResult::Error,
+            error_code: None,
+            error: Some(reason.clone()),
+        };
+        st.last_refresh = Some(record.clone());
+        let used = st.refresh_token.clone();
+        self.persist(slot, st, used, move |f| f.last_refresh = Some(record))
+            .await;
+        let was_blocked = st.blocked.is_some();
+        self.publish(slot, st, was_blocked);
+        let generation = slot.invalidations.load(Ordering::Acquire);
+        if let Some(c) = &st.cached
+            && c.generation == generation
+            && Instant::now() < c.expires
+        {
+            tracing::warn!(
+                account = %slot.name,
+                "token refresh failed: {reason}; using the current access token, valid for {} more",
+                humantime::format_duration(Duration::from_secs(c.token.expires_in().as_secs()))
+            );
+            return Ok(c.token.clone());
+        }
+        tracing::warn!(account = %slot.name, "token refresh failed: {reason}");
+        Err(TokenError::Temporary {
+            account: slot.name.clone(),
+            reason,
+        })
+    }
+
+    /// Write the refresh outcome to the token file, unless the file now
+    /// holds another refresh token than the one used (`authorize` or
+    /// `token import` ran meanwhile): then take that file instead.
+    async fn persist<F>(&self, slot: &Slot, st: &mut State, used: Option<SecretString>, f: F)
+    where
+        F: FnOnce(&mut TokenFile) + Send + 'static,
+    {
+        let path = st.account.token_file.clone();
+        let name = st.account.name.clone();
+        let email = st.account.email.clone();
+        let is_sa = st.is_service_account();
+        let task = tokio::task::spawn_blocking(move || {
+            store::update_if(&path, |file| {
+                let same = is_sa
+                    || match (&file.refresh_token, &used) {
+                        (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+                        (None, None) => true,
+                        _ => false,
+                    };
+                if same {
+                    file.account = name;
+                    file.email = email;
+                    f(file);
+                }
+                same
+            })
+        });
+        match task.await {
+            Ok(Ok((written, wrote))) => {
+                if wrote {
+                    st.token_seen = store::fingerprint(&st.account.token_file);
+                }
+                if !is_sa {
+                    let on_disk = written.as_ref().and_then(|w| w.refresh_token.as_ref());
+                    let differs = match (on_disk, &st.refresh_token) {
+                        (Some(a), Some(b)) => a.expose_secret() != b.expose_secret(),
+                        (None, None) => false,
+                        _ => true,
+                    };
+                    if differs {
+                        st.token_seen = store::fingerprint(&st.account.token_file);
+                        st.apply_file(written.as_ref(), false);
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(account = %slot.name, "cannot write the token file: {e}");
+            }
+            Err(e) => {
+                tracing::error!(account = %slot.name, "token file writer failed: {e}");
+            }
+        }
+    }
+}
+
+async fn request(st: &State, timeout: Duration) -> Result<Grant, Failure> {
+    let url = st.account.token_url.url();
+    match &st.account.credentials {
+        Credentials::Client {
+            client_id,
+            client_secret,
+            ..
+        } => {
+            let Some(rt) = &st.refresh_token else {
+                return Err(Failure::Rejected {
+                    status: 0,
+                    code: "not_authorized".into(),
+                    description: Some("no refresh token stored".into()),
+                });
+            };
+            let form = [
+                ("grant_type", "refresh_token"),
+                ("client_id", client_id.as_str()),
+                ("client_secret", client_secret.expose_secret()),
+                ("refresh_token", rt.expose_secret()),
+            ];
+            http::post_token(&st.http, url, &form, timeout).await
+        }
+        Credentials::ServiceAccount(key) => {
+            let assertion = key
+                .assertion(&st.account.email, &st.account.scopes, url.as_str(), SystemTime::now())
+                .map_err(|e| Failure::Temporary(e.to_string()))?;
+            let form = [("grant_type", JWT_BEARER_GRANT), ("assertion", assertion.as_str())];
+            http::post_token(&st.http, url, &form, timeout).await
+        }
+    }
+}
+
+/// Poll token files (and service-account keys) for changes.
+async fn watch(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let slots: Vec<Arc<Slot>> = inner
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            // Busy (a refresh in progress): look again next tick.
+            if let Ok(mut st) = slot.state.try_lock() {
+                inner.check_files(&slot, &mut st, false);
+            }
+        }
+    }
+}
