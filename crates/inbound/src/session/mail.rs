@@ -1,0 +1,48 @@
+//! MAIL FROM.
+
+use std::borrow::Cow;
+
+use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_SMTPUTF8, MailFrom};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::info;
+
+use super::reply::{Clean, Reply};
+use super::{Session, Step, Txn};
+use crate::metrics::Rejection;
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(super) fn mail(&mut self, from: MailFrom<Cow<'_, str>>) -> Step {
+        if self.helo.is_none() {
+            return self.reply(Reply::Sequence("send HELO/EHLO first"));
+        }
+        if self.txn.is_some() {
+            return self.reply(Reply::Sequence("nested MAIL command"));
+        }
+        self.bdat_failed = None;
+        if from.size as u64 > self.settings.config.max_message_size.0 {
+            self.shared.metrics.rejected(Rejection::Size);
+            return self.reply(Reply::SizeExceeded);
+        }
+        if from.flags & MAIL_BODY_BINARYMIME != 0 {
+            return self.reply(Reply::UnsupportedParameter("BODY=BINARYMIME"));
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if !smtputf8 && !from.address.is_ascii() {
+            return self.reply(Reply::NonAsciiAddress);
+        }
+        if !(self.settings.sender_allowed)(&from.address) {
+            self.shared.metrics.rejected(Rejection::Sender);
+            info!(client = %self.peer, from = %Clean(&from.address), "sender refused: no account accepts this sender");
+            return self.reply(Reply::SenderRejected(&from.address));
+        }
+        self.txn = Some(Txn {
+            sender: from.address.into_owned(),
+            rcpts: Vec::new(),
+            smtputf8,
+            eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+            message: None,
+            bdat: false,
+        });
+        self.reply(Reply::MailOk)
+    }
+}

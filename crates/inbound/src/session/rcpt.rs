@@ -1,0 +1,56 @@
+//! RCPT TO, and who may relay.
+
+use std::borrow::Cow;
+
+use smtp_proto::RcptTo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::info;
+
+use super::reply::{Clean, Reply};
+use super::{Session, Step};
+use crate::metrics::Rejection;
+
+enum Verdict {
+    Accept,
+    Reject(Reply<'static>),
+    Relay,
+    TooMany,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(super) fn rcpt(&mut self, to: RcptTo<Cow<'_, str>>) -> Step {
+        let max = self.settings.config.max_recipients;
+        let may_relay = self.trusted || self.auth_user.is_some();
+        let verdict = match &self.txn {
+            None => Verdict::Reject(Reply::Sequence("need MAIL command")),
+            Some(t) if t.bdat || t.message.is_some() => {
+                Verdict::Reject(Reply::Sequence("RCPT not allowed during a BDAT transfer"))
+            }
+            Some(_) if to.address.is_empty() => Verdict::Reject(Reply::BadRecipient),
+            Some(t) if !t.smtputf8 && !to.address.is_ascii() => {
+                Verdict::Reject(Reply::NonAsciiAddress)
+            }
+            Some(_) if !may_relay => Verdict::Relay,
+            Some(t) if t.rcpts.len() >= max => Verdict::TooMany,
+            Some(_) => Verdict::Accept,
+        };
+        match verdict {
+            Verdict::Reject(r) => self.reply(r),
+            Verdict::Relay => {
+                self.shared.metrics.rejected(Rejection::Relay);
+                info!(client = %self.peer, to = %Clean(&to.address), "relay access denied: client not in allow_networks and not authenticated");
+                self.reply(Reply::RelayDenied(&to.address))
+            }
+            Verdict::TooMany => {
+                self.shared.metrics.rejected(Rejection::Recipients);
+                self.reply(Reply::TooManyRecipients)
+            }
+            Verdict::Accept => {
+                if let Some(t) = self.txn.as_mut() {
+                    t.rcpts.push(to.address.into_owned());
+                }
+                self.reply(Reply::RcptOk)
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! STARTTLS (RFC 3207).
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::conn::Conn;
+use super::reply::Reply;
+use super::{Session, SessionEnd, Step, later};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(super) fn starttls(&mut self) -> Step {
+        if self.conn.is_tls() {
+            return self.reply(Reply::Sequence("TLS already active"));
+        }
+        if self.settings.tls.is_none() {
+            return self.reply(Reply::TlsUnavailable);
+        }
+        if self.helo.is_none() {
+            return self.reply(Reply::Sequence("send HELO/EHLO first"));
+        }
+        if self.txn.is_some() {
+            return self.reply(Reply::Sequence("STARTTLS not allowed during a mail transaction"));
+        }
+        let _ = self.reply(Reply::TlsGo);
+        Step::StartTls
+    }
+
+    /// The `220 2.0.0` is sent: do the handshake (bounded by the command
+    /// timeout) and start over, forgetting everything the client said in
+    /// plain text.
+    pub(super) async fn start_tls(&mut self) -> Result<(), SessionEnd> {
+        let pending = self.rbuf.len().saturating_sub(self.pos);
+        if pending > 0 {
+            // Bytes sent before our 220 was seen: a command injection
+            // attempt (CVE-2011-0411 and kin). They must not be read as if
+            // they came over TLS.
+            warn!(client = %self.peer, bytes = pending, "discarding plain-text input pipelined after STARTTLS");
+        }
+        self.rbuf.clear();
+        self.pos = 0;
+        let Some(acceptor) = self.settings.tls.clone() else {
+            return Err(SessionEnd::Tls(std::io::Error::other("TLS is not configured")));
+        };
+        let Conn::Plain(stream) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            return Err(SessionEnd::Tls(std::io::Error::other("TLS already active")));
+        };
+        let deadline = later(Instant::now(), self.settings.config.command_timeout);
+        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let (_, conn) = tls.get_ref();
+                debug!(
+                    client = %self.peer,
+                    version = ?conn.protocol_version(),
+                    cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
+                    "TLS started"
+                );
+                self.conn = Conn::Tls(Box::new(tls));
+                self.helo = None;
+                self.auth_user = None;
+                self.reset_transaction();
+                self.touch();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(SessionEnd::Tls(e)),
+            Err(_) => Err(SessionEnd::Timeout),
+        }
+    }
+}
