@@ -249,7 +249,10 @@ fn validate_name(name: &str) -> Result<(), AccountError> {
     }
 }
 
-fn resolve_client(config: &AccountConfig, ctx: &AccountContext) -> Result<Credentials, AccountError> {
+fn resolve_client(
+    config: &AccountConfig,
+    ctx: &AccountContext,
+) -> Result<Credentials, AccountError> {
     let name = &config.name;
     let client_id = config
         .client_id

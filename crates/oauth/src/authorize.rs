@@ -117,7 +117,9 @@ pub enum AuthorizeError {
         "account {0:?} uses a service account (service_account_key_file): there is nothing to authorize; a Workspace admin sets up domain-wide delegation instead (see docs/gmail-setup.md)"
     )]
     ServiceAccount(String),
-    #[error("cannot listen on {addr} for Google's redirect: {source} (choose another --port, or 0 for any free port)")]
+    #[error(
+        "cannot listen on {addr} for Google's redirect: {source} (choose another --port, or 0 for any free port)"
+    )]
     Listen {
         addr: SocketAddr,
         #[source]
@@ -551,12 +553,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// query string.
 fn parse_pasted(line: &str) -> Result<Callback, &'static str> {
     let hint = "That is not the redirect address. After approving, copy the whole address from the browser's address bar (it starts with http://127.0.0.1:) and paste it here.";
-    let line = line.trim().trim_matches(|c| c == '"' || c == '\'' || c == '<' || c == '>');
+    let line = line
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'' || c == '<' || c == '>');
     let query = if line.starts_with("http://") || line.starts_with("https://") {
         let url = url::Url::parse(line).map_err(|_| hint)?;
         url.query().unwrap_or_default().to_string()
     } else {
-        line.trim_start_matches('/').trim_start_matches('?').to_string()
+        line.trim_start_matches('/')
+            .trim_start_matches('?')
+            .to_string()
     };
     let cb = parse_query(&query);
     if cb.state.is_none() || (cb.code.is_none() && cb.error.is_none()) {
@@ -604,7 +610,12 @@ async fn answer(mut stream: TcpStream, tx: mpsc::Sender<(Callback, oneshot::Send
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if method != "GET" || path != "/" {
-        let _ = respond(&mut stream, "404 Not Found", &page("Not found", "Nothing here.")).await;
+        let _ = respond(
+            &mut stream,
+            "404 Not Found",
+            &page("Not found", "Nothing here."),
+        )
+        .await;
         return;
     }
     let cb = parse_query(query);
@@ -625,7 +636,10 @@ async fn answer(mut stream: TcpStream, tx: mpsc::Sender<(Callback, oneshot::Send
         let _ = respond(
             &mut stream,
             "410 Gone",
-            &page("Too late", "oauthrelay authorize is no longer waiting; run it again."),
+            &page(
+                "Too late",
+                "oauthrelay authorize is no longer waiting; run it again.",
+            ),
         )
         .await;
         return;
@@ -692,7 +706,10 @@ mod tests {
 
     #[test]
     fn pasted_addresses() {
-        let cb = parse_pasted("  http://127.0.0.1:4321/?state=abc&code=4/0Ab-x&scope=https://mail.google.com/ \n").unwrap();
+        let cb = parse_pasted(
+            "  http://127.0.0.1:4321/?state=abc&code=4/0Ab-x&scope=https://mail.google.com/ \n",
+        )
+        .unwrap();
         assert_eq!(cb.state.as_deref(), Some("abc"));
         assert_eq!(cb.code.unwrap().expose_secret(), "4/0Ab-x");
         let cb = parse_pasted("/?code=xyz&state=s1").unwrap();

@@ -259,6 +259,10 @@ mod tests {
         assert!("http://[::1]:9/token".parse::<Endpoint>().is_ok());
         assert!("http://example.com/token".parse::<Endpoint>().is_err());
         assert!("ftp://example.com/token".parse::<Endpoint>().is_err());
-        assert!("https://oauth2.googleapis.com/token".parse::<Endpoint>().is_ok());
+        assert!(
+            "https://oauth2.googleapis.com/token"
+                .parse::<Endpoint>()
+                .is_ok()
+        );
     }
 }

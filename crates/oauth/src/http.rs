@@ -114,7 +114,9 @@ pub(crate) async fn post_token(
 fn classify(status: u16, body: &[u8], url: &url::Url) -> Result<Grant, Failure> {
     if status == 200 {
         let parsed: SuccessJson = serde_json::from_slice(body).map_err(|_| {
-            Failure::Temporary(format!("the token endpoint {url} sent a 200 that is not a token response"))
+            Failure::Temporary(format!(
+                "the token endpoint {url} sent a 200 that is not a token response"
+            ))
         })?;
         let access_token = parsed
             .access_token
@@ -213,7 +215,11 @@ mod tests {
             _ => panic!("expected rejection"),
         }
         assert!(matches!(
-            classify(401, br#"{"error":"invalid_client","error_description":"Unauthorized"}"#, &url()),
+            classify(
+                401,
+                br#"{"error":"invalid_client","error_description":"Unauthorized"}"#,
+                &url()
+            ),
             Err(Failure::Rejected { .. })
         ));
         assert!(matches!(

@@ -14,7 +14,9 @@
 //!
 //! // `oauthrelay authorize --account NAME [--no-browser] [--port N]`
 //! let opts = oauth::authorize::Options { no_browser: true, ..Default::default() };
-//! let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+//! // Pasted redirect addresses come from a line reader: in the binary
+//! // tokio::io::BufReader::new(tokio::io::stdin()) (tokio feature "io-std").
+//! let stdin = tokio::io::BufReader::new(tokio::io::empty());
 //! let summary = oauth::authorize::run(&accounts[0], &opts, &mut std::io::stdout(), Some(stdin)).await?;
 //! println!("{summary}");
 //!

@@ -193,7 +193,10 @@ impl TokenManager {
     ///
     /// Fails on duplicate names and on token files that cannot be used
     /// (unreadable, too open, corrupt).
-    pub fn new(accounts: Vec<Account>, options: ManagerOptions) -> Result<TokenManager, ManagerError> {
+    pub fn new(
+        accounts: Vec<Account>,
+        options: ManagerOptions,
+    ) -> Result<TokenManager, ManagerError> {
         let (events, _) = broadcast::channel(64);
         let mut slots = HashMap::new();
         for account in accounts {
@@ -297,7 +300,10 @@ impl TokenManager {
             let existing = self.slot(&account.name).ok();
             match existing {
                 Some(slot) => {
-                    let client = match http::client(&account.extra_roots, self.inner.options.request_timeout) {
+                    let client = match http::client(
+                        &account.extra_roots,
+                        self.inner.options.request_timeout,
+                    ) {
                         Ok(c) => c,
                         Err(reason) => {
                             first_error.get_or_insert(ManagerError::Setup {
@@ -368,7 +374,11 @@ impl TokenManager {
 
     /// Names of the managed accounts, sorted.
     pub fn accounts(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.slots_snapshot().iter().map(|s| s.name.clone()).collect();
+        let mut names: Vec<String> = self
+            .slots_snapshot()
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
         names.sort();
         names
     }
@@ -404,12 +414,13 @@ impl std::fmt::Debug for TokenManager {
 
 impl Slot {
     fn load(account: Account, options: &ManagerOptions) -> Result<Slot, ManagerError> {
-        let http = http::client(&account.extra_roots, options.request_timeout).map_err(|reason| {
-            ManagerError::Setup {
-                account: account.name.clone(),
-                reason,
-            }
-        })?;
+        let http =
+            http::client(&account.extra_roots, options.request_timeout).map_err(|reason| {
+                ManagerError::Setup {
+                    account: account.name.clone(),
+                    reason,
+                }
+            })?;
         let token_seen = store::fingerprint(&account.token_file);
         let file = store::load(&account.token_file).map_err(|source| ManagerError::TokenFile {
             account: account.name.clone(),
@@ -468,12 +479,15 @@ pub(crate) fn fix_for(account: &Account, code: &str) -> String {
     if account.is_service_account() {
         return "fix the service account key or its domain-wide delegation, then reload the daemon (systemctl reload oauthrelay)".into();
     }
-    let authorize =
-        format!("oauthrelay authorize --account {name} (or: oauthrelay token import --account {name})");
+    let authorize = format!(
+        "oauthrelay authorize --account {name} (or: oauthrelay token import --account {name})"
+    );
     match code {
-        "invalid_client" | "unauthorized_client" | "disabled_client" | "redirect_uri_mismatch" => format!(
-            "correct client_id / client secret in the config and reload the daemon, then run: oauthrelay authorize --account {name}"
-        ),
+        "invalid_client" | "unauthorized_client" | "disabled_client" | "redirect_uri_mismatch" => {
+            format!(
+                "correct client_id / client secret in the config and reload the daemon, then run: oauthrelay authorize --account {name}"
+            )
+        }
         "admin_policy_enforced" => format!(
             "ask the Workspace administrator to trust the OAuth client, then run: oauthrelay authorize --account {name}"
         ),
@@ -598,7 +612,9 @@ impl Inner {
         }
         if was_blocked && !blocked {
             tracing::info!(account = %slot.name, "account is authorized again; held mail can go");
-            let _ = self.events.send(AccountEvent::Authorized(slot.name.clone()));
+            let _ = self
+                .events
+                .send(AccountEvent::Authorized(slot.name.clone()));
         } else if !was_blocked && let Some(b) = &st.blocked {
             tracing::error!(
                 account = %slot.name,
@@ -607,7 +623,9 @@ impl Inner {
                 b.reason,
                 fix_for(&st.account, &b.code)
             );
-            let _ = self.events.send(AccountEvent::NeedsAuthorization(slot.name.clone()));
+            let _ = self
+                .events
+                .send(AccountEvent::NeedsAuthorization(slot.name.clone()));
         }
     }
 
@@ -658,7 +676,9 @@ impl Inner {
                 tracing::info!(account = %slot.name, key = %path.display(), "service account key reloaded");
                 self.publish(slot, st, was_blocked);
             }
-            Err(e) => tracing::error!(account = %slot.name, "cannot reload the service account key: {e}"),
+            Err(e) => {
+                tracing::error!(account = %slot.name, "cannot reload the service account key: {e}")
+            }
         }
     }
 
@@ -679,7 +699,9 @@ impl Inner {
                     code,
                     description,
                 }) => {
-                    return Err(self.on_rejected(slot, st, status, code, description, used).await);
+                    return Err(self
+                        .on_rejected(slot, st, status, code, description, used)
+                        .await);
                 }
                 Err(Failure::Temporary(reason)) => {
                     if attempt >= opts.attempts.max(1) {
@@ -816,7 +838,10 @@ impl Inner {
         attempts: u32,
     ) -> Result<AccessToken, TokenError> {
         let reason = format!("{reason} (after {attempts} attempts)");
-        st.cooldown = Some((Instant::now() + self.options.failure_cooldown, reason.clone()));
+        st.cooldown = Some((
+            Instant::now() + self.options.failure_cooldown,
+            reason.clone(),
+        ));
         let record = RefreshRecord {
             at: SystemTime::now(),
             result: RefreshResult::Error,
@@ -928,9 +953,17 @@ async fn request(st: &State, timeout: Duration) -> Result<Grant, Failure> {
         }
         Credentials::ServiceAccount(key) => {
             let assertion = key
-                .assertion(&st.account.email, &st.account.scopes, url.as_str(), SystemTime::now())
+                .assertion(
+                    &st.account.email,
+                    &st.account.scopes,
+                    url.as_str(),
+                    SystemTime::now(),
+                )
                 .map_err(|e| Failure::Temporary(e.to_string()))?;
-            let form = [("grant_type", JWT_BEARER_GRANT), ("assertion", assertion.as_str())];
+            let form = [
+                ("grant_type", JWT_BEARER_GRANT),
+                ("assertion", assertion.as_str()),
+            ];
             http::post_token(&st.http, url, &form, timeout).await
         }
     }

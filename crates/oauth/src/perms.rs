@@ -52,8 +52,7 @@ pub(crate) fn check_mode(path: &Path, mode: u32) -> Result<(), TooOpen> {
 pub(crate) fn shell_quote(path: &Path) -> String {
     let s = path.display().to_string();
     let plain = !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@%=".contains(&b));
     if plain {
         s

@@ -78,8 +78,8 @@ impl ServiceAccountKey {
             path: path.to_path_buf(),
             reason,
         };
-        let json: KeyJson = serde_json::from_slice(bytes)
-            .map_err(|e| err(format!("not a JSON key file ({e})")))?;
+        let json: KeyJson =
+            serde_json::from_slice(bytes).map_err(|e| err(format!("not a JSON key file ({e})")))?;
         if let Some(kind) = &json.kind
             && kind != "service_account"
         {

@@ -131,7 +131,10 @@ pub enum ImportError {
 /// trimmed) as the account's refresh token, clearing any stored access
 /// token and the needs-authorization flag. A running daemon notices the new
 /// file within seconds. Returns what was written.
-pub fn import_refresh_token(account: &Account, refresh_token: &str) -> Result<TokenFile, ImportError> {
+pub fn import_refresh_token(
+    account: &Account,
+    refresh_token: &str,
+) -> Result<TokenFile, ImportError> {
     if let Credentials::ServiceAccount(_) = account.credentials {
         return Err(ImportError::ServiceAccount(account.name.clone()));
     }

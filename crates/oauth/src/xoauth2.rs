@@ -179,7 +179,9 @@ impl Xoauth2Error {
     /// The reply that ended the exchange, if any.
     pub fn reply(&self) -> Option<&Response<String>> {
         match self {
-            Xoauth2Error::TokenRejected { reply, .. } | Xoauth2Error::Refused { reply } => Some(reply),
+            Xoauth2Error::TokenRejected { reply, .. } | Xoauth2Error::Refused { reply } => {
+                Some(reply)
+            }
             _ => None,
         }
     }
@@ -188,7 +190,11 @@ impl Xoauth2Error {
 /// `code esc message` on one line (multi-line texts joined by spaces).
 pub fn reply_text(reply: &Response<String>) -> String {
     let [a, b, c] = reply.esc;
-    let message = reply.message.split_whitespace().collect::<Vec<_>>().join(" ");
+    let message = reply
+        .message
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     if a == 0 {
         format!("{} {}", reply.code, message)
     } else {
@@ -199,7 +205,10 @@ pub fn reply_text(reply: &Response<String>) -> String {
 /// The XOAUTH2 initial response: base64 of
 /// `user=EMAIL\x01auth=Bearer TOKEN\x01\x01`.
 pub fn initial_response(user: &str, token: &AccessToken) -> SecretString {
-    let mut raw = format!("user={user}\x01auth=Bearer {}\x01\x01", token.secret().expose_secret());
+    let mut raw = format!(
+        "user={user}\x01auth=Bearer {}\x01\x01",
+        token.secret().expose_secret()
+    );
     let encoded = STANDARD.encode(raw.as_bytes());
     raw.zeroize();
     SecretString::from(encoded)
@@ -278,12 +287,16 @@ mod tests {
         let token = AccessToken::new(SecretString::from("ya29.abc"), SystemTime::now());
         let r = initial_response("me@gmail.com", &token);
         let decoded = STANDARD.decode(r.expose_secret()).unwrap();
-        assert_eq!(decoded, b"user=me@gmail.com\x01auth=Bearer ya29.abc\x01\x01");
+        assert_eq!(
+            decoded,
+            b"user=me@gmail.com\x01auth=Bearer ya29.abc\x01\x01"
+        );
     }
 
     #[test]
     fn decodes_gmail_challenge() {
-        let b64 = STANDARD.encode(r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#);
+        let b64 = STANDARD
+            .encode(r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#);
         let c = decode_challenge(&b64).unwrap();
         assert_eq!(c.status.as_deref(), Some("400"));
         assert_eq!(c.scope.as_deref(), Some("https://mail.google.com/"));

@@ -85,7 +85,8 @@ pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// A TEST-ONLY RSA key (PKCS#8 PEM) used for fake service accounts.
-pub const SERVICE_ACCOUNT_TEST_KEY: &str = include_str!("../fixtures/service-account-TEST-ONLY.key");
+pub const SERVICE_ACCOUNT_TEST_KEY: &str =
+    include_str!("../fixtures/service-account-TEST-ONLY.key");
 /// Another TEST-ONLY RSA key: signatures made with it do not verify against
 /// [`SERVICE_ACCOUNT_TEST_KEY`].
 pub const OTHER_TEST_KEY: &str = include_str!("../fixtures/other-TEST-ONLY.key");
@@ -174,7 +175,9 @@ impl Fault {
         Fault::Error {
             status: 400,
             error: "admin_policy_enforced".into(),
-            description: "Access to your account data is restricted by policies within your organization.".into(),
+            description:
+                "Access to your account data is restricted by policies within your organization."
+                    .into(),
         }
     }
 }
@@ -264,6 +267,7 @@ struct FakeState {
     last_jwt_claims: Option<serde_json::Value>,
     last_jwt_header: Option<serde_json::Value>,
     token_urls: Vec<String>,
+    issued_codes: Vec<String>,
 }
 
 impl FakeGoogle {
@@ -300,6 +304,7 @@ impl FakeGoogle {
                 last_jwt_claims: None,
                 last_jwt_header: None,
                 token_urls: Vec::new(),
+                issued_codes: Vec::new(),
             }),
         });
         let router = Router::new()
@@ -536,7 +541,7 @@ impl FakeGoogle {
         }
     }
 
-    /// Every access token issued so far, oldest first is not guaranteed.
+    /// Every access token issued so far (in no particular order).
     pub fn issued_access_tokens(&self) -> Vec<String> {
         self.shared.lock().access_tokens.keys().cloned().collect()
     }
@@ -544,6 +549,11 @@ impl FakeGoogle {
     /// Every refresh token issued so far (including revoked ones).
     pub fn issued_refresh_tokens(&self) -> Vec<String> {
         self.shared.lock().refresh_tokens.keys().cloned().collect()
+    }
+
+    /// Every authorization code the consent endpoint handed out.
+    pub fn issued_authorization_codes(&self) -> Vec<String> {
+        self.shared.lock().issued_codes.clone()
     }
 
     // ---- counters ----
@@ -604,9 +614,10 @@ impl Shared {
 // ---- HTTP handlers ----
 
 async fn consent(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> Response {
-    let params: HashMap<String, String> = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .into_owned()
-        .collect();
+    let params: HashMap<String, String> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
     let mut st = shared.lock();
     st.consent_requests += 1;
     st.last_consent = Some(ConsentRequest {
@@ -662,6 +673,7 @@ async fn consent(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -
         Consent::Deny { error } => back(&[("error", &error), ("state", &state)]),
         Consent::Approve { email } => {
             let code = random_token("4/0A", 48);
+            st.issued_codes.push(code.clone());
             st.codes.insert(
                 code.clone(),
                 CodeGrant {
@@ -741,7 +753,9 @@ impl FakeState {
             form.get("client_id").cloned(),
             form.get("client_secret").cloned(),
         );
-        if let Some(auth) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+        if let Some(auth) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
             && let Some(b64) = auth.strip_prefix("Basic ")
             && let Ok(raw) = STANDARD.decode(b64.trim())
             && let Ok(raw) = String::from_utf8(raw)
@@ -779,7 +793,11 @@ impl FakeState {
         (token, self.lifetime.as_secs())
     }
 
-    fn authorization_code(&mut self, form: &HashMap<String, String>, headers: &HeaderMap) -> Response {
+    fn authorization_code(
+        &mut self,
+        form: &HashMap<String, String>,
+        headers: &HeaderMap,
+    ) -> Response {
         let Some(client_id) = self.client(form, headers) else {
             return oauth_error(401, "invalid_client", "Unauthorized");
         };
@@ -912,7 +930,11 @@ impl FakeState {
         if scope.is_empty() {
             return bad("Invalid JWT: scope is required.");
         }
-        let Some(sub) = claims["sub"].as_str().filter(|s| !s.is_empty()).map(str::to_string) else {
+        let Some(sub) = claims["sub"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+        else {
             return oauth_error(
                 400,
                 "invalid_scope",
@@ -926,7 +948,9 @@ impl FakeState {
                 "Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.",
             );
         }
-        if !self.workspace_users.is_empty() && !self.workspace_users.contains(&sub.to_ascii_lowercase()) {
+        if !self.workspace_users.is_empty()
+            && !self.workspace_users.contains(&sub.to_ascii_lowercase())
+        {
             return bad("Invalid email or User ID");
         }
         let _ = &sa.client_id;
@@ -955,7 +979,10 @@ fn json_ok(body: serde_json::Value) -> Response {
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "application/json; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache, no-store, max-age=0, must-revalidate"),
+            (
+                header::CACHE_CONTROL,
+                "no-cache, no-store, max-age=0, must-revalidate",
+            ),
         ],
         body.to_string(),
     )
@@ -999,7 +1026,10 @@ fn random_hex(n: usize) -> String {
 }
 
 fn random_digits(n: usize) -> String {
-    random_bytes(n).iter().map(|b| char::from(b'0' + b % 10)).collect()
+    random_bytes(n)
+        .iter()
+        .map(|b| char::from(b'0' + b % 10))
+        .collect()
 }
 
 fn key_pair(pem: &str) -> RsaKeyPair {
@@ -1093,7 +1123,10 @@ pub async fn browse(url: &str, timeout: Duration) -> io::Result<BrowserVisit> {
 }
 
 /// A minimal HTTP/1.1 GET over plain TCP (`Connection: close`).
-pub async fn http_get(url: &str, timeout: Duration) -> io::Result<(u16, Vec<(String, String)>, String)> {
+pub async fn http_get(
+    url: &str,
+    timeout: Duration,
+) -> io::Result<(u16, Vec<(String, String)>, String)> {
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
     let u = url::Url::parse(url).map_err(|_| bad("bad URL"))?;
     if u.scheme() != "http" {

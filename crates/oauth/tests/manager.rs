@@ -1,0 +1,557 @@
+//! The token manager against the fake Google: caching, single-flight,
+//! retries, needs-authorization and recovery.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use oauth::store;
+use oauth::{AccountEvent, ManagerOptions, OAuthMetrics, TokenError, TokenManager};
+use secrecy::ExposeSecret;
+use testkit::google::{Fault, GrantType};
+
+fn refreshes(s: &Setup) -> usize {
+    s.google.token_requests(GrantType::RefreshToken)
+}
+
+#[tokio::test(start_paused = true)]
+async fn cached_token_is_reused_until_the_margin_then_refreshed() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(
+        vec![account],
+        ManagerOptions {
+            watch_interval: None,
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+
+    let first = m.access_token(NAME).await.unwrap();
+    assert_eq!(refreshes(&s), 1);
+    assert!(
+        s.google
+            .is_valid_access_token(first.secret().expose_secret())
+    );
+    assert_eq!(
+        s.google
+            .email_for(first.secret().expose_secret())
+            .as_deref(),
+        Some(EMAIL)
+    );
+
+    // Google's tokens live 3599 s; the margin is 5 min: until 3299 s the
+    // cached token is handed out without a request.
+    tokio::time::advance(Duration::from_secs(3290)).await;
+    let again = m.access_token(NAME).await.unwrap();
+    assert!(again.same_token(&first));
+    assert_eq!(refreshes(&s), 1);
+
+    // Inside the margin: one refresh, a new token, still valid at Google.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let second = m.access_token(NAME).await.unwrap();
+    assert!(!second.same_token(&first));
+    assert_eq!(refreshes(&s), 2);
+    assert!(
+        s.google
+            .is_valid_access_token(second.secret().expose_secret())
+    );
+
+    // The old token really expires at Google a few minutes later.
+    tokio::time::advance(Duration::from_secs(300)).await;
+    assert!(
+        !s.google
+            .is_valid_access_token(first.secret().expose_secret())
+    );
+    assert!(
+        s.google
+            .is_valid_access_token(second.secret().expose_secret())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_callers_cause_exactly_one_request() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    // A slow answer keeps the refresh in flight while everyone piles up.
+    s.google
+        .fail_next(1, Fault::Slow(Duration::from_millis(300)));
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let m = m.clone();
+        tasks.push(tokio::spawn(async move { m.access_token(NAME).await }));
+    }
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.push(t.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        refreshes(&s),
+        1,
+        "single flight: one request for 50 callers"
+    );
+    assert!(tokens.iter().all(|t| t.same_token(&tokens[0])));
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_and_timeouts_are_retried_with_backoff() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = OAuthMetrics::register(&mut registry);
+    let m = TokenManager::new(
+        vec![account],
+        ManagerOptions {
+            request_timeout: Duration::from_secs(10),
+            watch_interval: None,
+            metrics: Some(metrics.clone()),
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    s.google.fail_next(1, Fault::Status(500));
+    s.google.fail_next(1, Fault::Status(503));
+    s.google.fail_next(1, Fault::Hang(Duration::from_secs(600)));
+
+    let started = tokio::time::Instant::now();
+    let token = m.access_token(NAME).await.unwrap();
+    assert!(
+        s.google
+            .is_valid_access_token(token.secret().expose_secret())
+    );
+    assert_eq!(refreshes(&s), 4, "500, 503, a hang, then success");
+    // 1 s + 2 s + 4 s of backoff and one 10 s timeout.
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(17), "{waited:?}");
+    assert!(waited < Duration::from_secs(60), "{waited:?}");
+    assert_eq!(metrics.refresh_count(NAME, false), 3);
+    assert_eq!(metrics.refresh_count(NAME, true), 1);
+    assert_eq!(metrics.authorized(NAME), 1);
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"oauthrelay_token_refreshes_total{account="work",result="error"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"oauthrelay_account_authorized{account="work"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_are_bounded_then_a_temporary_error_without_hammering() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(
+        vec![account],
+        ManagerOptions {
+            watch_interval: None,
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    s.google.fail_next(4, Fault::Status(503));
+
+    let err = m.access_token(NAME).await.unwrap_err();
+    assert!(err.is_temporary(), "{err}");
+    assert!(err.to_string().contains("HTTP 503"), "{err}");
+    assert_eq!(refreshes(&s), 4);
+
+    // Within the cool-down: the same error at once, no request.
+    let err = m.access_token(NAME).await.unwrap_err();
+    assert!(err.is_temporary());
+    assert_eq!(refreshes(&s), 4);
+    let st = m.account_status(NAME).unwrap();
+    assert!(
+        st.authorized,
+        "a temporary failure is not a lost authorization"
+    );
+    assert_eq!(
+        st.last_refresh.as_ref().map(|r| r.result),
+        Some(store::RefreshResult::Error)
+    );
+
+    // Google is back after the cool-down.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    m.access_token(NAME).await.unwrap();
+    assert_eq!(refreshes(&s), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_still_valid_token_is_used_when_refresh_fails_temporarily() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(
+        vec![account],
+        ManagerOptions {
+            watch_interval: None,
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    let first = m.access_token(NAME).await.unwrap();
+    tokio::time::advance(Duration::from_secs(3400)).await; // inside the margin
+    s.google.fail_next(4, Fault::Status(500));
+    let t = m.access_token(NAME).await.unwrap();
+    assert!(t.same_token(&first), "the old token has 199 s left: use it");
+    assert_eq!(refreshes(&s), 5);
+}
+
+#[tokio::test]
+async fn invalidate_forces_a_refresh() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+    let first = m.access_token(NAME).await.unwrap();
+    assert!(m.access_token(NAME).await.unwrap().same_token(&first));
+    assert_eq!(refreshes(&s), 1);
+
+    s.google.expire_access_token(first.secret().expose_secret());
+    m.invalidate(NAME);
+    let second = m.access_token(NAME).await.unwrap();
+    assert!(!second.same_token(&first));
+    assert!(
+        s.google
+            .is_valid_access_token(second.secret().expose_secret())
+    );
+    assert_eq!(refreshes(&s), 2);
+}
+
+#[tokio::test]
+async fn invalid_grant_needs_authorization_until_a_token_import() {
+    let s = Setup::new().await;
+    let (account, rt) = s.authorized_account();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = OAuthMetrics::register(&mut registry);
+    let m = TokenManager::new(
+        vec![account.clone()],
+        ManagerOptions {
+            metrics: Some(metrics.clone()),
+            ..fast()
+        },
+    )
+    .unwrap();
+    let mut events = m.subscribe();
+
+    s.google.revoke_refresh_token(&rt);
+    let err = m.access_token(NAME).await.unwrap_err();
+    match &err {
+        TokenError::NeedsAuthorization { code, fix, .. } => {
+            assert_eq!(code, "invalid_grant");
+            assert!(fix.contains("oauthrelay authorize --account work"), "{fix}");
+            assert!(
+                fix.contains("oauthrelay token import --account work"),
+                "{fix}"
+            );
+        }
+        other => panic!("expected NeedsAuthorization, got {other:?}"),
+    }
+    assert!(
+        err.to_string()
+            .contains("Token has been expired or revoked."),
+        "{err}"
+    );
+    assert_eq!(
+        events.recv().await.unwrap(),
+        AccountEvent::NeedsAuthorization(NAME.into())
+    );
+
+    // No more requests, however often delivery asks.
+    for _ in 0..10 {
+        assert!(
+            m.access_token(NAME)
+                .await
+                .unwrap_err()
+                .needs_authorization()
+        );
+    }
+    assert_eq!(refreshes(&s), 1);
+
+    // Visible in status, the token file, `token status` and metrics.
+    let st = m.account_status(NAME).unwrap();
+    assert!(st.needs_authorization && !st.authorized);
+    assert!(
+        st.fix
+            .as_deref()
+            .unwrap()
+            .contains("oauthrelay authorize --account work")
+    );
+    let file = store::load(&account.token_file).unwrap().unwrap();
+    assert!(file.needs_authorization);
+    assert_eq!(
+        file.last_refresh
+            .as_ref()
+            .and_then(|r| r.error_code.as_deref()),
+        Some("invalid_grant")
+    );
+    let cli = oauth::status(std::slice::from_ref(&account));
+    assert!(cli[0].needs_authorization);
+    assert_eq!(metrics.authorized(NAME), 0);
+
+    // A restart does not retry a dead refresh token either.
+    let restarted = TokenManager::new(vec![account.clone()], fast()).unwrap();
+    assert!(
+        restarted
+            .access_token(NAME)
+            .await
+            .unwrap_err()
+            .needs_authorization()
+    );
+    assert_eq!(refreshes(&s), 1);
+    drop(restarted);
+
+    // `oauthrelay token import` in another process: the watcher notices the
+    // file without anyone asking for a token, and says so.
+    let fresh = s.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&account, &format!("{fresh}\n")).unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the watcher should notice the new token file")
+        .unwrap();
+    assert_eq!(event, AccountEvent::Authorized(NAME.into()));
+    assert!(m.account_status(NAME).unwrap().authorized);
+    assert_eq!(metrics.authorized(NAME), 1);
+
+    let token = m.access_token(NAME).await.unwrap();
+    assert!(
+        s.google
+            .is_valid_access_token(token.secret().expose_secret())
+    );
+    assert_eq!(refreshes(&s), 2);
+    let file = store::load(&account.token_file).unwrap().unwrap();
+    assert!(!file.needs_authorization);
+    assert_eq!(file.refresh_token.unwrap().expose_secret(), fresh);
+}
+
+#[tokio::test]
+async fn a_new_token_file_is_noticed_by_the_next_call_without_the_watcher() {
+    let s = Setup::new().await;
+    let account = s.account(); // never authorized
+    let m = TokenManager::new(
+        vec![account.clone()],
+        ManagerOptions {
+            watch_interval: None,
+            ..fast()
+        },
+    )
+    .unwrap();
+    let err = m.access_token(NAME).await.unwrap_err();
+    assert!(err.needs_authorization());
+    assert!(
+        err.to_string().contains("no refresh token is stored"),
+        "{err}"
+    );
+    assert_eq!(s.google.total_token_requests(), 0);
+
+    let rt = s.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&account, &rt).unwrap();
+    m.access_token(NAME).await.unwrap();
+    assert_eq!(refreshes(&s), 1);
+}
+
+#[tokio::test]
+async fn invalid_client_is_fixed_by_reload_with_the_corrected_config() {
+    let s = Setup::new().await;
+    let (good, _) = s.authorized_account();
+    let mut wrong = s.config.clone();
+    wrong.client_secret = Some("not-the-secret".into());
+    let bad = oauth::Account::resolve(&wrong, &s.ctx()).unwrap();
+    let m = TokenManager::new(vec![bad], fast()).unwrap();
+    let mut events = m.subscribe();
+
+    let err = m.access_token(NAME).await.unwrap_err();
+    match &err {
+        TokenError::NeedsAuthorization {
+            code, fix, reason, ..
+        } => {
+            assert_eq!(code, "invalid_client");
+            assert!(reason.contains("client id/secret"), "{reason}");
+            assert!(fix.contains("client secret in the config"), "{fix}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        events.recv().await.unwrap(),
+        AccountEvent::NeedsAuthorization(NAME.into())
+    );
+
+    // SIGHUP after fixing the config.
+    m.reload(Some(vec![good])).await.unwrap();
+    assert_eq!(
+        events.recv().await.unwrap(),
+        AccountEvent::Authorized(NAME.into())
+    );
+    m.access_token(NAME).await.unwrap();
+    assert_eq!(refreshes(&s), 2);
+}
+
+#[tokio::test]
+async fn google_policy_errors_also_need_authorization() {
+    for (fault, code) in [
+        (Fault::unauthorized_client(), "unauthorized_client"),
+        (Fault::admin_policy_enforced(), "admin_policy_enforced"),
+        (Fault::invalid_client(), "invalid_client"),
+    ] {
+        let s = Setup::new().await;
+        let (account, _) = s.authorized_account();
+        let m = TokenManager::new(vec![account], fast()).unwrap();
+        s.google.fail_next(1, fault);
+        match m.access_token(NAME).await.unwrap_err() {
+            TokenError::NeedsAuthorization { code: got, .. } => assert_eq!(got, code),
+            other => panic!("{code}: {other:?}"),
+        }
+        assert_eq!(refreshes(&s), 1, "{code}: not retried");
+        assert!(
+            m.access_token(NAME)
+                .await
+                .unwrap_err()
+                .needs_authorization()
+        );
+        assert_eq!(refreshes(&s), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_new_refresh_token_from_google_replaces_the_old_one() {
+    let s = Setup::new().await;
+    s.google.set_rotate_refresh_tokens(true);
+    let (account, original) = s.authorized_account();
+    let m = TokenManager::new(vec![account.clone()], fast()).unwrap();
+
+    m.access_token(NAME).await.unwrap();
+    let stored = store::load(&account.token_file).unwrap().unwrap();
+    let rotated = stored.refresh_token.unwrap().expose_secret().to_string();
+    assert_ne!(rotated, original);
+
+    // The old one is revoked at the fake: the next refresh only works with
+    // the new one.
+    m.invalidate(NAME);
+    m.access_token(NAME).await.unwrap();
+    assert_eq!(refreshes(&s), 2);
+
+    // Without rotation the stored refresh token is kept as it is.
+    s.google.set_rotate_refresh_tokens(false);
+    let before = store::load(&account.token_file).unwrap().unwrap();
+    m.invalidate(NAME);
+    m.access_token(NAME).await.unwrap();
+    let after = store::load(&account.token_file).unwrap().unwrap();
+    assert_eq!(
+        before.refresh_token.unwrap().expose_secret(),
+        after.refresh_token.unwrap().expose_secret()
+    );
+    assert!(after.access_token_expires_at.is_some());
+}
+
+#[tokio::test]
+async fn each_refresh_is_recorded_in_the_token_file() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(vec![account.clone()], fast()).unwrap();
+    let token = m.access_token(NAME).await.unwrap();
+
+    let file = store::load(&account.token_file).unwrap().unwrap();
+    assert_eq!(
+        file.access_token.unwrap().expose_secret(),
+        token.secret().expose_secret()
+    );
+    let rec = file.last_refresh.unwrap();
+    assert_eq!(rec.result, store::RefreshResult::Ok);
+    assert!(!file.needs_authorization);
+    assert_eq!(common::mode(&account.token_file), 0o600);
+
+    // What `token status` shows, as JSON.
+    let json = serde_json::to_value(oauth::status(std::slice::from_ref(&account))).unwrap();
+    let st = &json[0];
+    assert_eq!(st["account"], "work");
+    assert_eq!(st["authorized"], true);
+    assert_eq!(st["refresh_token_stored"], true);
+    assert_eq!(st["last_refresh"]["result"], "ok");
+    assert!(
+        st["access_token_expires_at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+
+    // A second manager (a restart) reuses the stored access token.
+    drop(m);
+    let again = TokenManager::new(vec![account], fast()).unwrap();
+    assert!(again.access_token(NAME).await.unwrap().same_token(&token));
+    assert_eq!(refreshes(&s), 1);
+}
+
+#[tokio::test]
+async fn unknown_accounts_and_duplicates_are_errors() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    assert!(matches!(
+        TokenManager::new(vec![account.clone(), account.clone()], fast()),
+        Err(oauth::ManagerError::DuplicateAccount(_))
+    ));
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+    assert!(matches!(
+        m.access_token("nope").await,
+        Err(TokenError::UnknownAccount(_))
+    ));
+    assert_eq!(m.accounts(), vec!["work".to_string()]);
+}
+
+#[tokio::test]
+async fn reload_adds_and_removes_accounts() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(vec![], fast()).unwrap();
+    assert!(m.status().is_empty());
+    m.reload(Some(vec![account])).await.unwrap();
+    m.access_token(NAME).await.unwrap();
+    m.reload(Some(vec![])).await.unwrap();
+    assert!(matches!(
+        m.access_token(NAME).await,
+        Err(TokenError::UnknownAccount(_))
+    ));
+}
+
+#[tokio::test]
+async fn https_token_endpoint_with_the_configured_ca() {
+    let ca = testkit::ca::TestCa::new();
+    let google = testkit::google::FakeGoogle::start_with_tls(&ca)
+        .await
+        .unwrap();
+    google.add_client(CLIENT_ID, CLIENT_SECRET);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = ca.write_to(dir.path());
+    let mut config = client_config(&google);
+    config.token_url = google.https_token_url().unwrap().parse().unwrap();
+    let ctx = oauth::AccountContext::new(dir.path()).with_credentials_dir(None);
+
+    // Without the CA the certificate is refused: a temporary error.
+    let untrusting = oauth::Account::resolve(&config, &ctx).unwrap();
+    let rt = google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&untrusting, &rt).unwrap();
+    let m = TokenManager::new(
+        vec![untrusting],
+        ManagerOptions {
+            attempts: 1,
+            ..fast()
+        },
+    )
+    .unwrap();
+    let err = m.access_token(NAME).await.unwrap_err();
+    assert!(err.is_temporary(), "{err}");
+    assert_eq!(
+        google.token_requests(GrantType::RefreshToken),
+        0,
+        "TLS failed before HTTP"
+    );
+
+    config.ca_file = Some(ca_pem);
+    let trusting = oauth::Account::resolve(&config, &ctx).unwrap();
+    let m = TokenManager::new(vec![trusting], fast()).unwrap();
+    let token = m.access_token(NAME).await.unwrap();
+    assert!(google.is_valid_access_token(token.secret().expose_secret()));
+}

@@ -1,0 +1,172 @@
+//! Workspace service accounts: the JWT bearer grant, checked by the fake.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use oauth::{Account, AccountConfig, TokenError, TokenManager};
+use secrecy::ExposeSecret;
+use testkit::google::{FakeGoogle, GrantType, ServiceAccountKeyFile};
+
+const SA: &str = "relay@oauthrelay-test.iam.gserviceaccount.com";
+const USER: &str = "printer@example.com";
+
+fn sa_account(google: &FakeGoogle, dir: &std::path::Path, key_json: &str) -> Account {
+    let key_path = dir.join("sa.json");
+    write_mode(&key_path, key_json, 0o600);
+    let mut config = AccountConfig::new("workspace", USER);
+    config.service_account_key_file = Some("sa.json".into()); // relative to the config dir
+    config.token_url = google.token_url().parse().unwrap();
+    let ctx = oauth::AccountContext::new(dir)
+        .with_config_dir(dir)
+        .with_credentials_dir(None);
+    Account::resolve(&config, &ctx).unwrap()
+}
+
+async fn setup() -> (FakeGoogle, tempfile::TempDir, ServiceAccountKeyFile) {
+    let google = FakeGoogle::start().await.unwrap();
+    let key = google.add_service_account(SA);
+    (google, tempfile::tempdir().unwrap(), key)
+}
+
+#[tokio::test]
+async fn jwt_bearer_exchange_is_verified_by_the_fake() {
+    let (google, dir, key) = setup().await;
+    google.add_workspace_user(USER);
+    let account = sa_account(&google, dir.path(), &key.json);
+    assert!(account.is_service_account());
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+
+    let token = m.access_token("workspace").await.unwrap();
+    assert_eq!(google.token_requests(GrantType::JwtBearer), 1);
+    // The access token acts as the impersonated user (XOAUTH2 user=).
+    assert_eq!(
+        google.email_for(token.secret().expose_secret()).as_deref(),
+        Some(USER)
+    );
+
+    // What was signed (the signature itself was checked with the public key).
+    let (header, claims) = google.last_jwt().unwrap();
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["kid"], key.private_key_id.as_str());
+    assert_eq!(claims["iss"], SA);
+    assert_eq!(claims["sub"], USER);
+    assert_eq!(claims["scope"], "https://mail.google.com/");
+    assert_eq!(claims["aud"], google.token_url().as_str());
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert!(exp > iat && exp - iat <= 3600);
+
+    // Cached like any other token.
+    assert!(
+        m.access_token("workspace")
+            .await
+            .unwrap()
+            .same_token(&token)
+    );
+    assert_eq!(google.token_requests(GrantType::JwtBearer), 1);
+    let st = m.account_status("workspace").unwrap();
+    assert!(st.authorized);
+    assert!(!st.refresh_token_stored);
+}
+
+#[tokio::test]
+async fn a_bad_signature_is_refused_and_explained() {
+    let (google, dir, key) = setup().await;
+    let forged = google.forged_service_account_key(&key);
+    let account = sa_account(&google, dir.path(), &forged);
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+    match m.access_token("workspace").await.unwrap_err() {
+        TokenError::NeedsAuthorization { code, reason, .. } => {
+            assert_eq!(code, "invalid_grant");
+            assert!(reason.contains("Invalid JWT Signature"), "{reason}");
+            assert!(reason.contains("new JSON key"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        google.last_jwt().is_none(),
+        "nothing passed the signature check"
+    );
+
+    // Replacing the key file lifts the block (the watcher sees the change).
+    let mut events = m.subscribe();
+    write_mode(&dir.path().join("sa.json"), &key.json, 0o600);
+    tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    m.access_token("workspace").await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_delegation_explains_the_admin_console_steps() {
+    let (google, dir, key) = setup().await;
+    google.set_delegation(SA, false);
+    let account = sa_account(&google, dir.path(), &key.json);
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+    let err = m.access_token("workspace").await.unwrap_err();
+    match &err {
+        TokenError::NeedsAuthorization {
+            code, reason, fix, ..
+        } => {
+            assert_eq!(code, "unauthorized_client");
+            assert!(reason.contains("Domain-wide delegation"), "{reason}");
+            assert!(reason.contains("https://mail.google.com/"), "{reason}");
+            assert!(fix.contains("reload"), "{fix}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(google.token_requests(GrantType::JwtBearer), 1);
+    assert!(m.access_token("workspace").await.is_err());
+    assert_eq!(
+        google.token_requests(GrantType::JwtBearer),
+        1,
+        "not retried"
+    );
+
+    // The admin grants delegation; SIGHUP gives the account another try.
+    google.set_delegation(SA, true);
+    m.reload(None).await.unwrap();
+    m.access_token("workspace").await.unwrap();
+    assert_eq!(google.token_requests(GrantType::JwtBearer), 2);
+}
+
+#[tokio::test]
+async fn key_files_are_checked() {
+    let (google, dir, key) = setup().await;
+    let key_path = dir.path().join("sa.json");
+    let ctx = oauth::AccountContext::new(dir.path()).with_credentials_dir(None);
+    let mut config = AccountConfig::new("workspace", USER);
+    config.service_account_key_file = Some(key_path.clone());
+    config.token_url = google.token_url().parse().unwrap();
+
+    write_mode(&key_path, &key.json, 0o644);
+    let err = Account::resolve(&config, &ctx).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "permissions 0644 for '{0}' are too open; run: chmod 600 {0}",
+            key_path.display()
+        )
+    );
+
+    write_mode(
+        &key_path,
+        r#"{"type":"authorized_user","client_id":"x"}"#,
+        0o600,
+    );
+    let err = Account::resolve(&config, &ctx).unwrap_err();
+    assert!(
+        err.to_string().contains("expected \"service_account\""),
+        "{err}"
+    );
+
+    write_mode(&key_path, &key.json, 0o600);
+    config.client_id = Some("x.apps.googleusercontent.com".into());
+    let err = Account::resolve(&config, &ctx).unwrap_err();
+    assert!(err.to_string().contains("cannot be combined"), "{err}");
+}
