@@ -195,6 +195,12 @@ impl Account {
         })
     }
 
+    /// The certificates from `ca_file` (empty without one), to add to the
+    /// trusted roots of the SMTP connection as well.
+    pub fn extra_roots(&self) -> &[CertificateDer<'static>] {
+        &self.extra_roots
+    }
+
     /// Whether this account uses a Workspace service account.
     pub fn is_service_account(&self) -> bool {
         matches!(self.credentials, Credentials::ServiceAccount(_))

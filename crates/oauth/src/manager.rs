@@ -171,6 +171,8 @@ struct State {
     key_seen: Option<Fingerprint>,
     /// Last token-file problem logged (not repeated every poll).
     file_problem: Option<String>,
+    /// `ManagerOptions::refresh_margin`.
+    margin: Duration,
 }
 
 struct Cached {
@@ -278,13 +280,14 @@ impl TokenManager {
         let Some(accounts) = accounts else {
             for slot in current {
                 let mut st = slot.state.lock().await;
+                let was_blocked = st.blocked.is_some();
                 if let Credentials::ServiceAccount(key) = &st.account.credentials {
                     let path = key.path.clone();
                     self.inner.reload_key(&slot, &mut st, &path);
                 }
-                st.token_seen = None;
-                self.inner.check_files(&slot, &mut st, true);
                 st.cooldown = None;
+                self.inner.sync_files(&slot, &mut st, true);
+                self.inner.publish(&slot, &st, was_blocked);
             }
             return Ok(());
         };
@@ -314,12 +317,17 @@ impl TokenManager {
                         }
                     };
                     let mut st = slot.state.lock().await;
+                    let was_blocked = st.blocked.is_some();
                     st.account = account;
                     st.http = client;
                     st.key_seen = key_fingerprint(&st.account);
-                    st.token_seen = None;
                     st.cooldown = None;
-                    self.inner.check_files(&slot, &mut st, true);
+                    if st.is_service_account() {
+                        // New config, new try (delegation may be fixed).
+                        st.blocked = None;
+                    }
+                    self.inner.sync_files(&slot, &mut st, true);
+                    self.inner.publish(&slot, &st, was_blocked);
                 }
                 None => match Slot::load(account, &self.inner.options) {
                     Ok(slot) => {
@@ -348,7 +356,9 @@ impl TokenManager {
         }
     }
 
-    /// Account state changes, for releasing held mail at once.
+    /// Account state changes, for releasing held mail at once. A receiver
+    /// that falls more than 64 events behind gets `RecvError::Lagged`: then
+    /// read [`status`](TokenManager::status) instead.
     pub fn subscribe(&self) -> broadcast::Receiver<AccountEvent> {
         self.inner.events.subscribe()
     }
@@ -439,6 +449,7 @@ impl Slot {
             token_seen,
             key_seen,
             file_problem: None,
+            margin: options.refresh_margin,
         };
         st.apply_file(file.as_ref(), true);
         let slot = Slot {
@@ -447,9 +458,19 @@ impl Slot {
             state: Mutex::new(st),
             invalidations: AtomicU64::new(0),
         };
+        let authorized = slot.view.lock().map(|v| v.authorized).unwrap_or(false);
         if let Some(m) = &options.metrics {
-            let authorized = slot.view.lock().map(|v| v.authorized).unwrap_or(false);
             m.init_account(&slot.name, authorized);
+        }
+        if let Ok(st) = slot.state.try_lock()
+            && let Some(b) = &st.blocked
+        {
+            tracing::warn!(
+                account = %slot.name,
+                "account needs authorization: {}; its mail is held until you {}",
+                b.reason,
+                fix_for(&st.account, &b.code)
+            );
         }
         Ok(slot)
     }
@@ -520,7 +541,7 @@ impl State {
                 && self.blocked.is_none()
                 && let Some(t) = file_token
             {
-                self.cached = Some(cached_from_file(t));
+                self.cached = Some(cached_from_file(t, self.margin));
             }
             self.last_refresh = file.last_refresh.clone();
             return;
@@ -532,12 +553,12 @@ impl State {
             };
             if changed {
                 self.refresh_token = file.refresh_token.clone();
-                self.cached = file_token.map(cached_from_file);
+                self.cached = file_token.map(|t| cached_from_file(t, self.margin));
                 self.cooldown = None;
             } else if self.cached.is_none()
                 && let Some(t) = file_token
             {
-                self.cached = Some(cached_from_file(t));
+                self.cached = Some(cached_from_file(t, self.margin));
             }
         }
         self.last_refresh = file.last_refresh.clone();
@@ -590,11 +611,11 @@ impl State {
     }
 }
 
-fn cached_from_file(token: AccessToken) -> Cached {
+fn cached_from_file(token: AccessToken, margin: Duration) -> Cached {
     let left = token.expires_in();
     let now = Instant::now();
     Cached {
-        refresh_at: now + left.saturating_sub(Duration::from_secs(300)),
+        refresh_at: now + left.saturating_sub(margin),
         expires: now + left,
         token,
         generation: 0,
@@ -630,19 +651,29 @@ impl Inner {
     }
 
     /// Reload the token file (and service-account key) if it changed since
-    /// last seen.
+    /// last seen, and publish what changed.
     fn check_files(&self, slot: &Slot, st: &mut State, fresh_try: bool) {
+        let was_blocked = st.blocked.is_some();
+        if self.sync_files(slot, st, fresh_try) {
+            self.publish(slot, st, was_blocked);
+        }
+    }
+
+    /// Reload changed files (all of them with `fresh_try`) into the state,
+    /// without publishing. Returns whether anything was reloaded.
+    fn sync_files(&self, slot: &Slot, st: &mut State, fresh_try: bool) -> bool {
+        let mut reloaded = false;
         if let Credentials::ServiceAccount(key) = &st.account.credentials {
             let fp = store::fingerprint(&key.path);
             if fp.is_some() && fp != st.key_seen {
                 let path = key.path.clone();
                 self.reload_key(slot, st, &path);
+                reloaded = true;
             }
         }
-        let was_blocked = st.blocked.is_some();
         let fp = store::fingerprint(&st.account.token_file);
         if fp == st.token_seen && !fresh_try {
-            return;
+            return reloaded;
         }
         st.token_seen = fp;
         match store::load(&st.account.token_file) {
@@ -658,10 +689,11 @@ impl Inner {
                 }
             }
         }
-        self.publish(slot, st, was_blocked);
+        true
     }
 
-    /// Re-read a service account's key file; a new key lifts a block.
+    /// Re-read a service account's key file; a new key lifts a block (the
+    /// caller publishes).
     fn reload_key(&self, slot: &Slot, st: &mut State, path: &std::path::Path) {
         st.key_seen = store::fingerprint(path);
         let loaded = crate::perms::check_private_file(path)
@@ -669,12 +701,10 @@ impl Inner {
             .and_then(|()| ServiceAccountKey::load(path).map_err(|e| e.to_string()));
         match loaded {
             Ok(key) => {
-                let was_blocked = st.blocked.is_some();
                 st.account.credentials = Credentials::ServiceAccount(key);
                 st.blocked = None;
                 st.cooldown = None;
                 tracing::info!(account = %slot.name, key = %path.display(), "service account key reloaded");
-                self.publish(slot, st, was_blocked);
             }
             Err(e) => {
                 tracing::error!(account = %slot.name, "cannot reload the service account key: {e}")

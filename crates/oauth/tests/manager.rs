@@ -388,6 +388,37 @@ async fn invalid_client_is_fixed_by_reload_with_the_corrected_config() {
     );
     m.access_token(NAME).await.unwrap();
     assert_eq!(refreshes(&s), 2);
+    assert!(events.try_recv().is_err(), "exactly one event per change");
+}
+
+#[tokio::test]
+async fn a_token_imported_during_a_failing_refresh_is_not_overwritten() {
+    let s = Setup::new().await;
+    let (account, old) = s.authorized_account();
+    let m = TokenManager::new(vec![account.clone()], fast()).unwrap();
+    s.google.revoke_refresh_token(&old);
+    s.google.fail_next(1, Fault::Slow(Duration::from_secs(1)));
+
+    let pending = tokio::spawn({
+        let m = m.clone();
+        async move { m.access_token(NAME).await }
+    });
+    // Wait until the fake holds the request (it answers a second later).
+    while s.google.token_requests(GrantType::RefreshToken) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // `token import` runs while the refresh with the old token is in flight.
+    let fresh = s.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&account, &fresh).unwrap();
+
+    // The old token's invalid_grant does not condemn the new one.
+    let err = pending.await.unwrap().unwrap_err();
+    assert!(err.is_temporary(), "{err}");
+    let file = store::load(&account.token_file).unwrap().unwrap();
+    assert!(!file.needs_authorization);
+    assert_eq!(file.refresh_token.unwrap().expose_secret(), fresh);
+    assert!(m.account_status(NAME).unwrap().authorized);
+    m.access_token(NAME).await.unwrap();
 }
 
 #[tokio::test]

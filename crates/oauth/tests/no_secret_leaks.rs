@@ -82,7 +82,7 @@ async fn secrets_never_appear_in_logs_debug_or_errors() {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = OAuthMetrics::register(&mut registry);
     let options = ManagerOptions {
-        request_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(1),
         metrics: Some(metrics),
         ..fast()
     };
@@ -90,7 +90,7 @@ async fn secrets_never_appear_in_logs_debug_or_errors() {
     shown.push(format!("{m:?}"));
     s.google.set_rotate_refresh_tokens(true);
     s.google.fail_next(1, Fault::Status(503));
-    s.google.fail_next(1, Fault::Hang(Duration::from_secs(2)));
+    s.google.fail_next(1, Fault::Hang(Duration::from_secs(3)));
     m.invalidate(NAME);
     let token = m.access_token(NAME).await.unwrap();
     shown.push(format!("{token:?}"));

@@ -133,6 +133,21 @@ async fn missing_delegation_explains_the_admin_console_steps() {
     m.reload(None).await.unwrap();
     m.access_token("workspace").await.unwrap();
     assert_eq!(google.token_requests(GrantType::JwtBearer), 2);
+
+    // Same with a SIGHUP that re-read the config.
+    google.set_delegation(SA, false);
+    m.invalidate("workspace");
+    assert!(
+        m.access_token("workspace")
+            .await
+            .unwrap_err()
+            .needs_authorization()
+    );
+    google.set_delegation(SA, true);
+    let account = sa_account(&google, dir.path(), &key.json);
+    m.reload(Some(vec![account])).await.unwrap();
+    m.access_token("workspace").await.unwrap();
+    assert_eq!(google.token_requests(GrantType::JwtBearer), 4);
 }
 
 #[tokio::test]

@@ -243,3 +243,22 @@ async fn works_over_any_transport() {
         format!("AUTH XOAUTH2 {}\r\n", initial.expose_secret()).into_bytes()
     );
 }
+
+#[tokio::test]
+async fn delivery_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    fn send_sync<T: Send + Sync + Clone>(_: &T) {}
+    let manager = oauth::TokenManager::new(vec![], oauth::ManagerOptions::default()).unwrap();
+    send_sync(&manager);
+    let (stream, _peer) = tokio::io::duplex(64);
+    let mut transport = StreamTransport::new(stream);
+    let delivery = async move {
+        let token = manager.access_token("default").await?;
+        xoauth2::authenticate(&mut transport, USER, &token, Duration::from_secs(1))
+            .await
+            .ok();
+        Ok::<_, oauth::TokenError>(())
+    };
+    // Spawnable on a multi-threaded runtime.
+    send(&delivery);
+}
