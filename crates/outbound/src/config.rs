@@ -36,6 +36,15 @@ pub struct DeliveryConfig {
     /// On shutdown, how long running transactions may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long an account pauses after Gmail's `454 4.7.0 Too many login
+    /// attempts` (login throttling).
+    #[serde(with = "humantime_serde")]
+    pub login_throttle_pause: Duration,
+    /// First pause after Gmail's `550 5.4.5 Daily user sending limit
+    /// exceeded`; doubles on each further hit, up to 24 hours. Mail is kept
+    /// queued, never bounced.
+    #[serde(with = "humantime_serde")]
+    pub daily_limit_pause: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -50,6 +59,8 @@ impl Default for DeliveryConfig {
             data_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            login_throttle_pause: Duration::from_secs(5 * 60),
+            daily_limit_pause: Duration::from_secs(3600),
         }
     }
 }

@@ -1,5 +1,226 @@
-//! oauthrelay's delivery workers.
+//! oauthrelay's delivery workers: every queued message goes to Gmail over
+//! TLS with XOAUTH2, and is retried until it is delivered or fails for good.
+//!
+//! ```text
+//! spool.subscribe() ──ids──▶ scheduler ──jobs──▶ workers (concurrency per account)
+//!                            ready queues         │ one warm, authenticated connection each
+//!                            timers               │ PIPELINING + BDAT, per-recipient outcomes
+//!                            pauses / holds ◀─────┘ update / bounce / remove (durable)
+//! ```
+//!
+//! - [`Outbound::start`] schedules every queued message and every new commit
+//!   at once (no polling).
+//! - Replies are classified as in `../shared/gmail.md`: per recipient
+//!   [`RcptOutcome`] (delivered / deferred / failed), and account-wide
+//!   [`AccountSignal`]s that pause (`421`s and connection failures on the
+//!   retry schedule, `454 4.7.0` login throttling, `550 5.4.5` daily limit)
+//!   or hold (authentication failing even with a fresh token) the account.
+//! - Permanent failures are bounced with an RFC 3464 report through the same
+//!   account, from the null sender; never for the null sender.
+//!
+//! Why not `mail-send`: its 0.7 client reads replies into a local 1 KiB
+//! buffer and drops whatever follows the first reply (unsafe with
+//! PIPELINING), reports no per-recipient outcome, and answers Gmail's XOAUTH2
+//! `334` challenge wrongly. The client here is small: tokio + tokio-rustls
+//! (ring), `smtp-proto`'s reply parser over a persistent buffer.
 
 pub mod config;
 
+mod account;
+mod body;
+mod classify;
+mod conn;
+mod dsn;
+mod metrics;
+mod reply;
+mod scheduler;
+mod send_test;
+mod session;
+mod tls;
+mod transaction;
+mod worker;
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use oauth::TokenManager;
+use oauth::config::AccountConfig;
+use spool::{Envelope, MessageId, RcptState, Spool};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use account::PauseKind;
+pub use classify::{AccountSignal, RcptOutcome};
 pub use config::DeliveryConfig;
+pub use conn::{Capabilities, ConnError};
+pub use metrics::{AttemptResult, Metrics};
+pub use reply::Reply;
+pub use scheduler::route;
+pub use send_test::{SendTestError, SendTestReport, send_test};
+pub use session::OpenError;
+pub use worker::Status;
+
+use scheduler::{Command, PublicAccount, Scheduler};
+
+/// An account's delivery state, for `/readyz` and `queue list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    pub name: String,
+    pub email: String,
+    /// Delivery is paused until then.
+    pub paused_until: Option<SystemTime>,
+    pub pause_kind: Option<PauseKind>,
+    /// The reply or error that caused the pause.
+    pub pause_reason: Option<String>,
+    /// The account's mail is held, and why (with the command that fixes
+    /// it).
+    pub held: Option<String>,
+    /// Messages routed to this account and not yet done.
+    pub queued: usize,
+    /// Messages being attempted right now.
+    pub in_flight: usize,
+}
+
+impl AccountState {
+    /// Can this account send now (not held)? A pause is routine and does
+    /// not make the account unready.
+    pub fn is_ready(&self) -> bool {
+        self.held.is_none()
+    }
+}
+
+/// How `queue list` should call a message (see `../shared/interface.md`).
+pub fn queue_state(env: &Envelope, now: SystemTime) -> &'static str {
+    if env.held.is_some() {
+        "held"
+    } else if env.is_done() && env.recipients.iter().any(|r| r.state == RcptState::Failed) {
+        "failed"
+    } else if env.attempts > 0 || env.next_attempt.is_some_and(|t| t > now) {
+        "deferred"
+    } else {
+        "queued"
+    }
+}
+
+/// The running delivery side.
+pub struct Outbound {
+    commands: mpsc::UnboundedSender<Command>,
+    public: Arc<Mutex<Vec<PublicAccount>>>,
+    tracker: TaskTracker,
+}
+
+impl Outbound {
+    /// Start delivering: every message already in `spool` is scheduled, and
+    /// every message committed later is picked up at once. Must be called
+    /// inside a Tokio runtime. `hostname` is used in EHLO and in bounces.
+    /// `shutdown` stops new attempts; running transactions get
+    /// `config.shutdown_grace` to finish, the rest stays queued.
+    ///
+    /// Relative `ca_file` paths in `accounts` are taken relative to the
+    /// current directory: pass them resolved.
+    pub fn start(
+        spool: Spool,
+        tokens: TokenManager,
+        accounts: Vec<AccountConfig>,
+        config: DeliveryConfig,
+        hostname: String,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Outbound {
+        let shared = Arc::new(worker::Shared {
+            spool,
+            tokens,
+            hostname,
+            metrics,
+        });
+        let (commands, rx) = mpsc::unbounded_channel();
+        let public = Arc::new(Mutex::new(Vec::new()));
+        let tracker = TaskTracker::new();
+        let scheduler = Scheduler::new(
+            shared,
+            accounts,
+            config,
+            rx,
+            public.clone(),
+            shutdown,
+            tracker.clone(),
+        );
+        tracker.spawn(scheduler.run());
+        Outbound {
+            commands,
+            public,
+            tracker,
+        }
+    }
+
+    /// New accounts and `[delivery]` settings (SIGHUP). Messages are routed
+    /// again; connections whose account settings changed are replaced;
+    /// holds are lifted for one more try.
+    pub fn reload(&self, accounts: Vec<AccountConfig>, config: DeliveryConfig) {
+        let _ = self.commands.send(Command::Reload { accounts, config });
+    }
+
+    /// `queue retry ID`: make the message due now (and give its account,
+    /// if paused or held, one attempt). `false` if it is not queued here.
+    pub async fn retry(&self, id: MessageId) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Retry {
+                id: Some(id),
+                reply,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.map(|n| n > 0).unwrap_or(false)
+    }
+
+    /// `queue retry --all`: every deferred or held message due now, every
+    /// account's pause and hold lifted for one attempt. Returns how many
+    /// messages were made due.
+    pub async fn retry_all(&self) -> usize {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Retry { id: None, reply })
+            .is_err()
+        {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    /// Each configured account's state.
+    pub fn account_states(&self) -> Vec<AccountState> {
+        let now = tokio::time::Instant::now();
+        self.public
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|p| {
+                let rt = p.cell.lock();
+                let pause = rt.pause.as_ref().filter(|x| x.until > now);
+                AccountState {
+                    name: p.name.clone(),
+                    email: p.email.clone(),
+                    paused_until: pause.map(|x| x.until_wall),
+                    pause_kind: pause.map(|x| x.kind),
+                    pause_reason: pause.map(|x| x.reason.clone()),
+                    held: rt.held.clone(),
+                    queued: rt.queued,
+                    in_flight: rt.in_flight,
+                }
+            })
+            .collect()
+    }
+
+    /// Wait until the scheduler and every worker have stopped (after
+    /// `shutdown` was cancelled). Pooled connections are closed with QUIT.
+    pub async fn join(self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}

@@ -7,4 +7,5 @@
 //!   against the fake token endpoint's tokens, scripted faults).
 
 pub mod ca;
+pub mod gmail;
 pub mod google;

@@ -1,0 +1,353 @@
+//! The message bytes as they go upstream: streamed from the spool, with the
+//! optional `rewrite_from` header change, and dot-stuffed for `DATA`.
+
+use spool::{BodyReader, MessageId, Spool, SpoolError};
+
+/// The header section is read into memory (for `rewrite_from` and bounces)
+/// up to this size; beyond it the message is sent unchanged.
+pub(crate) const MAX_HEADER: usize = 1 << 20;
+
+/// The bytes of one message, ready to stream: `head` (in memory) then the
+/// rest of the spool copy.
+pub(crate) struct Body {
+    head: Vec<u8>,
+    reader: BodyReader,
+    /// Total bytes that will be produced.
+    pub size: u64,
+}
+
+impl Body {
+    /// Open message `id`. With `rewrite_from = Some(email)`, `From:` becomes
+    /// `email` and the original goes to `Reply-To:` (when there is none).
+    pub(crate) async fn open(
+        spool: &Spool,
+        id: MessageId,
+        rewrite_from: Option<&str>,
+    ) -> Result<Body, SpoolError> {
+        let mut reader = spool.read_body(id)?;
+        let total = reader.len();
+        let Some(email) = rewrite_from else {
+            return Ok(Body {
+                head: Vec::new(),
+                reader,
+                size: total,
+            });
+        };
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(end) = header_end(&buf) {
+                break Some(end);
+            }
+            if buf.len() > MAX_HEADER {
+                break None;
+            }
+            match reader.next_chunk().await? {
+                Some(c) => buf.extend_from_slice(&c),
+                None => break None,
+            }
+        };
+        let consumed = buf.len() as u64;
+        let head = match end {
+            Some(end) => {
+                let mut head = rewrite_headers(&buf[..end], email);
+                head.extend_from_slice(&buf[end..]);
+                head
+            }
+            // A message that is all headers (no blank line) is rewritten
+            // whole; one with a gigantic header section is sent as is.
+            None if buf.len() <= MAX_HEADER => rewrite_headers(&buf, email),
+            None => buf,
+        };
+        let size = head.len() as u64 + (total - consumed);
+        Ok(Body { head, reader, size })
+    }
+
+    /// The next piece, or `None` at the end.
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<u8>>, SpoolError> {
+        if !self.head.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.head)));
+        }
+        self.reader.next_chunk().await
+    }
+
+    /// Everything in memory (small messages, sent in the same write as the
+    /// commands).
+    pub(crate) async fn read_all(mut self) -> Result<Vec<u8>, SpoolError> {
+        let mut out = Vec::with_capacity(self.size as usize);
+        while let Some(c) = self.next().await? {
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+}
+
+/// The header section of message `id` (up to [`MAX_HEADER`] bytes, ending
+/// at the last complete line), without the blank line.
+pub(crate) async fn read_headers(
+    spool: &Spool,
+    id: MessageId,
+    limit: usize,
+) -> Result<Vec<u8>, SpoolError> {
+    let mut reader = spool.read_body(id)?;
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = header_end(&buf) {
+            // Keep the last field's line end, drop the blank line.
+            let blank = if buf[..end].ends_with(b"\r\n") { 2 } else { 1 };
+            buf.truncate(end - blank);
+            return Ok(buf);
+        }
+        if buf.len() > limit {
+            break;
+        }
+        match reader.next_chunk().await? {
+            Some(c) => buf.extend_from_slice(&c),
+            None => break,
+        }
+    }
+    // No blank line within the limit: whole lines only.
+    buf.truncate(limit);
+    match memchr::memrchr(b'\n', &buf) {
+        Some(i) => buf.truncate(i + 1),
+        None if !buf.is_empty() => buf.extend_from_slice(b"\r\n"),
+        None => {}
+    }
+    Ok(buf)
+}
+
+/// Where the body starts: just after the blank line ending the header
+/// section (`\r\n\r\n` or bare `\n\n`); `Some(0..2)` for no headers at all.
+pub(crate) fn header_end(buf: &[u8]) -> Option<usize> {
+    if buf.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    if buf.starts_with(b"\n") {
+        return Some(1);
+    }
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let at = from + i + 1;
+        match &buf[at..] {
+            [b'\r', b'\n', ..] => return Some(at + 2),
+            [b'\n', ..] => return Some(at + 1),
+            _ => from = at,
+        }
+    }
+    None
+}
+
+/// Rewrite `From:` to `email` (keeping the display name) and add
+/// `Reply-To:` with the original `From:` value when there is none. Input:
+/// the header section, optionally with its blank line; other fields are
+/// copied byte for byte.
+pub(crate) fn rewrite_headers(header: &[u8], email: &str) -> Vec<u8> {
+    // Split into fields (a line plus its continuation lines).
+    let mut fields: Vec<&[u8]> = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    let mut tail: &[u8] = &[];
+    while i < header.len() {
+        let end = memchr::memchr(b'\n', &header[i..])
+            .map(|p| i + p + 1)
+            .unwrap_or(header.len());
+        let line = &header[i..end];
+        if line == b"\r\n" || line == b"\n" {
+            if start < i {
+                fields.push(&header[start..i]);
+            }
+            tail = &header[i..];
+            start = header.len();
+            break;
+        }
+        if i > start && !matches!(line.first(), Some(b' ' | b'\t')) {
+            fields.push(&header[start..i]);
+            start = i;
+        }
+        i = end;
+    }
+    if start < header.len() {
+        fields.push(&header[start..]);
+    }
+
+    let has_reply_to = fields.iter().any(|f| field_name_is(f, "reply-to"));
+    let mut out = Vec::with_capacity(header.len() + 64 + email.len());
+    let mut saw_from = false;
+    for f in &fields {
+        if !field_name_is(f, "from") {
+            out.extend_from_slice(f);
+            if !f.ends_with(b"\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        let colon = f.iter().position(|&b| b == b':').unwrap_or(f.len());
+        let raw = &f[(colon + 1).min(f.len())..];
+        let raw = trim_line_end(raw);
+        out.extend_from_slice(b"From: ");
+        out.extend_from_slice(new_from(raw, email).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if !saw_from && !has_reply_to {
+            out.extend_from_slice(b"Reply-To:");
+            if !raw.starts_with(b" ") && !raw.starts_with(b"\t") {
+                out.push(b' ');
+            }
+            out.extend_from_slice(raw);
+            out.extend_from_slice(b"\r\n");
+        }
+        saw_from = true;
+    }
+    if !saw_from {
+        out.extend_from_slice(format!("From: {email}\r\n").as_bytes());
+    }
+    out.extend_from_slice(tail);
+    out
+}
+
+fn trim_line_end(b: &[u8]) -> &[u8] {
+    let b = b.strip_suffix(b"\n").unwrap_or(b);
+    b.strip_suffix(b"\r").unwrap_or(b)
+}
+
+fn field_name_is(field: &[u8], name: &str) -> bool {
+    let Some(colon) = field.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    std::str::from_utf8(&field[..colon])
+        .map(|n| n.trim().eq_ignore_ascii_case(name))
+        .unwrap_or(false)
+}
+
+/// `"Scanner" <scan@local>` -> `"Scanner" <email>`; no display name ->
+/// `email`.
+fn new_from(raw: &[u8], email: &str) -> String {
+    let unfolded: String = String::from_utf8_lossy(raw)
+        .split(['\r', '\n'])
+        .collect::<Vec<_>>()
+        .join("");
+    let value = unfolded.trim();
+    if let Some(lt) = value.rfind('<') {
+        let display = value[..lt].trim();
+        if !display.is_empty() {
+            return format!("{display} <{email}>");
+        }
+    }
+    email.to_string()
+}
+
+/// Dot-stuffing for `DATA` (RFC 5321 4.5.2), across chunk boundaries. A bare
+/// LF is sent as CRLF so no server can see a line end we did not mean
+/// (SMTP smuggling); CRLF messages (everything the inbound side stores from
+/// trusted clients) go out byte for byte apart from the stuffed dots.
+pub(crate) struct DotStuffer {
+    at_line_start: bool,
+    prev_cr: bool,
+}
+
+impl DotStuffer {
+    pub(crate) fn new() -> DotStuffer {
+        DotStuffer {
+            at_line_start: true,
+            prev_cr: false,
+        }
+    }
+
+    pub(crate) fn stuff(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.reserve(input.len() + input.len() / 64 + 8);
+        for &b in input {
+            if self.at_line_start && b == b'.' {
+                out.push(b'.');
+            }
+            if b == b'\n' && !self.prev_cr {
+                out.push(b'\r');
+            }
+            out.push(b);
+            self.at_line_start = b == b'\n';
+            self.prev_cr = b == b'\r';
+        }
+    }
+
+    /// The end-of-data marker (with a line end first if the message lacked
+    /// one).
+    pub(crate) fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.at_line_start {
+            if self.prev_cr {
+                out.push(b'\n');
+            } else {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_header_end() {
+        assert_eq!(header_end(b"A: b\r\n\r\nbody"), Some(8));
+        assert_eq!(header_end(b"A: b\n\nbody"), Some(6));
+        assert_eq!(header_end(b"\r\nbody"), Some(2));
+        assert_eq!(header_end(b"A: b\r\nC: d\r\n"), None);
+    }
+
+    #[test]
+    fn rewrites_from_and_adds_reply_to() {
+        let h = b"Subject: scan\r\nFrom: \"HP Scanner\" <scan@office.lan>\r\nTo: a@b.c\r\n\r\n";
+        let out = rewrite_headers(h, "me@gmail.com");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Subject: scan\r\nFrom: \"HP Scanner\" <me@gmail.com>\r\nReply-To: \"HP Scanner\" <scan@office.lan>\r\nTo: a@b.c\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn keeps_existing_reply_to_and_folded_fields() {
+        let h = b"X-Long: a\r\n\tb\r\nfrom: cron@host\r\nReply-To: admin@x.y\r\n\r\n";
+        let out = String::from_utf8(rewrite_headers(h, "me@gmail.com")).unwrap();
+        assert_eq!(
+            out,
+            "X-Long: a\r\n\tb\r\nFrom: me@gmail.com\r\nReply-To: admin@x.y\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn adds_from_when_missing() {
+        let out =
+            String::from_utf8(rewrite_headers(b"Subject: x\r\n\r\n", "me@gmail.com")).unwrap();
+        assert_eq!(out, "Subject: x\r\nFrom: me@gmail.com\r\n\r\n");
+    }
+
+    #[test]
+    fn folded_from_keeps_display_name() {
+        let h = b"From: Very Long Name\r\n <x@y.z>\r\n\r\n";
+        let out = String::from_utf8(rewrite_headers(h, "me@gmail.com")).unwrap();
+        assert_eq!(
+            out,
+            "From: Very Long Name <me@gmail.com>\r\nReply-To: Very Long Name\r\n <x@y.z>\r\n\r\n"
+        );
+    }
+
+    fn stuff_all(pieces: &[&[u8]]) -> Vec<u8> {
+        let mut s = DotStuffer::new();
+        let mut out = Vec::new();
+        for p in pieces {
+            s.stuff(p, &mut out);
+        }
+        s.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn dot_stuffing_across_chunks() {
+        assert_eq!(
+            stuff_all(&[b".a\r\n", b".", b"b\r\nc"]),
+            b"..a\r\n..b\r\nc\r\n.\r\n"
+        );
+        assert_eq!(stuff_all(&[b"a\r", b"\n.\r\n"]), b"a\r\n..\r\n.\r\n");
+        assert_eq!(stuff_all(&[b"x\n.\n"]), b"x\r\n..\r\n.\r\n");
+        assert_eq!(stuff_all(&[b""]), b".\r\n");
+        assert_eq!(stuff_all(&[b"a\r"]), b"a\r\n.\r\n");
+    }
+}

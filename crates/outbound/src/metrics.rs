@@ -1,0 +1,106 @@
+//! Delivery metrics (names in `../shared/interface.md`).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `result` label of `oauthrelay_delivery_attempts_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AttemptResult {
+    /// Every recipient tried in the attempt was delivered.
+    sent,
+    /// At least one recipient is to be tried again (includes held and
+    /// paused accounts).
+    deferred,
+    /// At least one recipient failed for good and none is left to retry.
+    failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    result: AttemptResult,
+}
+
+/// The outbound side's metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    delivered: Counter,
+    bounced: Counter,
+    attempts: Family<AttemptLabels, Counter>,
+    duration: Histogram,
+}
+
+impl Metrics {
+    /// Register `oauthrelay_messages_delivered_total`,
+    /// `oauthrelay_messages_bounced_total`,
+    /// `oauthrelay_delivery_attempts_total{result}` and
+    /// `oauthrelay_delivery_duration_seconds` in `registry`.
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let m = Metrics::unregistered();
+        registry.register(
+            "oauthrelay_messages_delivered",
+            "Messages handed to Gmail for at least one recipient, counted once when they leave the queue",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "oauthrelay_messages_bounced",
+            "Messages with at least one recipient that failed permanently (a bounce was queued unless the sender was null)",
+            m.bounced.clone(),
+        );
+        registry.register(
+            "oauthrelay_delivery_attempts",
+            "Delivery attempts by result",
+            m.attempts.clone(),
+        );
+        registry.register(
+            "oauthrelay_delivery_duration_seconds",
+            "Time from a message's arrival to Gmail's 250 for it",
+            m.duration.clone(),
+        );
+        m
+    }
+
+    /// Metrics that are counted but not exported (tests, `send-test`).
+    pub fn unregistered() -> Metrics {
+        Metrics {
+            delivered: Counter::default(),
+            bounced: Counter::default(),
+            attempts: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
+        }
+    }
+
+    pub(crate) fn attempt(&self, result: AttemptResult) {
+        self.attempts.get_or_create(&AttemptLabels { result }).inc();
+    }
+
+    pub(crate) fn delivered(&self) {
+        self.delivered.inc();
+    }
+
+    pub(crate) fn observe_delivery(&self, seconds: f64) {
+        self.duration.observe(seconds);
+    }
+
+    pub(crate) fn bounced(&self) {
+        self.bounced.inc();
+    }
+
+    /// `oauthrelay_messages_delivered_total` so far.
+    pub fn delivered_count(&self) -> u64 {
+        self.delivered.get()
+    }
+
+    /// `oauthrelay_messages_bounced_total` so far.
+    pub fn bounced_count(&self) -> u64 {
+        self.bounced.get()
+    }
+
+    /// `oauthrelay_delivery_attempts_total{result}` so far.
+    pub fn attempts_count(&self, result: AttemptResult) -> u64 {
+        self.attempts.get_or_create(&AttemptLabels { result }).get()
+    }
+}

@@ -1,0 +1,874 @@
+//! The scheduler: one task that owns where every queued message waits.
+//!
+//! - Per account: a ready queue (FIFO) and `[delivery] concurrency` workers;
+//!   idle workers are reused most-recently-idle first, so a lone message
+//!   goes to the worker whose connection is still warm.
+//! - One timer set for deferred messages (woken exactly at the earliest
+//!   `next_attempt`), plus account pauses and hold probes.
+//! - New commits arrive from `spool.subscribe()` and are dispatched at once.
+//! - Messages of a held account (or with no account) are marked held in the
+//!   spool (durably) and released when the account is authorized again.
+//!
+//! Only this task changes a message's place; a worker owns a message while
+//! it is in flight, and a marking task while it writes `held`. So no two
+//! writers ever race on one envelope.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use oauth::AccountEvent;
+use oauth::config::AccountConfig;
+use spool::{Envelope, MessageId};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::DeliveryConfig;
+use crate::account::AccountCell;
+use crate::session::AccountCtx;
+use crate::worker::{Job, Outcome, Report, Shared, Worker};
+
+pub(crate) enum Command {
+    /// Make one message (or, with `None`, every deferred message) due now;
+    /// lifts its account's pause or hold for one probing attempt. Replies
+    /// with how many messages were made due.
+    Retry {
+        id: Option<MessageId>,
+        reply: oneshot::Sender<usize>,
+    },
+    Reload {
+        accounts: Vec<AccountConfig>,
+        config: DeliveryConfig,
+    },
+}
+
+/// What `account_states()` reads without asking the scheduler.
+pub(crate) struct PublicAccount {
+    pub name: String,
+    pub email: String,
+    pub cell: Arc<AccountCell>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Account(String),
+    /// No account takes it; the reason is what `held` says.
+    None(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Where {
+    Ready,
+    Waiting(Instant),
+    InFlight,
+    /// A task is writing its `held` field.
+    Busy,
+    Held,
+}
+
+struct Msg {
+    sender: String,
+    account: Option<String>,
+    route: Route,
+    next: Option<SystemTime>,
+    /// `held` is set in the spool copy.
+    held_marked: bool,
+    at: Where,
+}
+
+struct WorkerHandle {
+    id: u64,
+    tx: mpsc::Sender<Job>,
+    busy: bool,
+}
+
+struct Slot {
+    name: String,
+    /// The current config (routing); `ctx` keeps the delivery settings and
+    /// is replaced only when they change, so warm connections survive a
+    /// reload that did not touch them.
+    config: AccountConfig,
+    ctx: Arc<AccountCtx>,
+    cell: Arc<AccountCell>,
+    workers: Vec<WorkerHandle>,
+    /// Indices of idle workers; the last one idled is used first.
+    idle: Vec<usize>,
+    ready: VecDeque<MessageId>,
+    queued: usize,
+    /// The hold we acted on (to notice changes).
+    known_held: bool,
+    /// When a held account gets one probing attempt anyway.
+    hold_probe: Option<Instant>,
+}
+
+impl Slot {
+    fn busy(&self) -> usize {
+        self.workers.iter().filter(|w| w.busy).count()
+    }
+}
+
+struct Marked {
+    id: MessageId,
+    present: bool,
+}
+
+enum Wake {
+    Stop,
+    Report(Report),
+    Marked(Marked),
+    Committed(MessageId),
+    Command(Command),
+    Token(Result<AccountEvent, broadcast::error::RecvError>),
+    Timer,
+}
+
+pub(crate) struct Scheduler {
+    shared: Arc<Shared>,
+    cfg: Arc<DeliveryConfig>,
+    slots: Vec<Slot>,
+    cells: HashMap<String, Arc<AccountCell>>,
+    public: Arc<Mutex<Vec<PublicAccount>>>,
+    msgs: BTreeMap<MessageId, Msg>,
+    timers: BTreeSet<(Instant, MessageId)>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports_rx: mpsc::UnboundedReceiver<Report>,
+    marks_tx: mpsc::UnboundedSender<Marked>,
+    marks_rx: mpsc::UnboundedReceiver<Marked>,
+    committed: mpsc::UnboundedReceiver<MessageId>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    token_events: Option<broadcast::Receiver<AccountEvent>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    next_worker: u64,
+}
+
+async fn token_event(
+    rx: &mut Option<broadcast::Receiver<AccountEvent>>,
+) -> Result<AccountEvent, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn to_instant(t: SystemTime) -> Instant {
+    let now = Instant::now();
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => now + d,
+        Err(_) => now,
+    }
+}
+
+/// The first account whose `senders` take `sender`.
+pub fn route<'a>(accounts: &'a [AccountConfig], sender: &str) -> Option<&'a AccountConfig> {
+    accounts.iter().find(|a| a.matches_sender(sender))
+}
+
+fn same_delivery_settings(a: &AccountConfig, b: &AccountConfig) -> bool {
+    a.email == b.email
+        && a.smtp_host == b.smtp_host
+        && a.smtp_port == b.smtp_port
+        && a.smtp_tls == b.smtp_tls
+        && a.ca_file == b.ca_file
+        && a.rewrite_from == b.rewrite_from
+}
+
+impl Scheduler {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        accounts: Vec<AccountConfig>,
+        cfg: DeliveryConfig,
+        commands: mpsc::UnboundedReceiver<Command>,
+        public: Arc<Mutex<Vec<PublicAccount>>>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Scheduler {
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let (marks_tx, marks_rx) = mpsc::unbounded_channel();
+        // Subscribe before listing, so no commit falls in between.
+        let committed = shared.spool.subscribe();
+        let token_events = Some(shared.tokens.subscribe());
+        let mut s = Scheduler {
+            shared,
+            cfg: Arc::new(cfg),
+            slots: Vec::new(),
+            cells: HashMap::new(),
+            public,
+            msgs: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            reports_tx,
+            reports_rx,
+            marks_tx,
+            marks_rx,
+            committed,
+            commands,
+            token_events,
+            shutdown,
+            tracker,
+            next_worker: 0,
+        };
+        s.set_accounts(accounts);
+        s
+    }
+
+    pub(crate) async fn run(mut self) {
+        let started = std::time::Instant::now();
+        for (id, env) in self.shared.spool.list() {
+            self.insert(id, &env);
+        }
+        let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
+        for name in names {
+            self.refresh_account(&name);
+        }
+        tracing::info!(
+            messages = self.msgs.len(),
+            accounts = self.slots.len(),
+            "delivery started in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        loop {
+            self.dispatch();
+            self.publish();
+            let wake_at = self.next_wake();
+            let wake = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Wake::Stop,
+                Some(r) = self.reports_rx.recv() => Wake::Report(r),
+                Some(m) = self.marks_rx.recv() => Wake::Marked(m),
+                Some(id) = self.committed.recv() => Wake::Committed(id),
+                Some(c) = self.commands.recv() => Wake::Command(c),
+                ev = token_event(&mut self.token_events) => Wake::Token(ev),
+                _ = sleep_until(wake_at) => Wake::Timer,
+            };
+            match wake {
+                Wake::Stop => break,
+                Wake::Report(r) => self.on_report(r),
+                Wake::Marked(m) => self.on_marked(m),
+                Wake::Committed(id) => {
+                    if let Some(env) = self.shared.spool.envelope(id) {
+                        self.insert(id, &env);
+                    }
+                }
+                Wake::Command(c) => self.on_command(c),
+                Wake::Token(ev) => self.on_token_event(ev),
+                Wake::Timer => self.on_timer(),
+            }
+        }
+        // Workers see the cancellation themselves; dropping their senders
+        // lets idle ones end too.
+        self.slots.clear();
+        tracing::info!("delivery scheduler stopped");
+    }
+
+    // ---- accounts -------------------------------------------------------
+
+    fn set_accounts(&mut self, accounts: Vec<AccountConfig>) {
+        let mut old: Vec<Slot> = std::mem::take(&mut self.slots);
+        let mut public = Vec::new();
+        for a in accounts {
+            if self.slots.iter().any(|s| s.name == a.name) {
+                tracing::warn!(account = %a.name, "two [[accounts]] entries share this name; using the first");
+                continue;
+            }
+            let cell = self.cells.entry(a.name.clone()).or_default().clone();
+            public.push(PublicAccount {
+                name: a.name.clone(),
+                email: a.email.clone(),
+                cell: cell.clone(),
+            });
+            let mut slot = match old.iter().position(|s| s.name == a.name) {
+                Some(i) => {
+                    let mut s = old.swap_remove(i);
+                    if !same_delivery_settings(&s.ctx.config, &a) {
+                        // Workers see a new context and reconnect.
+                        s.ctx = Arc::new(AccountCtx::new(a.clone()));
+                    }
+                    s.config = a;
+                    s
+                }
+                None => Slot {
+                    name: a.name.clone(),
+                    ctx: Arc::new(AccountCtx::new(a.clone())),
+                    config: a,
+                    cell,
+                    workers: Vec::new(),
+                    idle: Vec::new(),
+                    ready: VecDeque::new(),
+                    queued: 0,
+                    known_held: false,
+                    hold_probe: None,
+                },
+            };
+            if let Err(e) = &slot.ctx.tls {
+                tracing::error!(account = %slot.name, "{e}");
+            }
+            self.resize_workers(&mut slot);
+            self.slots.push(slot);
+        }
+        // Accounts that went away: their workers end after the current job.
+        drop(old);
+        self.cells
+            .retain(|name, _| public.iter().any(|p| &p.name == name));
+        *self.public.lock().unwrap_or_else(|p| p.into_inner()) = public;
+        // What the token manager already knows.
+        for i in 0..self.slots.len() {
+            let name = self.slots[i].name.clone();
+            match self.shared.tokens.account_status(&name) {
+                Some(st) if st.needs_authorization => {
+                    let reason = format!(
+                        "account {name} needs authorization: {}; {}",
+                        st.problem.unwrap_or_else(|| "no usable credentials".into()),
+                        st.fix.unwrap_or_else(|| format!(
+                            "run: oauthrelay authorize --account {name}"
+                        ))
+                    );
+                    let mut rt = self.slots[i].cell.lock();
+                    rt.held = Some(reason);
+                }
+                None => {
+                    let mut rt = self.slots[i].cell.lock();
+                    rt.held = Some(format!(
+                        "account {name} is not known to the token manager (reload the daemon)"
+                    ));
+                }
+                Some(_) => {
+                    // A reload is the operator's "try again": lift holds
+                    // that came from Gmail refusing tokens.
+                    let mut rt = self.slots[i].cell.lock();
+                    if rt.held.take().is_some() {
+                        rt.probing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn resize_workers(&mut self, slot: &mut Slot) {
+        let want = self.cfg.concurrency.max(1);
+        while slot.workers.len() < want {
+            let (tx, rx) = mpsc::channel(1);
+            self.next_worker += 1;
+            let id = self.next_worker;
+            let w = Worker {
+                id,
+                account: slot.name.clone(),
+                shared: self.shared.clone(),
+                rx,
+                reports: self.reports_tx.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            self.tracker.spawn(w.run(self.cfg.clone()));
+            slot.workers.push(WorkerHandle {
+                id,
+                tx,
+                busy: false,
+            });
+        }
+        if slot.workers.len() > want {
+            // Retire idle workers first; a busy one ends after its job.
+            slot.workers.sort_by_key(|w| w.busy);
+            slot.workers.truncate(want);
+        }
+        slot.idle = (0..slot.workers.len())
+            .filter(|&i| !slot.workers[i].busy)
+            .collect();
+    }
+
+    fn slot_index(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.name == name)
+    }
+
+    /// Release an account's hold (after authorization, a probe, retry or
+    /// reload): one attempt at a time until one succeeds.
+    fn release(&mut self, name: &str) {
+        if let Some(i) = self.slot_index(name) {
+            let mut rt = self.slots[i].cell.lock();
+            if rt.held.take().is_some() {
+                tracing::info!(account = %name, "account released; its held mail goes out again");
+            }
+            rt.probing = true;
+        }
+        self.refresh_account(name);
+    }
+
+    /// React to a change of the account's hold.
+    fn refresh_account(&mut self, name: &str) {
+        let Some(i) = self.slot_index(name) else {
+            return;
+        };
+        let held = self.slots[i].cell.lock().held.is_some();
+        let slot = &mut self.slots[i];
+        if held == slot.known_held {
+            return;
+        }
+        slot.known_held = held;
+        slot.hold_probe = held.then(|| Instant::now() + self.cfg.retry_max);
+        let route = Route::Account(name.to_string());
+        let ids: Vec<MessageId> = self
+            .msgs
+            .iter()
+            .filter(|(_, m)| {
+                m.route == route
+                    && if held {
+                        matches!(m.at, Where::Ready | Where::Waiting(_))
+                    } else {
+                        m.at == Where::Held
+                    }
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.unplace(id);
+            self.place(id);
+        }
+    }
+
+    // ---- messages -------------------------------------------------------
+
+    fn route_of(&self, sender: &str, account: Option<&str>) -> Route {
+        match account {
+            Some(a) if self.slot_index(a).is_some() => Route::Account(a.to_string()),
+            Some(a) => Route::None(format!(
+                "account {a:?} (which this message must go through) is not configured"
+            )),
+            None => match self.slots.iter().find(|s| s.config.matches_sender(sender)) {
+                Some(s) => Route::Account(s.name.clone()),
+                None => Route::None(format!(
+                    "no [[accounts]] entry takes sender <{sender}> (check `senders`)"
+                )),
+            },
+        }
+    }
+
+    fn insert(&mut self, id: MessageId, env: &Envelope) {
+        if self.msgs.contains_key(&id) {
+            return;
+        }
+        let route = self.route_of(&env.sender, env.account.as_deref());
+        if let Route::Account(a) = &route
+            && let Some(i) = self.slot_index(a)
+        {
+            self.slots[i].queued += 1;
+        }
+        self.msgs.insert(
+            id,
+            Msg {
+                sender: env.sender.clone(),
+                account: env.account.clone(),
+                route,
+                next: env.next_attempt,
+                held_marked: env.held.is_some(),
+                at: Where::Held,
+            },
+        );
+        self.place(id);
+    }
+
+    fn remove(&mut self, id: MessageId) {
+        self.unplace(id);
+        if let Some(m) = self.msgs.remove(&id)
+            && let Route::Account(a) = &m.route
+            && let Some(i) = self.slot_index(a)
+        {
+            self.slots[i].queued = self.slots[i].queued.saturating_sub(1);
+        }
+    }
+
+    /// Take the message out of its waiting place (ready entries go stale
+    /// and are skipped at dispatch).
+    fn unplace(&mut self, id: MessageId) {
+        if let Some(m) = self.msgs.get_mut(&id) {
+            if let Where::Waiting(at) = m.at {
+                self.timers.remove(&(at, id));
+            }
+            m.at = Where::Held;
+        }
+    }
+
+    /// Decide where the message waits now.
+    fn place(&mut self, id: MessageId) {
+        let Some(m) = self.msgs.get(&id) else {
+            return;
+        };
+        let (want_held, slot) = match &m.route {
+            Route::None(reason) => (Some(reason.clone()), None),
+            Route::Account(a) => match self.slot_index(a) {
+                Some(i) => (self.slots[i].cell.lock().held.clone(), Some(i)),
+                None => (Some(format!("account {a:?} is not configured")), None),
+            },
+        };
+        match want_held {
+            Some(reason) if !m.held_marked => self.mark(id, Some(reason)),
+            Some(_) => {
+                if let Some(m) = self.msgs.get_mut(&id) {
+                    m.at = Where::Held;
+                }
+            }
+            None if m.held_marked => self.mark(id, None),
+            None => {
+                let now = SystemTime::now();
+                let due = m.next.is_none_or(|t| t <= now);
+                let Some(i) = slot else { return };
+                let Some(m) = self.msgs.get_mut(&id) else {
+                    return;
+                };
+                if due {
+                    m.at = Where::Ready;
+                    self.slots[i].ready.push_back(id);
+                } else {
+                    let at = to_instant(m.next.unwrap_or(now));
+                    m.at = Where::Waiting(at);
+                    self.timers.insert((at, id));
+                }
+            }
+        }
+    }
+
+    /// Write (or clear) `held` in the spool copy, in a task; the message is
+    /// `Busy` meanwhile.
+    fn mark(&mut self, id: MessageId, reason: Option<String>) {
+        if let Some(m) = self.msgs.get_mut(&id) {
+            m.at = Where::Busy;
+        }
+        let spool = self.shared.spool.clone();
+        let tx = self.marks_tx.clone();
+        self.tracker.spawn(async move {
+            let present = match spool.envelope(id) {
+                None => false,
+                Some(env) if env.held == reason => true,
+                Some(mut env) => {
+                    env.held = reason;
+                    match spool.update(id, env).await {
+                        Ok(()) => true,
+                        Err(spool::SpoolError::NotFound(_)) => false,
+                        Err(e) => {
+                            tracing::warn!(queue_id = %id, "cannot record the hold state: {e}");
+                            true
+                        }
+                    }
+                }
+            };
+            let _ = tx.send(Marked { id, present });
+        });
+    }
+
+    fn on_marked(&mut self, m: Marked) {
+        if !m.present {
+            self.remove(m.id);
+            return;
+        }
+        let Some(msg) = self.msgs.get_mut(&m.id) else {
+            return;
+        };
+        if msg.at != Where::Busy {
+            return;
+        }
+        msg.held_marked = self
+            .shared
+            .spool
+            .envelope(m.id)
+            .is_some_and(|e| e.held.is_some());
+        msg.at = Where::Held;
+        self.place(m.id);
+    }
+
+    fn on_report(&mut self, r: Report) {
+        if let Some(i) = self.slot_index(&r.account) {
+            let slot = &mut self.slots[i];
+            if let Some(wi) = slot.workers.iter().position(|w| w.id == r.worker) {
+                slot.workers[wi].busy = false;
+                slot.idle.push(wi);
+            }
+        }
+        match r.outcome {
+            Outcome::Gone | Outcome::Done => self.remove(r.id),
+            Outcome::Deferred { next } => {
+                if let Some(m) = self.msgs.get_mut(&r.id) {
+                    m.next = Some(next);
+                    m.held_marked = false;
+                    m.at = Where::Held;
+                }
+                self.place(r.id);
+            }
+            Outcome::Held => {
+                if let Some(m) = self.msgs.get_mut(&r.id) {
+                    m.held_marked = true;
+                    m.next = None;
+                    m.at = Where::Held;
+                }
+                self.place(r.id);
+            }
+            Outcome::Interrupted => {
+                if let Some(m) = self.msgs.get_mut(&r.id) {
+                    m.at = Where::Held;
+                }
+                self.place(r.id);
+            }
+        }
+        if r.account_changed {
+            self.refresh_account(&r.account);
+        }
+    }
+
+    fn dispatch(&mut self) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        for slot in &mut self.slots {
+            let (blocked, probing) = {
+                let rt = slot.cell.lock();
+                (rt.blocked(now), rt.probing)
+            };
+            if blocked || slot.ready.is_empty() {
+                continue;
+            }
+            let limit = if probing { 1 } else { slot.workers.len() };
+            while slot.busy() < limit {
+                let Some(wi) = slot.idle.pop() else { break };
+                let mut picked = None;
+                while let Some(id) = slot.ready.pop_front() {
+                    if let Some(m) = self.msgs.get_mut(&id)
+                        && m.at == Where::Ready
+                        && matches!(&m.route, Route::Account(a) if *a == slot.name)
+                    {
+                        m.at = Where::InFlight;
+                        picked = Some(id);
+                        break;
+                    }
+                }
+                let Some(id) = picked else {
+                    slot.idle.push(wi);
+                    break;
+                };
+                let job = Job {
+                    id,
+                    ctx: slot.ctx.clone(),
+                    cell: slot.cell.clone(),
+                    cfg: self.cfg.clone(),
+                };
+                match slot.workers[wi].tx.try_send(job) {
+                    Ok(()) => slot.workers[wi].busy = true,
+                    Err(_) => {
+                        // The worker is gone (it cannot be busy: it was idle).
+                        tracing::error!(account = %slot.name, "a delivery worker stopped unexpectedly");
+                        if let Some(m) = self.msgs.get_mut(&id) {
+                            m.at = Where::Ready;
+                        }
+                        slot.ready.push_front(id);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let mut at = self.timers.first().map(|(t, _)| *t);
+        for slot in &self.slots {
+            let rt = slot.cell.lock();
+            for t in [rt.pause.as_ref().map(|p| p.until), slot.hold_probe]
+                .into_iter()
+                .flatten()
+            {
+                at = Some(at.map_or(t, |a| a.min(t)));
+            }
+        }
+        at
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, id)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(m) = self.msgs.get_mut(&id) else {
+                continue;
+            };
+            if m.at != Where::Waiting(at) {
+                continue;
+            }
+            m.at = Where::Ready;
+            if let Route::Account(a) = &m.route
+                && let Some(i) = self.slots.iter().position(|s| &s.name == a)
+            {
+                self.slots[i].ready.push_back(id);
+            }
+        }
+        let mut probes = Vec::new();
+        for slot in &mut self.slots {
+            {
+                let mut rt = slot.cell.lock();
+                if rt.pause.as_ref().is_some_and(|p| p.until <= now) {
+                    rt.pause = None;
+                    rt.probing = true;
+                }
+            }
+            if slot.hold_probe.is_some_and(|t| t <= now) {
+                slot.hold_probe = None;
+                probes.push(slot.name.clone());
+            }
+        }
+        for name in probes {
+            tracing::info!(account = %name, "held account: trying once more");
+            self.release(&name);
+        }
+    }
+
+    fn make_due(&mut self, id: MessageId) -> bool {
+        let Some(m) = self.msgs.get_mut(&id) else {
+            return false;
+        };
+        m.next = None;
+        if let Where::Waiting(at) = m.at {
+            self.timers.remove(&(at, id));
+            m.at = Where::Ready;
+            if let Route::Account(a) = &m.route
+                && let Some(i) = self.slots.iter().position(|s| &s.name == a)
+            {
+                self.slots[i].ready.push_back(id);
+            }
+        }
+        true
+    }
+
+    /// An operator asked to try now: lift the account's pause and hold.
+    fn lift(&mut self, name: &str) {
+        if let Some(i) = self.slot_index(name) {
+            let mut rt = self.slots[i].cell.lock();
+            rt.pause = None;
+            rt.probing = true;
+        }
+        self.release(name);
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Retry {
+                id: Some(id),
+                reply,
+            } => {
+                let route = self.msgs.get(&id).map(|m| m.route.clone());
+                let n = usize::from(self.make_due(id));
+                if let Some(Route::Account(a)) = route {
+                    self.lift(&a);
+                }
+                let _ = reply.send(n);
+            }
+            Command::Retry { id: None, reply } => {
+                let ids: Vec<MessageId> = self
+                    .msgs
+                    .iter()
+                    .filter(|(_, m)| matches!(m.at, Where::Waiting(_) | Where::Held))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut n = 0;
+                for id in ids {
+                    n += usize::from(self.make_due(id));
+                }
+                let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
+                for name in names {
+                    self.lift(&name);
+                }
+                let _ = reply.send(n);
+            }
+            Command::Reload { accounts, config } => {
+                self.cfg = Arc::new(config);
+                self.set_accounts(accounts);
+                for s in &mut self.slots {
+                    s.ready.clear();
+                    s.queued = 0;
+                    s.known_held = false;
+                    s.hold_probe = None;
+                }
+                self.timers.clear();
+                let ids: Vec<MessageId> = self.msgs.keys().copied().collect();
+                for id in ids {
+                    let Some(m) = self.msgs.get(&id) else {
+                        continue;
+                    };
+                    let route = self.route_of(&m.sender, m.account.as_deref());
+                    if let Route::Account(a) = &route
+                        && let Some(i) = self.slot_index(a)
+                    {
+                        self.slots[i].queued += 1;
+                    }
+                    let in_use = matches!(m.at, Where::InFlight | Where::Busy);
+                    if let Some(m) = self.msgs.get_mut(&id) {
+                        m.route = route;
+                        if !in_use {
+                            m.at = Where::Held;
+                        }
+                    }
+                    if !in_use {
+                        self.place(id);
+                    }
+                }
+                let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
+                for name in names {
+                    self.refresh_account(&name);
+                }
+                tracing::info!(accounts = self.slots.len(), "delivery settings reloaded");
+            }
+        }
+    }
+
+    fn on_token_event(&mut self, ev: Result<AccountEvent, broadcast::error::RecvError>) {
+        match ev {
+            Ok(AccountEvent::Authorized(name)) => self.release(&name),
+            Ok(AccountEvent::NeedsAuthorization(name)) => {
+                let reason = match self.shared.tokens.account_status(&name) {
+                    Some(st) => format!(
+                        "account {name} needs authorization: {}; {}",
+                        st.problem
+                            .unwrap_or_else(|| "Google refused its credentials".into()),
+                        st.fix.unwrap_or_else(|| format!(
+                            "run: oauthrelay authorize --account {name}"
+                        ))
+                    ),
+                    None => format!("account {name} needs authorization"),
+                };
+                if let Some(i) = self.slot_index(&name) {
+                    self.slots[i].cell.lock().held = Some(reason);
+                }
+                self.refresh_account(&name);
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Missed events: ask for the current state.
+                let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
+                for name in names {
+                    let authorized = self
+                        .shared
+                        .tokens
+                        .account_status(&name)
+                        .is_some_and(|s| !s.needs_authorization);
+                    if authorized {
+                        self.release(&name);
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => self.token_events = None,
+        }
+    }
+
+    /// Counts for `account_states()`.
+    fn publish(&self) {
+        for slot in &self.slots {
+            let mut rt = slot.cell.lock();
+            rt.queued = slot.queued;
+            rt.in_flight = slot.busy();
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Test harness: a spool in a tempdir, the fake Google token endpoint, the
+//! fake Gmail (TLS with a generated CA, XOAUTH2 checked against the fake
+//! endpoint's tokens), a real TokenManager and a running Outbound.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Once;
+use std::time::{Duration, SystemTime};
+
+use oauth::config::{AccountConfig, SmtpTls};
+use oauth::{Account, AccountContext, ManagerOptions, TokenManager};
+use outbound::{DeliveryConfig, Metrics, Outbound};
+use secrecy::SecretString;
+use spool::{Envelope, MessageId, Spool};
+use tempfile::TempDir;
+use testkit::ca::TestCa;
+use testkit::gmail::{FakeGmail, FakeGmailBuilder, ReceivedMessage};
+use testkit::google::FakeGoogle;
+use tokio_util::sync::CancellationToken;
+
+pub const CLIENT_ID: &str = "client-1.apps.googleusercontent.com";
+pub const CLIENT_SECRET: &str = "s3cret";
+pub const EMAIL: &str = "me@gmail.com";
+pub const HOSTNAME: &str = "relay.test";
+
+/// Short timings so retries happen within a test.
+pub fn fast_config() -> DeliveryConfig {
+    DeliveryConfig {
+        concurrency: 2,
+        retry_initial: Duration::from_millis(200),
+        retry_max: Duration::from_secs(1),
+        max_age: Duration::from_secs(3600),
+        connect_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
+        data_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(5),
+        login_throttle_pause: Duration::from_millis(500),
+        daily_limit_pause: Duration::from_millis(800),
+    }
+}
+
+pub fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn,oauthrelay::delivery=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+pub struct Harness {
+    pub dir: TempDir,
+    pub ca: TestCa,
+    pub ca_file: PathBuf,
+    pub google: FakeGoogle,
+    pub gmail: FakeGmail,
+    pub spool: Spool,
+    pub tokens: TokenManager,
+    pub account: AccountConfig,
+    pub resolved: Account,
+    pub refresh_token: String,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub outbound: Option<Outbound>,
+    pub config: DeliveryConfig,
+}
+
+pub struct Setup {
+    pub config: DeliveryConfig,
+    pub starttls: bool,
+    pub rewrite_from: bool,
+    pub senders: Vec<String>,
+    pub gmail: fn(FakeGmailBuilder) -> FakeGmailBuilder,
+    /// Start the relay at once (false: call `start()` later).
+    pub start: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            config: fast_config(),
+            starttls: false,
+            rewrite_from: false,
+            senders: vec!["*".into()],
+            gmail: |b| b,
+            start: true,
+        }
+    }
+}
+
+impl Harness {
+    pub async fn new() -> Harness {
+        Harness::with(Setup::default()).await
+    }
+
+    pub async fn with(setup: Setup) -> Harness {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new();
+        let ca_file = ca.write_to(dir.path());
+        let google = FakeGoogle::start().await.expect("fake google");
+        google.add_client(CLIENT_ID, CLIENT_SECRET);
+        let refresh_token = google.issue_refresh_token(CLIENT_ID, EMAIL);
+
+        let mut builder = FakeGmail::builder(&ca).token_validator(google.token_validator());
+        if setup.starttls {
+            builder = builder.starttls();
+        }
+        let gmail = (setup.gmail)(builder).start().await.expect("fake gmail");
+
+        let account = AccountConfig {
+            name: "default".into(),
+            email: EMAIL.into(),
+            client_id: Some(CLIENT_ID.into()),
+            client_secret: Some(SecretString::from(CLIENT_SECRET)),
+            client_secret_file: None,
+            token_file: None,
+            senders: setup.senders.clone(),
+            rewrite_from: setup.rewrite_from,
+            service_account_key_file: None,
+            smtp_host: "127.0.0.1".into(),
+            smtp_port: gmail.port(),
+            smtp_tls: if setup.starttls {
+                SmtpTls::Starttls
+            } else {
+                SmtpTls::Implicit
+            },
+            ca_file: Some(ca_file.clone()),
+            auth_url: google.auth_url().parse().expect("auth url"),
+            token_url: google.token_url().parse().expect("token url"),
+            scopes: vec!["https://mail.google.com/".into()],
+        };
+        let ctx = AccountContext::new(dir.path().join("state")).with_credentials_dir(None);
+        let resolved = Account::resolve(&account, &ctx).expect("resolve account");
+        oauth::import_refresh_token(&resolved, &refresh_token).expect("import token");
+        let tokens = TokenManager::new(
+            vec![resolved.clone()],
+            ManagerOptions {
+                request_timeout: Duration::from_secs(5),
+                attempts: 1,
+                backoff_initial: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(100),
+                failure_cooldown: Duration::from_millis(50),
+                watch_interval: Some(Duration::from_millis(100)),
+                ..Default::default()
+            },
+        )
+        .expect("token manager");
+        let (spool, _) = Spool::open(&dir.path().join("spool")).expect("spool");
+        let mut h = Harness {
+            dir,
+            ca,
+            ca_file,
+            google,
+            gmail,
+            spool,
+            tokens,
+            account,
+            resolved,
+            refresh_token,
+            metrics: Metrics::unregistered(),
+            shutdown: CancellationToken::new(),
+            outbound: None,
+            config: setup.config,
+        };
+        if setup.start {
+            h.start();
+        }
+        h
+    }
+
+    pub fn start(&mut self) {
+        self.shutdown = CancellationToken::new();
+        self.outbound = Some(Outbound::start(
+            self.spool.clone(),
+            self.tokens.clone(),
+            vec![self.account.clone()],
+            self.config.clone(),
+            HOSTNAME.into(),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
+    }
+
+    pub fn outbound(&self) -> &Outbound {
+        self.outbound.as_ref().expect("outbound started")
+    }
+
+    /// Stop the relay and wait for it (bounded).
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(o) = self.outbound.take() {
+            tokio::time::timeout(Duration::from_secs(15), o.join())
+                .await
+                .expect("outbound stops within 15 s");
+        }
+    }
+
+    /// Queue a message like the inbound side does.
+    pub async fn submit(&self, from: &str, to: &[&str], body: &[u8]) -> MessageId {
+        self.submit_env(Envelope::new(from, to.iter().map(|s| s.to_string())), body)
+            .await
+    }
+
+    pub async fn submit_env(&self, env: Envelope, body: &[u8]) -> MessageId {
+        let mut w = self.spool.begin();
+        w.write(body).await.expect("spool write");
+        w.commit(env).await.expect("spool commit")
+    }
+
+    /// Wait until `id` has left the spool.
+    pub async fn wait_gone(&self, id: MessageId, limit: Duration) -> bool {
+        wait_until(limit, || self.spool.envelope(id).is_none()).await
+    }
+
+    pub async fn wait_messages(&self, n: usize, limit: Duration) -> Vec<ReceivedMessage> {
+        let msgs = self.gmail.wait_for_messages(n, limit).await;
+        assert!(
+            msgs.len() >= n,
+            "expected {n} messages at the fake Gmail, got {}",
+            msgs.len()
+        );
+        msgs
+    }
+}
+
+/// Poll `cond` every 10 ms until it holds or `limit` passes.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A small message with the usual headers.
+pub fn message(subject: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: App <app@example.com>\r\nTo: <rcpt@example.org>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@example.com>\r\nDate: Tue, 14 Nov 2023 22:13:20 +0000\r\n\r\n{body}"
+    )
+    .into_bytes()
+}
+
+pub fn secs_from_now(t: SystemTime) -> f64 {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}

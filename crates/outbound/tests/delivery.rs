@@ -1,0 +1,580 @@
+//! Delivery to the fake Gmail over real sockets: byte-exact copies, both TLS
+//! modes, connection reuse, recipient limits, rewrite_from, bounces.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use outbound::AttemptResult;
+use spool::Envelope;
+use testkit::gmail::replies;
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn delivers_byte_exact_over_implicit_tls_with_bdat() {
+    let h = Harness::new().await;
+    // Leading dots, a bare LF, 8-bit bytes, no final line end: BDAT sends
+    // all of it untouched.
+    let mut body = message("exact", ".leading dot\r\n..two dots\r\nbare\nlf\r\n");
+    body.extend_from_slice("caf\u{e9} \u{2603}\r\nlast line without end".as_bytes());
+    let mut env = Envelope::new("app@example.com", ["rcpt@example.org".to_string()]);
+    env.eight_bit = true;
+    let id = h.submit_env(env, &body).await;
+
+    let msgs = h.wait_messages(1, T).await;
+    let m = &msgs[0];
+    assert_eq!(m.data, body, "the spool copy arrives byte for byte");
+    assert_eq!(m.mail_from, "app@example.com");
+    assert_eq!(m.rcpt_to, ["rcpt@example.org"]);
+    assert!(m.chunked, "Gmail offers CHUNKING: BDAT is used");
+    assert_eq!(m.auth_user, EMAIL);
+    assert!(
+        m.mail_params
+            .iter()
+            .any(|p| p == &format!("SIZE={}", body.len()))
+    );
+    assert!(m.mail_params.iter().any(|p| p == "BODY=8BITMIME"));
+    assert!(
+        h.wait_gone(id, T).await,
+        "delivered message leaves the spool"
+    );
+    assert_eq!(h.metrics.delivered_count(), 1);
+    assert_eq!(h.metrics.attempts_count(AttemptResult::sent), 1);
+}
+
+#[tokio::test]
+async fn delivers_over_starttls_including_a_large_streamed_message() {
+    let h = Harness::with(Setup {
+        starttls: true,
+        ..Setup::default()
+    })
+    .await;
+    let small = message("small", "hello\r\n");
+    // Bigger than one spool chunk and than what is sent inline.
+    let mut big = message("big", "");
+    for i in 0..40_000 {
+        big.extend_from_slice(
+            format!("line {i:06} of a multi-megabyte attachment..\r\n").as_bytes(),
+        );
+    }
+    let a = h.submit("a@example.com", &["x@example.org"], &small).await;
+    let b = h.submit("b@example.com", &["y@example.org"], &big).await;
+    let msgs = h.wait_messages(2, T).await;
+    let got_small = msgs
+        .iter()
+        .find(|m| m.mail_from == "a@example.com")
+        .unwrap();
+    let got_big = msgs
+        .iter()
+        .find(|m| m.mail_from == "b@example.com")
+        .unwrap();
+    assert_eq!(got_small.data, small);
+    assert_eq!(got_big.data.len(), big.len());
+    assert!(got_big.data == big, "large message byte-exact");
+    assert!(h.wait_gone(a, T).await && h.wait_gone(b, T).await);
+}
+
+#[tokio::test]
+async fn data_with_dot_stuffing_when_chunking_is_not_offered() {
+    let h = Harness::with(Setup {
+        gmail: |b| b.without_chunking(),
+        ..Setup::default()
+    })
+    .await;
+    let body = message("dots", ".\r\n..\r\n.x\r\nend\r\n");
+    let id = h.submit("app@example.com", &["r@example.org"], &body).await;
+    let msgs = h.wait_messages(1, T).await;
+    assert!(!msgs[0].chunked, "DATA was used");
+    assert_eq!(
+        msgs[0].data, body,
+        "dot-stuffing is undone exactly at the server"
+    );
+    assert!(h.wait_gone(id, T).await);
+}
+
+#[tokio::test]
+async fn lockstep_without_pipelining() {
+    let h = Harness::with(Setup {
+        gmail: |b| b.without_pipelining().without_chunking(),
+        ..Setup::default()
+    })
+    .await;
+    let body = message("lockstep", "one command at a time\r\n");
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r1@example.org", "r2@example.org"],
+            &body,
+        )
+        .await;
+    let msgs = h.wait_messages(1, T).await;
+    assert_eq!(msgs[0].rcpt_to, ["r1@example.org", "r2@example.org"]);
+    assert_eq!(msgs[0].data, body);
+    assert!(h.wait_gone(id, T).await);
+}
+
+#[tokio::test]
+async fn twenty_messages_share_one_connection_and_one_auth() {
+    let mut config = fast_config();
+    config.concurrency = 1;
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let body = message(&format!("m{i}"), "reuse me\r\n");
+        ids.push(h.submit("app@example.com", &["r@example.org"], &body).await);
+    }
+    h.wait_messages(20, T).await;
+    for id in ids {
+        assert!(h.wait_gone(id, T).await);
+    }
+    let s = h.gmail.stats();
+    assert_eq!(s.connections, 1, "one upstream connection: {s:?}");
+    assert_eq!(s.auth_ok, 1, "one AUTH: {s:?}");
+    assert_eq!(s.messages, 20);
+    assert_eq!(s.rsets, 19, "RSET between transactions");
+    assert_eq!(s.quits, 0, "the connection stays open while in use");
+}
+
+#[tokio::test]
+async fn sequential_messages_reuse_the_warm_connection_with_default_concurrency() {
+    let h = Harness::new().await;
+    for i in 0..5 {
+        let id = h
+            .submit(
+                "app@example.com",
+                &["r@example.org"],
+                &message(&format!("s{i}"), "x\r\n"),
+            )
+            .await;
+        assert!(h.wait_gone(id, T).await);
+    }
+    let s = h.gmail.stats();
+    assert_eq!((s.connections, s.auth_ok, s.messages), (1, 1, 5), "{s:?}");
+}
+
+#[tokio::test]
+async fn more_than_100_recipients_are_split_into_transactions() {
+    let h = Harness::new().await;
+    let rcpts: Vec<String> = (0..250)
+        .map(|i| format!("user{i:03}@example.org"))
+        .collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let body = message("many", "to many\r\n");
+    let id = h.submit("app@example.com", &refs, &body).await;
+    let msgs = h.wait_messages(3, T).await;
+    assert!(h.wait_gone(id, T).await);
+    let sizes: Vec<usize> = msgs.iter().map(|m| m.rcpt_to.len()).collect();
+    assert_eq!(sizes, [100, 100, 50]);
+    let all: Vec<String> = msgs.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    assert_eq!(all, rcpts, "every recipient once, in order");
+    assert!(msgs.iter().all(|m| m.data == body));
+    assert_eq!(h.gmail.stats().connections, 1);
+    assert_eq!(
+        h.metrics.attempts_count(AttemptResult::sent),
+        1,
+        "one attempt"
+    );
+}
+
+#[tokio::test]
+async fn too_many_recipients_452_sends_the_rest_in_a_new_transaction() {
+    let h = Harness::new().await;
+    // A server that takes 30 per transaction answers the 31st with 452 4.5.3.
+    h.gmail.set_max_recipients(30);
+    let rcpts: Vec<String> = (0..70).map(|i| format!("u{i:02}@example.org")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let id = h
+        .submit("app@example.com", &refs, &message("452", "rest later\r\n"))
+        .await;
+    let msgs = h.wait_messages(3, T).await;
+    assert!(h.wait_gone(id, T).await);
+    let sizes: Vec<usize> = msgs.iter().map(|m| m.rcpt_to.len()).collect();
+    assert_eq!(sizes, [30, 30, 10]);
+    assert_eq!(
+        h.metrics.attempts_count(AttemptResult::deferred),
+        0,
+        "not deferred"
+    );
+    assert_eq!(h.metrics.attempts_count(AttemptResult::sent), 1);
+}
+
+#[tokio::test]
+async fn rewrite_from_sets_sender_and_from_and_keeps_the_original_in_reply_to() {
+    let h = Harness::with(Setup {
+        rewrite_from: true,
+        ..Setup::default()
+    })
+    .await;
+    let body = b"Subject: scan\r\nFrom: \"HP Scanner\" <scanner@office.lan>\r\nTo: boss@example.org\r\n\r\nscan attached\r\n".to_vec();
+    let id = h
+        .submit("scanner@office.lan", &["boss@example.org"], &body)
+        .await;
+    let msgs = h.wait_messages(1, T).await;
+    assert!(h.wait_gone(id, T).await);
+    let m = &msgs[0];
+    assert_eq!(m.mail_from, EMAIL, "envelope sender rewritten");
+    assert_eq!(
+        m.text(),
+        "Subject: scan\r\nFrom: \"HP Scanner\" <me@gmail.com>\r\nReply-To: \"HP Scanner\" <scanner@office.lan>\r\nTo: boss@example.org\r\n\r\nscan attached\r\n"
+    );
+    assert!(
+        m.mail_params
+            .iter()
+            .any(|p| p == &format!("SIZE={}", m.data.len()))
+    );
+}
+
+#[tokio::test]
+async fn rewrite_from_streams_a_large_message_and_keeps_an_existing_reply_to() {
+    let h = Harness::with(Setup {
+        rewrite_from: true,
+        ..Setup::default()
+    })
+    .await;
+    let mut body =
+        b"From: cron@host.lan\r\nReply-To: admin@example.org\r\nSubject: report\r\n\r\n".to_vec();
+    for i in 0..20_000 {
+        body.extend_from_slice(format!("row {i}\r\n").as_bytes());
+    }
+    let id = h
+        .submit("cron@host.lan", &["admin@example.org"], &body)
+        .await;
+    let msgs = h.wait_messages(1, T).await;
+    assert!(h.wait_gone(id, T).await);
+    let expected = [
+        b"From: me@gmail.com\r\nReply-To: admin@example.org\r\nSubject: report\r\n\r\n".as_slice(),
+        &body[b"From: cron@host.lan\r\nReply-To: admin@example.org\r\nSubject: report\r\n\r\n"
+            .len()..],
+    ]
+    .concat();
+    assert!(msgs[0].data == expected, "only From: changed");
+}
+
+// ---- bounces ---------------------------------------------------------------
+
+/// The parts of a multipart message: (headers, body) each.
+fn parts(msg: &str) -> Vec<(String, String)> {
+    let (head, _) = msg.split_once("\r\n\r\n").expect("header section");
+    let unfolded = head.replace("\r\n\t", " ").replace("\r\n ", " ");
+    let ct = unfolded
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("content-type:"))
+        .expect("content-type");
+    assert!(ct.contains("multipart/report"), "{ct}");
+    assert!(ct.contains("report-type=delivery-status"), "{ct}");
+    let boundary = ct
+        .split("boundary=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("boundary");
+    let delim = format!("--{boundary}");
+    let mut out = Vec::new();
+    for chunk in msg.split(&delim).skip(1) {
+        if chunk.starts_with("--") {
+            break;
+        }
+        let chunk = chunk.trim_start_matches("\r\n");
+        let (h, b) = chunk.split_once("\r\n\r\n").unwrap_or((chunk, ""));
+        out.push((h.to_string(), b.to_string()));
+    }
+    out
+}
+
+/// `name: value` fields of a delivery-status group (unfolded).
+fn field(group: &str, name: &str) -> Option<String> {
+    let unfolded = group.replace("\r\n ", " ");
+    unfolded.split("\r\n").find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+#[tokio::test]
+async fn permanent_failure_gives_exactly_one_dsn_and_removes_the_message() {
+    let h = Harness::new().await;
+    h.gmail
+        .reject_recipient("nobody@example.org", replies::NO_SUCH_USER);
+    let body = message("bounceme", "hello\r\n");
+    let id = h
+        .submit(
+            "app@example.com",
+            &["ok@example.org", "nobody@example.org"],
+            &body,
+        )
+        .await;
+    // The original (to the good recipient) and the bounce.
+    let msgs = h.wait_messages(2, T).await;
+    assert!(h.wait_gone(id, T).await, "the message leaves the spool");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let msgs_now = h.gmail.messages();
+    assert_eq!(msgs_now.len(), 2, "exactly one bounce");
+    let orig = msgs
+        .iter()
+        .find(|m| m.mail_from == "app@example.com")
+        .unwrap();
+    assert_eq!(orig.rcpt_to, ["ok@example.org"]);
+    let dsn = msgs
+        .iter()
+        .find(|m| m.mail_from.is_empty())
+        .expect("bounce with the null sender");
+    assert_eq!(dsn.rcpt_to, ["app@example.com"], "to the original sender");
+    assert_eq!(dsn.auth_user, EMAIL, "through the same account");
+
+    let text = dsn.text();
+    assert!(text.contains("\r\nTo: <app@example.com>\r\n"));
+    assert!(text.starts_with("From: Mail Delivery System <me@gmail.com>\r\n"));
+    let p = parts(&text);
+    assert_eq!(p.len(), 3, "human-readable, delivery-status, headers");
+    assert!(p[0].0.contains("text/plain"));
+    assert!(p[0].1.contains("nobody@example.org"));
+    assert!(p[1].0.contains("Content-Type: message/delivery-status"));
+    let groups: Vec<&str> = p[1]
+        .1
+        .split("\r\n\r\n")
+        .filter(|g| !g.trim().is_empty())
+        .collect();
+    assert_eq!(
+        field(groups[0], "Reporting-MTA").as_deref(),
+        Some("dns; relay.test")
+    );
+    assert!(field(groups[0], "Arrival-Date").is_some());
+    assert_eq!(
+        groups.len(),
+        2,
+        "one per-message group, one failed recipient"
+    );
+    let g = groups[1];
+    assert_eq!(
+        field(g, "Final-Recipient").as_deref(),
+        Some("rfc822; nobody@example.org")
+    );
+    assert_eq!(field(g, "Action").as_deref(), Some("failed"));
+    assert_eq!(field(g, "Status").as_deref(), Some("5.1.1"));
+    let diag = field(g, "Diagnostic-Code").expect("diagnostic code");
+    assert!(
+        diag.starts_with(
+            "smtp; 550 5.1.1 The email account that you tried to reach does not exist."
+        ),
+        "{diag}"
+    );
+    assert!(
+        diag.contains("https://support.google.com/mail/?p=NoSuchUser"),
+        "Gmail's full reply: {diag}"
+    );
+    assert!(p[2].0.contains("text/rfc822-headers"));
+    assert!(p[2].1.contains("Subject: bounceme\r\n"));
+    assert!(p[2].1.contains("Message-ID: <bounceme@example.com>\r\n"));
+    assert!(!p[2].1.contains("hello"), "headers only");
+    assert_eq!(h.metrics.bounced_count(), 1);
+}
+
+#[tokio::test]
+async fn no_bounce_for_the_null_sender() {
+    let h = Harness::new().await;
+    h.gmail
+        .reject_recipient("nobody@example.org", replies::NO_SUCH_USER);
+    let id = h
+        .submit("", &["nobody@example.org"], &message("nb", "x\r\n"))
+        .await;
+    assert!(h.wait_gone(id, T).await, "failed message removed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.gmail.messages().is_empty(), "no bounce loops");
+    assert!(h.spool.list().is_empty(), "nothing queued");
+    assert_eq!(h.metrics.bounced_count(), 1);
+}
+
+#[tokio::test]
+async fn size_refusal_at_mail_bounces_every_recipient() {
+    let h = Harness::new().await;
+    h.gmail
+        .fail_next(testkit::gmail::Stage::Mail, 1, replies::TOO_BIG);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["a@example.org", "b@example.org"],
+            &message("big", "x\r\n"),
+        )
+        .await;
+    let msgs = h.wait_messages(1, T).await;
+    assert!(h.wait_gone(id, T).await);
+    let dsn = &msgs[0];
+    assert_eq!(dsn.mail_from, "");
+    let text = dsn.text();
+    assert_eq!(text.matches("Action: failed").count(), 2);
+    assert!(text.contains("Status: 5.3.4"));
+}
+
+#[tokio::test]
+async fn max_age_fails_permanently_with_the_last_reply() {
+    let mut config = fast_config();
+    config.max_age = Duration::from_millis(800);
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    h.gmail
+        .reject_recipient("slow@example.org", replies::SENDING_TOO_FAST_450);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["slow@example.org"],
+            &message("old", "x\r\n"),
+        )
+        .await;
+    let msgs = h.wait_messages(1, T).await;
+    assert!(h.wait_gone(id, T).await);
+    let dsn = &msgs[0];
+    assert_eq!(dsn.mail_from, "");
+    assert_eq!(dsn.rcpt_to, ["app@example.com"]);
+    let text = dsn.text();
+    assert!(text.contains("Final-Recipient: rfc822; slow@example.org"));
+    assert!(text.contains("Status: 5.4.7"), "delivery time expired");
+    assert!(text.contains("Diagnostic-Code: smtp; 450 4.2.1"), "{text}");
+    assert!(h.metrics.attempts_count(AttemptResult::deferred) >= 1);
+}
+
+#[tokio::test]
+async fn unroutable_mail_is_held_then_released_by_reload() {
+    let h = Harness::with(Setup {
+        senders: vec!["*@example.com".into()],
+        ..Setup::default()
+    })
+    .await;
+    let id = h
+        .submit(
+            "someone@other.org",
+            &["r@example.org"],
+            &message("nr", "x\r\n"),
+        )
+        .await;
+    assert!(
+        wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.held.is_some())).await,
+        "held durably"
+    );
+    let held = h.spool.envelope(id).unwrap().held.unwrap();
+    assert!(held.contains("senders"), "{held}");
+    assert_eq!(h.gmail.stats().mail_commands, 0);
+    let mut account = h.account.clone();
+    account.senders = vec!["*".into()];
+    h.outbound().reload(vec![account], h.config.clone());
+    assert!(h.wait_gone(id, T).await, "delivered after the reload");
+    assert_eq!(h.gmail.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn a_message_deleted_while_deferred_is_skipped() {
+    let h = Harness::new().await;
+    let mut env = Envelope::new("app@example.com", ["r@example.org".to_string()]);
+    env.attempts = 1;
+    env.next_attempt = Some(std::time::SystemTime::now() + Duration::from_millis(300));
+    let gone = h.submit_env(env, &message("deleted", "x\r\n")).await;
+    h.spool.remove(gone).await.unwrap();
+    let kept = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("kept", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(kept, T).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let msgs = h.gmail.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].message_id.as_deref(), Some("<kept@example.com>"));
+}
+
+#[tokio::test]
+async fn queued_messages_are_scheduled_at_start_and_retry_makes_them_due() {
+    let mut h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("before", "x\r\n"),
+        )
+        .await;
+    let mut env = Envelope::new("app@example.com", ["r@example.org".to_string()]);
+    env.attempts = 3;
+    env.next_attempt = Some(std::time::SystemTime::now() + Duration::from_secs(3600));
+    let b = h.submit_env(env, &message("later", "x\r\n")).await;
+    h.start();
+    assert!(h.wait_gone(a, T).await, "queued before start: delivered");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.spool.envelope(b).is_some(), "deferred an hour: waits");
+    assert!(h.outbound().retry(b).await);
+    assert!(h.wait_gone(b, T).await, "retry makes it due now");
+}
+
+/// Not a pass/fail test: prints the time from the spool commit (when the
+/// inbound side answers 250) to the upstream MAIL and to the upstream 250,
+/// on an idle relay with a warm pooled connection.
+/// `cargo test -p outbound --release --test delivery -- --ignored --nocapture commit_to_mail_latency`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn commit_to_mail_latency() {
+    let h = Harness::new().await;
+    let warm = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("warm", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(warm, T).await);
+    let n = 300;
+    let mut to_mail = Vec::with_capacity(n);
+    let mut to_250 = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = message(&format!("lat{i}"), "latency probe\r\n");
+        let mut w = h.spool.begin();
+        w.write(&body).await.unwrap();
+        let id = w
+            .commit(Envelope::new(
+                "app@example.com",
+                ["r@example.org".to_string()],
+            ))
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        let msgs = h.gmail.wait_for_messages(i + 2, T).await;
+        let m = msgs.last().unwrap();
+        to_mail.push(m.mail_at.saturating_duration_since(committed));
+        to_250.push(m.accepted_at.saturating_duration_since(committed));
+        assert!(h.wait_gone(id, T).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = h.gmail.stats();
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() as f64 - 1.0) * p) as usize]
+    };
+    println!(
+        "commit -> upstream MAIL: p50 {:?} p99 {:?} max {:?}",
+        pct(&mut to_mail, 0.5),
+        pct(&mut to_mail, 0.99),
+        pct(&mut to_mail, 1.0)
+    );
+    println!(
+        "commit -> upstream 250:  p50 {:?} p99 {:?} max {:?}",
+        pct(&mut to_250, 0.5),
+        pct(&mut to_250, 0.99),
+        pct(&mut to_250, 1.0)
+    );
+    println!(
+        "upstream connections: {}, AUTHs: {}",
+        s.connections, s.auth_ok
+    );
+}
