@@ -28,7 +28,7 @@ mod writer;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -156,7 +156,12 @@ impl Spool {
             path: dir.to_path_buf(),
             source: Arc::new(e),
         };
-        std::fs::create_dir_all(dir).map_err(open_err)?;
+        // Mail is private: the spool is readable by its owner only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(open_err)?;
         let lock = take_lock(dir)?;
         let recovered = recover::recover(dir).map_err(open_err)?;
         let active_no = recovered.last_segment + 1;

@@ -1,0 +1,285 @@
+//! The one-shot commands (everything but `serve`).
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+
+use crate::cli::{QueueCommand, TokenCommand};
+use crate::config::{self, Loaded};
+use crate::paths::Paths;
+use crate::queue::{self, Request};
+use crate::sendmail;
+
+/// `check-config`: everything `serve` would check before starting.
+pub fn check_config(loaded: &Loaded, paths: &Paths) -> ExitCode {
+    let mut ok = true;
+    if let Err(e) = crate::resolve_accounts(loaded, paths) {
+        eprintln!("{e}");
+        ok = false;
+    }
+    let hostname = loaded
+        .config
+        .server
+        .hostname
+        .clone()
+        .unwrap_or_else(inbound::system_hostname);
+    if let Err(e) = inbound::Settings::new(loaded.config.server.clone(), hostname, inbound::accept_all_senders()) {
+        let key: Vec<config::Key<'_>> = match &e {
+            inbound::SettingsError::Certificate { .. } => vec!["server".into(), "tls".into(), "cert_file".into()],
+            inbound::SettingsError::Key { .. } | inbound::SettingsError::CertificateKey { .. } => {
+                vec!["server".into(), "tls".into(), "key_file".into()]
+            }
+            _ => vec!["server".into()],
+        };
+        eprintln!("{}", loaded.error_at(&key, e.to_string()));
+        ok = false;
+    }
+    if !ok {
+        return ExitCode::FAILURE;
+    }
+    match &loaded.path {
+        Some(p) => println!("# {}: OK", p.display()),
+        None => println!("# no configuration file found: built-in defaults"),
+    }
+    println!("# state directory: {}", paths.state_dir.display());
+    println!("# spool directory: {}", paths.spool_dir.display());
+    print!("{}", config::render(&loaded.config));
+    ExitCode::SUCCESS
+}
+
+/// `hash-password`.
+pub fn hash_password() -> anyhow::Result<ExitCode> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = read_hidden("Password: ")?;
+        let again = read_hidden("Again: ")?;
+        if first != again {
+            bail!("the passwords differ");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    if password.is_empty() {
+        bail!("an empty password cannot be used");
+    }
+    println!("{}", inbound::hash_password(&password));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Read a line from the terminal without echoing it.
+fn read_hidden(prompt: &str) -> anyhow::Result<String> {
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: termios is plain data; tcgetattr/tcsetattr on stdin, which is
+    // a terminal (checked by the caller).
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    let have_tty = unsafe { libc::tcgetattr(fd, &mut saved) } == 0;
+    if have_tty {
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        quiet.c_lflag |= libc::ECHONL;
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    }
+    let mut line = String::new();
+    let r = std::io::stdin().read_line(&mut line);
+    if have_tty {
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    }
+    r?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn find_account(loaded: &Loaded, paths: &Paths, name: &str) -> anyhow::Result<oauth::Account> {
+    if !loaded.config.accounts.iter().any(|a| a.name == name) {
+        let known: Vec<&str> = loaded.config.accounts.iter().map(|a| a.name.as_str()).collect();
+        match &loaded.path {
+            Some(p) if known.is_empty() => bail!("{} has no [[accounts]]; add one (see config/oauthrelay.example.toml)", p.display()),
+            Some(p) => bail!("no account named {name:?} in {} (accounts: {})", p.display(), known.join(", ")),
+            None => bail!("no configuration file found, so there is no account {name:?}; create /etc/oauthrelay/oauthrelay.toml or pass --config"),
+        }
+    }
+    let accounts = crate::resolve_accounts(loaded, paths)?;
+    accounts
+        .into_iter()
+        .find(|a| a.name == name)
+        .context("account vanished while resolving")
+}
+
+/// `authorize --account NAME`.
+pub async fn authorize(loaded: &Loaded, paths: &Paths, name: &str, no_browser: bool, port: Option<u16>) -> anyhow::Result<ExitCode> {
+    let account = find_account(loaded, paths, name)?;
+    if account.is_service_account() {
+        bail!("account {name:?} uses a service account (service_account_key_file): it needs no authorize step");
+    }
+    let opts = oauth::authorize::Options {
+        no_browser,
+        port: port.unwrap_or(0),
+        ..Default::default()
+    };
+    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let mut out = std::io::stdout();
+    let summary = oauth::authorize::run(&account, &opts, &mut out, Some(stdin)).await?;
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `token import` / `token status`.
+pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TokenCommand::Import { account } => {
+            let account = find_account(loaded, paths, &account)?;
+            if std::io::stdin().is_terminal() {
+                eprintln!("Paste the refresh token and press Enter:");
+            }
+            let mut token = String::new();
+            std::io::stdin().read_line(&mut token)?;
+            let file = oauth::import_refresh_token(&account, token.trim())?;
+            let _ = file;
+            println!(
+                "Stored the refresh token for account '{}' in {}.\nA running oauthrelay picks it up within seconds; check with `oauthrelay token status`.",
+                account.name,
+                account.token_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Status { account, json } => {
+            let mut accounts = crate::resolve_accounts(loaded, paths)?;
+            if let Some(name) = &account {
+                accounts.retain(|a| &a.name == name);
+                if accounts.is_empty() {
+                    bail!("no account named {name:?}");
+                }
+            }
+            let status = oauth::status(&accounts);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else if status.is_empty() {
+                println!("No accounts configured.");
+            } else {
+                for s in &status {
+                    print_status(s);
+                }
+            }
+            let all_ok = status.iter().all(|s| s.authorized);
+            Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+fn print_status(s: &oauth::AccountStatus) {
+    let fmt = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    println!("{} <{}>", s.account, s.email);
+    println!("  authorized:        {}", if s.authorized { "yes" } else { "NO" });
+    println!("  refresh token:     {}", if s.refresh_token_stored { "stored" } else { "none" });
+    println!("  token file:        {}", s.token_file.display());
+    match s.access_token_expires_at {
+        Some(t) => println!("  access token until {}", fmt(t)),
+        None => println!("  access token:      none cached"),
+    }
+    if let Some(r) = &s.last_refresh {
+        println!("  last refresh:      {}", serde_json::to_string(r).unwrap_or_default());
+    }
+    if let Some(p) = &s.problem {
+        println!("  problem:           {p}");
+    }
+    if let Some(f) = &s.fix {
+        println!("  fix:               {f}");
+    }
+}
+
+/// `queue ...`.
+pub async fn queue(paths: &Paths, cmd: QueueCommand) -> anyhow::Result<ExitCode> {
+    let (req, json) = match cmd {
+        QueueCommand::List { json } => (Request::List, json),
+        QueueCommand::Show { id } => (Request::Show { id }, false),
+        QueueCommand::Retry { id: Some(id), .. } => (Request::Retry { id }, false),
+        QueueCommand::Retry { id: None, .. } => (Request::RetryAll, false),
+        QueueCommand::Delete { id } => (Request::Delete { id }, false),
+    };
+    let kind = std::mem::discriminant(&req);
+    let v = queue::request(&paths.control_socket, &paths.spool_dir, req.clone()).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    match req {
+        Request::List => queue::print_list(&serde_json::from_value::<Vec<queue::Entry>>(v)?, &mut out)?,
+        Request::Show { .. } => queue::print_detail(&serde_json::from_value(v)?, &mut out)?,
+        Request::Retry { id } => writeln!(out, "{id}: due now")?,
+        Request::RetryAll => writeln!(out, "{} message(s) due now", v["retried"])?,
+        Request::Delete { id } => writeln!(out, "{id}: deleted")?,
+    }
+    let _ = kind;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sendmail ...`: exit codes per sysexits (0 queued, 75 try again, 64/65).
+pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCode {
+    let args = match sendmail::parse_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return ExitCode::from(sendmail::EX_USAGE);
+        }
+    };
+    let limit = loaded.config.server.max_message_size.0;
+    let input = match sendmail::read_stdin(limit) {
+        Ok(Ok(b)) => b,
+        Ok(Err(limit)) => {
+            eprintln!("sendmail: message larger than the {limit}-byte limit ([server] max_message_size)");
+            return ExitCode::from(sendmail::EX_DATAERR);
+        }
+        Err(e) => {
+            eprintln!("sendmail: cannot read the message: {e}");
+            return ExitCode::from(sendmail::EX_TEMPFAIL);
+        }
+    };
+    let hostname = loaded
+        .config
+        .server
+        .hostname
+        .clone()
+        .unwrap_or_else(inbound::system_hostname);
+    let sender = args.from.clone().unwrap_or_else(|| sendmail::default_sender(&hostname));
+    let (message, extra) = sendmail::prepare(&input, &args, &sender);
+    let mut rcpts = args.recipients.clone();
+    rcpts.extend(extra);
+    rcpts.dedup();
+    if rcpts.is_empty() {
+        eprintln!("sendmail: no recipients (name them, or use -t to read To:/Cc:/Bcc:)");
+        return ExitCode::from(sendmail::EX_USAGE);
+    }
+    let Some(addr) = sendmail::daemon_address(&loaded.config.server.listen) else {
+        eprintln!("sendmail: [server] listen is empty");
+        return ExitCode::from(sendmail::EX_TEMPFAIL);
+    };
+    match sendmail::submit(addr, &sender, &rcpts, &message).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(sendmail::SubmitError::Unreachable(e)) => {
+            // No daemon: queue it ourselves, as Postfix's maildrop would.
+            match crate::serve::submit_offline(loaded, paths, &sender, &rcpts, &message).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(off) => {
+                    eprintln!("sendmail: oauthrelay is not running ({e}) and the queue cannot be written directly: {off:#}");
+                    ExitCode::from(sendmail::EX_TEMPFAIL)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `send-test --account NAME --to ADDR`.
+pub async fn send_test(loaded: &Loaded, paths: &Paths, name: &str, to: &str) -> anyhow::Result<ExitCode> {
+    let account = find_account(loaded, paths, name)?;
+    crate::serve::send_test(loaded, account, to).await
+}

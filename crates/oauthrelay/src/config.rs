@@ -1,0 +1,454 @@
+//! The configuration file: where it is looked for, how it is parsed, and how
+//! every error is reported as `file:line:col: message`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The whole file. Unknown keys are errors in every table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the spool and token files live by default. Default:
+    /// `$STATE_DIRECTORY` (systemd), else `/var/lib/oauthrelay` when the
+    /// system-wide config file is in use, else the per-user data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub server: inbound::ServerConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub delivery: outbound::DeliveryConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accounts: Vec<oauth::AccountConfig>,
+}
+
+/// `[spool]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Default: `$STATE_DIRECTORY/spool`, else the per-user data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address for `/metrics`, `/healthz` and `/readyz`; `""` turns the
+    /// listener off.
+    #[serde(
+        serialize_with = "ser_opt_addr",
+        deserialize_with = "de_opt_addr"
+    )]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9925))),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a full filter like
+    /// `info,inbound=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+fn ser_opt_addr<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(a) => s.collect_str(a),
+        None => s.serialize_str(""),
+    }
+}
+
+fn de_opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid address {s:?}: expected IP:PORT like \"127.0.0.1:9925\", or \"\" to turn the listener off"
+        ))
+    })
+}
+
+/// A configuration error with its place in the file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(
+                f,
+                "{}:{}:{}: {}",
+                file.display(),
+                self.line,
+                self.col,
+                self.message
+            ),
+            None => write!(f, "(built-in defaults): {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// All errors found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A parsed file and what is needed to point into it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// `None` when running on built-in defaults.
+    pub path: Option<PathBuf>,
+    source: String,
+}
+
+impl Loaded {
+    /// Built-in defaults, used when no file exists.
+    pub fn defaults() -> Loaded {
+        Loaded {
+            config: Config::default(),
+            path: None,
+            source: String::new(),
+        }
+    }
+
+    /// An error at the value of `key` (a path like `["accounts", 0,
+    /// "client_secret_file"]`), or at the nearest table that exists.
+    pub fn error_at(&self, key: &[Key<'_>], message: impl Into<String>) -> ConfigError {
+        let span = locate(&self.source, key).unwrap_or(0..0);
+        let (line, col) = line_col(&self.source, span.start);
+        ConfigError {
+            file: self.path.clone(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    /// The directory relative paths in the file are resolved against.
+    pub fn base_dir(&self) -> PathBuf {
+        self.path
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+/// One step of a key path.
+#[derive(Debug, Clone, Copy)]
+pub enum Key<'a> {
+    Name(&'a str),
+    Index(usize),
+}
+
+impl<'a> From<&'a str> for Key<'a> {
+    fn from(s: &'a str) -> Self {
+        Key::Name(s)
+    }
+}
+
+impl From<usize> for Key<'_> {
+    fn from(i: usize) -> Self {
+        Key::Index(i)
+    }
+}
+
+/// Where the config file is, per interface.md: `--config`, then
+/// `$OAUTHRELAY_CONFIG`, then `/etc/oauthrelay/oauthrelay.toml`, then the
+/// per-user config dir. `None`: no file, run on defaults.
+pub fn find(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("OAUTHRELAY_CONFIG").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let system = PathBuf::from("/etc/oauthrelay/oauthrelay.toml");
+    if system.exists() {
+        return Some(system);
+    }
+    let user = directories::ProjectDirs::from("", "", "oauthrelay")
+        .map(|d| d.config_dir().join("oauthrelay.toml"))?;
+    user.exists().then_some(user)
+}
+
+/// Read and parse `path` (or the defaults), then check what serde cannot.
+pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigErrors> {
+    let Some(path) = path else {
+        let loaded = Loaded::defaults();
+        validate(&loaded)?;
+        return Ok(loaded);
+    };
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: Some(path.to_path_buf()),
+            line: 1,
+            col: 1,
+            message: format!("cannot read the configuration file: {e}"),
+        }])
+    })?;
+    parse(&source, Some(path))
+}
+
+/// Parse a configuration text (`path` is for messages only).
+pub fn parse(source: &str, path: Option<&Path>) -> Result<Loaded, ConfigErrors> {
+    let config: Config = toml::from_str(source).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let (line, col) = line_col(source, span.start);
+        ConfigErrors(vec![ConfigError {
+            file: path.map(Path::to_path_buf),
+            line,
+            col,
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    let loaded = Loaded {
+        config,
+        path: path.map(Path::to_path_buf),
+        source: source.to_string(),
+    };
+    validate(&loaded)?;
+    Ok(loaded)
+}
+
+/// Checks that need more than one value, each reported at its key.
+fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
+    let c = &l.config;
+    let mut errs = Vec::new();
+    let s = &c.server;
+    if s.listen.is_empty() {
+        errs.push(l.error_at(&["server".into(), "listen".into()], "at least one listen address is needed"));
+    }
+    for (key, v) in [
+        ("max_recipients", s.max_recipients),
+        ("max_connections", s.max_connections),
+    ] {
+        if v == 0 {
+            errs.push(l.error_at(&["server".into(), key.into()], format!("{key} must be at least 1")));
+        }
+    }
+    if s.max_line_length < 512 {
+        errs.push(l.error_at(
+            &["server".into(), "max_line_length".into()],
+            "max_line_length must be at least 512 (RFC 5321 4.5.3.1.4)",
+        ));
+    }
+    if s.max_message_size.0 < 1024 {
+        errs.push(l.error_at(&["server".into(), "max_message_size".into()], "max_message_size must be at least 1024 bytes"));
+    }
+    if let Some(h) = &s.hostname
+        && (h.is_empty() || h.contains(char::is_whitespace))
+    {
+        errs.push(l.error_at(&["server".into(), "hostname".into()], format!("invalid hostname {h:?}")));
+    }
+    let mut users = std::collections::HashSet::new();
+    for (i, u) in s.users.iter().enumerate() {
+        if u.name.is_empty() || !users.insert(u.name.as_str()) {
+            errs.push(l.error_at(
+                &["server".into(), "users".into(), i.into(), "name".into()],
+                format!("user name {:?} is empty or used twice", u.name),
+            ));
+        }
+    }
+    let d = &c.delivery;
+    if d.concurrency == 0 {
+        errs.push(l.error_at(&["delivery".into(), "concurrency".into()], "concurrency must be at least 1"));
+    }
+    if d.retry_initial.is_zero() {
+        errs.push(l.error_at(&["delivery".into(), "retry_initial".into()], "retry_initial must be longer than 0s"));
+    }
+    if d.retry_max < d.retry_initial {
+        errs.push(l.error_at(&["delivery".into(), "retry_max".into()], "retry_max must not be shorter than retry_initial"));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, a) in c.accounts.iter().enumerate() {
+        let at = |key: &'static str| [Key::Name("accounts"), Key::Index(i), Key::Name(key)];
+        let valid_name = !a.name.is_empty()
+            && a.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && !a.name.starts_with('.');
+        if !valid_name {
+            errs.push(l.error_at(
+                &at("name"),
+                format!("account name {:?} must be letters, digits, '-', '_' or '.' (it names the token file)", a.name),
+            ));
+        } else if !names.insert(a.name.as_str()) {
+            errs.push(l.error_at(&at("name"), format!("account name {:?} is used twice", a.name)));
+        }
+        if !a.email.contains('@') {
+            errs.push(l.error_at(&at("email"), format!("{:?} is not an email address", a.email)));
+        }
+        if a.service_account_key_file.is_none() {
+            if a.client_id.as_deref().is_none_or(str::is_empty) {
+                errs.push(l.error_at(
+                    &at("name"),
+                    format!("account {:?} needs client_id (or service_account_key_file for a Workspace service account)", a.name),
+                ));
+            }
+            if a.client_secret.is_some() && a.client_secret_file.is_some() {
+                errs.push(l.error_at(&at("client_secret_file"), "set client_secret or client_secret_file, not both"));
+            }
+        }
+        if a.senders.is_empty() {
+            errs.push(l.error_at(&at("senders"), "senders must list at least one pattern (\"*\" for any sender)"));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+/// Byte span of the value at `key` in `source`, falling back to the
+/// deepest part of the path that exists.
+fn locate(source: &str, key: &[Key<'_>]) -> Option<Range<usize>> {
+    use toml::de::DeValue;
+    let doc = toml::de::DeTable::parse(source).ok()?;
+    let mut best = None;
+    let mut cur: Option<&DeValue<'_>> = None; // None: the root table
+    for k in key {
+        let next = match (k, cur) {
+            (Key::Name(n), None) => doc.get_ref().get(*n),
+            (Key::Name(n), Some(DeValue::Table(t))) => t.get(*n),
+            (Key::Index(i), Some(DeValue::Array(a))) => a.get(*i),
+            _ => None,
+        };
+        let Some(next) = next else { break };
+        best = Some(next.span());
+        cur = Some(next.get_ref());
+    }
+    best
+}
+
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = &source[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|n| offset - n).unwrap_or(offset + 1);
+    (line, col)
+}
+
+/// The effective configuration as TOML, secrets redacted (`check-config`).
+pub fn render(config: &Config) -> String {
+    toml::to_string_pretty(config).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> String {
+        parse(src, Some(Path::new("/etc/oauthrelay/oauthrelay.toml")))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_empty_file_means_the_defaults() {
+        let l = parse("", None).unwrap();
+        assert_eq!(l.config.server.listen[0].to_string(), "127.0.0.1:2525");
+        assert_eq!(l.config.delivery.concurrency, 4);
+        assert!(l.config.accounts.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_place() {
+        let e = err("[server]\nlisten = [\"127.0.0.1:25\"]\nlisen = 3\n");
+        assert!(e.starts_with("/etc/oauthrelay/oauthrelay.toml:3:1: unknown field `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_line_and_column() {
+        let e = err("[server]\nlisten = [\"127.0.0.1:99999\"]\n");
+        assert!(e.starts_with("/etc/oauthrelay/oauthrelay.toml:2:"), "{e}");
+        let e = err("[server]\nallow_networks = [\"10.0.0.0/40\"]\n");
+        assert!(e.contains(":2:") && e.contains("invalid network"), "{e}");
+        let e = err("[server]\nmax_message_size = \"12 parsecs\"\n");
+        assert!(e.contains(":2:") && e.contains("invalid size"), "{e}");
+        let e = err("[delivery]\nretry_max = \"soon\"\n");
+        assert!(e.contains(":2:"), "{e}");
+        let e = err("[[accounts]]\nname = \"a\"\nemail = \"a@gmail.com\"\nclient_id = \"x\"\ntoken_url = \"http://example.com/token\"\n");
+        assert!(e.contains(":5:") && e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_errors_point_at_the_key() {
+        let src = "[delivery]\nretry_initial = \"2h\"\nretry_max = \"1h\"\n\n[[accounts]]\nname = \"a\"\nemail = \"a@gmail.com\"\nclient_id = \"x\"\n\n[[accounts]]\nname = \"a\"\nemail = \"nope\"\nclient_id = \"x\"\n";
+        let e = err(src);
+        let lines: Vec<&str> = e.lines().collect();
+        assert!(lines.iter().any(|l| l.contains(":3:") && l.contains("retry_max")), "{e}");
+        assert!(lines.iter().any(|l| l.contains(":11:") && l.contains("used twice")), "{e}");
+        assert!(lines.iter().any(|l| l.contains(":12:") && l.contains("not an email")), "{e}");
+    }
+
+    #[test]
+    fn metrics_listener_can_be_turned_off() {
+        let l = parse("[metrics]\nlisten = \"\"\n", None).unwrap();
+        assert!(l.config.metrics.listen.is_none());
+    }
+
+    #[test]
+    fn rendering_redacts_secrets() {
+        let l = parse(
+            "[[accounts]]\nname = \"a\"\nemail = \"a@gmail.com\"\nclient_id = \"x\"\nclient_secret = \"GOCSPX-supersecret\"\n",
+            None,
+        )
+        .unwrap();
+        let out = render(&l.config);
+        assert!(!out.contains("supersecret"), "{out}");
+        assert!(out.contains("<redacted>"), "{out}");
+    }
+}

@@ -1,0 +1,138 @@
+//! `/metrics`, `/healthz` and `/readyz` on `[metrics] listen`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use spool::Spool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Something that keeps the relay from doing its job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// `spool`, `account`, ...
+    pub component: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    pub problem: String,
+    /// What fixes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+pub type Readiness = Arc<dyn Fn() -> Vec<Problem> + Send + Sync>;
+
+/// Gauges computed from the spool when scraped.
+#[derive(Clone, Default)]
+pub struct QueueGauges {
+    messages: Gauge,
+    oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl QueueGauges {
+    pub fn register(registry: &mut Registry) -> QueueGauges {
+        let g = QueueGauges::default();
+        registry.register(
+            "oauthrelay_queue_messages",
+            "Messages in the queue",
+            g.messages.clone(),
+        );
+        registry.register(
+            "oauthrelay_queue_oldest_age_seconds",
+            "Age of the oldest queued message",
+            g.oldest_age.clone(),
+        );
+        g
+    }
+
+    fn refresh(&self, spool: &Spool) {
+        let (n, oldest) = spool.stats();
+        self.messages.set(n as i64);
+        let age = oldest
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.oldest_age.set(age);
+    }
+}
+
+struct AppState {
+    registry: Registry,
+    spool: Spool,
+    gauges: QueueGauges,
+    readiness: Readiness,
+}
+
+/// Serve until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    spool: Spool,
+    gauges: QueueGauges,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = Arc::new(AppState {
+        registry,
+        spool,
+        gauges,
+        readiness,
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    s.gauges.refresh(&s.spool);
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let mut problems = (s.readiness)();
+    if let Err(e) = s.spool.health() {
+        problems.push(Problem {
+            component: "spool".into(),
+            account: None,
+            problem: format!("the spool cannot be written: {e}"),
+            fix: Some(format!("free space on the file system of {}", s.spool.dir().display())),
+        });
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, axum::Json(serde_json::json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "status": "not ready", "problems": problems })),
+        )
+            .into_response()
+    }
+}

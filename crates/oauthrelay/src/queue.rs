@@ -1,0 +1,355 @@
+//! The `queue` commands. With the daemon running they go through its
+//! control socket (the daemon owns the spool); without it they open the
+//! spool directly.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use outbound::Outbound;
+use serde::{Deserialize, Serialize};
+use spool::{Envelope, MessageId, RcptState, Spool, SpoolError};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// A queue request, on the command line or as one JSON line on the socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    List,
+    Show { id: String },
+    Retry { id: String },
+    RetryAll,
+    Delete { id: String },
+}
+
+/// One line of `queue list --json` (fields fixed by interface.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: String,
+    pub from: String,
+    /// Recipients not yet delivered.
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub created: String,
+    pub attempts: u32,
+    pub next_attempt: Option<String>,
+    pub last_error: Option<String>,
+    /// `queued`, `deferred`, `held` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+}
+
+/// `queue show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Detail {
+    pub entry: Entry,
+    pub envelope: Envelope,
+    pub headers: String,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub fn entry(id: MessageId, e: &Envelope) -> Entry {
+    let state = outbound::queue_state(e, SystemTime::now());
+    Entry {
+        id: id.to_string(),
+        from: e.sender.clone(),
+        recipients: e.pending().map(|r| r.address.clone()).collect(),
+        size: e.size,
+        created: rfc3339(e.received),
+        attempts: e.attempts,
+        next_attempt: e.next_attempt.map(rfc3339),
+        last_error: e.last_error.clone(),
+        state: state.into(),
+        held: e.held.clone(),
+    }
+}
+
+fn parse_id(s: &str) -> Result<MessageId, String> {
+    s.parse()
+}
+
+/// Read the header section of a queued message (at most 64 KiB).
+async fn headers(spool: &Spool, id: MessageId) -> Result<String, SpoolError> {
+    let mut r = spool.read_body(id)?;
+    let mut head = Vec::new();
+    while head.len() < 64 << 10 {
+        let Some(piece) = r.next_chunk().await? else { break };
+        head.extend_from_slice(&piece);
+        if memfind(&head, b"\r\n\r\n").is_some() {
+            break;
+        }
+    }
+    let end = memfind(&head, b"\r\n\r\n").map(|p| p + 2).unwrap_or(head.len().min(64 << 10));
+    Ok(String::from_utf8_lossy(&head[..end]).into_owned())
+}
+
+fn memfind(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// Carry out a request against the spool (and the scheduler when the
+/// daemon runs).
+pub async fn handle(
+    spool: &Spool,
+    scheduler: Option<&Outbound>,
+    req: Request,
+) -> Result<serde_json::Value, String> {
+    let not_queued = |id: MessageId| format!("no message {id} in the queue");
+    let v = match req {
+        Request::List => {
+            let list: Vec<Entry> = spool.list().iter().map(|(id, e)| entry(*id, e)).collect();
+            serde_json::to_value(list)
+        }
+        Request::Show { id } => {
+            let id = parse_id(&id)?;
+            let envelope = spool.envelope(id).ok_or_else(|| not_queued(id))?;
+            let headers = headers(spool, id).await.map_err(|e| e.to_string())?;
+            serde_json::to_value(Detail {
+                entry: entry(id, &envelope),
+                envelope,
+                headers,
+            })
+        }
+        Request::Retry { id } => {
+            let id = parse_id(&id)?;
+            match scheduler {
+                Some(s) => {
+                    if !s.retry(id).await {
+                        return Err(not_queued(id));
+                    }
+                }
+                None => {
+                    let mut e = spool.envelope(id).ok_or_else(|| not_queued(id))?;
+                    e.next_attempt = None;
+                    spool.update(id, e).await.map_err(|e| e.to_string())?;
+                }
+            }
+            serde_json::to_value(serde_json::json!({ "retried": 1 }))
+        }
+        Request::RetryAll => {
+            let n = match scheduler {
+                Some(s) => s.retry_all().await,
+                None => {
+                    let mut n = 0;
+                    for (id, mut e) in spool.list() {
+                        if e.next_attempt.is_some() {
+                            e.next_attempt = None;
+                            spool.update(id, e).await.map_err(|e| e.to_string())?;
+                            n += 1;
+                        }
+                    }
+                    n
+                }
+            };
+            serde_json::to_value(serde_json::json!({ "retried": n }))
+        }
+        Request::Delete { id } => {
+            let id = parse_id(&id)?;
+            match spool.remove(id).await {
+                Ok(()) => {}
+                Err(SpoolError::NotFound(_)) => return Err(not_queued(id)),
+                Err(e) => return Err(e.to_string()),
+            }
+            serde_json::to_value(serde_json::json!({ "deleted": id.to_string() }))
+        }
+    };
+    v.map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Response {
+    ok: bool,
+    #[serde(default)]
+    result: serde_json::Value,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// The daemon side: answer queue requests on a Unix socket (mode 0600).
+pub async fn serve_control(
+    path: &Path,
+    spool: Spool,
+    scheduler: Arc<Outbound>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // We hold the spool lock, so a socket file left here is stale.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let path = path.to_path_buf();
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                c = listener.accept() => c,
+            };
+            let Ok((stream, _)) = conn else { continue };
+            let spool = spool.clone();
+            let scheduler = scheduler.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, &spool, scheduler.as_ref()).await {
+                    debug!(error = %e, "control connection ended");
+                }
+            });
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+async fn answer(stream: UnixStream, spool: &Spool, scheduler: &Outbound) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        BufReader::new(r).take(1 << 20).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
+    if n == 0 {
+        return Ok(());
+    }
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => match handle(spool, Some(scheduler), req).await {
+            Ok(result) => Response {
+                ok: true,
+                result,
+                error: None,
+            },
+            Err(e) => Response {
+                ok: false,
+                result: serde_json::Value::Null,
+                error: Some(e),
+            },
+        },
+        Err(e) => Response {
+            ok: false,
+            result: serde_json::Value::Null,
+            error: Some(format!("bad request: {e}")),
+        },
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// The CLI side: ask the daemon, or work on the spool directly when no
+/// daemon runs.
+pub async fn request(socket: &Path, spool_dir: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
+    match UnixStream::connect(socket).await {
+        Ok(mut s) => {
+            let mut line = serde_json::to_vec(&req)?;
+            line.push(b'\n');
+            s.write_all(&line).await?;
+            let mut out = String::new();
+            tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_string(&mut out))
+                .await
+                .map_err(|_| anyhow::anyhow!("the daemon did not answer on {}", socket.display()))??;
+            let resp: Response = serde_json::from_str(&out)?;
+            if resp.ok {
+                Ok(resp.result)
+            } else {
+                anyhow::bail!(resp.error.unwrap_or_else(|| "request failed".into()))
+            }
+        }
+        Err(connect_err) => {
+            let dir = spool_dir.to_path_buf();
+            let opened = tokio::task::spawn_blocking(move || Spool::open(&dir)).await?;
+            let (spool, _) = match opened {
+                Ok(s) => s,
+                Err(e @ SpoolError::Locked { .. }) => {
+                    warn!(socket = %socket.display(), error = %connect_err, "cannot reach the daemon's control socket");
+                    anyhow::bail!("{e}; and its control socket {} does not answer ({connect_err})", socket.display())
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let r = handle(&spool, None, req).await;
+            spool.close().await?;
+            crate::paths::hand_over(spool_dir);
+            r.map_err(anyhow::Error::msg)
+        }
+    }
+}
+
+/// Print `queue list` the way `mailq` does.
+pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::Result<()> {
+    if entries.is_empty() {
+        return writeln!(out, "Mail queue is empty");
+    }
+    writeln!(out, "{:<16} {:>9} {:<20}  {}", "-Queue ID-", "--Size--", "----Arrival Time----", "-Sender/Recipient-------")?;
+    let mut bytes = 0;
+    for e in entries {
+        bytes += e.size;
+        let flag = match e.state.as_str() {
+            "held" => "!",
+            "deferred" => "*",
+            _ => " ",
+        };
+        let sender = if e.from.is_empty() { "MAILER-DAEMON" } else { &e.from };
+        writeln!(out, "{:<15}{flag} {:>9} {:<20}  {sender}", e.id, e.size, e.created)?;
+        if let Some(h) = &e.held {
+            writeln!(out, "{:>48}(held: {h})", "")?;
+        } else if let Some(err) = &e.last_error {
+            writeln!(out, "{:>48}({err})", "")?;
+        }
+        for r in &e.recipients {
+            writeln!(out, "{:>48}{r}", "")?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out, "-- {} Kbytes in {} Request{}.", bytes.div_ceil(1024), entries.len(), if entries.len() == 1 { "" } else { "s" })?;
+    out.flush()
+}
+
+/// Print `queue show`.
+pub fn print_detail(d: &Detail, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    let e = &d.envelope;
+    writeln!(out, "Queue ID:     {}", d.entry.id)?;
+    writeln!(out, "State:        {}{}", d.entry.state, d.entry.held.as_deref().map(|h| format!(" ({h})")).unwrap_or_default())?;
+    writeln!(out, "From:         <{}>", e.sender)?;
+    writeln!(out, "Size:         {} bytes", e.size)?;
+    writeln!(out, "Received:     {}", d.entry.created)?;
+    if let Some(c) = &e.client {
+        writeln!(out, "Client:       {c} (helo {})", e.helo)?;
+    }
+    if let Some(u) = &e.auth_user {
+        writeln!(out, "Auth user:    {u}")?;
+    }
+    writeln!(out, "Attempts:     {}", e.attempts)?;
+    if let Some(n) = &d.entry.next_attempt {
+        writeln!(out, "Next attempt: {n}")?;
+    }
+    if let Some(l) = &e.last_error {
+        writeln!(out, "Last error:   {l}")?;
+    }
+    if let Some(a) = &e.account {
+        writeln!(out, "Account:      {a}")?;
+    }
+    writeln!(out, "Recipients:")?;
+    for r in &e.recipients {
+        let state = match r.state {
+            RcptState::Pending => "pending",
+            RcptState::Delivered => "delivered",
+            RcptState::Failed => "failed",
+        };
+        writeln!(out, "  <{}> {state}{}", r.address, r.reply.as_deref().map(|x| format!(": {x}")).unwrap_or_default())?;
+    }
+    writeln!(out, "Headers:")?;
+    for line in d.headers.lines() {
+        writeln!(out, "  {line}")?;
+    }
+    out.flush()
+}

@@ -1,0 +1,413 @@
+//! `serve`: wire the crates together, run until SIGTERM/SIGINT, reload on
+//! SIGHUP.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use spool::Spool;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Loaded};
+use crate::http::{self, Problem, QueueGauges};
+use crate::paths::{self, Paths};
+
+/// Run the daemon; the exit code is what systemd sees.
+pub async fn run(loaded: Loaded, paths: Paths) -> ExitCode {
+    match serve(loaded, paths).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("oauthrelay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hostname(loaded: &Loaded) -> String {
+    loaded
+        .config
+        .server
+        .hostname
+        .clone()
+        .unwrap_or_else(inbound::system_hostname)
+}
+
+/// Accounts with relative paths resolved against the config file.
+fn accounts(loaded: &Loaded) -> Vec<oauth::AccountConfig> {
+    let base = loaded.base_dir();
+    loaded
+        .config
+        .accounts
+        .iter()
+        .cloned()
+        .map(|mut a| {
+            for p in [
+                &mut a.ca_file,
+                &mut a.token_file,
+                &mut a.client_secret_file,
+                &mut a.service_account_key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *p = paths::absolute(&base, p);
+            }
+            a
+        })
+        .collect()
+}
+
+/// The inbound side's check that some account takes a sender (`550 5.7.1`
+/// otherwise); with no accounts configured every sender is accepted and
+/// the mail waits.
+fn sender_policy(accounts: Arc<RwLock<Vec<oauth::AccountConfig>>>) -> inbound::SenderPolicy {
+    Arc::new(move |sender: &str| {
+        let a = accounts.read().unwrap_or_else(|p| p.into_inner());
+        a.is_empty() || a.iter().any(|acc| acc.matches_sender(sender))
+    })
+}
+
+fn inbound_settings(loaded: &Loaded, policy: inbound::SenderPolicy) -> anyhow::Result<inbound::Settings> {
+    let mut server = loaded.config.server.clone();
+    let base = loaded.base_dir();
+    if let Some(tls) = &mut server.tls {
+        tls.cert_file = paths::absolute(&base, &tls.cert_file);
+        tls.key_file = paths::absolute(&base, &tls.key_file);
+    }
+    inbound::Settings::new(server, hostname(loaded), policy).map_err(|e| {
+        let key: Vec<config::Key<'_>> = match &e {
+            inbound::SettingsError::Certificate { .. } => vec!["server".into(), "tls".into(), "cert_file".into()],
+            inbound::SettingsError::Key { .. } | inbound::SettingsError::CertificateKey { .. } => {
+                vec!["server".into(), "tls".into(), "key_file".into()]
+            }
+            _ => vec!["server".into()],
+        };
+        anyhow::anyhow!("{}", loaded.error_at(&key, e.to_string()))
+    })
+}
+
+async fn open_spool(paths: &Paths) -> anyhow::Result<(Spool, spool::Recovery)> {
+    let dir = paths.spool_dir.clone();
+    let opened = tokio::task::spawn_blocking(move || Spool::open(&dir)).await?;
+    opened.with_context(|| format!("cannot open the spool in {}", paths.spool_dir.display()))
+}
+
+/// SMTP listeners: the sockets systemd passed (socket activation), else the
+/// configured addresses.
+fn bind_smtp(loaded: &Loaded) -> anyhow::Result<Vec<TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let fds: Vec<_> = sd_notify::listen_fds().map(|f| f.collect()).unwrap_or_default();
+    if !fds.is_empty() {
+        let mut out = Vec::new();
+        for fd in fds {
+            // SAFETY: systemd hands these descriptors to us, once.
+            let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            std.set_nonblocking(true)?;
+            out.push(TcpListener::from_std(std)?);
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::new();
+    for addr in &loaded.config.server.listen {
+        let l = std_listener(*addr)
+            .with_context(|| format!("cannot listen on {addr} ([server] listen)"))?;
+        out.push(TcpListener::from_std(l)?);
+    }
+    Ok(out)
+}
+
+fn std_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %loaded.path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (built-in defaults)".into()),
+        "oauthrelay starting"
+    );
+    let (spool, recovery) = open_spool(&paths).await?;
+    info!(
+        "spool {}: {} queued message(s) recovered from {} segment(s){}{}",
+        paths.spool_dir.display(),
+        recovery.messages,
+        recovery.segments,
+        if recovery.torn_bytes > 0 {
+            format!(", {} bytes of unacknowledged partial write dropped", recovery.torn_bytes)
+        } else {
+            String::new()
+        },
+        if recovery.moved_aside > 0 {
+            format!(", {} damaged record(s) moved to corrupt/", recovery.moved_aside)
+        } else {
+            String::new()
+        },
+    );
+
+    let mut registry = Registry::default();
+    let inbound_metrics = inbound::Metrics::new(&mut registry);
+    let oauth_metrics = oauth::OAuthMetrics::register(&mut registry);
+    let outbound_metrics = outbound::Metrics::new(&mut registry);
+    let gauges = QueueGauges::register(&mut registry);
+
+    let resolved = crate::resolve_accounts(&loaded, &paths)?;
+    let tokens = oauth::TokenManager::new(
+        resolved,
+        oauth::ManagerOptions {
+            metrics: Some(oauth_metrics),
+            ..Default::default()
+        },
+    )
+    .context("cannot start the token manager")?;
+    if loaded.config.accounts.is_empty() {
+        warn!("no [[accounts]] configured: mail is accepted and kept in the queue until an account is set up and authorized (see docs/gmail-setup.md)");
+    }
+    for s in tokens.status() {
+        if !s.authorized {
+            warn!(
+                account = %s.account,
+                "account cannot send yet: {}; fix: {}",
+                s.problem.as_deref().unwrap_or("not authorized"),
+                s.fix.as_deref().unwrap_or("oauthrelay authorize --account NAME")
+            );
+        }
+    }
+
+    let route_accounts = Arc::new(RwLock::new(accounts(&loaded)));
+    let settings = inbound_settings(&loaded, sender_policy(route_accounts.clone()))?;
+    let listeners = bind_smtp(&loaded)?;
+    for l in &listeners {
+        if let Ok(a) = l.local_addr() {
+            info!("SMTP listening on {a}");
+        }
+    }
+    let metrics_listener = match loaded.config.metrics.listen {
+        Some(addr) => {
+            let l = std_listener(addr).with_context(|| {
+                format!("cannot listen on {addr} ([metrics] listen; set listen = \"\" to turn it off)")
+            })?;
+            let l = TcpListener::from_std(l)?;
+            if let Ok(a) = l.local_addr() {
+                info!("metrics listening on http://{a}/metrics");
+            }
+            Some(l)
+        }
+        None => None,
+    };
+
+    let shutdown = CancellationToken::new();
+    let delivery_stop = CancellationToken::new();
+    let inbound = Arc::new(inbound::Inbound::new(settings, spool.clone(), inbound_metrics));
+    let outbound = outbound::Outbound::start(
+        spool.clone(),
+        tokens.clone(),
+        accounts(&loaded),
+        loaded.config.delivery.clone(),
+        hostname(&loaded),
+        outbound_metrics,
+        delivery_stop.clone(),
+    );
+    let outbound = Arc::new(outbound);
+
+    if let Err(e) = crate::queue::serve_control(&paths.control_socket, spool.clone(), outbound.clone(), shutdown.clone()).await {
+        warn!(socket = %paths.control_socket.display(), error = %e, "queue commands will not reach this daemon");
+    }
+
+    let http_task = metrics_listener.map(|l| {
+        let readiness = readiness(tokens.clone(), outbound.clone());
+        tokio::spawn(http::serve(l, registry, spool.clone(), gauges, readiness, shutdown.clone()))
+    });
+
+    let smtp_task = {
+        let inbound = inbound.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { inbound.serve(listeners, stop).await })
+    };
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("accepting mail")]);
+    info!("ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                match reload(&loaded, &paths) {
+                    Ok(new) => {
+                        apply_reload(&loaded, &new, &route_accounts, &inbound, &tokens, &outbound, &paths).await;
+                        loaded = new;
+                    }
+                    Err(e) => error!("configuration not reloaded, keeping the running one: {e:#}"),
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            }
+        }
+    }
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // Stop taking mail first; sessions in DATA may finish. Delivery stops
+    // starting new attempts at the same time; running ones may finish.
+    shutdown.cancel();
+    delivery_stop.cancel();
+    let grace = loaded.config.server.shutdown_grace.max(loaded.config.delivery.shutdown_grace) + Duration::from_secs(5);
+    if tokio::time::timeout(grace, smtp_task).await.is_err() {
+        warn!("SMTP sessions did not end within the shutdown grace period");
+    }
+    let outbound = Arc::try_unwrap(outbound).ok();
+    if let Some(o) = outbound
+        && tokio::time::timeout(grace, o.join()).await.is_err()
+    {
+        warn!("deliveries did not end within the shutdown grace period; they stay queued");
+    }
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    spool.close().await.context("cannot flush the spool")?;
+    info!("stopped");
+    Ok(())
+}
+
+fn readiness(tokens: oauth::TokenManager, outbound: Arc<outbound::Outbound>) -> http::Readiness {
+    Arc::new(move || {
+        let mut problems = Vec::new();
+        for s in tokens.status() {
+            if !s.authorized {
+                problems.push(Problem {
+                    component: "account".into(),
+                    account: Some(s.account.clone()),
+                    problem: s.problem.clone().unwrap_or_else(|| "cannot get an access token".into()),
+                    fix: s.fix.clone(),
+                });
+            }
+        }
+        for a in outbound.account_states() {
+            if let Some(h) = a.held
+                && !problems.iter().any(|p| p.account.as_deref() == Some(a.name.as_str()))
+            {
+                problems.push(Problem {
+                    component: "account".into(),
+                    account: Some(a.name.clone()),
+                    problem: format!("mail is held: {h}"),
+                    fix: None,
+                });
+            }
+        }
+        problems
+    })
+}
+
+fn reload(current: &Loaded, paths: &Paths) -> anyhow::Result<Loaded> {
+    let new = config::load(current.path.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let new_paths = Paths::resolve(&new);
+    if new_paths.spool_dir != paths.spool_dir {
+        warn!("[spool] dir changed; the new directory is used after a restart");
+    }
+    if new.config.server.listen != current.config.server.listen {
+        warn!("[server] listen changed; the new addresses are used after a restart");
+    }
+    if new.config.metrics.listen != current.config.metrics.listen {
+        warn!("[metrics] listen changed; the new address is used after a restart");
+    }
+    Ok(new)
+}
+
+async fn apply_reload(
+    _old: &Loaded,
+    new: &Loaded,
+    route_accounts: &Arc<RwLock<Vec<oauth::AccountConfig>>>,
+    inbound: &inbound::Inbound,
+    tokens: &oauth::TokenManager,
+    outbound: &outbound::Outbound,
+    paths: &Paths,
+) {
+    let resolved = match crate::resolve_accounts(new, paths) {
+        Ok(r) => r,
+        Err(e) => {
+            error!("configuration not reloaded, keeping the running one: {e:#}");
+            return;
+        }
+    };
+    let policy = sender_policy(route_accounts.clone());
+    let settings = match inbound_settings(new, policy) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("configuration not reloaded, keeping the running one: {e:#}");
+            return;
+        }
+    };
+    if let Err(e) = tokens.reload(Some(resolved)).await {
+        error!("accounts not reloaded: {e}");
+        return;
+    }
+    *route_accounts.write().unwrap_or_else(|p| p.into_inner()) = accounts(new);
+    inbound.reload(settings);
+    outbound.reload(accounts(new), new.config.delivery.clone());
+    info!("configuration reloaded");
+}
+
+/// `sendmail` with no daemon running: open the spool here and store the
+/// message through an in-process SMTP session, so it gets the same headers
+/// and checks as any other; it is delivered when the daemon starts.
+pub async fn submit_offline(loaded: &Loaded, paths: &Paths, sender: &str, rcpts: &[String], message: &[u8]) -> anyhow::Result<()> {
+    let (spool, _) = open_spool(paths).await?;
+    let mut registry = Registry::default();
+    let settings = inbound_settings(loaded, inbound::accept_all_senders())?;
+    let server = Arc::new(inbound::Inbound::new(settings, spool.clone(), inbound::Metrics::new(&mut registry)));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let task = {
+        let server = server.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { server.serve(vec![listener], stop).await })
+    };
+    let result = crate::sendmail::submit(addr, sender, rcpts, message).await;
+    stop.cancel();
+    let _ = task.await;
+    spool.close().await?;
+    crate::paths::hand_over(&paths.spool_dir);
+    result.map(|_| ()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `send-test`: one message now, every step printed.
+pub async fn send_test(loaded: &Loaded, account: oauth::Account, to: &str) -> anyhow::Result<ExitCode> {
+    let name = account.name.clone();
+    let tokens = oauth::TokenManager::new(
+        vec![account],
+        oauth::ManagerOptions {
+            watch_interval: None,
+            ..Default::default()
+        },
+    )?;
+    let cfg = accounts(loaded)
+        .into_iter()
+        .find(|a| a.name == name)
+        .context("account not in the configuration")?;
+    let mut progress = |step: &str| println!("{step}");
+    match outbound::send_test(&tokens, &cfg, &loaded.config.delivery, &hostname(loaded), to, &mut progress).await {
+        Ok(report) => {
+            println!(
+                "OK: {} accepted the message (Message-ID {}): {}",
+                report.relay, report.message_id, report.reply
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("FAILED: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
