@@ -195,15 +195,39 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Create `dir` (and missing parents) with mode 0700. Run as root below a
+/// directory owned by someone else (the service user's state directory), the
+/// new directories are given to that owner, like the files in them.
 fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err("create directory", dir))
+    let mut missing = Vec::new();
+    let mut existing = dir;
+    while !existing.exists() {
+        missing.push(existing);
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    let owner = fs::metadata(existing).map_err(io_err("stat", existing))?;
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+            Err(e) => return Err(io_err("create directory", d)(e)),
+        }
+        let created = fs::metadata(d).map_err(io_err("stat", d))?;
+        if created.uid() == 0 && owner.uid() != 0 {
+            std::os::unix::fs::chown(d, Some(owner.uid()), Some(owner.gid()))
+                .map_err(io_err("chown", d))?;
+        }
+    }
+    Ok(())
 }
 
 struct DirLock(File);

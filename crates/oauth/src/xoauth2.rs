@@ -220,7 +220,9 @@ pub fn decode_challenge(text: &str) -> Option<Challenge> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Authenticate with `AUTH XOAUTH2` (initial response on the command line).
+/// Authenticate with `AUTH XOAUTH2` (initial response on the command line;
+/// if the server refuses the long line with `500`/`555`, once more in the
+/// two-step form: `AUTH XOAUTH2`, `334 `, the response on its own line).
 /// The whole exchange is bounded by `timeout`. The token is never logged.
 pub async fn authenticate<T>(
     transport: &mut T,
@@ -247,7 +249,26 @@ where
     line.zeroize();
     sent?;
 
-    let reply = transport.read_reply().await?;
+    let mut reply = transport.read_reply().await?;
+    if matches!(reply.code, 500 | 555) {
+        // Access tokens can be 2 KB: some servers refuse so long a command
+        // line. Send the response on its own line instead (RFC 4954).
+        tracing::info!(
+            user,
+            reply = %reply_text(&reply),
+            "one-line AUTH XOAUTH2 refused; trying the two-step form"
+        );
+        transport.send(b"AUTH XOAUTH2\r\n").await?;
+        let go_ahead = transport.read_reply().await?;
+        if go_ahead.code != 334 {
+            return Err(Xoauth2Error::Refused { reply: go_ahead });
+        }
+        let mut line = format!("{}\r\n", response.expose_secret());
+        let sent = transport.send(line.as_bytes()).await;
+        line.zeroize();
+        sent?;
+        reply = transport.read_reply().await?;
+    }
     match reply.code {
         235 => {
             tracing::debug!(user, "XOAUTH2 accepted");

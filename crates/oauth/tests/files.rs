@@ -211,6 +211,19 @@ fn root_hands_the_file_to_the_token_directory_owner() {
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
     assert_eq!(mode(&path), 0o600);
+
+    // `sudo oauthrelay authorize` before the daemon ever ran: the state
+    // directory exists (owned by the service user), `tokens/` does not.
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let path = state.join("tokens/sub/work.json");
+    store::update(&path, |f| f.refresh_token = Some("1//0g".into())).unwrap();
+    for p in [state.join("tokens"), state.join("tokens/sub"), path.clone()] {
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{}", p.display());
+    }
+    assert_eq!(mode(&state.join("tokens")), 0o700);
 }
 
 #[test]

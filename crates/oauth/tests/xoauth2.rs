@@ -134,6 +134,37 @@ async fn refused_token_runs_the_334_dance() {
 }
 
 #[tokio::test]
+async fn a_refused_long_line_falls_back_to_the_two_step_form() {
+    let (listener, dial) = connect().await;
+    let expected_line: &'static str = Box::leak(
+        format!(
+            "{}\r\n",
+            STANDARD.encode(format!("user={USER}\x01auth=Bearer {TOKEN}\x01\x01"))
+        )
+        .into_boxed_str(),
+    );
+    let server = peer(
+        listener,
+        vec![
+            (
+                None,
+                "555-5.5.2 Syntax error, command line too long.\r\n555 5.5.2 x - gsmtp\r\n",
+            ),
+            (Some("AUTH XOAUTH2\r\n"), "334 \r\n"),
+            (Some(expected_line), "235 2.7.0 Accepted\r\n"),
+        ],
+    );
+    let mut t = StreamTransport::new(dial().await.unwrap());
+    xoauth2::authenticate(&mut t, USER, &token(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    drop(t);
+    let seen = server.await.unwrap();
+    auth_line_ok(&seen[0]);
+    assert_eq!(seen.len(), 3);
+}
+
+#[tokio::test]
 async fn other_refusals_carry_the_reply_for_classification() {
     for (reply, code, esc) in [
         (
