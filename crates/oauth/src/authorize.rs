@@ -462,7 +462,8 @@ async fn complete(
     let lifetime = token
         .expires_in()
         .filter(|d| !d.is_zero())
-        .unwrap_or(Duration::from_secs(3599));
+        .unwrap_or(Duration::from_secs(3599))
+        .min(crate::http::MAX_LIFETIME);
     let expires_at = SystemTime::now() + lifetime;
     let scopes = match token.scopes() {
         Some(s) if !s.is_empty() => s.iter().map(|s| s.to_string()).collect(),

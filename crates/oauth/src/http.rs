@@ -78,6 +78,9 @@ struct ErrorJson {
 
 /// Google's default lifetime, used when a response omits `expires_in`.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3599);
+/// Longest lifetime believed (a broken endpoint must not make a token live
+/// forever, or overflow a clock).
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// POST `form` to `url` and classify the answer. `timeout` bounds the whole
 /// exchange (on top of the client's own timeouts).
@@ -130,7 +133,8 @@ fn classify(status: u16, body: &[u8], url: &url::Url) -> Result<Grant, Failure> 
             _ => None,
         }
         .filter(|d| !d.is_zero())
-        .unwrap_or(DEFAULT_LIFETIME);
+        .unwrap_or(DEFAULT_LIFETIME)
+        .min(MAX_LIFETIME);
         return Ok(Grant {
             access_token: SecretString::from(access_token),
             expires_in,
@@ -238,6 +242,14 @@ mod tests {
             classify(404, b"Not Found", &url()),
             Err(Failure::Temporary(_))
         ));
+        let huge = classify(
+            200,
+            br#"{"access_token":"ya29.x","expires_in":18446744073709551615}"#,
+            &url(),
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(huge.expires_in, MAX_LIFETIME);
         assert!(matches!(
             classify(200, b"<html>captive portal</html>", &url()),
             Err(Failure::Temporary(_))

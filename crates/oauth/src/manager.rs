@@ -612,7 +612,7 @@ impl State {
 }
 
 fn cached_from_file(token: AccessToken, margin: Duration) -> Cached {
-    let left = token.expires_in();
+    let left = token.expires_in().min(http::MAX_LIFETIME);
     let now = Instant::now();
     Cached {
         refresh_at: now + left.saturating_sub(margin),
