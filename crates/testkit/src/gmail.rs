@@ -251,6 +251,12 @@ impl Shared {
         Some(reply)
     }
 
+    /// Count an event and wake `wait_for_stats`.
+    fn bump(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
     fn next_id(&self) -> String {
         let n = self.counters.ids.fetch_add(1, Ordering::Relaxed);
         format!("a{n:012x}fake")
@@ -841,7 +847,7 @@ impl Session {
                 "DATA" => self.data().await,
                 "BDAT" if self.shared.chunking => self.bdat(&arg).await,
                 "RSET" => {
-                    self.shared.counters.rsets.fetch_add(1, Ordering::Relaxed);
+                    self.shared.bump(&self.shared.counters.rsets);
                     self.tx = None;
                     let id = self.shared.next_id();
                     self.reply(&format!("250 2.1.5 Flushed {id} - gsmtp"));
@@ -853,7 +859,7 @@ impl Session {
                     Ok(())
                 }
                 "QUIT" => {
-                    self.shared.counters.quits.fetch_add(1, Ordering::Relaxed);
+                    self.shared.bump(&self.shared.counters.quits);
                     let id = self.shared.next_id();
                     self.reply(&format!("221 2.0.0 closing connection {id} - gsmtp"));
                     Err(End::Close)
@@ -954,10 +960,7 @@ impl Session {
             return Ok(());
         }
         if let Some(reply) = self.shared.take_fault(Stage::Auth) {
-            self.shared
-                .counters
-                .auth_scripted
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.bump(&self.shared.counters.auth_scripted);
             self.reply(&reply);
             return if reply.starts_with("421") {
                 Err(End::Close)
@@ -993,15 +996,12 @@ impl Session {
             }
         };
         if good {
-            self.shared.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
+            self.shared.bump(&self.shared.counters.auth_ok);
             self.user = Some(user);
             self.reply("235 2.7.0 Accepted");
             return Ok(());
         }
-        self.shared
-            .counters
-            .auth_rejected
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.bump(&self.shared.counters.auth_rejected);
         self.reply(&format!("334 {}", B64.encode(replies::XOAUTH2_ERROR_JSON)));
         // Gmail waits for the client's (empty) answer, then refuses.
         if self.read_line().await?.is_none() {
@@ -1014,10 +1014,7 @@ impl Session {
     }
 
     fn mail(&mut self, arg: &str) -> Result<(), End> {
-        self.shared
-            .counters
-            .mail_commands
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.bump(&self.shared.counters.mail_commands);
         let mail_at = Instant::now();
         let id = self.shared.next_id();
         if self.user.is_none() {
@@ -1066,10 +1063,7 @@ impl Session {
     }
 
     fn rcpt(&mut self, arg: &str) -> Result<(), End> {
-        self.shared
-            .counters
-            .rcpt_commands
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.bump(&self.shared.counters.rcpt_commands);
         let id = self.shared.next_id();
         let Some(count) = self.tx.as_ref().map(|t| t.rcpts.len()) else {
             self.reply(&format!("503 5.5.1 MAIL first. {id} - gsmtp"));
@@ -1225,10 +1219,7 @@ impl Session {
             (drop, st.close_after_messages)
         };
         if drop {
-            self.shared
-                .counters
-                .dropped_after_data
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.bump(&self.shared.counters.dropped_after_data);
             self.shared.changed.notify_waiters();
             return Err(End::Drop);
         }
@@ -1274,10 +1265,7 @@ impl Session {
             accepted_at: Instant::now(),
         };
         self.shared.state().messages.push(msg);
-        self.shared
-            .counters
-            .messages
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.bump(&self.shared.counters.messages);
         self.shared.changed.notify_waiters();
         if close_after.is_some_and(|n| self.messages >= n) {
             return Err(End::Close);

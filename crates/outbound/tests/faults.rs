@@ -1,0 +1,523 @@
+//! Upstream trouble: dead pooled connections, temporary replies, account
+//! pauses, token problems, the upstream going away, shutdown.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use outbound::{AttemptResult, PauseKind};
+use testkit::gmail::{Stage, replies};
+use testkit::google::GrantType;
+
+const T: Duration = Duration::from_secs(15);
+
+fn deferred(h: &Harness) -> u64 {
+    h.metrics.attempts_count(AttemptResult::deferred)
+}
+
+// ---- pooled connections ------------------------------------------------------
+
+#[tokio::test]
+async fn pooled_connection_dead_at_next_command_is_replaced_without_deferring() {
+    let h = Harness::new().await;
+    // After one message the server drops the connection as soon as the
+    // client sends the next command: the client only finds out when using it.
+    h.gmail.drop_on_command_after_messages(Some(1));
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("p1", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(a, T).await);
+    let b = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("p2", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(b, T).await, "delivered on a fresh connection");
+    assert_eq!(h.gmail.messages().len(), 2);
+    assert_eq!(h.gmail.stats().connections, 2);
+    assert_eq!(deferred(&h), 0, "the message was not deferred");
+    assert_eq!(h.metrics.attempts_count(AttemptResult::sent), 2);
+}
+
+#[tokio::test]
+async fn pooled_connection_closed_by_the_server_is_noticed_while_idle() {
+    let h = Harness::new().await;
+    h.gmail.close_after_messages(Some(1));
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("c1", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(a, T).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("c2", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(b, T).await);
+    assert_eq!(h.gmail.stats().connections, 2);
+    assert_eq!(deferred(&h), 0);
+}
+
+#[tokio::test]
+async fn server_idle_timeout_421_is_handled_and_our_idle_timeout_quits() {
+    let mut config = fast_config();
+    config.idle_timeout = Duration::from_millis(600);
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    h.gmail.set_idle_timeout(Some(Duration::from_millis(200)));
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("i1", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(a, T).await);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("i2", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(b, T).await);
+    assert_eq!(
+        deferred(&h),
+        0,
+        "a pooled connection timed out by the server costs nothing"
+    );
+    assert_eq!(h.gmail.stats().connections, 2);
+    // Now our own idle timeout (shorter than the server's this time).
+    h.gmail.set_idle_timeout(None);
+    let c = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("i3", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(c, T).await);
+    assert!(
+        h.gmail.wait_for_stats(T, |s| s.quits >= 1).await,
+        "idle connection closed with QUIT"
+    );
+}
+
+// ---- temporary failures --------------------------------------------------------
+
+#[tokio::test]
+async fn mail_421_defers_backs_off_the_account_then_delivers() {
+    let h = Harness::new().await;
+    h.gmail
+        .fail_next(Stage::Mail, 1, replies::TRY_AGAIN_LATER_421);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("421", "x\r\n"),
+        )
+        .await;
+    assert!(
+        wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts == 1)).await,
+        "first attempt recorded"
+    );
+    let env = h.spool.envelope(id).unwrap();
+    assert!(
+        env.last_error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("421 4.7.0 Try again later"),
+        "{env:?}"
+    );
+    let next = secs_from_now(env.next_attempt.expect("next attempt"));
+    assert!(
+        next > 0.0 && next <= 0.25,
+        "retry_initial with jitter: {next}"
+    );
+    let st = &h.outbound().account_states()[0];
+    assert_eq!(st.pause_kind, Some(PauseKind::Unreachable), "{st:?}");
+    assert!(h.wait_gone(id, T).await, "delivered after the pause");
+    assert_eq!(deferred(&h), 1);
+    assert_eq!(h.gmail.stats().connections, 2, "421 closes the connection");
+    assert_eq!(h.metrics.bounced_count(), 0);
+}
+
+#[tokio::test]
+async fn data_451_defers_the_message_but_not_the_account() {
+    let h = Harness::new().await;
+    h.gmail.fail_next(Stage::DataEnd, 1, replies::TRY_AGAIN_451);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("451", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts == 1)).await);
+    let env = h.spool.envelope(id).unwrap();
+    assert_eq!(
+        env.recipients[0].reply.as_deref(),
+        Some("451 4.3.0 Mail server temporarily rejected message. fake - gsmtp")
+    );
+    assert_eq!(h.outbound().account_states()[0].paused_until, None);
+    assert!(h.wait_gone(id, T).await);
+    assert_eq!(deferred(&h), 1);
+    assert_eq!(h.gmail.stats().connections, 1, "451 keeps the connection");
+    assert_eq!(h.gmail.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn connection_dropped_after_the_final_dot_is_resent() {
+    let h = Harness::new().await;
+    h.gmail.drop_after_data(1);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("drop", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(id, T).await, "re-sent later: at-least-once");
+    let s = h.gmail.stats();
+    assert_eq!((s.dropped_after_data, s.messages), (1, 1), "{s:?}");
+    assert_eq!(deferred(&h), 1);
+}
+
+#[tokio::test]
+async fn upstream_down_then_up_delivers_everything_with_bounded_attempts() {
+    let h = Harness::new().await;
+    h.gmail.stop_listening();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            h.submit(
+                "app@example.com",
+                &["r@example.org"],
+                &message(&format!("down{i}"), "x\r\n"),
+            )
+            .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let during = deferred(&h);
+    // Backoff 0.2, 0.4, 0.8, 1 s with one probe at a time: a handful of
+    // attempts, not 5 messages hammering a dead server.
+    assert!((1..=7).contains(&during), "attempts while down: {during}");
+    let st = &h.outbound().account_states()[0];
+    assert!(st.pause_reason.is_some() || st.in_flight > 0, "{st:?}");
+    h.gmail.resume_listening().expect("listen again");
+    for id in ids {
+        assert!(
+            h.wait_gone(id, T).await,
+            "delivered once the upstream is back"
+        );
+    }
+    assert_eq!(h.gmail.messages().len(), 5);
+    assert_eq!(h.metrics.bounced_count(), 0);
+}
+
+// ---- account-wide pauses -------------------------------------------------------
+
+#[tokio::test]
+async fn daily_limit_pauses_the_account_and_bounces_nothing() {
+    let h = Harness::new().await;
+    h.gmail.fail_next(Stage::DataEnd, 1, replies::DAILY_LIMIT);
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("d1", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.spool.envelope(a).is_some_and(|e| e.attempts == 1)).await);
+    let st = h.outbound().account_states()[0].clone();
+    assert_eq!(st.pause_kind, Some(PauseKind::DailyLimit), "{st:?}");
+    let until = st.paused_until.expect("paused");
+    let left = secs_from_now(until);
+    assert!(
+        left > 0.4 && left <= 0.8,
+        "daily_limit_pause (0.8 s here, an hour by default): {left}"
+    );
+    assert!(st.pause_reason.unwrap().contains("5.4.5"));
+    let env = h.spool.envelope(a).unwrap();
+    assert!(
+        env.next_attempt.unwrap() >= until,
+        "the message waits for the pause"
+    );
+    // Mail queued during the pause is not tried.
+    let mails = h.gmail.stats().mail_commands;
+    let b = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("d2", "x\r\n"),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.gmail.stats().mail_commands,
+        mails,
+        "nothing sent while paused"
+    );
+    assert!(h.wait_gone(a, T).await && h.wait_gone(b, T).await);
+    let msgs = h.gmail.messages();
+    assert_eq!(msgs.len(), 2);
+    assert!(msgs.iter().all(|m| !m.mail_from.is_empty()), "no bounce");
+    assert_eq!(h.metrics.bounced_count(), 0);
+}
+
+#[tokio::test]
+async fn login_throttling_pauses_the_account_then_delivers() {
+    let h = Harness::new().await;
+    h.gmail.throttle_logins(1);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("454", "x\r\n"),
+        )
+        .await;
+    assert!(
+        wait_until(T, || h.outbound().account_states()[0].pause_kind
+            == Some(PauseKind::LoginThrottled))
+        .await
+    );
+    let left = secs_from_now(h.outbound().account_states()[0].paused_until.unwrap());
+    assert!(left > 0.2 && left <= 0.5, "login_throttle_pause: {left}");
+    assert!(h.wait_gone(id, T).await);
+    let s = h.gmail.stats();
+    assert_eq!((s.auth_scripted, s.auth_ok), (1, 1), "{s:?}");
+}
+
+// ---- tokens and authentication ---------------------------------------------------
+
+#[tokio::test]
+async fn refused_access_token_is_refreshed_once_and_the_mail_delivered() {
+    let h = Harness::new().await;
+    // Gmail considers the token expired: the 334 challenge dance.
+    h.gmail.reject_tokens(1);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("tok", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(id, T).await);
+    let s = h.gmail.stats();
+    assert_eq!((s.auth_rejected, s.auth_ok), (1, 1), "{s:?}");
+    assert_eq!(
+        h.google.token_requests(GrantType::RefreshToken),
+        2,
+        "refreshed once more"
+    );
+    assert_eq!(deferred(&h), 0);
+}
+
+#[tokio::test]
+async fn access_token_expiring_mid_run_is_refreshed() {
+    let h = Harness::new().await;
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("e1", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(a, T).await);
+    // Google expires the token the relay still caches; the pooled
+    // connection goes away, so the next message needs a new AUTH.
+    h.google.expire_all_access_tokens();
+    h.gmail.close_connections();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("e2", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(b, T).await);
+    let s = h.gmail.stats();
+    assert_eq!((s.auth_ok, s.auth_rejected), (2, 1), "{s:?}");
+    assert_eq!(deferred(&h), 0);
+    assert_eq!(h.gmail.messages().len(), 2);
+}
+
+#[tokio::test]
+async fn invalid_grant_holds_mail_until_a_token_is_imported() {
+    let mut h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    h.google.revoke_refresh_token(&h.refresh_token);
+    h.start();
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("h1", "x\r\n"),
+        )
+        .await;
+    assert!(
+        wait_until(T, || h.spool.envelope(a).is_some_and(|e| e.held.is_some())).await,
+        "held durably"
+    );
+    let held = h.spool.envelope(a).unwrap().held.unwrap();
+    assert!(
+        held.contains("oauthrelay authorize --account default"),
+        "{held}"
+    );
+    let st = h.outbound().account_states()[0].clone();
+    assert!(st.held.is_some() && !st.is_ready(), "{st:?}");
+    let b = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("h2", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.spool.envelope(b).is_some_and(|e| e.held.is_some())).await);
+    assert_eq!(h.gmail.stats().connections, 0, "nothing tried upstream");
+    assert_eq!(h.metrics.bounced_count(), 0);
+
+    // `oauthrelay token import`: a new refresh token in the token file.
+    let fresh = h.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&h.resolved, &fresh).expect("import");
+    assert!(
+        h.wait_gone(a, T).await && h.wait_gone(b, T).await,
+        "flows without a restart"
+    );
+    assert_eq!(h.gmail.messages().len(), 2);
+    assert!(h.outbound().account_states()[0].held.is_none());
+}
+
+#[tokio::test]
+async fn authentication_refused_even_after_refresh_holds_and_never_bounces() {
+    let h = Harness::new().await;
+    h.gmail.set_token_validator(|_, _| false);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("ar", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.held.is_some())).await);
+    let held = h.outbound().account_states()[0]
+        .held
+        .clone()
+        .expect("account held");
+    assert!(
+        held.contains("even after a refresh") && held.contains("authorize"),
+        "{held}"
+    );
+    assert_eq!(
+        h.gmail.stats().auth_rejected,
+        2,
+        "one refresh, one more try, then stop"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.gmail.stats().auth_rejected, 2, "no hammering while held");
+    assert_eq!(h.metrics.bounced_count(), 0);
+    // Fixed (for example a new authorization); the operator retries.
+    let validator = h.google.token_validator();
+    h.gmail.set_token_validator(validator);
+    assert!(h.outbound().retry_all().await >= 1);
+    assert!(h.wait_gone(id, T).await);
+    assert_eq!(h.gmail.messages().len(), 1);
+}
+
+// ---- shutdown ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn shutdown_lets_the_running_transaction_finish_and_leaves_the_rest_queued() {
+    let mut config = fast_config();
+    config.concurrency = 1;
+    let mut h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    h.gmail.set_reply_delay(Duration::from_millis(150));
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(
+            h.submit(
+                "app@example.com",
+                &["r@example.org"],
+                &message(&format!("sd{i}"), "x\r\n"),
+            )
+            .await,
+        );
+    }
+    assert!(h.gmail.wait_for_stats(T, |s| s.mail_commands >= 1).await);
+    let t0 = std::time::Instant::now();
+    h.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let delivered = h.gmail.messages().len();
+    assert_eq!(delivered, 1, "the running transaction finished");
+    let left: Vec<_> = ids.iter().filter_map(|id| h.spool.envelope(*id)).collect();
+    assert_eq!(left.len(), 3, "the rest stays queued");
+    assert!(left.iter().all(|e| e.attempts == 0 && e.held.is_none()));
+    assert!(
+        h.gmail.wait_for_stats(T, |s| s.quits >= 1).await,
+        "pooled connection closed with QUIT"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_a_hanging_transaction() {
+    let mut config = fast_config();
+    config.shutdown_grace = Duration::from_millis(200);
+    let mut h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("g0", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(a, T).await);
+    h.gmail.set_reply_delay(Duration::from_secs(4));
+    let b = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("g1", "x\r\n"),
+        )
+        .await;
+    assert!(h.gmail.wait_for_stats(T, |s| s.mail_commands >= 2).await);
+    let t0 = std::time::Instant::now();
+    h.stop().await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "stopped after the grace: {:?}",
+        t0.elapsed()
+    );
+    let env = h.spool.envelope(b).expect("still queued");
+    assert_eq!(env.attempts, 0);
+    assert!(env.next_attempt.is_none_or(|t| t <= SystemTime::now()));
+}
