@@ -549,14 +549,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.flush().await?;
         self.prepare_read();
         loop {
-            if self.shutdown.is_cancelled() && self.grace_end.is_none() {
-                if self.in_body() {
+            if self.shutdown.is_cancelled() {
+                if !self.in_body() {
+                    return self.close_with(Reply::ShuttingDown, SessionEnd::Shutdown).await;
+                }
+                if self.grace_end.is_none() {
                     self.grace_end = Some(later(
                         Instant::now(),
                         self.settings.config.shutdown_grace,
                     ));
-                } else {
-                    return self.close_with(Reply::ShuttingDown, SessionEnd::Shutdown).await;
                 }
             }
             let (deadline, expiry) = self.deadline();

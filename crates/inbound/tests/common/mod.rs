@@ -323,6 +323,21 @@ pub struct Certs {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client: Arc<rustls::ClientConfig>,
+    pub ca: rustls_pki_types::CertificateDer<'static>,
+}
+
+impl Certs {
+    /// A client trusting the CA, speaking only `versions`.
+    pub fn client_with(&self, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(cfg)
+    }
 }
 
 pub fn certs(dir: &Path) -> Certs {
@@ -350,6 +365,7 @@ pub fn certs(dir: &Path) -> Certs {
         cert_file,
         key_file,
         client: Arc::new(client),
+        ca: ca.der().clone(),
     }
 }
 
