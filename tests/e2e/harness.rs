@@ -28,7 +28,11 @@ pub struct Daemon {
 
 /// Config text with `{dir}` replaced by the state directory.
 pub fn config_in(dir: &Path, body: &str) -> PathBuf {
-    let text = format!("state_dir = \"{}\"\n{}", dir.display(), body.replace("{dir}", &dir.display().to_string()));
+    let text = format!(
+        "state_dir = \"{}\"\n{}",
+        dir.display(),
+        body.replace("{dir}", &dir.display().to_string())
+    );
     let path = dir.join("oauthrelay.toml");
     std::fs::write(&path, text).unwrap();
     path
@@ -66,7 +70,10 @@ impl Daemon {
             .arg("--config")
             .arg(&config)
             .arg("serve")
-            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("STATE_DIRECTORY")
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("NOTIFY_SOCKET")
@@ -98,7 +105,8 @@ impl Daemon {
             metrics: None,
             _tmp: None,
         };
-        let line = d.wait_log("SMTP listening on", Duration::from_secs(30));
+        d.wait_log(" ready", Duration::from_secs(30));
+        let line = d.wait_log("SMTP listening on", Duration::from_secs(1));
         d.smtp = addr_after(&line, "SMTP listening on ").expect("SMTP address in log");
         d.metrics = d
             .logs()
@@ -120,18 +128,30 @@ impl Daemon {
     pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
         let start = Instant::now();
         loop {
-            if let Some(l) = self.logs.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            if let Some(l) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
                 return l.clone();
             }
             if start.elapsed() > limit {
-                panic!("no log line with {needle:?} after {limit:?}; logs:\n{}", self.logs());
+                panic!(
+                    "no log line with {needle:?} after {limit:?}; logs:\n{}",
+                    self.logs()
+                );
             }
             if let Some(c) = self.child.as_ref()
                 && let Ok(Some(_)) = exited(c)
             {
                 // Give the reader thread a moment to collect the last lines.
                 std::thread::sleep(Duration::from_millis(100));
-                panic!("oauthrelay exited while waiting for {needle:?}; logs:\n{}", self.logs());
+                panic!(
+                    "oauthrelay exited while waiting for {needle:?}; logs:\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -166,7 +186,10 @@ impl Daemon {
             }
             if start.elapsed() > limit {
                 let _ = c.kill();
-                panic!("oauthrelay did not stop within {limit:?} of SIGTERM; logs:\n{}", self.logs());
+                panic!(
+                    "oauthrelay did not stop within {limit:?} of SIGTERM; logs:\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -179,7 +202,8 @@ impl Daemon {
 
     /// Peak resident set size (VmHWM) and current RSS, in KiB.
     pub fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -214,7 +238,10 @@ impl Drop for Daemon {
 fn exited(c: &Child) -> std::io::Result<Option<()>> {
     // `Child::try_wait` needs `&mut`; peek at /proc instead.
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id()))?;
-    let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|s| s.split_whitespace().next());
     Ok((state == Some("Z")).then_some(()))
 }
 
@@ -222,7 +249,7 @@ fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(marker)? + marker.len()..];
     let token: String = rest
         .chars()
-        .take_while(|c| !c.is_whitespace() && *c != ',' && *c != '"')
+        .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | '"' | '/'))
         .collect();
     token.trim_end_matches('/').parse().ok()
 }
@@ -235,7 +262,11 @@ pub fn run_cli(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> std::proce
         .args(args)
         .env_remove("STATE_DIRECTORY")
         .env_remove("CREDENTIALS_DIRECTORY")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -249,14 +280,21 @@ pub fn run_cli(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> std::proce
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out)
         .await
         .unwrap();
-    let mut out = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -294,7 +332,11 @@ impl Smtp {
                 .expect("reply within 30 s")
                 .unwrap();
             if n == 0 {
-                return if all.is_empty() { "<closed>".into() } else { all };
+                return if all.is_empty() {
+                    "<closed>".into()
+                } else {
+                    all
+                };
             }
             let done = line.as_bytes().get(3) != Some(&b'-');
             all.push_str(line.trim_end());

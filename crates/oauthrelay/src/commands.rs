@@ -24,9 +24,15 @@ pub fn check_config(loaded: &Loaded, paths: &Paths) -> ExitCode {
         .hostname
         .clone()
         .unwrap_or_else(inbound::system_hostname);
-    if let Err(e) = inbound::Settings::new(loaded.config.server.clone(), hostname, inbound::accept_all_senders()) {
+    if let Err(e) = inbound::Settings::new(
+        loaded.config.server.clone(),
+        hostname,
+        inbound::accept_all_senders(),
+    ) {
         let key: Vec<config::Key<'_>> = match &e {
-            inbound::SettingsError::Certificate { .. } => vec!["server".into(), "tls".into(), "cert_file".into()],
+            inbound::SettingsError::Certificate { .. } => {
+                vec!["server".into(), "tls".into(), "cert_file".into()]
+            }
             inbound::SettingsError::Key { .. } | inbound::SettingsError::CertificateKey { .. } => {
                 vec!["server".into(), "tls".into(), "key_file".into()]
             }
@@ -95,11 +101,25 @@ fn read_hidden(prompt: &str) -> anyhow::Result<String> {
 
 fn find_account(loaded: &Loaded, paths: &Paths, name: &str) -> anyhow::Result<oauth::Account> {
     if !loaded.config.accounts.iter().any(|a| a.name == name) {
-        let known: Vec<&str> = loaded.config.accounts.iter().map(|a| a.name.as_str()).collect();
+        let known: Vec<&str> = loaded
+            .config
+            .accounts
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
         match &loaded.path {
-            Some(p) if known.is_empty() => bail!("{} has no [[accounts]]; add one (see config/oauthrelay.example.toml)", p.display()),
-            Some(p) => bail!("no account named {name:?} in {} (accounts: {})", p.display(), known.join(", ")),
-            None => bail!("no configuration file found, so there is no account {name:?}; create /etc/oauthrelay/oauthrelay.toml or pass --config"),
+            Some(p) if known.is_empty() => bail!(
+                "{} has no [[accounts]]; add one (see config/oauthrelay.example.toml)",
+                p.display()
+            ),
+            Some(p) => bail!(
+                "no account named {name:?} in {} (accounts: {})",
+                p.display(),
+                known.join(", ")
+            ),
+            None => bail!(
+                "no configuration file found, so there is no account {name:?}; create /etc/oauthrelay/oauthrelay.toml or pass --config"
+            ),
         }
     }
     let accounts = crate::resolve_accounts(loaded, paths)?;
@@ -110,10 +130,18 @@ fn find_account(loaded: &Loaded, paths: &Paths, name: &str) -> anyhow::Result<oa
 }
 
 /// `authorize --account NAME`.
-pub async fn authorize(loaded: &Loaded, paths: &Paths, name: &str, no_browser: bool, port: Option<u16>) -> anyhow::Result<ExitCode> {
+pub async fn authorize(
+    loaded: &Loaded,
+    paths: &Paths,
+    name: &str,
+    no_browser: bool,
+    port: Option<u16>,
+) -> anyhow::Result<ExitCode> {
     let account = find_account(loaded, paths, name)?;
     if account.is_service_account() {
-        bail!("account {name:?} uses a service account (service_account_key_file): it needs no authorize step");
+        bail!(
+            "account {name:?} uses a service account (service_account_key_file): it needs no authorize step"
+        );
     }
     let opts = oauth::authorize::Options {
         no_browser,
@@ -165,7 +193,11 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
                 }
             }
             let all_ok = status.iter().all(|s| s.authorized);
-            Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }
@@ -173,15 +205,28 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
 fn print_status(s: &oauth::AccountStatus) {
     let fmt = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     println!("{} <{}>", s.account, s.email);
-    println!("  authorized:        {}", if s.authorized { "yes" } else { "NO" });
-    println!("  refresh token:     {}", if s.refresh_token_stored { "stored" } else { "none" });
+    println!(
+        "  authorized:        {}",
+        if s.authorized { "yes" } else { "NO" }
+    );
+    println!(
+        "  refresh token:     {}",
+        if s.refresh_token_stored {
+            "stored"
+        } else {
+            "none"
+        }
+    );
     println!("  token file:        {}", s.token_file.display());
     match s.access_token_expires_at {
         Some(t) => println!("  access token until {}", fmt(t)),
         None => println!("  access token:      none cached"),
     }
     if let Some(r) = &s.last_refresh {
-        println!("  last refresh:      {}", serde_json::to_string(r).unwrap_or_default());
+        println!(
+            "  last refresh:      {}",
+            serde_json::to_string(r).unwrap_or_default()
+        );
     }
     if let Some(p) = &s.problem {
         println!("  problem:           {p}");
@@ -209,11 +254,14 @@ pub async fn queue(paths: &Paths, cmd: QueueCommand) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::SUCCESS);
     }
     match req {
-        Request::List => queue::print_list(&serde_json::from_value::<Vec<queue::Entry>>(v)?, &mut out)?,
+        Request::List => {
+            queue::print_list(&serde_json::from_value::<Vec<queue::Entry>>(v)?, &mut out)?
+        }
         Request::Show { .. } => queue::print_detail(&serde_json::from_value(v)?, &mut out)?,
         Request::Retry { id } => writeln!(out, "{id}: due now")?,
         Request::RetryAll => writeln!(out, "{} message(s) due now", v["retried"])?,
         Request::Delete { id } => writeln!(out, "{id}: deleted")?,
+        Request::Info => writeln!(out, "{v}")?,
     }
     let _ = kind;
     Ok(ExitCode::SUCCESS)
@@ -232,7 +280,9 @@ pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCo
     let input = match sendmail::read_stdin(limit) {
         Ok(Ok(b)) => b,
         Ok(Err(limit)) => {
-            eprintln!("sendmail: message larger than the {limit}-byte limit ([server] max_message_size)");
+            eprintln!(
+                "sendmail: message larger than the {limit}-byte limit ([server] max_message_size)"
+            );
             return ExitCode::from(sendmail::EX_DATAERR);
         }
         Err(e) => {
@@ -246,7 +296,10 @@ pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCo
         .hostname
         .clone()
         .unwrap_or_else(inbound::system_hostname);
-    let sender = args.from.clone().unwrap_or_else(|| sendmail::default_sender(&hostname));
+    let sender = args
+        .from
+        .clone()
+        .unwrap_or_else(|| sendmail::default_sender(&hostname));
     let (message, extra) = sendmail::prepare(&input, &args, &sender);
     let mut rcpts = args.recipients.clone();
     rcpts.extend(extra);
@@ -255,7 +308,14 @@ pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCo
         eprintln!("sendmail: no recipients (name them, or use -t to read To:/Cc:/Bcc:)");
         return ExitCode::from(sendmail::EX_USAGE);
     }
-    let Some(addr) = sendmail::daemon_address(&loaded.config.server.listen) else {
+    // Where the daemon really listens (the configured port may be 0, or
+    // the sockets may come from systemd); else where it is configured to.
+    let listening: Vec<std::net::SocketAddr> =
+        match queue::ask_daemon(&paths.control_socket, &Request::Info).await {
+            Some(Ok(v)) => serde_json::from_value(v["smtp"].clone()).unwrap_or_default(),
+            _ => loaded.config.server.listen.clone(),
+        };
+    let Some(addr) = sendmail::daemon_address(&listening) else {
         eprintln!("sendmail: [server] listen is empty");
         return ExitCode::from(sendmail::EX_TEMPFAIL);
     };
@@ -266,7 +326,9 @@ pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCo
             match crate::serve::submit_offline(loaded, paths, &sender, &rcpts, &message).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(off) => {
-                    eprintln!("sendmail: oauthrelay is not running ({e}) and the queue cannot be written directly: {off:#}");
+                    eprintln!(
+                        "sendmail: oauthrelay is not running ({e}) and the queue cannot be written directly: {off:#}"
+                    );
                     ExitCode::from(sendmail::EX_TEMPFAIL)
                 }
             }
@@ -279,7 +341,12 @@ pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCo
 }
 
 /// `send-test --account NAME --to ADDR`.
-pub async fn send_test(loaded: &Loaded, paths: &Paths, name: &str, to: &str) -> anyhow::Result<ExitCode> {
+pub async fn send_test(
+    loaded: &Loaded,
+    paths: &Paths,
+    name: &str,
+    to: &str,
+) -> anyhow::Result<ExitCode> {
     let account = find_account(loaded, paths, name)?;
     crate::serve::send_test(loaded, account, to).await
 }

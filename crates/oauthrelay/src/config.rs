@@ -46,10 +46,7 @@ pub struct SpoolConfig {
 pub struct MetricsConfig {
     /// Address for `/metrics`, `/healthz` and `/readyz`; `""` turns the
     /// listener off.
-    #[serde(
-        serialize_with = "ser_opt_addr",
-        deserialize_with = "de_opt_addr"
-    )]
+    #[serde(serialize_with = "ser_opt_addr", deserialize_with = "de_opt_addr")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -267,14 +264,20 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
     let mut errs = Vec::new();
     let s = &c.server;
     if s.listen.is_empty() {
-        errs.push(l.error_at(&["server".into(), "listen".into()], "at least one listen address is needed"));
+        errs.push(l.error_at(
+            &["server".into(), "listen".into()],
+            "at least one listen address is needed",
+        ));
     }
     for (key, v) in [
         ("max_recipients", s.max_recipients),
         ("max_connections", s.max_connections),
     ] {
         if v == 0 {
-            errs.push(l.error_at(&["server".into(), key.into()], format!("{key} must be at least 1")));
+            errs.push(l.error_at(
+                &["server".into(), key.into()],
+                format!("{key} must be at least 1"),
+            ));
         }
     }
     if s.max_line_length < 512 {
@@ -284,12 +287,18 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
         ));
     }
     if s.max_message_size.0 < 1024 {
-        errs.push(l.error_at(&["server".into(), "max_message_size".into()], "max_message_size must be at least 1024 bytes"));
+        errs.push(l.error_at(
+            &["server".into(), "max_message_size".into()],
+            "max_message_size must be at least 1024 bytes",
+        ));
     }
     if let Some(h) = &s.hostname
         && (h.is_empty() || h.contains(char::is_whitespace))
     {
-        errs.push(l.error_at(&["server".into(), "hostname".into()], format!("invalid hostname {h:?}")));
+        errs.push(l.error_at(
+            &["server".into(), "hostname".into()],
+            format!("invalid hostname {h:?}"),
+        ));
     }
     let mut users = std::collections::HashSet::new();
     for (i, u) in s.users.iter().enumerate() {
@@ -302,13 +311,22 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
     }
     let d = &c.delivery;
     if d.concurrency == 0 {
-        errs.push(l.error_at(&["delivery".into(), "concurrency".into()], "concurrency must be at least 1"));
+        errs.push(l.error_at(
+            &["delivery".into(), "concurrency".into()],
+            "concurrency must be at least 1",
+        ));
     }
     if d.retry_initial.is_zero() {
-        errs.push(l.error_at(&["delivery".into(), "retry_initial".into()], "retry_initial must be longer than 0s"));
+        errs.push(l.error_at(
+            &["delivery".into(), "retry_initial".into()],
+            "retry_initial must be longer than 0s",
+        ));
     }
     if d.retry_max < d.retry_initial {
-        errs.push(l.error_at(&["delivery".into(), "retry_max".into()], "retry_max must not be shorter than retry_initial"));
+        errs.push(l.error_at(
+            &["delivery".into(), "retry_max".into()],
+            "retry_max must not be shorter than retry_initial",
+        ));
     }
     let mut names = std::collections::HashSet::new();
     for (i, a) in c.accounts.iter().enumerate() {
@@ -324,10 +342,16 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
                 format!("account name {:?} must be letters, digits, '-', '_' or '.' (it names the token file)", a.name),
             ));
         } else if !names.insert(a.name.as_str()) {
-            errs.push(l.error_at(&at("name"), format!("account name {:?} is used twice", a.name)));
+            errs.push(l.error_at(
+                &at("name"),
+                format!("account name {:?} is used twice", a.name),
+            ));
         }
         if !a.email.contains('@') {
-            errs.push(l.error_at(&at("email"), format!("{:?} is not an email address", a.email)));
+            errs.push(l.error_at(
+                &at("email"),
+                format!("{:?} is not an email address", a.email),
+            ));
         }
         if a.service_account_key_file.is_none() {
             if a.client_id.as_deref().is_none_or(str::is_empty) {
@@ -337,11 +361,17 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
                 ));
             }
             if a.client_secret.is_some() && a.client_secret_file.is_some() {
-                errs.push(l.error_at(&at("client_secret_file"), "set client_secret or client_secret_file, not both"));
+                errs.push(l.error_at(
+                    &at("client_secret_file"),
+                    "set client_secret or client_secret_file, not both",
+                ));
             }
         }
         if a.senders.is_empty() {
-            errs.push(l.error_at(&at("senders"), "senders must list at least one pattern (\"*\" for any sender)"));
+            errs.push(l.error_at(
+                &at("senders"),
+                "senders must list at least one pattern (\"*\" for any sender)",
+            ));
         }
     }
     if errs.is_empty() {
@@ -407,7 +437,10 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors_with_their_place() {
         let e = err("[server]\nlisten = [\"127.0.0.1:25\"]\nlisen = 3\n");
-        assert!(e.starts_with("/etc/oauthrelay/oauthrelay.toml:3:1: unknown field `lisen`"), "{e}");
+        assert!(
+            e.starts_with("/etc/oauthrelay/oauthrelay.toml:3:1: unknown field `lisen`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -420,7 +453,9 @@ mod tests {
         assert!(e.contains(":2:") && e.contains("invalid size"), "{e}");
         let e = err("[delivery]\nretry_max = \"soon\"\n");
         assert!(e.contains(":2:"), "{e}");
-        let e = err("[[accounts]]\nname = \"a\"\nemail = \"a@gmail.com\"\nclient_id = \"x\"\ntoken_url = \"http://example.com/token\"\n");
+        let e = err(
+            "[[accounts]]\nname = \"a\"\nemail = \"a@gmail.com\"\nclient_id = \"x\"\ntoken_url = \"http://example.com/token\"\n",
+        );
         assert!(e.contains(":5:") && e.contains("loopback"), "{e}");
     }
 
@@ -429,9 +464,24 @@ mod tests {
         let src = "[delivery]\nretry_initial = \"2h\"\nretry_max = \"1h\"\n\n[[accounts]]\nname = \"a\"\nemail = \"a@gmail.com\"\nclient_id = \"x\"\n\n[[accounts]]\nname = \"a\"\nemail = \"nope\"\nclient_id = \"x\"\n";
         let e = err(src);
         let lines: Vec<&str> = e.lines().collect();
-        assert!(lines.iter().any(|l| l.contains(":3:") && l.contains("retry_max")), "{e}");
-        assert!(lines.iter().any(|l| l.contains(":11:") && l.contains("used twice")), "{e}");
-        assert!(lines.iter().any(|l| l.contains(":12:") && l.contains("not an email")), "{e}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(":3:") && l.contains("retry_max")),
+            "{e}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(":11:") && l.contains("used twice")),
+            "{e}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(":12:") && l.contains("not an email")),
+            "{e}"
+        );
     }
 
     #[test]

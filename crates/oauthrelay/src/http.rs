@@ -123,11 +123,18 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
             component: "spool".into(),
             account: None,
             problem: format!("the spool cannot be written: {e}"),
-            fix: Some(format!("free space on the file system of {}", s.spool.dir().display())),
+            fix: Some(format!(
+                "free space on the file system of {}",
+                s.spool.dir().display()
+            )),
         });
     }
     if problems.is_empty() {
-        (StatusCode::OK, axum::Json(serde_json::json!({ "status": "ready" }))).into_response()
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "status": "ready" })),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -90,7 +90,9 @@ async fn run(cli: Cli) -> ExitCode {
             port,
         } => commands::authorize(&loaded, &paths, &account, no_browser, port).await,
         Command::Token { command } => commands::token(&loaded, &paths, command).await,
-        Command::SendTest { account, to } => commands::send_test(&loaded, &paths, &account, &to).await,
+        Command::SendTest { account, to } => {
+            commands::send_test(&loaded, &paths, &account, &to).await
+        }
         Command::Queue { command } => commands::queue(&paths, command).await,
         Command::HashPassword => commands::hash_password(),
     };
@@ -126,7 +128,10 @@ fn init_logging(level: &str, quiet: bool) {
 }
 
 /// Used by commands that need the resolved accounts.
-pub(crate) fn resolve_accounts(loaded: &Loaded, paths: &Paths) -> anyhow::Result<Vec<oauth::Account>> {
+pub(crate) fn resolve_accounts(
+    loaded: &Loaded,
+    paths: &Paths,
+) -> anyhow::Result<Vec<oauth::Account>> {
     let ctx = oauth::AccountContext::new(&paths.state_dir)
         .with_config_dir(loaded.base_dir())
         .with_credentials_dir(paths.credentials_dir.clone());
@@ -144,13 +149,20 @@ pub(crate) fn account_error(loaded: &Loaded, e: oauth::AccountError) -> anyhow::
     }
 }
 
-fn account_error_key<'a>(loaded: &'a Loaded, e: &oauth::AccountError) -> Option<Vec<config::Key<'a>>> {
+fn account_error_key<'a>(
+    loaded: &'a Loaded,
+    e: &oauth::AccountError,
+) -> Option<Vec<config::Key<'a>>> {
     let oauth::AccountError::Invalid { account, .. } = e else {
         // The other errors name the file that is wrong (and the chmod that
         // fixes it); that is where the user has to look.
         return None;
     };
-    let i = loaded.config.accounts.iter().position(|a| &a.name == account)?;
+    let i = loaded
+        .config
+        .accounts
+        .iter()
+        .position(|a| &a.name == account)?;
     Some(vec![
         config::Key::Name("accounts"),
         config::Key::Index(i),

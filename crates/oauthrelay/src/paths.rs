@@ -92,7 +92,9 @@ pub fn hand_over(spool_dir: &Path) {
     let _ = std::os::unix::fs::lchown(spool_dir, uid, gid);
     let mut stack = vec![spool_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             let _ = std::os::unix::fs::lchown(&p, uid, gid);

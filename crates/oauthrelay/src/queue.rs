@@ -19,10 +19,19 @@ use tracing::{debug, warn};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     List,
-    Show { id: String },
-    Retry { id: String },
+    Show {
+        id: String,
+    },
+    Retry {
+        id: String,
+    },
     RetryAll,
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
+    /// Where the daemon listens (for `sendmail` when the configured port
+    /// is 0 or the sockets came from systemd).
+    Info,
 }
 
 /// One line of `queue list --json` (fields fixed by interface.md).
@@ -80,13 +89,17 @@ async fn headers(spool: &Spool, id: MessageId) -> Result<String, SpoolError> {
     let mut r = spool.read_body(id)?;
     let mut head = Vec::new();
     while head.len() < 64 << 10 {
-        let Some(piece) = r.next_chunk().await? else { break };
+        let Some(piece) = r.next_chunk().await? else {
+            break;
+        };
         head.extend_from_slice(&piece);
         if memfind(&head, b"\r\n\r\n").is_some() {
             break;
         }
     }
-    let end = memfind(&head, b"\r\n\r\n").map(|p| p + 2).unwrap_or(head.len().min(64 << 10));
+    let end = memfind(&head, b"\r\n\r\n")
+        .map(|p| p + 2)
+        .unwrap_or(head.len().min(64 << 10));
     Ok(String::from_utf8_lossy(&head[..end]).into_owned())
 }
 
@@ -150,6 +163,7 @@ pub async fn handle(
             };
             serde_json::to_value(serde_json::json!({ "retried": n }))
         }
+        Request::Info => return Err("only a running daemon can answer this".into()),
         Request::Delete { id } => {
             let id = parse_id(&id)?;
             match spool.remove(id).await {
@@ -177,8 +191,10 @@ pub async fn serve_control(
     path: &Path,
     spool: Spool,
     scheduler: Arc<Outbound>,
+    smtp: Vec<std::net::SocketAddr>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let smtp = Arc::new(smtp);
     // We hold the spool lock, so a socket file left here is stale.
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
@@ -196,8 +212,9 @@ pub async fn serve_control(
             let Ok((stream, _)) = conn else { continue };
             let spool = spool.clone();
             let scheduler = scheduler.clone();
+            let smtp = smtp.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &spool, scheduler.as_ref()).await {
+                if let Err(e) = answer(stream, &spool, scheduler.as_ref(), &smtp).await {
                     debug!(error = %e, "control connection ended");
                 }
             });
@@ -207,7 +224,12 @@ pub async fn serve_control(
     Ok(())
 }
 
-async fn answer(stream: UnixStream, spool: &Spool, scheduler: &Outbound) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    spool: &Spool,
+    scheduler: &Outbound,
+    smtp: &[std::net::SocketAddr],
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let n = tokio::time::timeout(
@@ -220,6 +242,11 @@ async fn answer(stream: UnixStream, spool: &Spool, scheduler: &Outbound) -> std:
         return Ok(());
     }
     let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Info) => Response {
+            ok: true,
+            result: serde_json::json!({ "smtp": smtp }),
+            error: None,
+        },
         Ok(req) => match handle(spool, Some(scheduler), req).await {
             Ok(result) => Response {
                 ok: true,
@@ -246,18 +273,21 @@ async fn answer(stream: UnixStream, spool: &Spool, scheduler: &Outbound) -> std:
 
 use tokio::io::AsyncReadExt as _;
 
-/// The CLI side: ask the daemon, or work on the spool directly when no
-/// daemon runs.
-pub async fn request(socket: &Path, spool_dir: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
-    match UnixStream::connect(socket).await {
-        Ok(mut s) => {
-            let mut line = serde_json::to_vec(&req)?;
+/// Ask a running daemon; `None` when none answers on `socket`.
+pub async fn ask_daemon(socket: &Path, req: &Request) -> Option<anyhow::Result<serde_json::Value>> {
+    let mut s = UnixStream::connect(socket).await.ok()?;
+    Some(
+        async {
+            let mut line = serde_json::to_vec(req)?;
             line.push(b'\n');
             s.write_all(&line).await?;
             let mut out = String::new();
-            tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_string(&mut out))
-                .await
-                .map_err(|_| anyhow::anyhow!("the daemon did not answer on {}", socket.display()))??;
+            tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                s.read_to_string(&mut out),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("the daemon did not answer on {}", socket.display()))??;
             let resp: Response = serde_json::from_str(&out)?;
             if resp.ok {
                 Ok(resp.result)
@@ -265,23 +295,37 @@ pub async fn request(socket: &Path, spool_dir: &Path, req: Request) -> anyhow::R
                 anyhow::bail!(resp.error.unwrap_or_else(|| "request failed".into()))
             }
         }
-        Err(connect_err) => {
-            let dir = spool_dir.to_path_buf();
-            let opened = tokio::task::spawn_blocking(move || Spool::open(&dir)).await?;
-            let (spool, _) = match opened {
-                Ok(s) => s,
-                Err(e @ SpoolError::Locked { .. }) => {
-                    warn!(socket = %socket.display(), error = %connect_err, "cannot reach the daemon's control socket");
-                    anyhow::bail!("{e}; and its control socket {} does not answer ({connect_err})", socket.display())
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let r = handle(&spool, None, req).await;
-            spool.close().await?;
-            crate::paths::hand_over(spool_dir);
-            r.map_err(anyhow::Error::msg)
-        }
+        .await,
+    )
+}
+
+/// The CLI side: ask the daemon, or work on the spool directly when no
+/// daemon runs.
+pub async fn request(
+    socket: &Path,
+    spool_dir: &Path,
+    req: Request,
+) -> anyhow::Result<serde_json::Value> {
+    if let Some(answer) = ask_daemon(socket, &req).await {
+        return answer;
     }
+    let dir = spool_dir.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || Spool::open(&dir)).await?;
+    let (spool, _) = match opened {
+        Ok(s) => s,
+        Err(e @ SpoolError::Locked { .. }) => {
+            warn!(socket = %socket.display(), "cannot reach the daemon's control socket");
+            anyhow::bail!(
+                "{e}; and its control socket {} does not answer",
+                socket.display()
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let r = handle(&spool, None, req).await;
+    spool.close().await?;
+    crate::paths::hand_over(spool_dir);
+    r.map_err(anyhow::Error::msg)
 }
 
 /// Print `queue list` the way `mailq` does.
@@ -289,7 +333,11 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
     if entries.is_empty() {
         return writeln!(out, "Mail queue is empty");
     }
-    writeln!(out, "{:<16} {:>9} {:<20}  {}", "-Queue ID-", "--Size--", "----Arrival Time----", "-Sender/Recipient-------")?;
+    writeln!(
+        out,
+        "{:<16} {:>9} {:<20}  {}",
+        "-Queue ID-", "--Size--", "----Arrival Time----", "-Sender/Recipient-------"
+    )?;
     let mut bytes = 0;
     for e in entries {
         bytes += e.size;
@@ -298,8 +346,16 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
             "deferred" => "*",
             _ => " ",
         };
-        let sender = if e.from.is_empty() { "MAILER-DAEMON" } else { &e.from };
-        writeln!(out, "{:<15}{flag} {:>9} {:<20}  {sender}", e.id, e.size, e.created)?;
+        let sender = if e.from.is_empty() {
+            "MAILER-DAEMON"
+        } else {
+            &e.from
+        };
+        writeln!(
+            out,
+            "{:<15}{flag} {:>9} {:<20}  {sender}",
+            e.id, e.size, e.created
+        )?;
         if let Some(h) = &e.held {
             writeln!(out, "{:>48}(held: {h})", "")?;
         } else if let Some(err) = &e.last_error {
@@ -310,7 +366,13 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
         }
         writeln!(out)?;
     }
-    writeln!(out, "-- {} Kbytes in {} Request{}.", bytes.div_ceil(1024), entries.len(), if entries.len() == 1 { "" } else { "s" })?;
+    writeln!(
+        out,
+        "-- {} Kbytes in {} Request{}.",
+        bytes.div_ceil(1024),
+        entries.len(),
+        if entries.len() == 1 { "" } else { "s" }
+    )?;
     out.flush()
 }
 
@@ -318,7 +380,16 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
 pub fn print_detail(d: &Detail, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let e = &d.envelope;
     writeln!(out, "Queue ID:     {}", d.entry.id)?;
-    writeln!(out, "State:        {}{}", d.entry.state, d.entry.held.as_deref().map(|h| format!(" ({h})")).unwrap_or_default())?;
+    writeln!(
+        out,
+        "State:        {}{}",
+        d.entry.state,
+        d.entry
+            .held
+            .as_deref()
+            .map(|h| format!(" ({h})"))
+            .unwrap_or_default()
+    )?;
     writeln!(out, "From:         <{}>", e.sender)?;
     writeln!(out, "Size:         {} bytes", e.size)?;
     writeln!(out, "Received:     {}", d.entry.created)?;
@@ -345,7 +416,15 @@ pub fn print_detail(d: &Detail, out: &mut impl std::io::Write) -> std::io::Resul
             RcptState::Delivered => "delivered",
             RcptState::Failed => "failed",
         };
-        writeln!(out, "  <{}> {state}{}", r.address, r.reply.as_deref().map(|x| format!(": {x}")).unwrap_or_default())?;
+        writeln!(
+            out,
+            "  <{}> {state}{}",
+            r.address,
+            r.reply
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default()
+        )?;
     }
     writeln!(out, "Headers:")?;
     for line in d.headers.lines() {

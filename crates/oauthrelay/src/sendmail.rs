@@ -67,9 +67,15 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
             // Delivery mode, error mode, verbosity, queue options: accepted,
             // meaningless here (we always queue).
             "-bm" | "-v" | "-U" | "-m" | "-n" => {}
-            _ if s.starts_with("-o") || s.starts_with("-od") || s.starts_with("-N") || s.starts_with("-R") || s.starts_with("-V") => {}
+            _ if s.starts_with("-o")
+                || s.starts_with("-od")
+                || s.starts_with("-N")
+                || s.starts_with("-R")
+                || s.starts_with("-V") => {}
             "-bs" | "-bp" | "-bd" | "-q" | "-bv" => {
-                return Err(format!("option {s} is not supported by oauthrelay's sendmail (use `oauthrelay queue list`, or SMTP directly)\n{USAGE}"))
+                return Err(format!(
+                    "option {s} is not supported by oauthrelay's sendmail (use `oauthrelay queue list`, or SMTP directly)\n{USAGE}"
+                ));
             }
             _ => return Err(format!("unknown option {s}\n{USAGE}")),
         }
@@ -93,7 +99,10 @@ pub fn prepare(input: &[u8], args: &Args, sender: &str) -> (Vec<u8>, Vec<String>
     if input.ends_with(b"\n") && lines.last() == Some(&&b""[..]) {
         lines.pop();
     }
-    let header_end = lines.iter().position(|l| l.is_empty()).unwrap_or(lines.len());
+    let header_end = lines
+        .iter()
+        .position(|l| l.is_empty())
+        .unwrap_or(lines.len());
     // Header fields, unfolded, with their line ranges.
     let mut fields: Vec<(String, String, std::ops::Range<usize>)> = Vec::new();
     for (i, l) in lines[..header_end].iter().enumerate() {
@@ -107,7 +116,11 @@ pub fn prepare(input: &[u8], args: &Args, sender: &str) -> (Vec<u8>, Vec<String>
         }
         let text = String::from_utf8_lossy(l);
         if let Some((name, value)) = text.split_once(':') {
-            fields.push((name.trim().to_ascii_lowercase(), value.trim().to_string(), i..i + 1));
+            fields.push((
+                name.trim().to_ascii_lowercase(),
+                value.trim().to_string(),
+                i..i + 1,
+            ));
         } else if i == 0 {
             // Not a header at all: the whole input is body.
             fields.clear();
@@ -131,7 +144,8 @@ pub fn prepare(input: &[u8], args: &Args, sender: &str) -> (Vec<u8>, Vec<String>
     let mut out = Vec::with_capacity(input.len() + 256);
     if !has_from {
         match &args.full_name {
-            Some(n) => out.extend_from_slice(format!("From: {} <{sender}>\r\n", quote_phrase(n)).as_bytes()),
+            Some(n) => out
+                .extend_from_slice(format!("From: {} <{sender}>\r\n", quote_phrase(n)).as_bytes()),
             None => out.extend_from_slice(format!("From: {sender}\r\n").as_bytes()),
         }
     }
@@ -149,7 +163,10 @@ pub fn prepare(input: &[u8], args: &Args, sender: &str) -> (Vec<u8>, Vec<String>
 }
 
 fn quote_phrase(name: &str) -> String {
-    if name.chars().all(|c| c.is_ascii_alphanumeric() || " !#$%&'*+-/=?^_`{|}~".contains(c)) {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || " !#$%&'*+-/=?^_`{|}~".contains(c))
+    {
         name.to_string()
     } else {
         format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
@@ -228,7 +245,10 @@ pub enum SubmitError {
     /// Nobody listens there.
     Unreachable(std::io::Error),
     /// The server answered with an error.
-    Reply { code: u16, text: String },
+    Reply {
+        code: u16,
+        text: String,
+    },
     Io(std::io::Error),
 }
 
@@ -252,10 +272,20 @@ impl SubmitError {
 }
 
 /// Submit one message over SMTP; returns the server's final reply text.
-pub async fn submit(addr: SocketAddr, sender: &str, rcpts: &[String], message: &[u8]) -> Result<String, SubmitError> {
+pub async fn submit(
+    addr: SocketAddr,
+    sender: &str,
+    rcpts: &[String],
+    message: &[u8],
+) -> Result<String, SubmitError> {
     let stream = tokio::time::timeout(Duration::from_secs(30), TcpStream::connect(addr))
         .await
-        .map_err(|_| SubmitError::Unreachable(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")))?
+        .map_err(|_| {
+            SubmitError::Unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timeout",
+            ))
+        })?
         .map_err(SubmitError::Unreachable)?;
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
@@ -263,7 +293,10 @@ pub async fn submit(addr: SocketAddr, sender: &str, rcpts: &[String], message: &
     expect(&mut r, 2, step).await?;
     let utf8 = !sender.is_ascii() || rcpts.iter().any(|r| !r.is_ascii());
     let mut cmds = vec!["EHLO localhost\r\n".to_string()];
-    cmds.push(format!("MAIL FROM:<{sender}>{}\r\n", if utf8 { " SMTPUTF8" } else { "" }));
+    cmds.push(format!(
+        "MAIL FROM:<{sender}>{}\r\n",
+        if utf8 { " SMTPUTF8" } else { "" }
+    ));
     for rc in rcpts {
         cmds.push(format!("RCPT TO:<{rc}>\r\n"));
     }
@@ -293,16 +326,28 @@ pub async fn submit(addr: SocketAddr, sender: &str, rcpts: &[String], message: &
 }
 
 /// Read one (possibly multi-line) reply; error unless its first digit is `class`.
-async fn expect<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, class: u8, limit: Duration) -> Result<String, SubmitError> {
+async fn expect<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    class: u8,
+    limit: Duration,
+) -> Result<String, SubmitError> {
     let mut text = String::new();
     let code = loop {
         let mut line = String::new();
         let n = tokio::time::timeout(limit, r.read_line(&mut line))
             .await
-            .map_err(|_| SubmitError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply from oauthrelay")))?
+            .map_err(|_| {
+                SubmitError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no reply from oauthrelay",
+                ))
+            })?
             .map_err(SubmitError::Io)?;
         if n == 0 {
-            return Err(SubmitError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "oauthrelay closed the connection")));
+            return Err(SubmitError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "oauthrelay closed the connection",
+            )));
         }
         let line = line.trim_end();
         let code: u16 = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -324,13 +369,15 @@ async fn expect<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, class: u8, limit:
 /// Read stdin up to `limit` bytes.
 pub fn read_stdin(limit: u64) -> std::io::Result<Result<Vec<u8>, u64>> {
     let mut buf = Vec::new();
-    std::io::stdin().lock().take(limit + 1).read_to_end(&mut buf)?;
+    std::io::stdin()
+        .lock()
+        .take(limit + 1)
+        .read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {
         return Ok(Err(limit));
     }
     Ok(Ok(buf))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -342,7 +389,15 @@ mod tests {
 
     #[test]
     fn options_parse_like_sendmail() {
-        let a = parse_args(&v(&["-t", "-oi", "-f", "cron@host", "-FCron Daemon", "root@example.com"])).unwrap();
+        let a = parse_args(&v(&[
+            "-t",
+            "-oi",
+            "-f",
+            "cron@host",
+            "-FCron Daemon",
+            "root@example.com",
+        ]))
+        .unwrap();
         assert!(a.extract && a.ignore_dots);
         assert_eq!(a.from.as_deref(), Some("cron@host"));
         assert_eq!(a.full_name.as_deref(), Some("Cron Daemon"));
@@ -357,12 +412,21 @@ mod tests {
         let args = parse_args(&v(&["-t"])).unwrap();
         let input = b"To: A <a@example.com>, b@example.com\nBcc: secret@example.com\nSubject: x\n\nbody\n.\nafter dot\n";
         let (msg, extra) = prepare(input, &args, "me@host");
-        assert_eq!(extra, v(&["a@example.com", "b@example.com", "secret@example.com"]));
+        assert_eq!(
+            extra,
+            v(&["a@example.com", "b@example.com", "secret@example.com"])
+        );
         let text = String::from_utf8(msg).unwrap();
-        assert_eq!(text, "From: me@host\r\nTo: A <a@example.com>, b@example.com\r\nSubject: x\r\n\r\nbody\r\n");
+        assert_eq!(
+            text,
+            "From: me@host\r\nTo: A <a@example.com>, b@example.com\r\nSubject: x\r\n\r\nbody\r\n"
+        );
         let args = parse_args(&v(&["-i", "-F", "Jo \"X\""])).unwrap();
         let (msg, _) = prepare(b"From: x@y\n\n.\nkept\n", &args, "me@host");
-        assert_eq!(String::from_utf8(msg).unwrap(), "From: x@y\r\n\r\n.\r\nkept\r\n");
+        assert_eq!(
+            String::from_utf8(msg).unwrap(),
+            "From: x@y\r\n\r\n.\r\nkept\r\n"
+        );
         let (msg, _) = prepare(b"just a body line\n", &args, "me@host");
         assert_eq!(
             String::from_utf8(msg).unwrap(),
@@ -372,7 +436,10 @@ mod tests {
 
     #[test]
     fn address_lists() {
-        assert_eq!(addresses("\"Doe, J\" <j@x.org>, k@y.org (K, Q)"), v(&["j@x.org", "k@y.org"]));
+        assert_eq!(
+            addresses("\"Doe, J\" <j@x.org>, k@y.org (K, Q)"),
+            v(&["j@x.org", "k@y.org"])
+        );
         assert_eq!(addresses("team: a@x, b@y;"), v(&["a@x", "b@y"]));
     }
 }

@@ -74,7 +74,10 @@ fn sender_policy(accounts: Arc<RwLock<Vec<oauth::AccountConfig>>>) -> inbound::S
     })
 }
 
-fn inbound_settings(loaded: &Loaded, policy: inbound::SenderPolicy) -> anyhow::Result<inbound::Settings> {
+fn inbound_settings(
+    loaded: &Loaded,
+    policy: inbound::SenderPolicy,
+) -> anyhow::Result<inbound::Settings> {
     let mut server = loaded.config.server.clone();
     let base = loaded.base_dir();
     if let Some(tls) = &mut server.tls {
@@ -83,7 +86,9 @@ fn inbound_settings(loaded: &Loaded, policy: inbound::SenderPolicy) -> anyhow::R
     }
     inbound::Settings::new(server, hostname(loaded), policy).map_err(|e| {
         let key: Vec<config::Key<'_>> = match &e {
-            inbound::SettingsError::Certificate { .. } => vec!["server".into(), "tls".into(), "cert_file".into()],
+            inbound::SettingsError::Certificate { .. } => {
+                vec!["server".into(), "tls".into(), "cert_file".into()]
+            }
             inbound::SettingsError::Key { .. } | inbound::SettingsError::CertificateKey { .. } => {
                 vec!["server".into(), "tls".into(), "key_file".into()]
             }
@@ -103,7 +108,9 @@ async fn open_spool(paths: &Paths) -> anyhow::Result<(Spool, spool::Recovery)> {
 /// configured addresses.
 fn bind_smtp(loaded: &Loaded) -> anyhow::Result<Vec<TcpListener>> {
     use std::os::fd::FromRawFd;
-    let fds: Vec<_> = sd_notify::listen_fds().map(|f| f.collect()).unwrap_or_default();
+    let fds: Vec<_> = sd_notify::listen_fds()
+        .map(|f| f.collect())
+        .unwrap_or_default();
     if !fds.is_empty() {
         let mut out = Vec::new();
         for fd in fds {
@@ -142,12 +149,18 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         recovery.messages,
         recovery.segments,
         if recovery.torn_bytes > 0 {
-            format!(", {} bytes of unacknowledged partial write dropped", recovery.torn_bytes)
+            format!(
+                ", {} bytes of unacknowledged partial write dropped",
+                recovery.torn_bytes
+            )
         } else {
             String::new()
         },
         if recovery.moved_aside > 0 {
-            format!(", {} damaged record(s) moved to corrupt/", recovery.moved_aside)
+            format!(
+                ", {} damaged record(s) moved to corrupt/",
+                recovery.moved_aside
+            )
         } else {
             String::new()
         },
@@ -169,7 +182,9 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     )
     .context("cannot start the token manager")?;
     if loaded.config.accounts.is_empty() {
-        warn!("no [[accounts]] configured: mail is accepted and kept in the queue until an account is set up and authorized (see docs/gmail-setup.md)");
+        warn!(
+            "no [[accounts]] configured: mail is accepted and kept in the queue until an account is set up and authorized (see docs/gmail-setup.md)"
+        );
     }
     for s in tokens.status() {
         if !s.authorized {
@@ -185,15 +200,19 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     let route_accounts = Arc::new(RwLock::new(accounts(&loaded)));
     let settings = inbound_settings(&loaded, sender_policy(route_accounts.clone()))?;
     let listeners = bind_smtp(&loaded)?;
-    for l in &listeners {
-        if let Ok(a) = l.local_addr() {
-            info!("SMTP listening on {a}");
-        }
+    let smtp_addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    for a in &smtp_addrs {
+        info!("SMTP listening on {a}");
     }
     let metrics_listener = match loaded.config.metrics.listen {
         Some(addr) => {
             let l = std_listener(addr).with_context(|| {
-                format!("cannot listen on {addr} ([metrics] listen; set listen = \"\" to turn it off)")
+                format!(
+                    "cannot listen on {addr} ([metrics] listen; set listen = \"\" to turn it off)"
+                )
             })?;
             let l = TcpListener::from_std(l)?;
             if let Ok(a) = l.local_addr() {
@@ -206,7 +225,11 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let delivery_stop = CancellationToken::new();
-    let inbound = Arc::new(inbound::Inbound::new(settings, spool.clone(), inbound_metrics));
+    let inbound = Arc::new(inbound::Inbound::new(
+        settings,
+        spool.clone(),
+        inbound_metrics,
+    ));
     let outbound = outbound::Outbound::start(
         spool.clone(),
         tokens.clone(),
@@ -218,13 +241,28 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     );
     let outbound = Arc::new(outbound);
 
-    if let Err(e) = crate::queue::serve_control(&paths.control_socket, spool.clone(), outbound.clone(), shutdown.clone()).await {
+    if let Err(e) = crate::queue::serve_control(
+        &paths.control_socket,
+        spool.clone(),
+        outbound.clone(),
+        smtp_addrs.clone(),
+        shutdown.clone(),
+    )
+    .await
+    {
         warn!(socket = %paths.control_socket.display(), error = %e, "queue commands will not reach this daemon");
     }
 
     let http_task = metrics_listener.map(|l| {
         let readiness = readiness(tokens.clone(), outbound.clone());
-        tokio::spawn(http::serve(l, registry, spool.clone(), gauges, readiness, shutdown.clone()))
+        tokio::spawn(http::serve(
+            l,
+            registry,
+            spool.clone(),
+            gauges,
+            readiness,
+            shutdown.clone(),
+        ))
     });
 
     let smtp_task = {
@@ -233,7 +271,10 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         tokio::spawn(async move { inbound.serve(listeners, stop).await })
     };
 
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("accepting mail")]);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("accepting mail"),
+    ]);
     info!("ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -262,7 +303,12 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     // starting new attempts at the same time; running ones may finish.
     shutdown.cancel();
     delivery_stop.cancel();
-    let grace = loaded.config.server.shutdown_grace.max(loaded.config.delivery.shutdown_grace) + Duration::from_secs(5);
+    let grace = loaded
+        .config
+        .server
+        .shutdown_grace
+        .max(loaded.config.delivery.shutdown_grace)
+        + Duration::from_secs(5);
     if tokio::time::timeout(grace, smtp_task).await.is_err() {
         warn!("SMTP sessions did not end within the shutdown grace period");
     }
@@ -288,14 +334,19 @@ fn readiness(tokens: oauth::TokenManager, outbound: Arc<outbound::Outbound>) -> 
                 problems.push(Problem {
                     component: "account".into(),
                     account: Some(s.account.clone()),
-                    problem: s.problem.clone().unwrap_or_else(|| "cannot get an access token".into()),
+                    problem: s
+                        .problem
+                        .clone()
+                        .unwrap_or_else(|| "cannot get an access token".into()),
                     fix: s.fix.clone(),
                 });
             }
         }
         for a in outbound.account_states() {
             if let Some(h) = a.held
-                && !problems.iter().any(|p| p.account.as_deref() == Some(a.name.as_str()))
+                && !problems
+                    .iter()
+                    .any(|p| p.account.as_deref() == Some(a.name.as_str()))
             {
                 problems.push(Problem {
                     component: "account".into(),
@@ -361,11 +412,21 @@ async fn apply_reload(
 /// `sendmail` with no daemon running: open the spool here and store the
 /// message through an in-process SMTP session, so it gets the same headers
 /// and checks as any other; it is delivered when the daemon starts.
-pub async fn submit_offline(loaded: &Loaded, paths: &Paths, sender: &str, rcpts: &[String], message: &[u8]) -> anyhow::Result<()> {
+pub async fn submit_offline(
+    loaded: &Loaded,
+    paths: &Paths,
+    sender: &str,
+    rcpts: &[String],
+    message: &[u8],
+) -> anyhow::Result<()> {
     let (spool, _) = open_spool(paths).await?;
     let mut registry = Registry::default();
     let settings = inbound_settings(loaded, inbound::accept_all_senders())?;
-    let server = Arc::new(inbound::Inbound::new(settings, spool.clone(), inbound::Metrics::new(&mut registry)));
+    let server = Arc::new(inbound::Inbound::new(
+        settings,
+        spool.clone(),
+        inbound::Metrics::new(&mut registry),
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
@@ -383,7 +444,11 @@ pub async fn submit_offline(loaded: &Loaded, paths: &Paths, sender: &str, rcpts:
 }
 
 /// `send-test`: one message now, every step printed.
-pub async fn send_test(loaded: &Loaded, account: oauth::Account, to: &str) -> anyhow::Result<ExitCode> {
+pub async fn send_test(
+    loaded: &Loaded,
+    account: oauth::Account,
+    to: &str,
+) -> anyhow::Result<ExitCode> {
     let name = account.name.clone();
     let tokens = oauth::TokenManager::new(
         vec![account],
@@ -397,7 +462,16 @@ pub async fn send_test(loaded: &Loaded, account: oauth::Account, to: &str) -> an
         .find(|a| a.name == name)
         .context("account not in the configuration")?;
     let mut progress = |step: &str| println!("{step}");
-    match outbound::send_test(&tokens, &cfg, &loaded.config.delivery, &hostname(loaded), to, &mut progress).await {
+    match outbound::send_test(
+        &tokens,
+        &cfg,
+        &loaded.config.delivery,
+        &hostname(loaded),
+        to,
+        &mut progress,
+    )
+    .await
+    {
         Ok(report) => {
             println!(
                 "OK: {} accepted the message (Message-ID {}): {}",
