@@ -184,7 +184,8 @@ fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
 impl FromStr for Network {
     type Err = String;
     fn from_str(s: &str) -> Result<Network, String> {
-        let bad = || format!("invalid network {s:?}: expected an address or CIDR like 192.168.1.0/24");
+        let bad =
+            || format!("invalid network {s:?}: expected an address or CIDR like 192.168.1.0/24");
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
@@ -233,7 +234,11 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let bad = || format!("invalid size {s:?}: expected bytes, or a number with a unit like \"35MB\" or \"512KiB\"");
+        let bad = || {
+            format!(
+                "invalid size {s:?}: expected bytes, or a number with a unit like \"35MB\" or \"512KiB\""
+            )
+        };
         let n: u64 = num.parse().map_err(|_| bad())?;
         let mult: u64 = match unit.trim() {
             "" | "B" | "b" => 1,

@@ -108,7 +108,10 @@ impl Message {
 
     /// Add what is missing and make the message durable. Returns its id and
     /// stored size.
-    pub(crate) async fn finish(mut self, envelope: Envelope) -> Result<(MessageId, u64), SpoolError> {
+    pub(crate) async fn finish(
+        mut self,
+        envelope: Envelope,
+    ) -> Result<(MessageId, u64), SpoolError> {
         if !self.headers.is_done() {
             let missing = self.headers_missing();
             let crlf = self.headers.needs_line_ending();

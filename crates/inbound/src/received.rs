@@ -78,7 +78,10 @@ pub(crate) fn rfc5322_date(t: SystemTime, out: &mut String) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days as i64);
@@ -167,7 +170,8 @@ impl HeaderScan {
             self.held.reserve(data.len().clamp(1024, HEADER_HOLD_LIMIT));
         }
         self.held.extend_from_slice(data);
-        while let Some(k) = memchr::memchr(b'\n', self.held.get(self.scanned..).unwrap_or_default()) {
+        while let Some(k) = memchr::memchr(b'\n', self.held.get(self.scanned..).unwrap_or_default())
+        {
             let start = self.scanned;
             let line = self.held.get(start..start + k + 1).unwrap_or_default();
             match classify(line) {
@@ -285,7 +289,10 @@ mod tests {
     #[test]
     fn scan_stops_at_a_non_header_line() {
         let mut h = HeaderScan::default();
-        assert_eq!(h.feed(b"Message-ID: <a@b>\r\nhello world\r\n"), Feed::End { at: 19 });
+        assert_eq!(
+            h.feed(b"Message-ID: <a@b>\r\nhello world\r\n"),
+            Feed::End { at: 19 }
+        );
         assert!(h.has_message_id);
         let mut h = HeaderScan::default();
         assert_eq!(h.feed(b" leading space\r\n"), Feed::End { at: 0 });

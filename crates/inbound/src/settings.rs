@@ -30,12 +30,17 @@ pub enum SettingsError {
     },
     #[error("invalid host name {0:?}: it must be non-empty, without spaces or control characters")]
     Hostname(String),
-    #[error("[[server.users]] {name:?}: password_hash is not a PHC string; create one with `oauthrelay hash-password`")]
+    #[error(
+        "[[server.users]] {name:?}: password_hash is not a PHC string; create one with `oauthrelay hash-password`"
+    )]
     PasswordHash { name: String },
     #[error("[[server.users]]: user name {0:?} appears more than once")]
     DuplicateUser(String),
     #[error("[server] {key}: {reason}")]
-    Limit { key: &'static str, reason: &'static str },
+    Limit {
+        key: &'static str,
+        reason: &'static str,
+    },
 }
 
 /// Resolved listener settings. Build them again and call
@@ -72,7 +77,9 @@ impl Settings {
         let hostname: String = hostname.into();
         if hostname.is_empty()
             || hostname.len() > 255
-            || hostname.chars().any(|c| c.is_whitespace() || c.is_control())
+            || hostname
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
         {
             return Err(SettingsError::Hostname(hostname));
         }
@@ -157,7 +164,9 @@ pub fn system_hostname() -> String {
     }
     let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     match std::str::from_utf8(buf.get(..len).unwrap_or_default()) {
-        Ok(s) if !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control()) => s.into(),
+        Ok(s) if !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            s.into()
+        }
         _ => "localhost".into(),
     }
 }

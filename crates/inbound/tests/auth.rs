@@ -22,8 +22,15 @@ async fn plain_with_initial_response_and_then_no_second_auth() {
         let e = c.hello().await;
         assert_eq!(e.lines.last().unwrap(), "CHUNKING");
         assert!(e.lines.contains(&"AUTH PLAIN LOGIN".to_string()));
-        c.line(&format!("AUTH PLAIN {}", b64(format!("{USER}\0{USER}\0{PASSWORD}").as_bytes()))).await;
-        assert_eq!(c.reply().await.first(), "235 2.7.0 Authentication successful");
+        c.line(&format!(
+            "AUTH PLAIN {}",
+            b64(format!("{USER}\0{USER}\0{PASSWORD}").as_bytes())
+        ))
+        .await;
+        assert_eq!(
+            c.reply().await.first(),
+            "235 2.7.0 Authentication successful"
+        );
         c.cmd_start("AUTH PLAIN", "503 5.5.1").await;
     })
     .await;
@@ -37,7 +44,8 @@ async fn plain_after_an_empty_challenge() {
         c.hello().await;
         let r = c.cmd("AUTH PLAIN", 334).await;
         assert_eq!(r.lines, [""], "the challenge is exactly `334 `");
-        c.line(&b64(format!("\0{USER}\0{PASSWORD}").as_bytes())).await;
+        c.line(&b64(format!("\0{USER}\0{PASSWORD}").as_bytes()))
+            .await;
         c.expect_start("235 2.7.0").await;
     })
     .await;
@@ -70,13 +78,20 @@ async fn login_with_the_user_name_inline() {
         let srv = start(with_users()).await;
         let mut c = srv.client().await;
         c.hello().await;
-        let r = c.cmd(&format!("AUTH LOGIN {}", b64(USER.as_bytes())), 334).await;
+        let r = c
+            .cmd(&format!("AUTH LOGIN {}", b64(USER.as_bytes())), 334)
+            .await;
         assert_eq!(r.first(), "334 UGFzc3dvcmQ6");
         c.line(&b64(PASSWORD.as_bytes())).await;
         c.expect_start("235 2.7.0").await;
         // Relaying is now allowed even from an untrusted address (checked in
         // relay.rs); the session records the user.
-        c.send_mail("a@example.com", &["b@example.net"], b"Subject: x\r\n\r\nhi\r\n").await;
+        c.send_mail(
+            "a@example.com",
+            &["b@example.net"],
+            b"Subject: x\r\n\r\nhi\r\n",
+        )
+        .await;
     })
     .await;
 }
@@ -94,7 +109,8 @@ async fn cancel_bad_base64_and_unknown_mechanisms() {
         c.cmd_start("*", "501 5.0.0").await;
         c.cmd("AUTH PLAIN", 334).await;
         c.cmd_start("*", "501 5.0.0").await;
-        c.cmd_start("AUTH PLAIN !!!not-base64!!!", "501 5.5.2").await;
+        c.cmd_start("AUTH PLAIN !!!not-base64!!!", "501 5.5.2")
+            .await;
         c.cmd("AUTH LOGIN", 334).await;
         c.cmd_start("@@@@", "501 5.5.2").await;
         c.cmd_start("AUTH CRAM-MD5", "504 5.5.4").await;
@@ -125,7 +141,10 @@ async fn wrong_credentials_fail_and_are_rate_limited() {
         c.cmd_start(&b64(b"also wrong"), "535 5.7.8").await;
         // Limit reached: even the right password is refused for now.
         let r = c.auth_plain(USER, PASSWORD).await;
-        assert_eq!(r.first(), "454 4.7.0 Too many failed authentication attempts, try again later");
+        assert_eq!(
+            r.first(),
+            "454 4.7.0 Too many failed authentication attempts, try again later"
+        );
         // Also on a new connection from the same address.
         let mut d = srv.client().await;
         d.hello().await;
@@ -135,7 +154,10 @@ async fn wrong_credentials_fail_and_are_rate_limited() {
         e.hello().await;
         assert_eq!(e.auth_plain(USER, PASSWORD).await.code, 235);
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_smtp_auth_failures_total 3"), "{text}");
+        assert!(
+            text.contains("oauthrelay_smtp_auth_failures_total 3"),
+            "{text}"
+        );
     })
     .await;
 }
@@ -170,7 +192,10 @@ async fn remote_clients_need_tls_for_auth() {
         let mut c = remote_session(&srv, "198.51.100.7:3333");
         c.greeting().await;
         let e = c.ehlo().await;
-        assert!(!e.text().contains("AUTH"), "AUTH not offered without TLS: {e:?}");
+        assert!(
+            !e.text().contains("AUTH"),
+            "AUTH not offered without TLS: {e:?}"
+        );
         let r = c.auth_plain(USER, PASSWORD).await;
         assert_eq!(r.first(), "530 5.7.0 Must issue a STARTTLS command first");
         c.cmd_start("MAIL FROM:<a@example.com>", "250").await;
@@ -185,7 +210,12 @@ async fn remote_clients_need_tls_for_auth() {
         let e = c.ehlo().await;
         assert!(e.lines.contains(&"AUTH PLAIN LOGIN".to_string()), "{e:?}");
         assert_eq!(c.auth_plain(USER, PASSWORD).await.code, 235);
-        c.send_mail("a@example.com", &["b@example.net"], b"Subject: x\r\n\r\nhi\r\n").await;
+        c.send_mail(
+            "a@example.com",
+            &["b@example.net"],
+            b"Subject: x\r\n\r\nhi\r\n",
+        )
+        .await;
     })
     .await;
 }

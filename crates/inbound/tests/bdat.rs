@@ -19,10 +19,15 @@ async fn chunks_are_stored_exactly() {
         // looks like an end of data: all stored as sent.
         let chunk1: Vec<u8> = [HEAD, b"..x\r\n.\r\nQUIT\r\n\n.\n\x00\xff\r"].concat();
         let chunk2: &[u8] = b"tail without newline";
-        c.send([format!("BDAT {}\r\n", chunk1.len()).as_bytes(), &chunk1].concat()).await;
+        c.send([format!("BDAT {}\r\n", chunk1.len()).as_bytes(), &chunk1].concat())
+            .await;
         let r = c.expect_start("250 2.0.0").await;
-        assert!(r.text().contains(&format!("{} bytes", chunk1.len())), "{r:?}");
-        c.send([format!("BDAT {} LAST\r\n", chunk2.len()).as_bytes(), chunk2].concat()).await;
+        assert!(
+            r.text().contains(&format!("{} bytes", chunk1.len())),
+            "{r:?}"
+        );
+        c.send([format!("BDAT {} LAST\r\n", chunk2.len()).as_bytes(), chunk2].concat())
+            .await;
         let id = c.expect_start("250 2.0.0 Ok: queued as").await.queue_id();
         let (received, rest) = split_received(&srv.body(id).await);
         assert_eq!(rest, [&chunk1[..], chunk2].concat());
@@ -38,12 +43,15 @@ async fn pipelined_bdat_with_zero_last() {
         let srv = start(config()).await;
         let mut c = srv.client().await;
         c.greeting().await;
-        let mut wire = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n".to_vec();
+        let mut wire =
+            b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n".to_vec();
         wire.extend_from_slice(format!("BDAT {}\r\n", HEAD.len()).as_bytes());
         wire.extend_from_slice(HEAD);
         wire.extend_from_slice(b"BDAT 4\r\nabcdBDAT 0 LAST\r\n");
         // A second message made of nothing but BDAT 0 LAST.
-        wire.extend_from_slice(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nBDAT 0 LAST\r\nQUIT\r\n");
+        wire.extend_from_slice(
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nBDAT 0 LAST\r\nQUIT\r\n",
+        );
         c.send(&wire).await;
         c.expect(250).await;
         c.expect_start("250 2.1.0").await;
@@ -56,10 +64,16 @@ async fn pipelined_bdat_with_zero_last() {
         let second = c.expect_start("250 2.0.0 Ok: queued as").await.queue_id();
         c.expect_start("221").await;
         c.expect_closed().await;
-        assert_eq!(split_received(&srv.body(first).await).1, [HEAD, b"abcd"].concat());
+        assert_eq!(
+            split_received(&srv.body(first).await).1,
+            [HEAD, b"abcd"].concat()
+        );
         let (_, empty) = split_received(&srv.body(second).await);
         let text = String::from_utf8(empty).unwrap();
-        assert!(text.starts_with("Date: ") && text.contains("\r\nMessage-ID: <"), "{text}");
+        assert!(
+            text.starts_with("Date: ") && text.contains("\r\nMessage-ID: <"),
+            "{text}"
+        );
     })
     .await;
 }

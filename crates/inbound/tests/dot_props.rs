@@ -32,7 +32,11 @@ fn decode_split(trusted: bool, input: &[u8], cuts: &[usize]) -> (Vec<u8>, usize,
 
 /// Lines of arbitrary bytes (no CR or LF inside), each ended by CRLF.
 fn crlf_content() -> impl Strategy<Value = Vec<u8>> {
-    let byte = prop_oneof![Just(b'.'), Just(b' '), any::<u8>().prop_filter("no CR/LF", |b| *b != b'\r' && *b != b'\n')];
+    let byte = prop_oneof![
+        Just(b'.'),
+        Just(b' '),
+        any::<u8>().prop_filter("no CR/LF", |b| *b != b'\r' && *b != b'\n')
+    ];
     prop::collection::vec(prop::collection::vec(byte, 0..12), 0..12).prop_map(|lines| {
         let mut v = Vec::new();
         for l in lines {
@@ -45,7 +49,10 @@ fn crlf_content() -> impl Strategy<Value = Vec<u8>> {
 
 /// Bytes rich in the characters that matter.
 fn tricky() -> impl Strategy<Value = Vec<u8>> {
-    prop::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a')], 0..40)
+    prop::collection::vec(
+        prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a')],
+        0..40,
+    )
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

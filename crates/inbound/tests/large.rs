@@ -15,7 +15,11 @@ fn big_body(size: usize) -> Vec<u8> {
         for i in 0..76 {
             state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
             let c = ALPHABET[(state >> 16) as usize % 64];
-            body.push(if i == 0 && state % 97 == 0 { b'.' } else { c });
+            body.push(if i == 0 && state.is_multiple_of(97) {
+                b'.'
+            } else {
+                c
+            });
         }
         body.extend_from_slice(b"\r\n");
     }

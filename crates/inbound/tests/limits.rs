@@ -17,10 +17,15 @@ async fn size_parameter_over_the_limit() {
         let srv = start(cfg).await;
         let mut c = srv.client().await;
         c.hello().await;
-        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1001", "552 5.3.4").await;
-        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1000", "250 2.1.0").await;
+        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1001", "552 5.3.4")
+            .await;
+        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1000", "250 2.1.0")
+            .await;
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_messages_rejected_total{reason=\"size\"} 1"), "{text}");
+        assert!(
+            text.contains("oauthrelay_messages_rejected_total{reason=\"size\"} 1"),
+            "{text}"
+        );
     })
     .await;
 }
@@ -35,19 +40,27 @@ async fn data_over_the_limit_is_discarded_and_the_session_goes_on() {
         c.hello().await;
         let mut big = b"Subject: big\r\n\r\n".to_vec();
         for i in 0..2000 {
-            big.extend_from_slice(format!("line {i} of a message that is far too big\r\n").as_bytes());
+            big.extend_from_slice(
+                format!("line {i} of a message that is far too big\r\n").as_bytes(),
+            );
         }
         // Looks like commands inside the oversized body: must stay content.
         big.extend_from_slice(b"HELP\r\n");
         let r = c.send_mail("a@example.com", &["b@example.net"], &big).await;
-        assert_eq!(r.first(), "552 5.3.4 Message size exceeds fixed maximum message size");
+        assert_eq!(
+            r.first(),
+            "552 5.3.4 Message size exceeds fixed maximum message size"
+        );
         assert!(srv.messages().await.is_empty(), "nothing stored");
         // The session is still usable, and a message at the limit passes.
         let mut ok = b"Date: x\r\nMessage-ID: <y@z>\r\n\r\n".to_vec();
         ok.resize(998, b'x');
         ok.extend_from_slice(b"\r\n");
         assert_eq!(ok.len(), 1000);
-        let id = c.send_mail("a@example.com", &["b@example.net"], &ok).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], &ok)
+            .await
+            .queue_id();
         assert_eq!(split_received(&srv.body(id).await).1, ok);
         assert_eq!(srv.messages().await.len(), 1);
     })
@@ -87,7 +100,8 @@ async fn bdat_over_the_limit_is_discarded() {
         // One chunk bigger than the limit, refused at the command.
         c.cmd("MAIL FROM:<a@example.com>", 250).await;
         c.cmd("RCPT TO:<b@example.net>", 250).await;
-        c.send([b"BDAT 1001 LAST\r\n".as_slice(), &[b'y'; 1001]].concat()).await;
+        c.send([b"BDAT 1001 LAST\r\n".as_slice(), &[b'y'; 1001]].concat())
+            .await;
         c.expect_start("552 5.3.4").await;
         c.cmd_start("NOOP", "250 2.0.0").await;
         assert_eq!(srv.messages().await.len(), 1);
@@ -105,7 +119,8 @@ async fn too_many_recipients() {
         c.hello().await;
         c.cmd("MAIL FROM:<a@example.com>", 250).await;
         for i in 0..3 {
-            c.cmd_start(&format!("RCPT TO:<r{i}@example.net>"), "250 2.1.5").await;
+            c.cmd_start(&format!("RCPT TO:<r{i}@example.net>"), "250 2.1.5")
+                .await;
         }
         let r = c.cmd_start("RCPT TO:<r3@example.net>", "452 4.5.3").await;
         assert_eq!(r.first(), "452 4.5.3 Too many recipients");
@@ -129,10 +144,16 @@ async fn connections_over_the_limit_get_421() {
         b.greeting().await;
         let mut c = srv.client().await;
         let r = c.reply().await;
-        assert_eq!(r.first(), format!("421 4.7.0 {HOST} Error: too many connections"));
+        assert_eq!(
+            r.first(),
+            format!("421 4.7.0 {HOST} Error: too many connections")
+        );
         c.expect_closed().await;
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_smtp_connections_refused_total{reason=\"limit\"} 1"), "{text}");
+        assert!(
+            text.contains("oauthrelay_smtp_connections_refused_total{reason=\"limit\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("oauthrelay_smtp_sessions 2"), "{text}");
         // When one leaves, a new client gets in.
         a.cmd("QUIT", 221).await;
@@ -218,7 +239,9 @@ impl Tmpfs {
                     Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
                     Err(e) => e.to_string(),
                 };
-                eprintln!("\n*** SKIPPING the disk-full test: cannot mount a tmpfs here ({why}) ***\n");
+                eprintln!(
+                    "\n*** SKIPPING the disk-full test: cannot mount a tmpfs here ({why}) ***\n"
+                );
                 assert!(
                     std::env::var("CI").as_deref() != Ok("true"),
                     "the disk-full test needs `mount -t tmpfs` (root) under CI: {why}"
@@ -231,7 +254,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
     }
 }
 
@@ -241,12 +267,20 @@ async fn full_disk_gives_452_and_stores_nothing() {
         return;
     };
     bounded(30, async {
-        let srv = start_full(config(), accept_all(), "127.0.0.1:0", Some(&fs.path.join("spool"))).await;
+        let srv = start_full(
+            config(),
+            accept_all(),
+            "127.0.0.1:0",
+            Some(&fs.path.join("spool")),
+        )
+        .await;
         let mut c = srv.client().await;
         c.hello().await;
         let mut big = b"Subject: big\r\n\r\n".to_vec();
         while big.len() < 1 << 20 {
-            big.extend_from_slice(b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n");
+            big.extend_from_slice(
+                b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n",
+            );
         }
         let r = c.send_mail("a@example.com", &["b@example.net"], &big).await;
         assert_eq!(r.code, 452, "{r:?}");
@@ -255,11 +289,20 @@ async fn full_disk_gives_452_and_stores_nothing() {
         // The session is usable, and once space is back (the failed write
         // was cut off) a small message is taken.
         c.cmd("NOOP", 250).await;
-        let r = c.send_mail("a@example.com", &["b@example.net"], b"Subject: small\r\n\r\nhi\r\n").await;
+        let r = c
+            .send_mail(
+                "a@example.com",
+                &["b@example.net"],
+                b"Subject: small\r\n\r\nhi\r\n",
+            )
+            .await;
         assert_eq!(r.code, 250, "{r:?}");
         assert_eq!(srv.spool.list().len(), 1);
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_messages_rejected_total{reason=\"storage\"} 1"), "{text}");
+        assert!(
+            text.contains("oauthrelay_messages_rejected_total{reason=\"storage\"} 1"),
+            "{text}"
+        );
         c.cmd("QUIT", 221).await;
         srv.stop().await;
     })

@@ -47,7 +47,11 @@ async fn passwords_never_reach_the_logs() {
         c.cmd(&b64(b"Hunter3-wrong"), 535).await;
         assert_eq!(c.auth_plain(USER, PASSWORD).await.code, 235);
         let id = c
-            .send_mail("alice@example.com", &["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n")
+            .send_mail(
+                "alice@example.com",
+                &["bob@example.net"],
+                b"Subject: x\r\n\r\nhi\r\n",
+            )
             .await
             .queue_id();
         c.cmd("QUIT", 221).await;
@@ -70,9 +74,18 @@ async fn passwords_never_reach_the_logs() {
     assert!(text.contains("authentication failed"), "{text}");
     assert!(text.contains("authenticated"), "{text}");
     for secret in ["Hunter2", "Hunter3", PASSWORD] {
-        assert!(!text.contains(secret), "password {secret} in the logs:\n{text}");
+        assert!(
+            !text.contains(secret),
+            "password {secret} in the logs:\n{text}"
+        );
     }
-    for encoded in [b64(b"Hunter3-wrong"), b64(format!("\0{USER}\0{PASSWORD}").as_bytes())] {
-        assert!(!text.contains(&encoded), "encoded password in the logs:\n{text}");
+    for encoded in [
+        b64(b"Hunter3-wrong"),
+        b64(format!("\0{USER}\0{PASSWORD}").as_bytes()),
+    ] {
+        assert!(
+            !text.contains(&encoded),
+            "encoded password in the logs:\n{text}"
+        );
     }
 }

@@ -100,21 +100,40 @@ async fn several_recipients_and_messages_per_session() {
         let mut c = srv.client().await;
         c.hello().await;
         let a = c
-            .send_mail("a@example.com", &["r1@example.net", "r2@example.net", "r1@example.net"], MESSAGE)
+            .send_mail(
+                "a@example.com",
+                &["r1@example.net", "r2@example.net", "r1@example.net"],
+                MESSAGE,
+            )
             .await
             .queue_id();
-        let b = c.send_mail("", &["r3@example.net"], MESSAGE).await.queue_id();
+        let b = c
+            .send_mail("", &["r3@example.net"], MESSAGE)
+            .await
+            .queue_id();
         assert!(b > a);
         let env = srv.spool.envelope(a).unwrap();
         let rcpts: Vec<_> = env.recipients.iter().map(|r| r.address.as_str()).collect();
-        assert_eq!(rcpts, ["r1@example.net", "r2@example.net", "r1@example.net"]);
+        assert_eq!(
+            rcpts,
+            ["r1@example.net", "r2@example.net", "r1@example.net"]
+        );
         let (received, _) = split_received(&srv.body(a).await);
-        assert!(!received.contains(" for <"), "no `for` with several recipients: {received}");
+        assert!(
+            !received.contains(" for <"),
+            "no `for` with several recipients: {received}"
+        );
         let env = srv.spool.envelope(b).unwrap();
         assert_eq!(env.sender, "", "null sender kept");
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_messages_received_total 2"), "{text}");
-        assert!(text.contains("oauthrelay_smtp_connections_accepted_total 1"), "{text}");
+        assert!(
+            text.contains("oauthrelay_messages_received_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("oauthrelay_smtp_connections_accepted_total 1"),
+            "{text}"
+        );
     })
     .await;
 }
@@ -135,8 +154,10 @@ async fn sequencing_and_syntax_errors() {
         c.cmd_start("", "500 5.5.2").await;
         c.cmd_start("MAIL FROM:a@example.com", "501 5.5.4").await;
         c.cmd_start("MAIL FROM:<a@@example.com>", "501 5.1.7").await;
-        c.cmd_start("MAIL FROM:<a@example.com> FROB=1", "555 5.5.4").await;
-        c.cmd_start("MAIL FROM:<a@example.com> SIZE=abc", "501 5.5.4").await;
+        c.cmd_start("MAIL FROM:<a@example.com> FROB=1", "555 5.5.4")
+            .await;
+        c.cmd_start("MAIL FROM:<a@example.com> SIZE=abc", "501 5.5.4")
+            .await;
         c.cmd_start("MAIL FROM:<a@example.com>", "250 2.1.0").await;
         c.cmd_start("MAIL FROM:<a@example.com>", "503 5.5.1").await;
         c.cmd_start("DATA", "503 5.5.1").await;
@@ -235,11 +256,18 @@ async fn eight_bit_and_utf8_pass_through() {
         let srv = start(config()).await;
         let mut c = srv.client().await;
         c.hello().await;
-        c.cmd_start("MAIL FROM:<jörg@exämple.de>", "553 5.6.7").await;
-        c.cmd_start("MAIL FROM:<jörg@exämple.de> SMTPUTF8 BODY=8BITMIME", "250 2.1.0").await;
+        c.cmd_start("MAIL FROM:<jörg@exämple.de>", "553 5.6.7")
+            .await;
+        c.cmd_start(
+            "MAIL FROM:<jörg@exämple.de> SMTPUTF8 BODY=8BITMIME",
+            "250 2.1.0",
+        )
+        .await;
         c.cmd_start("RCPT TO:<usér@例え.jp>", "250 2.1.5").await;
         c.cmd("DATA", 354).await;
-        let mut body = "Date: x\r\nMessage-ID: <m@x>\r\nSubject: grüße 你好\r\n\r\n".as_bytes().to_vec();
+        let mut body = "Date: x\r\nMessage-ID: <m@x>\r\nSubject: grüße 你好\r\n\r\n"
+            .as_bytes()
+            .to_vec();
         body.extend_from_slice(&[0x80, 0xff, 0xfe, b'\t', 0x00, 0x7f, b'\r', b'\n']);
         body.extend_from_slice("ünïcödé line\r\n".as_bytes());
         let mut wire = Vec::new();
@@ -261,7 +289,11 @@ async fn eight_bit_and_utf8_pass_through() {
 
 fn header_section(stored: &[u8]) -> String {
     let (_, rest) = split_received(stored);
-    let end = rest.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 2).unwrap_or(rest.len());
+    let end = rest
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+        .unwrap_or(rest.len());
     String::from_utf8_lossy(&rest[..end]).into_owned()
 }
 
@@ -274,55 +306,98 @@ async fn date_and_message_id_are_added_only_when_missing() {
 
         // Neither: both added at the end of the header section.
         let body = b"From: a@example.com\r\nSubject: x\r\n\r\nhello\r\nDate: in the body\r\n";
-        let id = c.send_mail("a@example.com", &["b@example.net"], body).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], body)
+            .await
+            .queue_id();
         let (_, rest) = split_received(&srv.body(id).await);
         let text = String::from_utf8(rest).unwrap();
         let expected_start = "From: a@example.com\r\nSubject: x\r\nDate: ";
         assert!(text.starts_with(expected_start), "{text}");
         let mid = format!("\r\nMessage-ID: <{id}.");
         assert!(text.contains(&mid), "{text}");
-        assert!(text.contains(&format!("@{HOST}>\r\n\r\nhello\r\nDate: in the body\r\n")), "{text}");
-        assert_eq!(text.matches("\r\nDate: ").count(), 2, "one added, one in the body");
+        assert!(
+            text.contains(&format!("@{HOST}>\r\n\r\nhello\r\nDate: in the body\r\n")),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("\r\nDate: ").count(),
+            2,
+            "one added, one in the body"
+        );
 
         // Both present: nothing added.
-        let id = c.send_mail("a@example.com", &["b@example.net"], MESSAGE).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], MESSAGE)
+            .await
+            .queue_id();
         assert_eq!(split_received(&srv.body(id).await).1, MESSAGE);
 
         // Only Date (any case): Message-ID added.
         let body = b"dAtE: today\r\nSubject: y\r\n\r\nbody\r\n";
-        let id = c.send_mail("a@example.com", &["b@example.net"], body).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], body)
+            .await
+            .queue_id();
         let h = header_section(&srv.body(id).await);
-        assert!(h.starts_with("dAtE: today\r\nSubject: y\r\nMessage-ID: <"), "{h}");
+        assert!(
+            h.starts_with("dAtE: today\r\nSubject: y\r\nMessage-ID: <"),
+            "{h}"
+        );
         assert!(!h.contains("\r\nDate:"), "{h}");
 
         // Folded headers are kept whole.
         let body = b"Subject: a\r\n  folded\r\nMessage-Id: <x@y>\r\n\r\nb\r\n";
-        let id = c.send_mail("a@example.com", &["b@example.net"], body).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], body)
+            .await
+            .queue_id();
         let h = header_section(&srv.body(id).await);
-        assert!(h.starts_with("Subject: a\r\n  folded\r\nMessage-Id: <x@y>\r\nDate: "), "{h}");
+        assert!(
+            h.starts_with("Subject: a\r\n  folded\r\nMessage-Id: <x@y>\r\nDate: "),
+            "{h}"
+        );
         assert!(!h.contains("Message-ID:"), "{h}");
 
         // No header/body separator: added after the last header.
         let body = b"Subject: only headers\r\n";
-        let id = c.send_mail("a@example.com", &["b@example.net"], body).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], body)
+            .await
+            .queue_id();
         let (_, rest) = split_received(&srv.body(id).await);
         let text = String::from_utf8(rest).unwrap();
-        assert!(text.starts_with("Subject: only headers\r\nDate: "), "{text}");
+        assert!(
+            text.starts_with("Subject: only headers\r\nDate: "),
+            "{text}"
+        );
         assert!(text.ends_with(&format!("@{HOST}>\r\n")), "{text}");
 
         // No headers at all: added before the first line.
         let body = b"just text\r\nmore\r\n";
-        let id = c.send_mail("a@example.com", &["b@example.net"], body).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], body)
+            .await
+            .queue_id();
         let (_, rest) = split_received(&srv.body(id).await);
         let text = String::from_utf8(rest).unwrap();
         assert!(text.starts_with("Date: "), "{text}");
-        assert!(text.ends_with(&format!("@{HOST}>\r\njust text\r\nmore\r\n")), "{text}");
+        assert!(
+            text.ends_with(&format!("@{HOST}>\r\njust text\r\nmore\r\n")),
+            "{text}"
+        );
 
         // Empty message.
-        let id = c.send_mail("a@example.com", &["b@example.net"], b"").await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], b"")
+            .await
+            .queue_id();
         let (_, rest) = split_received(&srv.body(id).await);
         let text = String::from_utf8(rest).unwrap();
-        assert!(text.starts_with("Date: ") && text.contains("\r\nMessage-ID: <"), "{text}");
+        assert!(
+            text.starts_with("Date: ") && text.contains("\r\nMessage-ID: <"),
+            "{text}"
+        );
     })
     .await;
 }
@@ -334,11 +409,17 @@ async fn sender_policy_is_asked_at_mail() {
         let srv = start_with_policy(config(), policy).await;
         let mut c = srv.client().await;
         c.hello().await;
-        let r = c.cmd_start("MAIL FROM:<x@other.example>", "550 5.7.1").await;
+        let r = c
+            .cmd_start("MAIL FROM:<x@other.example>", "550 5.7.1")
+            .await;
         assert!(r.text().contains("<x@other.example>"), "{r:?}");
-        c.cmd_start("MAIL FROM:<x@allowed.example>", "250 2.1.0").await;
+        c.cmd_start("MAIL FROM:<x@allowed.example>", "250 2.1.0")
+            .await;
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_messages_rejected_total{reason=\"sender\"} 1"), "{text}");
+        assert!(
+            text.contains("oauthrelay_messages_rejected_total{reason=\"sender\"} 1"),
+            "{text}"
+        );
     })
     .await;
 }
@@ -360,16 +441,23 @@ async fn a_session_runs_over_an_in_memory_stream() {
 
         let (mut c, session) = run("192.0.2.9:4000");
         c.hello().await;
-        let id = c.send_mail("a@example.com", &["b@example.net"], MESSAGE).await.queue_id();
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], MESSAGE)
+            .await
+            .queue_id();
         c.cmd("QUIT", 221).await;
         session.await.unwrap();
         let env = srv.spool.envelope(id).unwrap();
         assert_eq!(env.client.as_deref(), Some("192.0.2.9:4000"));
         let (received, _) = split_received(&srv.body(id).await);
-        assert!(received.starts_with("Received: from client.test ([192.0.2.9]) by"), "{received}");
+        assert!(
+            received.starts_with("Received: from client.test ([192.0.2.9]) by"),
+            "{received}"
+        );
 
         let (mut c, session) = run("[2001:db8::5]:25");
-        c.expect_start("554 5.7.1 2001:db8::5 is not allowed to relay").await;
+        c.expect_start("554 5.7.1 2001:db8::5 is not allowed to relay")
+            .await;
         c.cmd_start("EHLO x", "503 5.7.1").await;
         c.cmd_start("QUIT", "221 2.0.0").await;
         c.expect_closed().await;

@@ -27,11 +27,19 @@ async fn untrusted_client_is_refused_at_connect_without_users() {
         c.cmd_start("QUIT", "221 2.0.0").await;
         c.expect_closed().await;
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_smtp_connections_refused_total{reason=\"network\"} 1"), "{text}");
+        assert!(
+            text.contains("oauthrelay_smtp_connections_refused_total{reason=\"network\"} 1"),
+            "{text}"
+        );
         // 127.0.0.1 itself is trusted.
         let mut ok = srv.client().await;
         ok.hello().await;
-        ok.send_mail("a@example.com", &["b@example.net"], b"Subject: x\r\n\r\nhi\r\n").await;
+        ok.send_mail(
+            "a@example.com",
+            &["b@example.net"],
+            b"Subject: x\r\n\r\nhi\r\n",
+        )
+        .await;
     })
     .await;
 }
@@ -75,25 +83,41 @@ async fn with_users_untrusted_clients_must_authenticate_to_relay() {
         let mut c = srv.client_from("127.0.0.2").await;
         c.greeting().await;
         let e = c.ehlo().await;
-        assert!(e.lines.contains(&"AUTH PLAIN LOGIN".to_string()), "loopback may AUTH without TLS: {e:?}");
+        assert!(
+            e.lines.contains(&"AUTH PLAIN LOGIN".to_string()),
+            "loopback may AUTH without TLS: {e:?}"
+        );
         c.cmd_start("MAIL FROM:<a@example.com>", "250 2.1.0").await;
         let r = c.cmd_start("RCPT TO:<bob@example.net>", "554 5.7.1").await;
-        assert_eq!(r.first(), "554 5.7.1 <bob@example.net>: Relay access denied");
+        assert_eq!(
+            r.first(),
+            "554 5.7.1 <bob@example.net>: Relay access denied"
+        );
         c.cmd_start("DATA", "503 5.5.1").await;
         c.cmd("RSET", 250).await;
         let r = c.auth_plain(USER, PASSWORD).await;
         assert_eq!(r.first(), "235 2.7.0 Authentication successful");
         let id = c
-            .send_mail("a@example.com", &["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n")
+            .send_mail(
+                "a@example.com",
+                &["bob@example.net"],
+                b"Subject: x\r\n\r\nhi\r\n",
+            )
             .await
             .queue_id();
         let env = srv.spool.envelope(id).unwrap();
         assert_eq!(env.auth_user.as_deref(), Some(USER));
         assert!(env.client.unwrap().starts_with("127.0.0.2:"));
         let (received, _) = split_received(&srv.body(id).await);
-        assert!(received.contains("([127.0.0.2]) by relay.test (oauthrelay) with ESMTPA id "), "{received}");
+        assert!(
+            received.contains("([127.0.0.2]) by relay.test (oauthrelay) with ESMTPA id "),
+            "{received}"
+        );
         let text = srv.metrics_text();
-        assert!(text.contains("oauthrelay_messages_rejected_total{reason=\"relay\"} 1"), "{text}");
+        assert!(
+            text.contains("oauthrelay_messages_rejected_total{reason=\"relay\"} 1"),
+            "{text}"
+        );
     })
     .await;
 }

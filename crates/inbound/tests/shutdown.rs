@@ -33,7 +33,10 @@ async fn idle_sessions_are_closed_and_serve_returns() {
         }
         srv.task.await.unwrap();
         assert_eq!(srv.inbound.active_sessions(), 0);
-        assert!(tokio::net::TcpStream::connect(srv.addr).await.is_err(), "no longer accepting");
+        assert!(
+            tokio::net::TcpStream::connect(srv.addr).await.is_err(),
+            "no longer accepting"
+        );
     })
     .await;
 }
@@ -52,17 +55,36 @@ async fn a_message_in_progress_is_finished_then_421() {
         busy.send("Subject: in flight\r\n\r\nfirst half\r\n").await;
 
         srv.shutdown.cancel();
-        assert_eq!(idle.reply().await.first(), "421 4.3.2 Service shutting down");
-        assert!(listener_closed(srv.addr).await, "still accepting after shutdown");
+        assert_eq!(
+            idle.reply().await.first(),
+            "421 4.3.2 Service shutting down"
+        );
+        assert!(
+            listener_closed(srv.addr).await,
+            "still accepting after shutdown"
+        );
 
         busy.send("second half\r\n.\r\nNOOP\r\n").await;
-        let id = busy.expect_start("250 2.0.0 Ok: queued as").await.queue_id();
+        let id = busy
+            .expect_start("250 2.0.0 Ok: queued as")
+            .await
+            .queue_id();
         // Pipelined commands already sent are still answered; then 421.
         busy.expect_start("250 2.0.0 Ok").await;
-        assert_eq!(busy.reply().await.first(), "421 4.3.2 Service shutting down");
+        assert_eq!(
+            busy.reply().await.first(),
+            "421 4.3.2 Service shutting down"
+        );
         busy.expect_closed().await;
         srv.task.await.unwrap();
-        let (_, body) = split_received(&srv.spool.read_body(id).unwrap().read_to_end().await.unwrap());
+        let (_, body) = split_received(
+            &srv.spool
+                .read_body(id)
+                .unwrap()
+                .read_to_end()
+                .await
+                .unwrap(),
+        );
         assert!(body.starts_with(b"Subject: in flight\r\n"));
         assert!(body.ends_with(b"\r\n\r\nfirst half\r\nsecond half\r\n"));
     })
@@ -84,9 +106,15 @@ async fn a_stalled_message_is_cut_off_after_the_grace_period() {
         busy.send("Subject: never finished\r\n").await;
         let t0 = tokio::time::Instant::now();
         srv.shutdown.cancel();
-        assert_eq!(busy.reply().await.first(), "421 4.3.2 Service shutting down");
+        assert_eq!(
+            busy.reply().await.first(),
+            "421 4.3.2 Service shutting down"
+        );
         let waited = t0.elapsed();
-        assert!(waited >= Duration::from_secs(30) && waited < Duration::from_secs(31), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "{waited:?}"
+        );
         busy.expect_closed().await;
         srv.task.await.unwrap();
         assert!(srv.spool.list().is_empty());
@@ -105,7 +133,10 @@ async fn reload_applies_to_new_sessions_only() {
         srv.inbound
             .reload(inbound::Settings::new(cfg, "new.test", accept_all()).unwrap());
         let mut new = srv.client().await;
-        assert_eq!(new.greeting().await.first(), "220 new.test ESMTP oauthrelay");
+        assert_eq!(
+            new.greeting().await.first(),
+            "220 new.test ESMTP oauthrelay"
+        );
         let e = new.ehlo().await;
         assert!(e.lines.contains(&"SIZE 5000".to_string()), "{e:?}");
         let e = old.ehlo().await;

@@ -29,12 +29,15 @@ async fn known_payloads_do_not_end_data_from_untrusted_clients() {
     bounded(60, async {
         let srv = start(server_config()).await;
         let mut c = untrusted(&srv).await;
-        let payloads: [&[u8]; 6] = [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\n.\r\n", b"\r\n.\n"];
+        let payloads: [&[u8]; 6] = [
+            b"\n.\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\n.\r\n", b"\r\n.\n",
+        ];
         for payload in payloads {
             c.cmd("MAIL FROM:<user@example.com>", 250).await;
             c.cmd("RCPT TO:<friend@example.net>", 250).await;
             c.cmd("DATA", 354).await;
-            let mut wire = b"Date: x\r\nMessage-ID: <a@b>\r\nSubject: innocent\r\n\r\nhello".to_vec();
+            let mut wire =
+                b"Date: x\r\nMessage-ID: <a@b>\r\nSubject: innocent\r\n\r\nhello".to_vec();
             wire.extend_from_slice(payload);
             wire.extend_from_slice(SMUGGLED.as_bytes());
             wire.extend_from_slice(b"\r\n.\r\n");
@@ -48,12 +51,25 @@ async fn known_payloads_do_not_end_data_from_untrusted_clients() {
             assert_eq!(env.recipients[0].address, "friend@example.net");
             let (_, body) = split_received(&srv.body(id).await);
             let body = String::from_utf8(body).unwrap();
-            assert!(body.contains("MAIL FROM:<admin@victim.example>"), "{payload:?}: {body:?}");
-            assert!(body.ends_with("Subject: smuggled\r\n\r\nevil\r\n\r\n"), "{payload:?}: {body:?}");
+            assert!(
+                body.contains("MAIL FROM:<admin@victim.example>"),
+                "{payload:?}: {body:?}"
+            );
+            assert!(
+                body.ends_with("Subject: smuggled\r\n\r\nevil\r\n\r\n"),
+                "{payload:?}: {body:?}"
+            );
             // Every LF is part of a CRLF in what we store.
-            assert!(!body.replace("\r\n", "").contains('\n'), "{payload:?}: {body:?}");
+            assert!(
+                !body.replace("\r\n", "").contains('\n'),
+                "{payload:?}: {body:?}"
+            );
         }
-        assert_eq!(srv.spool.list().len(), payloads.len(), "one message per DATA, none smuggled");
+        assert_eq!(
+            srv.spool.list().len(),
+            payloads.len(),
+            "one message per DATA, none smuggled"
+        );
     })
     .await;
 }
@@ -96,7 +112,10 @@ async fn bare_lf_from_trusted_clients_is_a_line_ending() {
         c.cmd("MAIL FROM:<printer@example.com>", 250).await;
         c.cmd("RCPT TO:<office@example.net>", 250).await;
         c.cmd("DATA", 354).await;
-        c.send("Subject: scan\nDate: x\nMessage-ID: <s@p>\n\nline 1\n..dotted\r\nline 3\n.\nNOOP\n").await;
+        c.send(
+            "Subject: scan\nDate: x\nMessage-ID: <s@p>\n\nline 1\n..dotted\r\nline 3\n.\nNOOP\n",
+        )
+        .await;
         let id = c.expect_start("250 2.0.0 Ok: queued").await.queue_id();
         // The bare-LF end of data let the pipelined NOOP through.
         c.expect_start("250 2.0.0 Ok").await;
@@ -110,7 +129,8 @@ async fn bare_lf_from_trusted_clients_is_a_line_ending() {
             c.cmd("MAIL FROM:<printer@example.com>", 250).await;
             c.cmd("RCPT TO:<office@example.net>", 250).await;
             c.cmd("DATA", 354).await;
-            c.send(format!("Date: x\nMessage-ID: <s@p>\n\nbody{end}")).await;
+            c.send(format!("Date: x\nMessage-ID: <s@p>\n\nbody{end}"))
+                .await;
             let id = c.expect_start("250 2.0.0 Ok: queued").await.queue_id();
             let (_, body) = split_received(&srv.body(id).await);
             assert_eq!(body, b"Date: x\r\nMessage-ID: <s@p>\r\n\r\nbody\r\n");
@@ -119,10 +139,14 @@ async fn bare_lf_from_trusted_clients_is_a_line_ending() {
         c.cmd("MAIL FROM:<printer@example.com>", 250).await;
         c.cmd("RCPT TO:<office@example.net>", 250).await;
         c.cmd("DATA", 354).await;
-        c.send("Date: x\r\nMessage-ID: <s@p>\r\n\r\nbody\r.\rmore\r\n.\r\n").await;
+        c.send("Date: x\r\nMessage-ID: <s@p>\r\n\r\nbody\r.\rmore\r\n.\r\n")
+            .await;
         let id = c.expect_start("250 2.0.0 Ok: queued").await.queue_id();
         let (_, body) = split_received(&srv.body(id).await);
-        assert_eq!(body, b"Date: x\r\nMessage-ID: <s@p>\r\n\r\nbody\r.\rmore\r\n");
+        assert_eq!(
+            body,
+            b"Date: x\r\nMessage-ID: <s@p>\r\n\r\nbody\r.\rmore\r\n"
+        );
     })
     .await;
 }

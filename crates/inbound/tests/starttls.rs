@@ -40,7 +40,11 @@ async fn starttls_then_auth_then_mail() {
         c.cmd_start("STARTTLS", "503 5.5.1").await;
         assert_eq!(c.auth_plain(USER, PASSWORD).await.code, 235);
         let id = c
-            .send_mail("a@example.com", &["b@example.net"], b"Subject: x\r\n\r\nover TLS\r\n")
+            .send_mail(
+                "a@example.com",
+                &["b@example.net"],
+                b"Subject: x\r\n\r\nover TLS\r\n",
+            )
             .await
             .queue_id();
         c.cmd("QUIT", 221).await;
@@ -58,10 +62,17 @@ async fn tls12_clients_work() {
         let srv = start(tls_config(&certs)).await;
         let mut c = srv.client().await;
         c.hello().await;
-        let (mut c, version) = c.starttls(certs.client_with(&[&rustls::version::TLS12])).await;
+        let (mut c, version) = c
+            .starttls(certs.client_with(&[&rustls::version::TLS12]))
+            .await;
         assert_eq!(version, rustls::ProtocolVersion::TLSv1_2);
         c.ehlo().await;
-        c.send_mail("a@example.com", &["b@example.net"], b"Subject: x\r\n\r\nhi\r\n").await;
+        c.send_mail(
+            "a@example.com",
+            &["b@example.net"],
+            b"Subject: x\r\n\r\nhi\r\n",
+        )
+        .await;
     })
     .await;
 }
@@ -133,7 +144,11 @@ fn settings_errors_name_the_file() {
         });
         Settings::new(cfg, HOST, accept_all())
     };
-    assert!(build(&certs.cert_file, &certs.key_file).unwrap().tls_enabled());
+    assert!(
+        build(&certs.cert_file, &certs.key_file)
+            .unwrap()
+            .tls_enabled()
+    );
 
     let missing = dir.path().join("missing.pem");
     let e = build(&missing, &certs.key_file).unwrap_err();
@@ -202,7 +217,11 @@ async fn remote_clients_authenticate_after_starttls() {
         c.cmd(&b64(USER.as_bytes()), 334).await;
         c.cmd_start(&b64(PASSWORD.as_bytes()), "235 2.7.0").await;
         let id = c
-            .send_mail("a@example.com", &["b@example.net"], b"Subject: x\r\n\r\nhi\r\n")
+            .send_mail(
+                "a@example.com",
+                &["b@example.net"],
+                b"Subject: x\r\n\r\nhi\r\n",
+            )
             .await
             .queue_id();
         let env = srv.spool.envelope(id).unwrap();

@@ -23,7 +23,10 @@ async fn idle_client_is_cut_off_after_the_command_timeout() {
         let r = c.reply().await;
         assert_eq!(r.first(), timeout_reply());
         let waited = t0.elapsed();
-        assert!(waited >= Duration::from_secs(300) && waited < Duration::from_secs(302), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(300) && waited < Duration::from_secs(302),
+            "{waited:?}"
+        );
         c.expect_closed().await;
     })
     .await;
@@ -49,7 +52,10 @@ async fn a_dribbled_command_does_not_extend_the_deadline() {
         let cut = dribble(&mut c, Duration::from_secs(15)).await;
         let r = c.reply().await;
         assert_eq!(r.first(), timeout_reply());
-        assert!(cut >= Duration::from_secs(60) && cut < Duration::from_secs(61), "{cut:?}");
+        assert!(
+            cut >= Duration::from_secs(60) && cut < Duration::from_secs(61),
+            "{cut:?}"
+        );
         assert!(t0.elapsed() > Duration::from_secs(150));
         c.expect_closed().await;
     })
@@ -71,7 +77,9 @@ async fn silent_data_times_out() {
         let t0 = Instant::now();
         let r = c.reply().await;
         assert_eq!(r.first(), timeout_reply());
-        assert!(t0.elapsed() >= Duration::from_secs(179) && t0.elapsed() < Duration::from_secs(182));
+        assert!(
+            t0.elapsed() >= Duration::from_secs(179) && t0.elapsed() < Duration::from_secs(182)
+        );
         c.expect_closed().await;
         assert!(srv.messages().await.is_empty());
     })
@@ -111,7 +119,10 @@ async fn slowloris_in_data_is_cut_off() {
         let cut = dribble(&mut c, Duration::from_secs(5)).await;
         assert_eq!(c.reply().await.first(), timeout_reply());
         // 180 s, plus well under a second for ~36 bytes at 500 B/s.
-        assert!(cut >= Duration::from_secs(180) && cut <= Duration::from_secs(182), "{cut:?}");
+        assert!(
+            cut >= Duration::from_secs(180) && cut <= Duration::from_secs(182),
+            "{cut:?}"
+        );
         c.expect_closed().await;
     })
     .await;
@@ -132,7 +143,10 @@ async fn slowloris_in_bdat_is_cut_off() {
         let cut = dribble(&mut c, Duration::from_secs(2)).await;
         assert_eq!(c.reply().await.first(), timeout_reply());
         // 100 s + 1 s per 10 bytes: about 105 s at half a byte a second.
-        assert!(cut >= Duration::from_secs(104) && cut <= Duration::from_secs(108), "{cut:?}");
+        assert!(
+            cut >= Duration::from_secs(104) && cut <= Duration::from_secs(108),
+            "{cut:?}"
+        );
     })
     .await;
 }
@@ -163,7 +177,10 @@ async fn an_honest_slow_client_is_not_cut_off() {
         tokio::time::resume();
         c.send(".\r\n").await;
         let id = c.expect(250).await.queue_id();
-        assert_eq!(srv.body(id).await.len() as u64, srv.spool.envelope(id).unwrap().size);
+        assert_eq!(
+            srv.body(id).await.len() as u64,
+            srv.spool.envelope(id).unwrap().size
+        );
         c.cmd("QUIT", 221).await;
     })
     .await;
@@ -179,7 +196,11 @@ async fn a_refused_client_may_not_linger() {
         c.expect_start("554 5.7.1").await;
         let t0 = Instant::now();
         assert_eq!(c.reply().await.first(), timeout_reply());
-        assert!(t0.elapsed() <= Duration::from_secs(11), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() <= Duration::from_secs(11),
+            "{:?}",
+            t0.elapsed()
+        );
         c.expect_closed().await;
     })
     .await;
@@ -204,7 +225,10 @@ async fn a_stalled_tls_handshake_times_out() {
         // No ClientHello: the server gives up and closes.
         c.expect_closed().await;
         let waited = t0.elapsed();
-        assert!(waited >= Duration::from_secs(60) && waited < Duration::from_secs(62), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(62),
+            "{waited:?}"
+        );
     })
     .await;
 }

@@ -30,7 +30,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else if self.helo.is_none() {
             Some(Reply::Sequence("send HELO/EHLO first"))
         } else if self.txn.is_some() {
-            Some(Reply::Sequence("AUTH not allowed during a mail transaction"))
+            Some(Reply::Sequence(
+                "AUTH not allowed during a mail transaction",
+            ))
         } else if self.settings.users.is_empty() {
             Some(Reply::Sequence("authentication not enabled"))
         } else if !self.auth_channel_ok() {
@@ -141,9 +143,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn auth_failed(&mut self, user: &[u8]) -> Step {
         let cfg = &self.settings.config;
-        self.shared
-            .limiter
-            .record_failure(self.ip, cfg.auth_failure_limit, cfg.auth_failure_window);
+        self.shared.limiter.record_failure(
+            self.ip,
+            cfg.auth_failure_limit,
+            cfg.auth_failure_window,
+        );
         self.shared.metrics.auth_failed();
         warn!(
             client = %self.peer,

@@ -69,15 +69,25 @@ pub(crate) enum State {
     /// A DATA body, being stored.
     Data(DotDecoder),
     /// The bytes of a BDAT chunk, being stored.
-    Bdat { remaining: u64, chunk: u64, last: bool },
+    Bdat {
+        remaining: u64,
+        chunk: u64,
+        last: bool,
+    },
     /// A body that will not be stored (too big, refused, or the spool
     /// failed): read to its end, then answer `then`.
     Discard(Discard),
 }
 
 pub(crate) enum Discard {
-    Data { dot: DotDecoder, then: Reply<'static> },
-    Bdat { remaining: u64, then: Reply<'static> },
+    Data {
+        dot: DotDecoder,
+        then: Reply<'static>,
+    },
+    Bdat {
+        remaining: u64,
+        then: Reply<'static>,
+    },
 }
 
 /// The client's HELO/EHLO.
@@ -187,7 +197,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         shutdown: CancellationToken,
     ) -> Session<S> {
         let ip = peer.ip().to_canonical();
-        let trusted = settings.config.allow_networks.iter().any(|n| n.contains(ip));
+        let trusted = settings
+            .config
+            .allow_networks
+            .iter()
+            .any(|n| n.contains(ip));
         let refused = !trusted && settings.users.is_empty();
         let now = Instant::now();
         Session {
@@ -410,7 +424,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     // ---- replies ----------------------------------------------------------
 
     /// Queue a reply. Client errors are counted; at `max_errors` the
-    /// session says so and closes.
+    /// session says so and closes. A 421 closes too.
     fn reply(&mut self, r: Reply<'_>) -> Step {
         r.write(
             &mut self.out,
@@ -419,6 +433,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         );
         self.touch();
+        if r.code() == 421 {
+            // Every 421 closes the connection (RFC 5321 3.8).
+            return Step::Close;
+        }
         if r.is_client_error() && !matches!(r, Reply::AuthCancelled) {
             self.errors += 1;
             if self.errors >= self.settings.config.max_errors.max(1) {
@@ -453,7 +471,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let mut limit = self.settings.config.command_timeout;
         if self.shutdown.is_cancelled() {
-            limit = limit.min(self.settings.config.shutdown_grace.max(Duration::from_secs(1)));
+            limit = limit.min(
+                self.settings
+                    .config
+                    .shutdown_grace
+                    .max(Duration::from_secs(1)),
+            );
         }
         let r = tokio::time::timeout(limit, async {
             self.conn.write_all(&self.out).await?;
@@ -529,8 +552,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let cap = self.rbuf.capacity();
         let len = self.rbuf.len();
         if self.in_body() {
-            if self.read_full && cap < BODY_BUF {
-                self.rbuf.reserve_exact((cap * 2).clamp(base, BODY_BUF.max(base)) - len);
+            let target = cap.saturating_mul(2).clamp(base, BODY_BUF.max(base));
+            if self.read_full && cap < BODY_BUF && target > len {
+                self.rbuf.reserve_exact(target - len);
             }
         } else if cap > base * 2 && len <= base {
             self.rbuf.shrink_to(base);
@@ -551,13 +575,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         loop {
             if self.shutdown.is_cancelled() {
                 if !self.in_body() {
-                    return self.close_with(Reply::ShuttingDown, SessionEnd::Shutdown).await;
+                    return self
+                        .close_with(Reply::ShuttingDown, SessionEnd::Shutdown)
+                        .await;
                 }
                 if self.grace_end.is_none() {
-                    self.grace_end = Some(later(
-                        Instant::now(),
-                        self.settings.config.shutdown_grace,
-                    ));
+                    self.grace_end =
+                        Some(later(Instant::now(), self.settings.config.shutdown_grace));
                 }
             }
             let (deadline, expiry) = self.deadline();
@@ -610,7 +634,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Open the spool message of the current transaction.
     async fn begin_message(&mut self) -> Result<(), spool::SpoolError> {
         let protocol = self.protocol();
-        let helo = self.helo.as_ref().map(|h| h.name.as_str()).unwrap_or("unknown");
+        let helo = self
+            .helo
+            .as_ref()
+            .map(|h| h.name.as_str())
+            .unwrap_or("unknown");
         let host = self.settings.hostname.clone();
         let limit = self.settings.config.max_message_size.0;
         let ip = self.ip;
@@ -674,7 +702,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let nrcpt = txn.rcpts.len();
         let mut env = Envelope::new(sender.clone(), txn.rcpts);
         env.client = Some(self.peer.to_string());
-        env.helo = self.helo.as_ref().map(|h| h.name.clone()).unwrap_or_default();
+        env.helo = self
+            .helo
+            .as_ref()
+            .map(|h| h.name.clone())
+            .unwrap_or_default();
         env.auth_user = self.auth_user.clone();
         env.received = SystemTime::now();
         env.smtputf8 = txn.smtputf8;
@@ -755,4 +787,45 @@ pub(crate) fn trim_line(line: &[u8]) -> &[u8] {
         .unwrap_or(end)
         .min(end);
     line.get(start..end).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    /// Idle sessions must stay small: 1,000 of them in well under 64 MB.
+    #[tokio::test]
+    async fn an_idle_session_is_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let settings = Arc::new(
+            Settings::new(
+                ServerConfig::default(),
+                "h",
+                crate::settings::accept_all_senders(),
+            )
+            .unwrap(),
+        );
+        let shared = Arc::new(Shared {
+            spool,
+            metrics: Metrics::default(),
+            limiter: AuthLimiter::default(),
+        });
+        let (_ours, theirs) = tokio::io::duplex(64);
+        let session = Session::new(
+            theirs,
+            "127.0.0.1:1".parse().unwrap(),
+            settings,
+            shared,
+            CancellationToken::new(),
+        );
+        let fut = session.run();
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("session future: {size} bytes");
+        // The task's future plus the read buffer (4 KiB) and a small reply
+        // buffer: far below 64 KiB per session.
+        assert!(size < 16 << 10, "session future is {size} bytes");
+        drop(fut);
+    }
 }

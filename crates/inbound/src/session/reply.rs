@@ -159,7 +159,9 @@ impl Reply<'_> {
                 out,
                 "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH\r\n"
             ),
-            Reply::NotImplemented(what) => write!(out, "502 5.5.1 Error: {what} not implemented\r\n"),
+            Reply::NotImplemented(what) => {
+                write!(out, "502 5.5.1 Error: {what} not implemented\r\n")
+            }
             Reply::MailOk => write!(out, "250 2.1.0 Ok\r\n"),
             Reply::RcptOk => write!(out, "250 2.1.5 Ok\r\n"),
             Reply::DataGo => write!(out, "354 End data with <CR><LF>.<CR><LF>\r\n"),
@@ -310,7 +312,10 @@ mod tests {
                 assert_eq!(esc.as_bytes()[0], first, "enhanced code class of {t}");
             }
         }
-        assert_eq!(text(Reply::Storage(SpoolError::DiskFull)).get(..9), Some("452 4.3.1"));
+        assert_eq!(
+            text(Reply::Storage(SpoolError::DiskFull)).get(..9),
+            Some("452 4.3.1")
+        );
     }
 
     #[test]

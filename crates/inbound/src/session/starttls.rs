@@ -20,7 +20,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.reply(Reply::Sequence("send HELO/EHLO first"));
         }
         if self.txn.is_some() {
-            return self.reply(Reply::Sequence("STARTTLS not allowed during a mail transaction"));
+            return self.reply(Reply::Sequence(
+                "STARTTLS not allowed during a mail transaction",
+            ));
         }
         let _ = self.reply(Reply::TlsGo);
         Step::StartTls
@@ -40,7 +42,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.rbuf.clear();
         self.pos = 0;
         let Some(acceptor) = self.settings.tls.clone() else {
-            return Err(SessionEnd::Tls(std::io::Error::other("TLS is not configured")));
+            return Err(SessionEnd::Tls(std::io::Error::other(
+                "TLS is not configured",
+            )));
         };
         let Conn::Plain(stream) = std::mem::replace(&mut self.conn, Conn::Gone) else {
             return Err(SessionEnd::Tls(std::io::Error::other("TLS already active")));

@@ -39,7 +39,9 @@ pub fn config() -> ServerConfig {
 /// One user `printer` / `s3cret` (hashed once per test binary).
 pub fn users() -> Vec<UserConfig> {
     static HASH: OnceLock<String> = OnceLock::new();
-    let hash = HASH.get_or_init(|| inbound::hash_password(PASSWORD)).clone();
+    let hash = HASH
+        .get_or_init(|| inbound::hash_password(PASSWORD))
+        .clone();
     vec![UserConfig {
         name: USER.into(),
         password_hash: hash,
@@ -77,7 +79,9 @@ pub async fn start_full(
     spool_dir: Option<&Path>,
 ) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let spool_path: PathBuf = spool_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("spool"));
+    let spool_path: PathBuf = spool_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.path().join("spool"));
     let (spool, _) = Spool::open(&spool_path).unwrap();
     let listener = TcpListener::bind(bind).await.unwrap();
     let mut addr = listener.local_addr().unwrap();
@@ -118,14 +122,25 @@ impl Server {
     pub async fn messages(&self) -> Vec<(MessageId, Envelope, Vec<u8>)> {
         let mut out = Vec::new();
         for (id, env) in self.spool.list() {
-            let body = self.spool.read_body(id).unwrap().read_to_end().await.unwrap();
+            let body = self
+                .spool
+                .read_body(id)
+                .unwrap()
+                .read_to_end()
+                .await
+                .unwrap();
             out.push((id, env, body));
         }
         out
     }
 
     pub async fn body(&self, id: MessageId) -> Vec<u8> {
-        self.spool.read_body(id).unwrap().read_to_end().await.unwrap()
+        self.spool
+            .read_body(id)
+            .unwrap()
+            .read_to_end()
+            .await
+            .unwrap()
     }
 
     pub fn metrics_text(&self) -> String {
@@ -158,7 +173,11 @@ impl Reply {
 
     /// The first line as sent, `NNN text`.
     pub fn first(&self) -> String {
-        format!("{} {}", self.code, self.lines.first().cloned().unwrap_or_default())
+        format!(
+            "{} {}",
+            self.code,
+            self.lines.first().cloned().unwrap_or_default()
+        )
     }
 
     pub fn queue_id(&self) -> MessageId {
@@ -206,7 +225,9 @@ impl Client {
 
     /// Read one reply (all its lines). Panics on EOF.
     pub async fn reply(&mut self) -> Reply {
-        self.try_reply().await.expect("connection closed while waiting for a reply")
+        self.try_reply()
+            .await
+            .expect("connection closed while waiting for a reply")
     }
 
     /// Read one reply, or `None` at EOF.
@@ -242,7 +263,10 @@ impl Client {
     /// Read a reply and check how its first line starts (`"250 2.1.0"`).
     pub async fn expect_start(&mut self, start: &str) -> Reply {
         let r = self.reply().await;
-        assert!(r.first().starts_with(start), "expected {start:?}, got {r:?}");
+        assert!(
+            r.first().starts_with(start),
+            "expected {start:?}, got {r:?}"
+        );
         r
     }
 
@@ -275,7 +299,8 @@ impl Client {
     /// A whole DATA transaction; `body` is sent dot-stuffed. Returns the
     /// final reply.
     pub async fn send_mail(&mut self, from: &str, to: &[&str], body: &[u8]) -> Reply {
-        self.cmd_start(&format!("MAIL FROM:<{from}>"), "250 2.1.0").await;
+        self.cmd_start(&format!("MAIL FROM:<{from}>"), "250 2.1.0")
+            .await;
         for r in to {
             self.cmd_start(&format!("RCPT TO:<{r}>"), "250 2.1.5").await;
         }
@@ -291,7 +316,11 @@ impl Client {
     pub async fn expect_closed(&mut self) {
         let mut rest = Vec::new();
         let _ = self.io.read_to_end(&mut rest).await;
-        assert!(rest.is_empty(), "expected EOF, got {:?}", String::from_utf8_lossy(&rest));
+        assert!(
+            rest.is_empty(),
+            "expected EOF, got {:?}",
+            String::from_utf8_lossy(&rest)
+        );
     }
 
     pub async fn auth_plain(&mut self, user: &str, pass: &str) -> Reply {
@@ -309,7 +338,10 @@ pub fn b64(s: &[u8]) -> String {
 
 /// Split a stored message into our `Received:` line and the rest.
 pub fn split_received(stored: &[u8]) -> (String, Vec<u8>) {
-    assert!(stored.starts_with(b"Received: "), "no Received: line on top");
+    assert!(
+        stored.starts_with(b"Received: "),
+        "no Received: line on top"
+    );
     let end = stored.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
     (
         String::from_utf8(stored[..end].to_vec()).unwrap(),
@@ -328,26 +360,40 @@ pub struct Certs {
 
 impl Certs {
     /// A client trusting the CA, speaking only `versions`.
-    pub fn client_with(&self, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<rustls::ClientConfig> {
+    pub fn client_with(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone()).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(versions)
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         Arc::new(cfg)
     }
 }
 
 pub fn certs(dir: &Path) -> Certs {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.distinguished_name.push(DnType::CommonName, "inbound test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "inbound test CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca).unwrap();
     let cert_file = dir.join("server.pem");
@@ -356,11 +402,13 @@ pub fn certs(dir: &Path) -> Certs {
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Certs {
         cert_file,
         key_file,
@@ -371,7 +419,10 @@ pub fn certs(dir: &Path) -> Certs {
 
 impl Client {
     /// STARTTLS and the handshake (trusting `certs`' CA).
-    pub async fn starttls(self, client_config: Arc<rustls::ClientConfig>) -> (Client, rustls::ProtocolVersion) {
+    pub async fn starttls(
+        self,
+        client_config: Arc<rustls::ClientConfig>,
+    ) -> (Client, rustls::ProtocolVersion) {
         let mut me = self;
         me.cmd_start("STARTTLS", "220 2.0.0").await;
         assert!(me.io.buffer().is_empty(), "data after the 220");
