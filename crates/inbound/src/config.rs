@@ -32,7 +32,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Longest command line, CRLF included; longer get `500 5.5.2`.
     pub max_line_length: usize,
-    /// Protocol errors a session may make before it is disconnected.
+    /// Protocol errors (5xx replies to the client's mistakes) a session may
+    /// make; at this count it gets `421 4.7.0` and is disconnected (0 counts
+    /// as 1).
     pub max_errors: u32,
     /// AUTH only after STARTTLS (loopback clients are exempt).
     pub require_tls_for_auth: bool,
