@@ -578,3 +578,269 @@ async fn commit_to_mail_latency() {
         s.connections, s.auth_ok
     );
 }
+
+/// Not a pass/fail test: end-to-end rate of 1 KB messages through one
+/// account (4 workers) to the fake Gmail, everything in one process.
+/// `cargo test -p outbound --release --test delivery -- --ignored --nocapture delivery_throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn delivery_throughput() {
+    let mut config = fast_config();
+    config.concurrency = 4;
+    let h = Harness::with(Setup {
+        config,
+        gmail: |b| b.keep_data(false),
+        ..Setup::default()
+    })
+    .await;
+    let warm = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("warm", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(warm, T).await);
+    let n = 5000;
+    let body = {
+        let mut b = message("tp", "");
+        b.resize(1024, b'x');
+        b.extend_from_slice(b"\r\n");
+        b
+    };
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..20 {
+        let spool = h.spool.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / 20 {
+                let mut w = spool.begin();
+                w.write(&body).await.unwrap();
+                w.commit(Envelope::new(
+                    format!("c{c}@example.com"),
+                    ["r@example.org".to_string()],
+                ))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let accepted = t0.elapsed();
+    let msgs = h
+        .gmail
+        .wait_for_messages(n + 1, Duration::from_secs(120))
+        .await;
+    let delivered = t0.elapsed();
+    assert_eq!(msgs.len(), n + 1);
+    println!(
+        "{n} messages: committed in {accepted:?} ({:.0}/s), delivered in {delivered:?} ({:.0}/s); upstream connections {}",
+        n as f64 / accepted.as_secs_f64(),
+        n as f64 / delivered.as_secs_f64(),
+        h.gmail.stats().connections
+    );
+}
+
+// ---- send-test, metrics, logs -----------------------------------------------
+
+#[tokio::test]
+async fn send_test_reports_every_step_and_delivers() {
+    let h = Harness::with(Setup {
+        start: false,
+        starttls: true,
+        ..Setup::default()
+    })
+    .await;
+    let mut lines: Vec<String> = Vec::new();
+    let report = outbound::send_test(
+        &h.tokens,
+        &h.account,
+        &h.config,
+        HOSTNAME,
+        "friend@example.org",
+        &mut |l: &str| lines.push(l.to_string()),
+    )
+    .await
+    .expect("send-test works");
+    let all = lines.join("\n");
+    for needle in [
+        "access token for default: ok",
+        "connected to 127.0.0.1[127.0.0.1]:",
+        "STARTTLS: 220 2.0.0 Ready to start TLS",
+        "TLS established (TLSv1_3",
+        "EHLO: smtp.gmail.com at your service",
+        "AUTH XOAUTH2 as me@gmail.com: 235 accepted",
+        "MAIL FROM:<me@gmail.com>: 250 2.1.0 OK",
+        "RCPT TO:<friend@example.org>: 250 2.1.5 OK",
+        "BDAT ",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    for token in h.google.issued_access_tokens() {
+        assert!(!all.contains(&token), "an access token was printed");
+    }
+    assert!(report.reply.starts_with("250 2.0.0 OK"));
+    let msgs = h.wait_messages(1, T).await;
+    assert_eq!(msgs[0].rcpt_to, ["friend@example.org"]);
+    assert_eq!(
+        msgs[0].header("Subject").as_deref(),
+        Some("oauthrelay test message")
+    );
+    assert_eq!(
+        msgs[0].message_id.as_deref(),
+        Some(report.message_id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn send_test_explains_an_authentication_failure() {
+    let h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    h.gmail.set_token_validator(|_, _| false);
+    let mut lines: Vec<String> = Vec::new();
+    let err = outbound::send_test(
+        &h.tokens,
+        &h.account,
+        &h.config,
+        HOSTNAME,
+        "friend@example.org",
+        &mut |l: &str| lines.push(l.to_string()),
+    )
+    .await
+    .expect_err("refused");
+    let text = err.to_string();
+    assert!(text.contains("535 5.7.8"), "{text}");
+    assert!(
+        text.contains("oauthrelay authorize --account default"),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("refreshing the access token")),
+        "{lines:?}"
+    );
+    assert!(h.gmail.messages().is_empty());
+}
+
+#[tokio::test]
+async fn metrics_are_registered_under_the_interface_names() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let m = outbound::Metrics::new(&mut registry);
+    let _ = m.attempts_count(AttemptResult::sent);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for name in [
+        "oauthrelay_messages_delivered_total 0",
+        "oauthrelay_messages_bounced_total 0",
+        "oauthrelay_delivery_attempts_total{result=\"sent\"} 0",
+        "oauthrelay_delivery_duration_seconds_count 0",
+    ] {
+        assert!(text.contains(name), "missing {name:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn queue_states_for_queue_list() {
+    let now = std::time::SystemTime::now();
+    let mut env = Envelope::new("a@b.c", ["d@e.f".to_string()]);
+    assert_eq!(outbound::queue_state(&env, now), "queued");
+    env.attempts = 1;
+    env.next_attempt = Some(now + Duration::from_secs(60));
+    assert_eq!(outbound::queue_state(&env, now), "deferred");
+    env.held = Some("account default needs authorization".into());
+    assert_eq!(outbound::queue_state(&env, now), "held");
+    env.held = None;
+    env.recipients[0].state = spool::RcptState::Failed;
+    assert_eq!(outbound::queue_state(&env, now), "failed");
+}
+
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn one_postfix_style_line_per_attempt_and_no_token_in_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let h = Harness::new().await;
+    h.gmail
+        .reject_recipient("nobody@example.org", replies::NO_SUCH_USER);
+    h.gmail
+        .fail_next(testkit::gmail::Stage::DataEnd, 1, replies::TRY_AGAIN_451);
+    let a = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("l1", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(a, T).await);
+    let b = h
+        .submit(
+            "app@example.com",
+            &["nobody@example.org"],
+            &message("l2", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(b, T).await);
+    h.wait_messages(2, T).await; // l1 and the bounce of l2
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains(": to=<")).collect();
+    let port = h.gmail.port();
+    let relay = format!("relay=127.0.0.1[127.0.0.1]:{port}");
+    let deferred: Vec<&&str> = lines
+        .iter()
+        .filter(|l| {
+            l.contains(&format!(
+                "{a}: to=<r@example.org>, account=default, {relay}, delay="
+            ))
+        })
+        .collect();
+    assert_eq!(deferred.len(), 2, "two attempts for l1: {lines:#?}");
+    assert!(deferred[0].contains(", attempt=1, dsn=4.3.0, status=deferred (451 4.3.0 Mail server temporarily rejected message. fake - gsmtp)"), "{}", deferred[0]);
+    assert!(
+        deferred[1].contains(", attempt=2, dsn=2.0.0, status=sent (250 2.0.0 OK  "),
+        "{}",
+        deferred[1]
+    );
+    let bounced: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains(&format!("{b}: to=<nobody@example.org>")))
+        .collect();
+    assert_eq!(bounced.len(), 1);
+    assert!(
+        bounced[0].contains("dsn=5.1.1, status=bounced (550 5.1.1 The email account"),
+        "{}",
+        bounced[0]
+    );
+    assert!(logs.contains(&format!("{b}: sender non-delivery notification: ")));
+    let tokens = h.google.issued_access_tokens();
+    assert!(!tokens.is_empty());
+    for t in tokens.iter().chain([&h.refresh_token]) {
+        assert!(!logs.contains(t.as_str()), "a token appears in the logs");
+    }
+}

@@ -521,3 +521,58 @@ async fn shutdown_grace_bounds_a_hanging_transaction() {
     assert_eq!(env.attempts, 0);
     assert!(env.next_attempt.is_none_or(|t| t <= SystemTime::now()));
 }
+
+// ---- hostile upstream ---------------------------------------------------------------
+
+/// A plain TCP server that answers every connection with `reply` and then
+/// keeps silent (or closes).
+async fn garbage_server(reply: &'static [u8]) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(reply).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn garbage_or_oversized_replies_are_temporary_errors_not_panics() {
+    let h = Harness::new().await;
+    for (reply, expect) in [
+        (
+            b"HTTP/1.1 400 Bad Request\r\n\r\n".as_slice(),
+            "malformed reply",
+        ),
+        (&[b'2'; 9000][..], "malformed reply"),
+        (b"554 5.7.1 go away\r\n".as_slice(), "554 5.7.1 go away"),
+    ] {
+        let port = garbage_server(reply).await;
+        let mut account = h.account.clone();
+        account.smtp_port = port;
+        account.smtp_tls = oauth::config::SmtpTls::Starttls;
+        h.outbound().reload(vec![account], h.config.clone());
+        let id = h
+            .submit(
+                "app@example.com",
+                &["r@example.org"],
+                &message("g", "x\r\n"),
+            )
+            .await;
+        assert!(
+            wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts >= 1)).await,
+            "attempt recorded"
+        );
+        let env = h.spool.envelope(id).unwrap();
+        let err = env.last_error.clone().unwrap_or_default();
+        assert!(err.contains(expect), "{err}");
+        assert!(env.next_attempt.is_some(), "deferred, not failed");
+        h.spool.remove(id).await.unwrap();
+    }
+    assert_eq!(h.metrics.bounced_count(), 0);
+}
