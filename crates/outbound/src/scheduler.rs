@@ -112,6 +112,9 @@ impl Slot {
 struct Marked {
     id: MessageId,
     present: bool,
+    /// The state written (or, if the write failed, meant: the spool copy is
+    /// informational, and retrying at once would spin while the disk is full).
+    held: bool,
 }
 
 enum Wake {
@@ -542,6 +545,7 @@ impl Scheduler {
         }
         let spool = self.shared.spool.clone();
         let tx = self.marks_tx.clone();
+        let held = reason.is_some();
         self.tracker.spawn(async move {
             let present = match spool.envelope(id) {
                 None => false,
@@ -558,7 +562,7 @@ impl Scheduler {
                     }
                 }
             };
-            let _ = tx.send(Marked { id, present });
+            let _ = tx.send(Marked { id, present, held });
         });
     }
 
@@ -573,11 +577,7 @@ impl Scheduler {
         if msg.at != Where::Busy {
             return;
         }
-        msg.held_marked = self
-            .shared
-            .spool
-            .envelope(m.id)
-            .is_some_and(|e| e.held.is_some());
+        msg.held_marked = m.held;
         msg.at = Where::Held;
         self.place(m.id);
     }
