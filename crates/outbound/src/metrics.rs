@@ -1,22 +1,38 @@
 //! Delivery metrics (names in `../shared/interface.md`).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// `result` label of `oauthrelay_delivery_attempts_total`.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum AttemptResult {
-    /// Every recipient tried in the attempt was delivered.
-    sent,
-    /// At least one recipient is to be tried again (includes held and
-    /// paused accounts).
-    deferred,
-    /// At least one recipient failed for good and none is left to retry.
-    failed,
+    /// `sent`: every recipient tried in the attempt was delivered.
+    Sent,
+    /// `deferred`: at least one recipient is to be tried again (includes
+    /// held and paused accounts).
+    Deferred,
+    /// `failed`: at least one recipient failed for good and none is left
+    /// to retry.
+    Failed,
+}
+
+impl AttemptResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Sent => "sent",
+            AttemptResult::Deferred => "deferred",
+            AttemptResult::Failed => "failed",
+        }
+    }
+}
+
+impl EncodeLabelValue for AttemptResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -243,7 +243,7 @@ impl Worker {
                 &expired,
                 &format!("{why}; last error: {}", last.as_deref().unwrap_or("none")),
             );
-            sh.metrics.attempt(AttemptResult::failed);
+            sh.metrics.attempt(AttemptResult::Failed);
             return (self.finish(id, &mut env, job, true, true).await, false);
         }
 
@@ -341,11 +341,11 @@ impl Worker {
             self.log(id, &env, name, relay, status, &deferred, &text);
         }
         sh.metrics.attempt(if !deferred.is_empty() {
-            AttemptResult::deferred
+            AttemptResult::Deferred
         } else if !failed.is_empty() {
-            AttemptResult::failed
+            AttemptResult::Failed
         } else {
-            AttemptResult::sent
+            AttemptResult::Sent
         });
 
         if env.is_done() {

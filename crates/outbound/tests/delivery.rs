@@ -41,7 +41,7 @@ async fn delivers_byte_exact_over_implicit_tls_with_bdat() {
         "delivered message leaves the spool"
     );
     assert_eq!(h.metrics.delivered_count(), 1);
-    assert_eq!(h.metrics.attempts_count(AttemptResult::sent), 1);
+    assert_eq!(h.metrics.attempts_count(AttemptResult::Sent), 1);
 }
 
 #[tokio::test]
@@ -176,7 +176,7 @@ async fn more_than_100_recipients_are_split_into_transactions() {
     assert!(msgs.iter().all(|m| m.data == body));
     assert_eq!(h.gmail.stats().connections, 1);
     assert_eq!(
-        h.metrics.attempts_count(AttemptResult::sent),
+        h.metrics.attempts_count(AttemptResult::Sent),
         1,
         "one attempt"
     );
@@ -197,11 +197,11 @@ async fn too_many_recipients_452_sends_the_rest_in_a_new_transaction() {
     let sizes: Vec<usize> = msgs.iter().map(|m| m.rcpt_to.len()).collect();
     assert_eq!(sizes, [30, 30, 10]);
     assert_eq!(
-        h.metrics.attempts_count(AttemptResult::deferred),
+        h.metrics.attempts_count(AttemptResult::Deferred),
         0,
         "not deferred"
     );
-    assert_eq!(h.metrics.attempts_count(AttemptResult::sent), 1);
+    assert_eq!(h.metrics.attempts_count(AttemptResult::Sent), 1);
 }
 
 #[tokio::test]
@@ -439,7 +439,7 @@ async fn max_age_fails_permanently_with_the_last_reply() {
     assert!(text.contains("Final-Recipient: rfc822; slow@example.org"));
     assert!(text.contains("Status: 5.4.7"), "delivery time expired");
     assert!(text.contains("Diagnostic-Code: smtp; 450 4.2.1"), "{text}");
-    assert!(h.metrics.attempts_count(AttemptResult::deferred) >= 1);
+    assert!(h.metrics.attempts_count(AttemptResult::Deferred) >= 1);
 }
 
 #[tokio::test]
@@ -733,7 +733,7 @@ async fn send_test_explains_an_authentication_failure() {
 async fn metrics_are_registered_under_the_interface_names() {
     let mut registry = prometheus_client::registry::Registry::default();
     let m = outbound::Metrics::new(&mut registry);
-    let _ = m.attempts_count(AttemptResult::sent);
+    let _ = m.attempts_count(AttemptResult::Sent);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     for name in [

@@ -13,7 +13,7 @@ use testkit::google::GrantType;
 const T: Duration = Duration::from_secs(15);
 
 fn deferred(h: &Harness) -> u64 {
-    h.metrics.attempts_count(AttemptResult::deferred)
+    h.metrics.attempts_count(AttemptResult::Deferred)
 }
 
 // ---- pooled connections ------------------------------------------------------
@@ -43,7 +43,7 @@ async fn pooled_connection_dead_at_next_command_is_replaced_without_deferring() 
     assert_eq!(h.gmail.messages().len(), 2);
     assert_eq!(h.gmail.stats().connections, 2);
     assert_eq!(deferred(&h), 0, "the message was not deferred");
-    assert_eq!(h.metrics.attempts_count(AttemptResult::sent), 2);
+    assert_eq!(h.metrics.attempts_count(AttemptResult::Sent), 2);
 }
 
 #[tokio::test]
