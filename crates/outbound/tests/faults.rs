@@ -576,3 +576,53 @@ async fn garbage_or_oversized_replies_are_temporary_errors_not_panics() {
     }
     assert_eq!(h.metrics.bounced_count(), 0);
 }
+
+#[tokio::test]
+async fn account_unauthorized_at_start_holds_queued_mail_then_releases_it() {
+    let mut h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    let queued = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("s1", "x\r\n"),
+        )
+        .await;
+    // No refresh token stored at all: the manager knows before any attempt.
+    std::fs::remove_file(&h.resolved.token_file).expect("remove token file");
+    h.tokens = oauth::TokenManager::new(
+        vec![h.resolved.clone()],
+        oauth::ManagerOptions {
+            watch_interval: Some(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .expect("token manager");
+    h.start();
+    assert!(
+        wait_until(T, || h
+            .spool
+            .envelope(queued)
+            .is_some_and(|e| e.held.is_some()))
+        .await
+    );
+    let held = h.outbound().account_states()[0]
+        .held
+        .clone()
+        .expect("held at start");
+    assert!(held.contains("needs authorization"), "{held}");
+    assert_eq!(
+        h.spool.envelope(queued).unwrap().attempts,
+        0,
+        "nothing attempted"
+    );
+    assert_eq!(h.gmail.stats().connections, 0);
+    oauth::import_refresh_token(&h.resolved, &h.refresh_token).expect("import");
+    assert!(
+        h.wait_gone(queued, T).await,
+        "released by the Authorized event"
+    );
+}
