@@ -190,7 +190,7 @@ struct Response {
 pub async fn serve_control(
     path: &Path,
     spool: Spool,
-    scheduler: Arc<Outbound>,
+    scheduler: Outbound,
     smtp: Vec<std::net::SocketAddr>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -214,7 +214,7 @@ pub async fn serve_control(
             let scheduler = scheduler.clone();
             let smtp = smtp.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &spool, scheduler.as_ref(), &smtp).await {
+                if let Err(e) = answer(stream, &spool, &scheduler, &smtp).await {
                     debug!(error = %e, "control connection ended");
                 }
             });

@@ -239,7 +239,6 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         outbound_metrics,
         delivery_stop.clone(),
     );
-    let outbound = Arc::new(outbound);
 
     if let Err(e) = crate::queue::serve_control(
         &paths.control_socket,
@@ -312,10 +311,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     if tokio::time::timeout(grace, smtp_task).await.is_err() {
         warn!("SMTP sessions did not end within the shutdown grace period");
     }
-    let outbound = Arc::try_unwrap(outbound).ok();
-    if let Some(o) = outbound
-        && tokio::time::timeout(grace, o.join()).await.is_err()
-    {
+    if tokio::time::timeout(grace, outbound.join()).await.is_err() {
         warn!("deliveries did not end within the shutdown grace period; they stay queued");
     }
     if let Some(t) = http_task {
@@ -326,7 +322,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn readiness(tokens: oauth::TokenManager, outbound: Arc<outbound::Outbound>) -> http::Readiness {
+fn readiness(tokens: oauth::TokenManager, outbound: outbound::Outbound) -> http::Readiness {
     Arc::new(move || {
         let mut problems = Vec::new();
         for s in tokens.status() {

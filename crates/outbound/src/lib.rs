@@ -103,7 +103,8 @@ pub fn queue_state(env: &Envelope, now: SystemTime) -> &'static str {
     }
 }
 
-/// The running delivery side.
+/// The running delivery side. Clones are handles to the same scheduler.
+#[derive(Clone)]
 pub struct Outbound {
     commands: mpsc::UnboundedSender<Command>,
     public: Arc<Mutex<Vec<PublicAccount>>>,
@@ -219,7 +220,7 @@ impl Outbound {
 
     /// Wait until the scheduler and every worker have stopped (after
     /// `shutdown` was cancelled). Pooled connections are closed with QUIT.
-    pub async fn join(self) {
+    pub async fn join(&self) {
         self.tracker.close();
         self.tracker.wait().await;
     }

@@ -56,6 +56,11 @@ impl Metrics {
     /// `oauthrelay_delivery_duration_seconds` in `registry`.
     pub fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics::unregistered();
+        // Every result is exported from the start (at 0), so dashboards and
+        // alerts see the series before the first attempt.
+        for result in [AttemptResult::Sent, AttemptResult::Deferred, AttemptResult::Failed] {
+            let _ = m.attempts.get_or_create(&AttemptLabels { result });
+        }
         registry.register(
             "oauthrelay_messages_delivered",
             "Messages handed to Gmail for at least one recipient, counted once when they leave the queue",
