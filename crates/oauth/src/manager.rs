@@ -269,6 +269,53 @@ impl TokenManager {
         }
     }
 
+    /// Gmail refused even a freshly refreshed token (`535 5.7.8` twice):
+    /// the credentials work at Google's token endpoint but not for SMTP
+    /// (authorized as another Google account than `email`, a token without
+    /// the `https://mail.google.com/` scope, or SMTP access disabled for the
+    /// user). The account then needs authorization, exactly as after
+    /// `invalid_grant`: callers get [`TokenError::NeedsAuthorization`], the
+    /// token file, status, metrics and events say so, and `authorize` /
+    /// `token import` (or a reload or restart, for one more try) lift it.
+    /// `reply` is Gmail's answer, for the log and `token status`.
+    pub async fn mark_rejected(&self, account: &str, reply: &str) {
+        let Ok(slot) = self.slot(account) else {
+            return;
+        };
+        let mut st = slot.state.lock().await;
+        if st.blocked.is_some() {
+            return;
+        }
+        let code = "smtp_auth_rejected".to_string();
+        let reason = format!(
+            "Gmail refused a freshly refreshed access token for {} ({reply}): it was probably authorized with another Google account, without the https://mail.google.com/ scope, or SMTP access is disabled for this user",
+            st.account.email
+        );
+        st.blocked = Some(Blocked {
+            code: code.clone(),
+            reason: reason.clone(),
+        });
+        st.cached = None;
+        st.cooldown = None;
+        let record = RefreshRecord {
+            at: SystemTime::now(),
+            result: RefreshResult::Error,
+            error_code: Some(code),
+            error: Some(reason),
+        };
+        st.last_refresh = Some(record.clone());
+        let used = st.refresh_token.clone();
+        self.inner
+            .persist(&slot, &mut st, used, move |f| {
+                f.access_token = None;
+                f.access_token_expires_at = None;
+                f.last_refresh = Some(record);
+                f.needs_authorization = true;
+            })
+            .await;
+        self.inner.publish(&slot, &st, false);
+    }
+
     /// Re-read token files and service-account keys, and give accounts
     /// blocked by a client or policy error one more try (SIGHUP). With
     /// `Some(accounts)`, the account list is replaced: new accounts are

@@ -586,3 +586,64 @@ async fn https_token_endpoint_with_the_configured_ca() {
     let token = m.access_token(NAME).await.unwrap();
     assert!(google.is_valid_access_token(token.secret().expose_secret()));
 }
+
+#[tokio::test]
+async fn a_token_gmail_refuses_after_a_refresh_needs_authorization_until_import() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = OAuthMetrics::register(&mut registry);
+    let m = TokenManager::new(
+        vec![account.clone()],
+        ManagerOptions {
+            metrics: Some(metrics.clone()),
+            ..fast()
+        },
+    )
+    .unwrap();
+    let mut events = m.subscribe();
+    m.access_token(NAME).await.unwrap();
+
+    // Delivery saw `535 5.7.8` for a fresh token: the account, not the
+    // token, is the problem.
+    m.mark_rejected(NAME, "535 5.7.8 Username and Password not accepted")
+        .await;
+    assert_eq!(
+        events.recv().await.unwrap(),
+        AccountEvent::NeedsAuthorization(NAME.into())
+    );
+    let err = m.access_token(NAME).await.unwrap_err();
+    assert!(err.needs_authorization(), "{err:?}");
+    assert!(err.to_string().contains("535 5.7.8"), "{err}");
+    let st = m.account_status(NAME).unwrap();
+    assert!(st.needs_authorization && !st.authorized);
+    assert!(
+        st.fix
+            .as_deref()
+            .unwrap()
+            .contains("oauthrelay authorize --account work")
+    );
+    assert_eq!(metrics.authorized(NAME), 0);
+    let file = store::load(&account.token_file).unwrap().unwrap();
+    assert!(file.needs_authorization);
+    assert_eq!(
+        file.last_refresh
+            .as_ref()
+            .and_then(|r| r.error_code.as_deref()),
+        Some("smtp_auth_rejected")
+    );
+    let requests = refreshes(&s);
+    assert!(m.access_token(NAME).await.is_err());
+    assert_eq!(refreshes(&s), requests, "no requests while held");
+
+    // Re-authorizing (here: token import) brings it back.
+    let fresh = s.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&account, &fresh).unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the watcher notices the new token file")
+        .unwrap();
+    assert_eq!(event, AccountEvent::Authorized(NAME.into()));
+    assert!(m.access_token(NAME).await.is_ok());
+    assert_eq!(metrics.authorized(NAME), 1);
+}

@@ -58,7 +58,11 @@ impl Metrics {
         let m = Metrics::unregistered();
         // Every result is exported from the start (at 0), so dashboards and
         // alerts see the series before the first attempt.
-        for result in [AttemptResult::Sent, AttemptResult::Deferred, AttemptResult::Failed] {
+        for result in [
+            AttemptResult::Sent,
+            AttemptResult::Deferred,
+            AttemptResult::Failed,
+        ] {
             let _ = m.attempts.get_or_create(&AttemptLabels { result });
         }
         registry.register(

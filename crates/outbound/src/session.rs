@@ -138,6 +138,12 @@ pub(crate) async fn open(
         conn.quit().await;
         tokens.invalidate(&a.name);
         if refreshed {
+            // Not a stale token: the account itself is refused. Hold it
+            // where everyone sees it (readyz, token status, metrics) until
+            // a human re-authorizes it.
+            tokens
+                .mark_rejected(&a.name, &refused_reply.to_string())
+                .await;
             return Err(OpenError::AuthRejected {
                 account: a.name.clone(),
                 email: a.email.clone(),
