@@ -23,6 +23,8 @@ pub struct Daemon {
     logs: Arc<Mutex<Vec<String>>>,
     pub smtp: SocketAddr,
     pub metrics: Option<SocketAddr>,
+    /// `RUST_LOG` for this daemon (default: `$E2E_LOG`, else `info`).
+    log: Option<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -45,10 +47,16 @@ pub const BASE: &str = "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \
 impl Daemon {
     /// Start `oauthrelay serve` with `body` (TOML, `{dir}` = state dir).
     pub fn start(body: &str) -> Daemon {
+        Daemon::start_logging(body, None)
+    }
+
+    /// Like [`Daemon::start`], with this `RUST_LOG` filter (`debug`...)
+    /// instead of `$E2E_LOG`/`info`; kept across restarts.
+    pub fn start_logging(body: &str, log: Option<&str>) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let config = config_in(&dir, body);
-        let mut d = Daemon::spawn(dir, config);
+        let mut d = Daemon::spawn(dir, config, log.map(str::to_string));
         d._tmp = Some(tmp);
         d
     }
@@ -60,19 +68,20 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let mut d = Daemon::spawn(self.dir.clone(), self.config.clone());
+        let mut d = Daemon::spawn(self.dir.clone(), self.config.clone(), self.log.take());
         d._tmp = tmp;
         d
     }
 
-    fn spawn(dir: PathBuf, config: PathBuf) -> Daemon {
+    fn spawn(dir: PathBuf, config: PathBuf, log: Option<String>) -> Daemon {
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&config)
             .arg("serve")
             .env(
                 "RUST_LOG",
-                std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()),
+                log.clone()
+                    .unwrap_or_else(|| std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into())),
             )
             .env_remove("STATE_DIRECTORY")
             .env_remove("CREDENTIALS_DIRECTORY")
@@ -103,6 +112,7 @@ impl Daemon {
             logs,
             smtp: "0.0.0.0:0".parse().unwrap(),
             metrics: None,
+            log,
             _tmp: None,
         };
         d.wait_log(" ready", Duration::from_secs(30));

@@ -9,3 +9,5 @@ mod cli;
 mod crash;
 mod interop;
 mod receive;
+
+mod fakes;
