@@ -10,4 +10,5 @@ mod crash;
 mod interop;
 mod receive;
 
+mod delivery;
 mod fakes;
