@@ -10,5 +10,6 @@ mod crash;
 mod interop;
 mod receive;
 
+mod accounts;
 mod delivery;
 mod fakes;

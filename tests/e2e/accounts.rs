@@ -1,0 +1,464 @@
+//! Accounts through the binary (issue 3): first consent with `authorize`
+//! (browser and paste), secret files others can read, `send-test`, and
+//! SIGHUP bringing new routing and accounts to a running daemon.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use testkit::gmail::TlsMode;
+use testkit::google::{Consent, browse};
+
+use crate::fakes::{
+    CLIENT_SECRET, EMAIL, FAST_DELIVERY, T, Upstream, message, metric, metrics, queue, submit,
+    until, wait_queue_empty, with_id,
+};
+use crate::harness::{BIN, Daemon, Smtp, config_in, run_cli};
+
+/// `oauthrelay authorize --account NAME --no-browser`, its stdout read
+/// line by line as it runs.
+struct Authorize {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Authorize {
+    fn start(config: &std::path::Path, account: &str, paste: bool) -> Authorize {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(["authorize", "--account", account, "--no-browser"])
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("DISPLAY")
+            .env_remove("WAYLAND_DISPLAY")
+            .stdin(if paste { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn authorize");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Authorize {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first printed line containing `needle`, waiting for it.
+    fn wait_line(&mut self, needle: &str, limit: Duration) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "authorize printed no line with {needle:?} within {limit:?}:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The authorization URL it printed.
+    fn url(&mut self, auth_url: &str) -> String {
+        self.wait_line(auth_url, T).trim().to_string()
+    }
+
+    fn paste(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin piped");
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Wait for the exit (bounded): (success, all stdout, stderr).
+    fn finish(mut self, limit: Duration) -> (bool, String, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "authorize did not exit within {limit:?}:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(l);
+        }
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status.success(), self.seen.join("\n"), err)
+    }
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_in_a_browser_then_the_running_daemon_sends_the_held_mail() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    up.google.set_consent(Consent::approve(EMAIL));
+    // The default token file: <state dir>/tokens/default.json.
+    let d = Daemon::start(&up.config(
+        FAST_DELIVERY,
+        &[up.account("default", EMAIL, &["*"], false)],
+    ));
+    let id = submit(
+        &d,
+        "a@example.com",
+        &["r@example.org"],
+        &message("auth1", "before consent", "x\r\n"),
+    )
+    .await;
+    until("mail held before authorization", T, async || {
+        let q = queue(&d);
+        match q.iter().find(|e| e["id"] == id.as_str()) {
+            Some(e) if e["state"] == "held" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (status, body) = d.http_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"account\":\"default\""), "{body}");
+
+    let mut auth = Authorize::start(&d.config, "default", false);
+    let url = auth.url(&up.google.auth_url());
+    let visit = browse(&url, T).await.expect("the browser's visit");
+    assert_eq!(visit.consent_status, 302, "{visit:?}");
+    let back = visit.redirected_to.clone().unwrap();
+    assert!(back.starts_with("http://127.0.0.1:"), "{back}");
+    assert_eq!(visit.final_status, Some(200), "{visit:?}");
+    assert!(visit.final_body.contains("Authorized"), "{visit:?}");
+    let (ok, out, err) = auth.finish(T);
+    assert!(ok, "authorize failed:\n{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "Authorized: account 'default' ({EMAIL}) now has a refresh token"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("Next:") && out.contains("oauthrelay token status --account default"),
+        "next steps: {out}"
+    );
+    up.assert_no_secrets("authorize's output", &format!("{out}{err}"));
+
+    // What Google was asked for.
+    let asked = up.google.last_consent_request().unwrap();
+    assert_eq!(asked.get("code_challenge_method"), Some("S256"));
+    assert_eq!(asked.get("access_type"), Some("offline"));
+    assert_eq!(asked.get("prompt"), Some("consent"));
+    assert!(asked.get("state").is_some_and(|s| s.len() >= 16));
+    assert!(
+        asked
+            .get("redirect_uri")
+            .is_some_and(|r| r.starts_with("http://127.0.0.1:"))
+    );
+
+    let token_file = d.dir.join("tokens").join("default.json");
+    assert_eq!(mode(&token_file), 0o600, "token file mode");
+    assert_eq!(mode(token_file.parent().unwrap()), 0o700, "token dir mode");
+    let stored = std::fs::read_to_string(&token_file).unwrap();
+    assert!(
+        up.google
+            .issued_refresh_tokens()
+            .iter()
+            .any(|t| stored.contains(t.as_str())),
+        "the refresh token from the code exchange is stored"
+    );
+
+    // The running daemon notices the new token and sends the held mail.
+    wait_queue_empty(&d, T).await;
+    let msgs = up.gmail.messages();
+    assert_eq!(with_id(&msgs, "auth1").len(), 1);
+    assert_eq!(msgs[0].auth_user, EMAIL);
+    let (status, body) = until("readyz 200", T, async || {
+        match d.http_get("/readyz").await {
+            (200, b) => Ok((200, b)),
+            (s, b) => Err(format!("{s} {b}")),
+        }
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        metric(
+            &metrics(&d).await,
+            "oauthrelay_account_authorized{account=\"default\"}"
+        ),
+        1.0
+    );
+    up.assert_no_secrets("the daemon's log", &d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_by_pasting_the_redirect_address() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    up.google.set_consent(Consent::approve(EMAIL));
+    let cfg = config_in(
+        up.aux.path(),
+        &up.config(
+            FAST_DELIVERY,
+            &[up.account("default", EMAIL, &["*"], false)],
+        ),
+    );
+    let mut auth = Authorize::start(&cfg, "default", true);
+    let url = auth.url(&up.google.auth_url());
+    // The browser is on another machine: it gets Google's redirect but
+    // cannot load it; the user copies the address from its address bar.
+    let (status, headers, _) = testkit::google::http_get(&url, T).await.unwrap();
+    assert_eq!(status, 302);
+    let location = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("location"))
+        .map(|(_, v)| v.clone())
+        .expect("a redirect");
+    assert!(location.contains("code=") && location.contains("state="));
+    // A wrong paste first: explained, and the command keeps waiting.
+    auth.paste("4/0AbCdEf-just-the-code");
+    auth.wait_line("That is not the redirect address", T);
+    auth.paste(&location);
+    let (ok, out, err) = auth.finish(T);
+    assert!(ok, "authorize failed:\n{out}\n{err}");
+    assert!(
+        out.contains("Authorized: account 'default'"),
+        "{out}\n{err}"
+    );
+    up.assert_no_secrets("authorize's output", &format!("{out}{err}"));
+
+    let st = run_cli(&cfg, &["token", "status", "--json"], None);
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st[0]["authorized"], true, "{st}");
+    assert_eq!(st[0]["refresh_token_stored"], true, "{st}");
+    let token_file = up.aux.path().join("tokens").join("default.json");
+    assert_eq!(mode(&token_file), 0o600);
+    assert_eq!(mode(token_file.parent().unwrap()), 0o700);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_secret_file_others_can_read_is_refused_with_the_chmod_that_fixes_it() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    let secret = up.aux.path().join("default.secret");
+    std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let account = up.account("default", EMAIL, &["*"], true).replace(
+        &format!("client_secret = \"{CLIENT_SECRET}\"\n"),
+        &format!("client_secret_file = \"{}\"\n", secret.display()),
+    );
+    assert!(account.contains("client_secret_file"));
+    let cfg = config_in(up.aux.path(), &up.config(FAST_DELIVERY, &[account]));
+    let fix = format!("chmod 600 {}", secret.display());
+
+    let out = run_cli(&cfg, &["check-config"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check-config accepted it: {err}");
+    assert!(err.contains(&fix), "names the file and the fix: {err}");
+
+    // serve refuses to start, and says the same.
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > T {
+            let _ = child.kill();
+            panic!("serve started with a world-readable client secret file");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "serve must exit non-zero: {err}");
+    assert!(err.contains(&fix), "{err}");
+    assert!(!err.contains(CLIENT_SECRET), "{err}");
+
+    // The fix it names works.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run_cli(&cfg, &["check-config"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_prints_each_step_and_gmail_gets_the_message() {
+    let up = Upstream::start(TlsMode::Starttls).await;
+    let body = up.config(FAST_DELIVERY, &[up.account("default", EMAIL, &["*"], true)]);
+    up.import(&body, "default", EMAIL);
+    let cfg = config_in(up.aux.path(), &body);
+    let out = run_cli(
+        &cfg,
+        &[
+            "send-test",
+            "--account",
+            "default",
+            "--to",
+            "friend@example.org",
+        ],
+        None,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let port = up.gmail.port();
+    for step in [
+        format!("account default: {EMAIL} via 127.0.0.1:{port} (STARTTLS)"),
+        "access token for default: ok".into(),
+        "connected to".into(),
+        "STARTTLS: 220".into(),
+        "TLS established".into(),
+        format!("AUTH XOAUTH2 as {EMAIL}: 235"),
+        format!("MAIL FROM:<{EMAIL}>: 250"),
+        "RCPT TO:<friend@example.org>: 250".into(),
+        "OK: ".into(),
+    ] {
+        assert!(stdout.contains(&step), "no step {step:?} in:\n{stdout}");
+    }
+    up.assert_no_secrets("send-test's output", &format!("{stdout}{stderr}"));
+
+    let msgs = up.gmail.wait_for_messages(1, T).await;
+    assert_eq!(msgs.len(), 1);
+    let m = &msgs[0];
+    assert_eq!(m.rcpt_to, ["friend@example.org"]);
+    assert_eq!(m.mail_from, EMAIL);
+    assert_eq!(m.auth_user, EMAIL);
+    let mid = m.message_id.clone().unwrap();
+    assert!(
+        stdout.contains(&format!("(Message-ID {mid})")),
+        "prints the Message-ID Gmail got ({mid}):\n{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_new_senders_and_a_new_account() {
+    const SECOND: &str = "other.sender@gmail.com";
+    let up = Upstream::start(TlsMode::Implicit).await;
+    let first = |senders: &[&str]| up.account("default", EMAIL, senders, true);
+    let second = up.account("second", SECOND, &["*@other.org"], true);
+    // Both accounts' tokens exist; the daemon starts with only the first.
+    let both = up.config(FAST_DELIVERY, &[first(&["*@example.com"]), second.clone()]);
+    up.import(&both, "default", EMAIL);
+    up.import(&both, "second", SECOND);
+    let d = Daemon::start(&up.config(FAST_DELIVERY, &[first(&["*@example.com"])]));
+
+    let mut s = Smtp::open(d.smtp).await;
+    s.cmd("EHLO e2e.test").await;
+    let r = s.cmd("MAIL FROM:<app@other.org>").await;
+    assert!(r.starts_with("550 5.7.1"), "no account takes it yet: {r}");
+    s.cmd("QUIT").await;
+
+    // Add the second account and narrow the first; reload.
+    config_in(&d.dir, &both);
+    d.signal("HUP");
+    d.wait_log("configuration reloaded", T);
+    submit(
+        &d,
+        "app@other.org",
+        &["r@example.org"],
+        &message("hup-other", "via second", "x\r\n"),
+    )
+    .await;
+    submit(
+        &d,
+        "app@example.com",
+        &["r@example.org"],
+        &message("hup-example", "via default", "x\r\n"),
+    )
+    .await;
+    wait_queue_empty(&d, T).await;
+    let msgs = up.gmail.messages();
+    assert_eq!(with_id(&msgs, "hup-other")[0].auth_user, SECOND);
+    assert_eq!(with_id(&msgs, "hup-example")[0].auth_user, EMAIL);
+
+    // The other way: example.com is no longer routed anywhere.
+    config_in(
+        &d.dir,
+        &up.config(FAST_DELIVERY, &[first(&["*@other.org"]), second]),
+    );
+    d.signal("HUP");
+    until("the second reload", T, async || {
+        let n = d.logs().matches("configuration reloaded").count();
+        if n >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} reloads"))
+        }
+    })
+    .await;
+    let mut s = Smtp::open(d.smtp).await;
+    s.cmd("EHLO e2e.test").await;
+    let r = s.cmd("MAIL FROM:<app@example.com>").await;
+    assert!(r.starts_with("550 5.7.1"), "refused after the reload: {r}");
+    s.cmd("QUIT").await;
+
+    // A broken file is logged and the running configuration kept (the
+    // queue commands read the file too, so watch Gmail instead).
+    config_in(&d.dir, "[delivery]\nconcurency = 4\n");
+    d.signal("HUP");
+    d.wait_log("configuration not reloaded", T);
+    let mut s = Smtp::open(d.smtp).await;
+    s.cmd("EHLO e2e.test").await;
+    let r = s.cmd("MAIL FROM:<app@example.com>").await;
+    assert!(r.starts_with("550 5.7.1"), "routing unchanged: {r}");
+    s.cmd("QUIT").await;
+    submit(
+        &d,
+        "app@other.org",
+        &["r@example.org"],
+        &message("hup-kept", "still routed", "x\r\n"),
+    )
+    .await;
+    until("hup-kept delivered", T, async || {
+        match with_id(&up.gmail.messages(), "hup-kept").len() {
+            1 => Ok(()),
+            n => Err(format!("{n} copies")),
+        }
+    })
+    .await;
+}
