@@ -320,7 +320,7 @@ impl Flow {
     where
         R: AsyncBufRead + Unpin + Send,
     {
-        let (tx, mut rx) = mpsc::channel::<(Callback, oneshot::Sender<String>)>(8);
+        let (tx, mut rx) = mpsc::channel::<Answer>(8);
         let server = tokio::spawn(serve(self.listener, tx));
         let _stop = AbortOnDrop(server);
 
@@ -331,7 +331,7 @@ impl Flow {
         let (callback, via, reply) = loop {
             tokio::select! {
                 _ = &mut deadline => return Err(AuthorizeError::Timeout(self.options.timeout)),
-                Some((cb, reply)) = rx.recv() => break (cb, Via::Redirect, Some(reply)),
+                Some((cb, reply, written)) = rx.recv() => break (cb, Via::Redirect, Some((reply, written))),
                 line = next_line(&mut lines) => match line {
                     None => lines = None,
                     Some(line) if line.trim().is_empty() => {}
@@ -356,7 +356,7 @@ impl Flow {
             via,
         )
         .await;
-        if let Some(reply) = reply {
+        if let Some((reply, written)) = reply {
             let _ = reply.send(match &result {
                 Ok(_) => page(
                     "Authorized",
@@ -367,8 +367,10 @@ impl Flow {
                 ),
                 Err(e) => page("Authorization failed", &e.to_string()),
             });
-            // Let the browser's connection get its page before returning.
-            tokio::task::yield_now().await;
+            // The process may exit as soon as we return, dropping the task
+            // that answers the browser: wait (briefly) until the page is
+            // written, or the browser would get an empty reply.
+            let _ = tokio::time::timeout(Duration::from_secs(5), written).await;
         }
         result
     }
@@ -586,8 +588,12 @@ fn parse_query(query: &str) -> Callback {
     cb
 }
 
+/// From the loopback listener to [`Flow::finish`]: Google's answer, where
+/// to send the page for the browser, and word once that page is written.
+type Answer = (Callback, oneshot::Sender<String>, oneshot::Receiver<()>);
+
 /// The redirect listener: answers Google's redirect and nothing else.
-async fn serve(listener: TcpListener, tx: mpsc::Sender<(Callback, oneshot::Sender<String>)>) {
+async fn serve(listener: TcpListener, tx: mpsc::Sender<Answer>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -599,7 +605,7 @@ async fn serve(listener: TcpListener, tx: mpsc::Sender<(Callback, oneshot::Sende
 
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
-async fn answer(mut stream: TcpStream, tx: mpsc::Sender<(Callback, oneshot::Sender<String>)>) {
+async fn answer(mut stream: TcpStream, tx: mpsc::Sender<Answer>) {
     // Browsers open spare connections that never send anything: bound the
     // wait for a request.
     let head = match tokio::time::timeout(Duration::from_secs(30), read_head(&mut stream)).await {
@@ -633,7 +639,8 @@ async fn answer(mut stream: TcpStream, tx: mpsc::Sender<(Callback, oneshot::Send
         return;
     }
     let (reply_tx, reply_rx) = oneshot::channel();
-    if tx.send((cb, reply_tx)).await.is_err() {
+    let (written_tx, written_rx) = oneshot::channel();
+    if tx.send((cb, reply_tx, written_rx)).await.is_err() {
         let _ = respond(
             &mut stream,
             "410 Gone",
@@ -653,6 +660,7 @@ async fn answer(mut stream: TcpStream, tx: mpsc::Sender<(Callback, oneshot::Send
         ),
     };
     let _ = respond(&mut stream, "200 OK", &body).await;
+    let _ = written_tx.send(());
 }
 
 async fn read_head(stream: &mut TcpStream) -> Option<String> {
