@@ -8,6 +8,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -30,11 +32,19 @@ pub struct Problem {
 
 pub type Readiness = Arc<dyn Fn() -> Vec<Problem> + Send + Sync>;
 
-/// Gauges computed from the spool when scraped.
+/// Gauges computed when scraped: from the spool, and from the delivery
+/// side's account states.
 #[derive(Clone, Default)]
 pub struct QueueGauges {
     messages: Gauge,
     oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    paused: Family<AccountLabel, Gauge>,
+    held: Family<AccountLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabel {
+    account: String,
 }
 
 impl QueueGauges {
@@ -50,10 +60,33 @@ impl QueueGauges {
             "Age of the oldest queued message",
             g.oldest_age.clone(),
         );
+        registry.register(
+            "oauthrelay_account_paused",
+            "1 while delivery for the account is paused (daily limit, login throttling, upstream failures)",
+            g.paused.clone(),
+        );
+        registry.register(
+            "oauthrelay_account_held",
+            "1 while the account's mail is held until a human acts (authorization)",
+            g.held.clone(),
+        );
         g
     }
 
-    fn refresh(&self, spool: &Spool) {
+    fn refresh(&self, spool: &Spool, accounts: &[outbound::AccountState]) {
+        self.paused.clear();
+        self.held.clear();
+        for a in accounts {
+            let label = AccountLabel {
+                account: a.name.clone(),
+            };
+            self.paused
+                .get_or_create(&label)
+                .set(i64::from(a.paused_until.is_some()));
+            self.held
+                .get_or_create(&label)
+                .set(i64::from(a.held.is_some()));
+        }
         let (n, oldest) = spool.stats();
         self.messages.set(n as i64);
         let age = oldest
@@ -67,6 +100,7 @@ impl QueueGauges {
 struct AppState {
     registry: Registry,
     spool: Spool,
+    outbound: outbound::Outbound,
     gauges: QueueGauges,
     readiness: Readiness,
 }
@@ -76,6 +110,7 @@ pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     spool: Spool,
+    outbound: outbound::Outbound,
     gauges: QueueGauges,
     readiness: Readiness,
     shutdown: CancellationToken,
@@ -83,6 +118,7 @@ pub async fn serve(
     let state = Arc::new(AppState {
         registry,
         spool,
+        outbound,
         gauges,
         readiness,
     });
@@ -97,7 +133,7 @@ pub async fn serve(
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    s.gauges.refresh(&s.spool);
+    s.gauges.refresh(&s.spool, &s.outbound.account_states());
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
         Ok(()) => (

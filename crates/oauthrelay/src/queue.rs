@@ -335,8 +335,8 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
     }
     writeln!(
         out,
-        "{:<16} {:>9} {:<20}  {}",
-        "-Queue ID-", "--Size--", "----Arrival Time----", "-Sender/Recipient-------"
+        "{:<16} {:>9} {:<20}  -Sender/Recipient-------",
+        "-Queue ID-", "--Size--", "----Arrival Time----"
     )?;
     let mut bytes = 0;
     for e in entries {

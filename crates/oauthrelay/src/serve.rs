@@ -258,6 +258,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
             l,
             registry,
             spool.clone(),
+            outbound.clone(),
             gauges,
             readiness,
             shutdown.clone(),
