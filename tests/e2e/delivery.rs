@@ -410,6 +410,21 @@ async fn daily_limit_keeps_mail_queued_pauses_the_account_and_bounces_nothing() 
     let m = metrics(&d).await;
     assert_eq!(metric(&m, BOUNCED), 0.0);
     assert_eq!(metric(&m, FAILED), 0.0);
+    // The pause is visible to monitoring, and not a readiness failure.
+    assert_eq!(
+        metric(&m, "oauthrelay_account_paused{account=\"default\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "oauthrelay_account_held{account=\"default\"}"),
+        0.0
+    );
+    let (code, body) = d.http_get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"paused\"") && body.contains("5.4.5"),
+        "{body}"
+    );
     assert!(up.gmail.messages().is_empty());
     let line = d.wait_log(&format!("{a}: to="), T);
     assert!(line.contains("status=deferred (550"), "{line}");

@@ -165,12 +165,27 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
             )),
         });
     }
+    // A pause (daily limit, throttling, an upstream outage) is routine and
+    // ends by itself: the relay is ready, but says so.
+    let paused: Vec<serde_json::Value> = s
+        .outbound
+        .account_states()
+        .into_iter()
+        .filter_map(|a| {
+            let until = a.paused_until?;
+            Some(serde_json::json!({
+                "account": a.name,
+                "paused_until": humantime::format_rfc3339_seconds(until).to_string(),
+                "reason": a.pause_reason,
+            }))
+        })
+        .collect();
     if problems.is_empty() {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({ "status": "ready" })),
-        )
-            .into_response()
+        let mut body = serde_json::json!({ "status": "ready" });
+        if !paused.is_empty() {
+            body["paused"] = serde_json::Value::Array(paused);
+        }
+        (StatusCode::OK, axum::Json(body)).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
