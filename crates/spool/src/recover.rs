@@ -4,7 +4,11 @@
 //! is a write that was never acknowledged (a crash mid-batch) and is dropped.
 //! A bad region followed by valid records is corruption: it is copied to
 //! `corrupt/` and the scan resumes at the next valid record. A commit whose
-//! body pieces cannot all be found is moved aside the same way.
+//! body pieces cannot all be found is moved aside the same way, unless a
+//! later record ends the message anyway: a `Remove` (the message was
+//! delivered, and the old segments holding its pieces were then reclaimed
+//! while its `Commit` lived on in a newer one) or a complete `Commit` of the
+//! same id (a copy made by compaction).
 
 use std::collections::HashMap;
 use std::io;
@@ -62,6 +66,9 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
     // (segment, payload offset after the id) -> (message id, length)
     let mut chunks: HashMap<(u64, u64), (u64, u32)> = HashMap::new();
     let mut last_id = 0u64;
+    // Commits that cannot be used, unless a later record ends the message:
+    // id -> (segment, offset, the envelope bytes to keep for a human).
+    let mut damaged: HashMap<MessageId, (u64, usize, Vec<u8>)> = HashMap::new();
 
     for &seg in &segs {
         index.files.insert(seg);
@@ -130,6 +137,7 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                         .any(|e| chunks.get(&(e.seg, e.off)) != Some(&(c.id, e.len)));
                     match envelope {
                         Some(envelope) if !missing => {
+                            damaged.remove(&id);
                             let mut extents = c.extents;
                             if c.tail_len > 0 {
                                 extents.push(Extent {
@@ -148,13 +156,9 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                             );
                         }
                         _ => {
-                            // Keep what there is for a human; the message itself
-                            // cannot be delivered faithfully.
-                            let mut aside = c.envelope.to_vec();
-                            aside.extend_from_slice(b"\n");
-                            let saved = save_aside(dir, &format!("{id}.envelope.json"), &aside);
-                            error!(id = %id, saved = %saved.display(), "queued message has missing or damaged parts; envelope moved aside");
-                            report.moved_aside += 1;
+                            // Judged at the end of the scan: a later Remove
+                            // or complete copy makes this harmless.
+                            damaged.insert(id, (seg, pos, c.envelope.to_vec()));
                             index.remove(id);
                         }
                     }
@@ -181,12 +185,24 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                 }
                 Kind::Remove => {
                     if let Some(id) = record::payload_id(payload) {
-                        index.remove(MessageId::from_u64(id));
+                        let id = MessageId::from_u64(id);
+                        damaged.remove(&id);
+                        index.remove(id);
                     }
                 }
             }
             pos += HEADER_LEN + header.len;
         }
+    }
+    let mut damaged: Vec<_> = damaged.into_iter().collect();
+    damaged.sort_unstable_by_key(|(id, _)| *id);
+    for (id, (seg, pos, mut aside)) in damaged {
+        // Keep what there is for a human; the message itself cannot be
+        // delivered faithfully.
+        aside.extend_from_slice(b"\n");
+        let saved = save_aside(dir, &format!("{id}.envelope.json"), &aside);
+        error!(id = %id, segment = seg, offset = pos, saved = %saved.display(), "queued message has missing or damaged parts; envelope moved aside");
+        report.moved_aside += 1;
     }
     report.messages = index.messages.len();
     for seg in &segs {

@@ -334,3 +334,72 @@ async fn a_full_disk_fails_cleanly_and_recovers_when_space_returns() {
     assert_eq!(body(&spool, after).await, b"after the disk was full");
     assert_eq!(spool.list().len(), kept.len() + 1, "no partial message");
 }
+
+#[tokio::test]
+async fn a_removed_message_whose_chunks_were_reclaimed_is_not_reported_damaged() {
+    // A large message's chunks fill old segments and its Commit lands in a
+    // newer one, next to a message that stays queued. Once it is removed
+    // the old segments are deleted, but its Commit (and the Remove after
+    // it) stay in the segment the other message keeps alive: recovery must
+    // see the message as removed, not as damaged.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        segment_size: 64 << 10,
+    };
+    let (spool, _) = Spool::open_with(dir.path(), opts).unwrap();
+    let mut w = spool.begin();
+    w.write(&pattern(300_000, 1)).await.unwrap();
+    spool.sync().await.unwrap();
+    let a = w
+        .commit(env("a@example.com", &["b@example.com"]))
+        .await
+        .unwrap();
+    let b = put(&spool, b"stays queued").await;
+    spool.remove(a).await.unwrap();
+    spool.sync().await.unwrap();
+    let (spool, rec) = {
+        spool.close().await.unwrap();
+        drop(spool);
+        Spool::open(dir.path()).unwrap()
+    };
+    assert_eq!(rec.moved_aside, 0, "nothing damaged: {rec:?}");
+    assert!(
+        !dir.path().join("corrupt").exists(),
+        "nothing moved to corrupt/"
+    );
+    assert!(
+        spool.envelope(a).is_none(),
+        "the removed message stays removed"
+    );
+    assert_eq!(body(&spool, b).await, b"stays queued");
+    assert_eq!(spool.list().len(), 1);
+}
+
+#[tokio::test]
+async fn a_queued_message_whose_chunks_are_gone_is_still_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        segment_size: 64 << 10,
+    };
+    let (spool, _) = Spool::open_with(dir.path(), opts).unwrap();
+    let mut w = spool.begin();
+    w.write(&pattern(300_000, 2)).await.unwrap();
+    spool.sync().await.unwrap();
+    let a = w
+        .commit(env("a@example.com", &["b@example.com"]))
+        .await
+        .unwrap();
+    let b = put(&spool, b"intact").await;
+    spool.close().await.unwrap();
+    drop(spool);
+    // Damage: the oldest segment, holding the first pieces of a, is lost.
+    std::fs::remove_file(&segments(dir.path())[0]).unwrap();
+    let (spool, rec) = Spool::open(dir.path()).unwrap();
+    assert_eq!(rec.moved_aside, 1, "{rec:?}");
+    assert!(spool.envelope(a).is_none());
+    assert_eq!(body(&spool, b).await, b"intact");
+    let aside: Vec<_> = std::fs::read_dir(dir.path().join("corrupt"))
+        .unwrap()
+        .collect();
+    assert_eq!(aside.len(), 1, "its envelope is kept for a human");
+}
