@@ -13,3 +13,5 @@ mod receive;
 mod accounts;
 mod delivery;
 mod fakes;
+
+mod torture;
