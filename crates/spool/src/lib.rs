@@ -49,6 +49,11 @@ use writer::{Op, Writer};
 pub const CHUNK_SIZE: usize = 64 << 10;
 /// Body bytes in flight between sessions and the writer thread.
 const IN_FLIGHT_BYTES: usize = 4 << 20;
+/// Of those, at most this many from one message: a single large message
+/// streams with a small, fixed footprint (its chunks plus the writer's copy
+/// of them) instead of filling the whole budget, while concurrent messages
+/// still share [`IN_FLIGHT_BYTES`].
+const MESSAGE_IN_FLIGHT_BYTES: usize = 1 << 20;
 
 /// Tuning knobs; the defaults suit production.
 #[derive(Debug, Clone)]
@@ -214,6 +219,7 @@ impl Spool {
             id: self.shared.ids.next(),
             spool: self.clone(),
             buf: Vec::new(),
+            own_budget: None,
             written: 0,
             sent_chunks: false,
             done: false,
@@ -322,6 +328,8 @@ pub struct MessageWriter {
     id: MessageId,
     spool: Spool,
     buf: Vec<u8>,
+    /// This message's share of the in-flight budget (made at its first chunk).
+    own_budget: Option<Arc<Semaphore>>,
     written: u64,
     sent_chunks: bool,
     done: bool,
@@ -359,7 +367,16 @@ impl MessageWriter {
 
     async fn flush_chunk(&mut self) -> Result<(), SpoolError> {
         let permits = (self.buf.len() / 1024).max(1) as u32;
-        let permit = self
+        // This message's share first, so a message waiting for its own
+        // chunks to drain holds nothing of the shared budget.
+        let own = self
+            .own_budget
+            .get_or_insert_with(|| Arc::new(Semaphore::new(MESSAGE_IN_FLIGHT_BYTES / 1024)))
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        let shared = self
             .spool
             .budget
             .clone()
@@ -373,7 +390,7 @@ impl MessageWriter {
             .send(Op::Chunk {
                 id: self.id.as_u64(),
                 data,
-                _permit: permit,
+                _permits: [own, shared],
             })
             .map_err(|_| SpoolError::Closed)
     }

@@ -31,7 +31,9 @@ pub(crate) enum Op {
     Chunk {
         id: u64,
         data: Vec<u8>,
-        _permit: OwnedSemaphorePermit,
+        /// The message's and the shared in-flight budget, released once
+        /// the bytes are copied into the batch.
+        _permits: [OwnedSemaphorePermit; 2],
     },
     /// The last piece plus the envelope: make the message exist.
     Commit {
@@ -190,7 +192,7 @@ impl Writer {
 
         for op in batch.drain(..) {
             match op {
-                Op::Chunk { id, data, _permit } => {
+                Op::Chunk { id, data, _permits } => {
                     let open = self.open.entry(id).or_default();
                     if open.failed.is_some() {
                         continue;
