@@ -15,3 +15,4 @@ mod delivery;
 mod fakes;
 
 mod torture;
+mod faults;
