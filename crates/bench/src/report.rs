@@ -1,0 +1,245 @@
+//! Results and how they are printed.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::stats::{Latency, median, ms};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    Oauthrelay,
+    Postfix,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Oauthrelay => "oauthrelay",
+            System::Postfix => "postfix",
+        }
+    }
+}
+
+/// Where the CPU went during a run, in cores (CPU seconds per second).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    /// The oauthrelay process (not measured for Postfix's many processes).
+    pub relay: Option<f64>,
+    /// The fake upstreams' threads.
+    pub upstream: f64,
+    /// The load generator's threads.
+    pub client: f64,
+    /// The whole machine (everything, other users included).
+    pub machine: f64,
+}
+
+/// One throughput run.
+#[derive(Debug, Clone)]
+pub struct LoadRun {
+    pub system: System,
+    pub window: Duration,
+    /// Client `250`s within the window.
+    pub accepted: u64,
+    /// Upstream `250`s within the window (of messages the client got a
+    /// `250` for).
+    pub e2e: u64,
+    /// Client `250`s in all (transactions in flight at the deadline finish).
+    pub acked_total: u64,
+    /// Of those, how many reached the upstream.
+    pub delivered_total: u64,
+    /// From the start to the last upstream `250` of the run.
+    pub drained_after: Option<Duration>,
+    pub latency: Latency,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// oauthrelay: `VmHWM`; Postfix: the largest sampled sum of PSS over
+    /// its processes (every 500 ms).
+    pub peak_rss_kib: u64,
+    pub upstream_connections: u64,
+    pub cpu: Cpu,
+}
+
+impl LoadRun {
+    pub fn accept_rate(&self) -> f64 {
+        self.accepted as f64 / self.window.as_secs_f64()
+    }
+    pub fn e2e_rate(&self) -> f64 {
+        self.e2e as f64 / self.window.as_secs_f64()
+    }
+
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "  {:<10} accept {:>8.1}/s  end-to-end {:>8.1}/s  p50 {:>7.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  peak RSS {:>6.1} MB  upstream conns {:>3}  acked {} delivered {}",
+            self.system.name(),
+            self.accept_rate(),
+            self.e2e_rate(),
+            ms(self.latency.p50),
+            ms(self.latency.p99),
+            ms(self.latency.max),
+            self.peak_rss_kib as f64 / 1024.0,
+            self.upstream_connections,
+            self.acked_total,
+            self.delivered_total,
+        );
+        if let Some(d) = self.drained_after {
+            let _ = write!(s, " (all by {:.2} s)", d.as_secs_f64());
+        }
+        let c = &self.cpu;
+        let _ = write!(
+            s,
+            "\n             cpu (cores): relay {}  fake upstream {:.2}  client {:.2}  machine {:.2} of {}",
+            c.relay
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            c.upstream,
+            c.client,
+            c.machine,
+            cores(),
+        );
+        if self.errors > 0 {
+            let _ = write!(
+                s,
+                "\n             {} client error(s), first: {}",
+                self.errors,
+                self.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        s
+    }
+}
+
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// One idle-latency run.
+#[derive(Debug, Clone)]
+pub struct IdleRun {
+    pub system: System,
+    /// Client `250` to upstream `250`.
+    pub to_250: Latency,
+    /// Client `250` to upstream `MAIL`.
+    pub to_mail: Latency,
+    pub upstream_connections: u64,
+    pub missing: usize,
+    /// Messages whose upstream `250` came before the client had read its
+    /// own `250` (counted as 0 ms): delivery starts at the commit, in
+    /// parallel with the reply to the client.
+    pub upstream_first: usize,
+}
+
+impl IdleRun {
+    pub fn line(&self) -> String {
+        format!(
+            "  {:<10} 250->upstream 250: p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms | 250->upstream MAIL: p50 {:>6.2} ms  p99 {:>6.2} ms | {} messages ({} upstream 250 before the client read its 250), upstream conns {}{}",
+            self.system.name(),
+            ms(self.to_250.p50),
+            ms(self.to_250.p99),
+            ms(self.to_250.max),
+            ms(self.to_mail.p50),
+            ms(self.to_mail.p99),
+            self.to_250.count,
+            self.upstream_first,
+            self.upstream_connections,
+            if self.missing > 0 {
+                format!(", {} NOT delivered", self.missing)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// A row of a side-by-side table.
+pub struct Row {
+    pub label: &'static str,
+    pub ours: f64,
+    pub theirs: Option<f64>,
+    /// Larger is better (rates) or smaller is better (latency, memory).
+    pub higher_is_better: bool,
+    pub decimals: usize,
+}
+
+impl Row {
+    /// How many times better oauthrelay is.
+    pub fn advantage(&self) -> Option<f64> {
+        let t = self.theirs?;
+        let r = if self.higher_is_better {
+            self.ours / t
+        } else {
+            t / self.ours
+        };
+        r.is_finite().then_some(r)
+    }
+}
+
+pub fn table(title: &str, rows: &[Row], with_postfix: bool) -> String {
+    let mut s = format!("\n{title}\n");
+    let _ = writeln!(
+        s,
+        "  {:<30} {:>14}{}",
+        "",
+        "oauthrelay",
+        if with_postfix {
+            format!(" {:>14} {:>11}", "postfix", "advantage")
+        } else {
+            String::new()
+        }
+    );
+    for r in rows {
+        let _ = write!(s, "  {:<30} {:>14.*}", r.label, r.decimals, r.ours);
+        if with_postfix {
+            match r.theirs {
+                Some(t) => {
+                    let _ = write!(s, " {:>14.*}", r.decimals, t);
+                }
+                None => {
+                    let _ = write!(s, " {:>14}", "-");
+                }
+            }
+            match r.advantage() {
+                Some(a) => {
+                    let _ = write!(s, " {:>10.2}x", a);
+                }
+                None => {
+                    let _ = write!(s, " {:>11}", "-");
+                }
+            }
+        }
+        s.push('\n');
+    }
+    if with_postfix {
+        s.push_str("  (advantage: how many times better oauthrelay is; rates oauthrelay/postfix, latency and memory postfix/oauthrelay)\n");
+    }
+    s
+}
+
+/// Median of a field over the runs of one system.
+pub fn med<T>(runs: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    median(&runs.iter().map(f).collect::<Vec<_>>())
+}
+
+/// A target of the Proof issue and how it fared.
+pub struct Target {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+pub fn targets(list: &[Target]) -> String {
+    let mut s = String::from("\nTargets (issue 5)\n");
+    for t in list {
+        let _ = writeln!(
+            s,
+            "  {:<46} {:<16} {:<34} {}",
+            t.what,
+            t.target,
+            t.measured,
+            if t.met { "met" } else { "MISSED" }
+        );
+    }
+    s
+}
