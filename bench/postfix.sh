@@ -17,9 +17,11 @@
 #   relayhost = [127.0.0.1]:RELAY_PORT, smtp_tls_wrappermode = yes,
 #   smtp_tls_security_level = encrypt, smtp_tls_connection_reuse = yes
 #   (tlsproxy keeps TLS connections open between deliveries),
-#   smtp_connection_cache_destinations = the relayhost (connections are
-#   cached even when there is no backlog, as Postfix's documentation
-#   suggests for a relayhost; in Postfix's favour on an idle relay),
+#   smtp_connection_cache_destinations = the relayhost, in every spelling
+#   (connections are cached even when there is no backlog, as Postfix's
+#   documentation suggests for a relayhost; in Postfix's favour on an idle
+#   relay: without it each idle delivery opens a new TLS connection, about
+#   5 ms instead of 0.6 ms),
 #   default_process_limit = 100,
 #   smtp_destination_concurrency_limit = 20 (the default).
 set -eu
@@ -96,7 +98,7 @@ smtp_tls_security_level = encrypt
 smtp_tls_wrappermode = yes
 smtp_tls_CAfile = $dir/etc/ca.pem
 smtp_tls_connection_reuse = yes
-smtp_connection_cache_destinations = [127.0.0.1]:$relay
+smtp_connection_cache_destinations = [127.0.0.1]:$relay, [127.0.0.1], 127.0.0.1
 smtp_tls_session_cache_database = btree:\$data_directory/smtp_scache
 smtp_tls_loglevel = 0
 default_process_limit = 100

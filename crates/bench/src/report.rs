@@ -31,6 +31,9 @@ pub struct Cpu {
     pub client: f64,
     /// The whole machine (everything, other users included).
     pub machine: f64,
+    /// The whole machine during the second before the run (what others
+    /// were using: the bench and the relay were idle).
+    pub background: f64,
 }
 
 /// One throughput run.
@@ -66,6 +69,16 @@ impl LoadRun {
     pub fn e2e_rate(&self) -> f64 {
         self.e2e as f64 / self.window.as_secs_f64()
     }
+    /// Everything acknowledged, over the time to the last upstream `250`
+    /// (includes the catch-up after the clients stopped).
+    pub fn drain_rate(&self) -> f64 {
+        match self.drained_after {
+            Some(d) if self.delivered_total == self.acked_total => {
+                self.acked_total as f64 / d.as_secs_f64()
+            }
+            _ => f64::NAN,
+        }
+    }
 
     pub fn line(&self) -> String {
         let mut s = format!(
@@ -87,7 +100,7 @@ impl LoadRun {
         let c = &self.cpu;
         let _ = write!(
             s,
-            "\n             cpu (cores): relay {}  fake upstream {:.2}  client {:.2}  machine {:.2} of {}",
+            "\n             cpu (cores): relay {}  fake upstream {:.2}  client {:.2}  machine {:.2} of {} (background before the run {:.2})",
             c.relay
                 .map(|r| format!("{r:.2}"))
                 .unwrap_or_else(|| "-".into()),
@@ -95,6 +108,7 @@ impl LoadRun {
             c.client,
             c.machine,
             cores(),
+            c.background,
         );
         if self.errors > 0 {
             let _ = write!(

@@ -205,6 +205,7 @@ impl CpuMark {
             upstream: delta("upstream") / secs,
             client: (delta("client") + delta("oauthrelay")) / secs,
             machine: (procfs::machine_cpu().0 - self.machine) / secs,
+            background: 0.0,
         }
     }
 }
@@ -330,10 +331,10 @@ impl Bench {
             max_messages: None,
         };
         println!(
-            "\n== {name}: {size}-byte messages, {sessions} sessions, {:.0} s window, {} round(s), load average {:.2}",
+            "\n== {name}: {size}-byte messages, {sessions} sessions, {:.0} s window, {} round(s), {}",
             self.args.duration,
             self.args.rounds,
-            procfs::load_average()
+            conditions().await
         );
         let mut runs: HashMap<&'static str, Vec<LoadRun>> = HashMap::new();
         for round in 1..=self.args.rounds {
@@ -356,6 +357,7 @@ impl Bench {
         let rows = vec![
             row("accept rate (msg/s)", &|r| r.accept_rate(), true, 1),
             row("end-to-end rate (msg/s)", &|r| r.e2e_rate(), true, 1),
+            row("incl. catch-up (msg/s)", &|r| r.drain_rate(), true, 1),
             row("client latency p50 (ms)", &|r| ms(r.latency.p50), false, 2),
             row("client latency p99 (ms)", &|r| ms(r.latency.p99), false, 2),
             row("client latency max (ms)", &|r| ms(r.latency.max), false, 2),
@@ -396,7 +398,7 @@ impl Bench {
                 met: false,
             }),
         }
-        let p99 = rows[3].ours;
+        let p99 = rows[4].ours;
         targets.push(Target {
             what: format!("{name} client p99 under load"),
             target: "<= 50 ms".into(),
@@ -452,13 +454,17 @@ impl Bench {
     ) -> anyhow::Result<LoadRun> {
         let gmail = self.upstream_of(system);
         warm_up(addr, gmail, &format!("{tag}w")).await?;
+        let background = background_cpu().await;
         gmail.clear_messages();
         let base = gmail.stats().messages;
         let conns0 = gmail.stats().connections;
         let mark = CpuMark::now(relay_pid);
         let t0 = Instant::now();
         let res = client::run(addr, tpl, load, tag, t0).await;
-        let cpu = mark.since();
+        let cpu = Cpu {
+            background,
+            ..mark.since()
+        };
         let deadline = t0 + load.duration;
         let wanted = res.ids();
         let arrivals = Arrivals::wait(gmail, base, &wanted, DRAIN_TIMEOUT).await;
@@ -489,9 +495,9 @@ impl Bench {
     async fn idle(&mut self, targets: &mut Vec<Target>) -> anyhow::Result<()> {
         let n = self.args.idle_messages;
         println!(
-            "\n== idle: {n} messages one at a time (20 ms apart), time from the client's 250 to the upstream's, {} round(s), load average {:.2}",
+            "\n== idle: {n} messages one at a time (20 ms apart), time from the client's 250 to the upstream's, {} round(s), {}",
             self.args.rounds,
-            procfs::load_average()
+            conditions().await
         );
         let mut runs: HashMap<&'static str, Vec<IdleRun>> = HashMap::new();
         for round in 1..=self.args.rounds {
@@ -602,10 +608,10 @@ impl Bench {
 
     async fn memory(&mut self, targets: &mut Vec<Target>) -> anyhow::Result<()> {
         println!(
-            "\n== memory: oauthrelay's RSS idle, with one {} MB message, with {} idle sessions, load average {:.2}",
+            "\n== memory: oauthrelay's RSS idle, with one {} MB message, with {} idle sessions, {}",
             self.args.big_message as f64 / 1e6,
             self.args.idle_sessions,
-            procfs::load_average()
+            conditions().await
         );
         // The account starts unauthorized so nothing is delivered while the
         // inbound side is measured; a token import then lets the big
@@ -720,8 +726,8 @@ impl Bench {
     async fn startup(&mut self, targets: &mut Vec<Target>) -> anyhow::Result<()> {
         let n = self.args.startup_messages;
         println!(
-            "\n== startup: {n} messages in the spool, then start, load average {:.2}",
-            procfs::load_average()
+            "\n== startup: {n} messages in the spool, then start, {}",
+            conditions().await
         );
         let listen = free_addr()?;
         let mut inst = self.instance("startup", listen)?;
@@ -823,6 +829,24 @@ impl Bench {
         });
         Ok(())
     }
+}
+
+/// The load average and the background CPU use, for a workload's header.
+async fn conditions() -> String {
+    let load = procfs::load_average();
+    format!(
+        "load average {load:.2} (counts this benchmark's own processes too), background CPU {:.2} cores",
+        background_cpu().await
+    )
+}
+
+/// Machine-wide CPU use (cores) over one second in which the benchmark
+/// does nothing: what the other users of the machine take.
+async fn background_cpu() -> f64 {
+    let (b0, _) = procfs::machine_cpu();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    (procfs::machine_cpu().0 - b0) / t.elapsed().as_secs_f64()
 }
 
 /// `127.0.0.1:0`.
