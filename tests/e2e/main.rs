@@ -16,3 +16,4 @@ mod fakes;
 
 mod torture;
 mod faults;
+mod load;
