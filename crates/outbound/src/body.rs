@@ -235,11 +235,14 @@ fn new_from(raw: &[u8], email: &str) -> String {
 }
 
 /// Dot-stuffing for `DATA` (RFC 5321 4.5.2), across chunk boundaries. A bare
-/// LF is sent as CRLF so no server can see a line end we did not mean
-/// (SMTP smuggling); CRLF messages (everything the inbound side stores from
-/// trusted clients) go out byte for byte apart from the stuffed dots.
+/// LF or a bare CR is sent as CRLF so no server can see a line end we did
+/// not mean (SMTP smuggling: some servers take `\r.\r` or `\n.\n` as the
+/// end of data); CRLF messages (everything the inbound side stores from
+/// trusted clients) go out byte for byte apart from the stuffed dots. `BDAT`
+/// does not come through here: it sends the bytes exactly.
 pub(crate) struct DotStuffer {
     at_line_start: bool,
+    /// The last byte was a CR whose LF has not been seen yet.
     prev_cr: bool,
 }
 
@@ -254,6 +257,11 @@ impl DotStuffer {
     pub(crate) fn stuff(&mut self, input: &[u8], out: &mut Vec<u8>) {
         out.reserve(input.len() + input.len() / 64 + 8);
         for &b in input {
+            if self.prev_cr && b != b'\n' {
+                // A bare CR: end the line it started.
+                out.push(b'\n');
+                self.at_line_start = true;
+            }
             if self.at_line_start && b == b'.' {
                 out.push(b'.');
             }
@@ -349,5 +357,23 @@ mod tests {
         assert_eq!(stuff_all(&[b"x\n.\n"]), b"x\r\n..\r\n.\r\n");
         assert_eq!(stuff_all(&[b""]), b".\r\n");
         assert_eq!(stuff_all(&[b"a\r"]), b"a\r\n.\r\n");
+    }
+
+    #[test]
+    fn bare_cr_is_sent_as_crlf() {
+        assert_eq!(stuff_all(&[b"a\rb\r\n"]), b"a\r\nb\r\n.\r\n");
+        // `\r.\r` must not reach a server that ends DATA on it: the dot
+        // starts a line and is stuffed.
+        assert_eq!(stuff_all(&[b"x\r.\ry"]), b"x\r\n..\r\ny\r\n.\r\n");
+        // Across chunk boundaries.
+        assert_eq!(
+            stuff_all(&[b"x\r", b".y\r", b"\r\n"]),
+            b"x\r\n..y\r\n\r\n.\r\n"
+        );
+        assert_eq!(stuff_all(&[b"\r\r\n"]), b"\r\n\r\n.\r\n");
+        // A message ending in a bare CR.
+        assert_eq!(stuff_all(&[b"a\rb\r"]), b"a\r\nb\r\n.\r\n");
+        // CRLF text is unchanged apart from stuffing.
+        assert_eq!(stuff_all(&[b"a\r\n.b\r\n"]), b"a\r\n..b\r\n.\r\n");
     }
 }
