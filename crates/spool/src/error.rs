@@ -24,6 +24,9 @@ pub enum SpoolError {
         #[source]
         source: Arc<io::Error>,
     },
+    /// The envelope (recipients, replies) is too large to store.
+    #[error("the message envelope is too large to store")]
+    EnvelopeTooLarge,
     #[error("no message {0} in the queue")]
     NotFound(MessageId),
     /// The spool's writer has stopped (shutdown).
@@ -46,6 +49,7 @@ impl SpoolError {
         match self {
             SpoolError::DiskFull => (452, "4.3.1", "Insufficient system storage, try again later"),
             SpoolError::Closed => (421, "4.3.2", "Service shutting down, try again later"),
+            SpoolError::EnvelopeTooLarge => (552, "5.3.4", "Message envelope too big for system"),
             _ => (451, "4.3.0", "Local error in processing, try again later"),
         }
     }

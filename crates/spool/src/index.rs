@@ -16,6 +16,10 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
+    fn bytes(&self) -> u64 {
+        self.extents.iter().map(|e| u64::from(e.len)).sum()
+    }
+
     /// Segments this message needs to survive.
     pub(crate) fn segments(&self) -> BTreeSet<u64> {
         let mut s: BTreeSet<u64> = self.extents.iter().map(|e| e.seg).collect();
@@ -31,10 +35,13 @@ pub(crate) struct Index {
     pub segments: BTreeMap<u64, usize>,
     /// Segment files on disk, the active one included.
     pub files: BTreeSet<u64>,
+    /// Body bytes of all live messages.
+    pub live_bytes: u64,
 }
 
 impl Index {
     pub(crate) fn insert(&mut self, id: MessageId, entry: Entry) {
+        self.live_bytes += entry.bytes();
         for seg in entry.segments() {
             *self.segments.entry(seg).or_default() += 1;
         }
@@ -50,6 +57,7 @@ impl Index {
     }
 
     fn unpin(&mut self, entry: &Entry) {
+        self.live_bytes = self.live_bytes.saturating_sub(entry.bytes());
         for seg in entry.segments() {
             if let Some(n) = self.segments.get_mut(&seg) {
                 *n = n.saturating_sub(1);

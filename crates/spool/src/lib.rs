@@ -170,7 +170,7 @@ impl Spool {
         let lock = take_lock(dir)?;
         let recovered = recover::recover(dir).map_err(open_err)?;
         let active_no = recovered.last_segment + 1;
-        let file = segment::create(dir, active_no).map_err(open_err)?;
+        let (file, seed) = segment::create(dir, active_no).map_err(open_err)?;
         let mut index = recovered.index;
         index.files.insert(active_no);
         let shared = Arc::new(Shared {
@@ -187,7 +187,8 @@ impl Spool {
             writer::Active {
                 no: active_no,
                 file,
-                len: 0,
+                len: segment::FILE_HEADER_LEN,
+                seed,
             },
             options.segment_size.max(1),
             lock,

@@ -74,10 +74,22 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         index.files.insert(seg);
         report.segments += 1;
         let data = std::fs::read(segment::path(dir, seg))?;
-        let mut pos = 0usize;
+        let Some(seed) = segment::read_seed(&data) else {
+            if data.iter().any(|&b| b != 0) {
+                // Not one of our segments (or its header is damaged): keep
+                // it for a human, never guess at its records.
+                let saved = save_aside(dir, &format!("seg-{seg:016x}.unreadable"), &data);
+                error!(segment = seg, saved = %saved.display(), "spool segment without a valid header moved aside");
+                report.moved_aside += 1;
+            }
+            // An empty or zero-filled file: created just before a crash, so
+            // nothing in it was ever acknowledged.
+            continue;
+        };
+        let mut pos = segment::FILE_HEADER_LEN as usize;
         while pos < data.len() {
-            let Some((header, payload)) = valid_record(&data, pos) else {
-                match resync(&data, pos + 1) {
+            let Some((header, payload)) = valid_record(&data, pos, seed) else {
+                match resync(&data, pos + 1, seed) {
                     Some(next) => {
                         let region = &data[pos..next];
                         let saved =
@@ -216,20 +228,22 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
     })
 }
 
-/// The record at `pos`, if it is complete and its checksum matches.
-fn valid_record(data: &[u8], pos: usize) -> Option<(Header, &[u8])> {
-    let header = Header::parse(data.get(pos..pos + HEADER_LEN)?)?;
+/// The record at `pos`, if it is complete and its checksums match this
+/// segment's salt.
+fn valid_record(data: &[u8], pos: usize, seed: u32) -> Option<(Header, &[u8])> {
+    let header = Header::parse(data.get(pos..pos + HEADER_LEN)?, seed)?;
     let payload = data.get(pos + HEADER_LEN..pos + HEADER_LEN + header.len)?;
     header.verify(payload).then_some((header, payload))
 }
 
-/// The next offset at or after `from` where a valid record starts.
-fn resync(data: &[u8], from: usize) -> Option<usize> {
+/// The next offset at or after `from` where a valid record starts. Bytes
+/// inside message bodies cannot look like one: they would need the salt.
+fn resync(data: &[u8], from: usize, seed: u32) -> Option<usize> {
     let mut at = from;
     while at < data.len() {
         let rel = find(&data[at..], MAGIC)?;
         let cand = at + rel;
-        if valid_record(data, cand).is_some() {
+        if valid_record(data, cand, seed).is_some() {
             return Some(cand);
         }
         at = cand + 1;

@@ -1,9 +1,18 @@
-//! Segment files: naming, creation (with a directory fsync), deletion.
+//! Segment files: naming, creation (with a directory fsync), deletion, and
+//! the file header that carries the segment's random salt.
+//!
+//! ```text
+//! "ORSEG001" | salt (16 random bytes) | 8 reserved bytes | records...
+//! ```
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+pub(crate) const FILE_MAGIC: &[u8; 8] = b"ORSEG001";
+/// Records start here.
+pub(crate) const FILE_HEADER_LEN: u64 = 32;
 
 pub(crate) fn path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("seg-{no:016x}.log"))
@@ -18,17 +27,37 @@ pub(crate) fn parse_name(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// Create segment `no` and make its directory entry durable before any
-/// record in it can be acknowledged.
-pub(crate) fn create(dir: &Path, no: u64) -> io::Result<File> {
+/// The CRC seed of a salt: what every record checksum in the segment starts from.
+pub(crate) fn seed(salt: &[u8]) -> u32 {
+    crc32c::crc32c(salt)
+}
+
+/// Create segment `no` with a fresh salt, and make the file, its header and
+/// its directory entry durable before any record in it can be acknowledged.
+/// Returns the file and its CRC seed.
+pub(crate) fn create(dir: &Path, no: u64) -> io::Result<(File, u32)> {
+    let mut salt = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut salt)?;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path(dir, no))?;
+    let mut header = [0u8; FILE_HEADER_LEN as usize];
+    header[..8].copy_from_slice(FILE_MAGIC);
+    header[8..24].copy_from_slice(&salt);
+    f.write_all_at(&header, 0)?;
+    f.sync_data()?;
     sync_dir(dir)?;
-    Ok(f)
+    Ok((f, seed(&salt)))
+}
+
+/// The seed from a segment's header; `None` if the file does not start with
+/// a complete header of ours.
+pub(crate) fn read_seed(data: &[u8]) -> Option<u32> {
+    let h = data.get(..FILE_HEADER_LEN as usize)?;
+    (&h[..8] == FILE_MAGIC).then(|| seed(&h[8..24]))
 }
 
 pub(crate) fn remove(dir: &Path, no: u64) -> io::Result<()> {

@@ -2,7 +2,7 @@
 //! record that was queued while it was busy with one `write`, makes them
 //! durable with one `fdatasync`, and only then answers the callers.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -120,6 +120,8 @@ pub(crate) struct Active {
     pub no: u64,
     pub file: File,
     pub len: u64,
+    /// CRC seed from the segment's salt.
+    pub seed: u32,
 }
 
 pub(crate) struct Writer {
@@ -128,6 +130,8 @@ pub(crate) struct Writer {
     segment_size: u64,
     open: HashMap<u64, Open>,
     buf: Vec<u8>,
+    /// Sizes of the segment files other than the active one.
+    sealed: BTreeMap<u64, u64>,
     /// The spool's lock file, held while this thread runs.
     _lock: File,
 }
@@ -145,11 +149,19 @@ impl Writer {
             segment_size,
             open: HashMap::new(),
             buf: Vec::with_capacity(256 << 10),
+            sealed: BTreeMap::new(),
             _lock: lock,
         }
     }
 
     pub(crate) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        let files: Vec<u64> = self.shared.lock_index().files.iter().copied().collect();
+        for no in files.into_iter().filter(|&no| no != self.active.no) {
+            let size = std::fs::metadata(segment::path(&self.shared.dir, no))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            self.sealed.insert(no, size);
+        }
         self.reclaim();
         let mut batch = Vec::new();
         while let Some(op) = rx.blocking_recv() {
@@ -197,8 +209,12 @@ impl Writer {
                     if open.failed.is_some() {
                         continue;
                     }
-                    let p =
-                        record::encode(&mut self.buf, Kind::Data, &[&record::id_bytes(id), &data]);
+                    let p = record::encode(
+                        &mut self.buf,
+                        self.active.seed,
+                        Kind::Data,
+                        &[&record::id_bytes(id), &data],
+                    );
                     open.extents.push(Extent {
                         seg,
                         off: base + p as u64 + 8,
@@ -225,7 +241,18 @@ impl Writer {
                     envelope.size = open.size + tail.len() as u64;
                     let env = record::encode_envelope(&envelope);
                     let head = record::commit_head(id, &env, &extents);
-                    let p = record::encode(&mut self.buf, Kind::Commit, &[&head, &tail]);
+                    if head.len() + tail.len() > record::MAX_PAYLOAD {
+                        // Recovery would refuse a record this large: refuse
+                        // it now, while the client can still be told.
+                        let _ = reply.send(Err(SpoolError::EnvelopeTooLarge));
+                        continue;
+                    }
+                    let p = record::encode(
+                        &mut self.buf,
+                        self.active.seed,
+                        Kind::Commit,
+                        &[&head, &tail],
+                    );
                     if !tail.is_empty() {
                         extents.push(Extent {
                             seg,
@@ -253,8 +280,13 @@ impl Writer {
                         continue;
                     }
                     let env = record::encode_envelope(&envelope);
+                    if env.len() + 8 > record::MAX_PAYLOAD {
+                        let _ = reply.send(Err(SpoolError::EnvelopeTooLarge));
+                        continue;
+                    }
                     record::encode(
                         &mut self.buf,
+                        self.active.seed,
                         Kind::Update,
                         &[&record::id_bytes(id.as_u64()), &env],
                     );
@@ -271,6 +303,7 @@ impl Writer {
                     }
                     record::encode(
                         &mut self.buf,
+                        self.active.seed,
                         Kind::Remove,
                         &[&record::id_bytes(id.as_u64())],
                     );
@@ -376,13 +409,15 @@ impl Writer {
             return;
         }
         match segment::create(&self.shared.dir, self.active.no + 1) {
-            Ok(file) => {
+            Ok((file, seed)) => {
                 debug!(segment = self.active.no + 1, "spool segment started");
+                self.sealed.insert(self.active.no, self.active.len);
                 self.shared.lock_index().files.insert(self.active.no + 1);
                 self.active = Active {
                     no: self.active.no + 1,
                     file,
-                    len: 0,
+                    len: segment::FILE_HEADER_LEN,
+                    seed,
                 };
             }
             Err(e) => {
@@ -408,9 +443,11 @@ impl Writer {
         self.rotate(false);
     }
 
-    /// Delete segments nobody needs, oldest first; copy long-lived survivors
-    /// out of the oldest segment once enough segments have piled up.
+    /// Delete segments nobody needs, oldest first; once enough segments
+    /// have piled up, copy the few survivors out of the oldest one so it can
+    /// go too (at most one segment's worth of copying per call).
     fn reclaim(&mut self) {
+        let mut compacted = false;
         loop {
             let (oldest, count) = {
                 let index = self.shared.lock_index();
@@ -434,7 +471,11 @@ impl Writer {
                 return;
             }
             if live > 0 {
-                if count < COMPACT_AT_SEGMENTS || !self.compact(seg) {
+                if compacted || count < COMPACT_AT_SEGMENTS || !self.worth_compacting() {
+                    return;
+                }
+                compacted = true;
+                if !self.compact(seg) {
                     return;
                 }
                 continue;
@@ -447,6 +488,7 @@ impl Writer {
                 index.files.remove(&seg);
                 self.shared.forget_segment(seg);
             }
+            self.sealed.remove(&seg);
             match segment::remove(&self.shared.dir, seg) {
                 Ok(()) => debug!(segment = seg, "spool segment deleted"),
                 Err(e) => {
@@ -457,8 +499,21 @@ impl Writer {
         }
     }
 
-    /// Copy the live messages of `seg` into the active segment. Returns
-    /// whether the segment is now free.
+    /// Copying pays off when most of the disk the spool uses is garbage
+    /// kept only because an older segment still holds a few long-deferred
+    /// messages. When most of it is live (a long outage), copying would gain
+    /// nothing, and it is not done. Both sides are kept up to date, so the
+    /// check costs nothing per batch.
+    fn worth_compacting(&self) -> bool {
+        let on_disk: u64 = self.sealed.values().sum::<u64>() + self.active.len;
+        let live = self.shared.lock_index().live_bytes;
+        on_disk > live.saturating_mul(2) + self.segment_size.saturating_mul(2)
+    }
+
+    /// Copy the live messages of `seg` into the active segment: all of them
+    /// written, then one `fdatasync`, then the index points at the copies.
+    /// On any failure the copies are abandoned with the segment they were
+    /// written to (the originals stay valid). Returns whether `seg` is free.
     fn compact(&mut self, seg: u64) -> bool {
         let ids = self.shared.lock_index().pinning(seg);
         info!(
@@ -466,6 +521,11 @@ impl Writer {
             messages = ids.len(),
             "copying long-queued messages out of an old spool segment"
         );
+        if self.active.len >= self.segment_size / 2 {
+            self.rotate(true);
+        }
+        let no = self.active.no;
+        let mut moved = Vec::with_capacity(ids.len());
         for id in ids {
             let (envelope, extents) = {
                 let index = self.shared.lock_index();
@@ -474,65 +534,80 @@ impl Writer {
                     None => continue,
                 }
             };
-            let body = match self.shared.read_extents(&extents) {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(id = %id, error = %e, "cannot read a message to copy it forward; keeping the old segment");
-                    return false;
-                }
-            };
-            let base = self.active.len;
-            let no = self.active.no;
-            self.buf.clear();
             let mut new_extents = Vec::new();
-            for piece in body.chunks(crate::CHUNK_SIZE) {
+            for x in &extents {
+                let piece = match self.shared.read_extents(std::slice::from_ref(x)) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(id = %id, error = %e, "cannot read a message to copy it forward; keeping the old segment");
+                        return false;
+                    }
+                };
+                self.buf.clear();
+                let base = self.active.len;
                 let p = record::encode(
                     &mut self.buf,
+                    self.active.seed,
                     Kind::Data,
-                    &[&record::id_bytes(id.as_u64()), piece],
+                    &[&record::id_bytes(id.as_u64()), &piece],
                 );
                 new_extents.push(Extent {
                     seg: no,
                     off: base + p as u64 + 8,
                     len: piece.len() as u32,
                 });
+                if !self.append_unsynced() {
+                    return false;
+                }
             }
             let env = record::encode_envelope(&envelope);
             let head = record::commit_head(id.as_u64(), &env, &new_extents);
-            record::encode(&mut self.buf, Kind::Commit, &[&head]);
-            let r = self
-                .active
-                .file
-                .write_all_at(&self.buf, base)
-                .and_then(|_| self.active.file.sync_data());
-            if let Err(e) = r {
-                let err = SpoolError::io(e);
-                self.report(&err);
-                let _ = self.active.file.set_len(base);
+            self.buf.clear();
+            record::encode(&mut self.buf, self.active.seed, Kind::Commit, &[&head]);
+            if !self.append_unsynced() {
                 return false;
             }
-            self.active.len = base + self.buf.len() as u64;
-            let mut index = self.shared.lock_index();
-            // The message may have been removed meanwhile only by this
-            // thread, so it is still there; keep its newest envelope.
+            moved.push((id, new_extents));
+        }
+        if let Err(e) = self.active.file.sync_data() {
+            let err = SpoolError::io(e);
+            self.report(&err);
+            self.abandon_segment();
+            return false;
+        }
+        let mut index = self.shared.lock_index();
+        for (id, extents) in moved {
+            // Only this thread changes the index, so the message is still
+            // there; keep its newest envelope.
             if let Some(old) = index.messages.get(&id) {
                 let envelope = old.envelope.clone();
                 index.insert(
                     id,
                     Entry {
                         envelope,
-                        extents: new_extents,
+                        extents,
                         commit_seg: no,
                     },
                 );
             }
         }
-        self.shared
-            .lock_index()
-            .segments
-            .get(&seg)
-            .copied()
-            .unwrap_or(0)
-            == 0
+        index.segments.get(&seg).copied().unwrap_or(0) == 0
+    }
+
+    /// Append `self.buf` to the active segment without syncing; on failure
+    /// the segment is abandoned (its tail can no longer be trusted).
+    fn append_unsynced(&mut self) -> bool {
+        match self.active.file.write_all_at(&self.buf, self.active.len) {
+            Ok(()) => {
+                self.active.len += self.buf.len() as u64;
+                true
+            }
+            Err(e) => {
+                let err = SpoolError::io(e);
+                self.report(&err);
+                self.abandon_segment();
+                false
+            }
+        }
     }
 }

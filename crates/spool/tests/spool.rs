@@ -238,10 +238,21 @@ async fn old_segments_are_reclaimed_and_long_lived_messages_copied_forward() {
         spool.remove(id).await.unwrap();
     }
     spool.sync().await.unwrap();
-    let n = segments(dir.path()).len();
+    // 600 KB went through; what stays on disk is bounded by the live data
+    // (the 150 KB keeper), not by the traffic.
+    let segs = segments(dir.path());
+    let on_disk: u64 = segs
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
     assert!(
-        n <= 5,
-        "segments are reclaimed while traffic flows ({n} left)"
+        on_disk <= 3 * 150_000 + 4 * (16 << 10),
+        "segments are reclaimed while traffic flows ({} files, {on_disk} bytes left)",
+        segs.len()
+    );
+    assert!(
+        !segs[0].ends_with("seg-0000000000000001.log"),
+        "the keeper was copied out of the first segment"
     );
     let spool = reopen(spool, dir.path()).await;
     assert_eq!(spool.list().len(), 1);
@@ -402,4 +413,101 @@ async fn a_queued_message_whose_chunks_are_gone_is_still_moved_aside() {
         .unwrap()
         .collect();
     assert_eq!(aside.len(), 1, "its envelope is kept for a human");
+}
+
+/// A record framed like ours, with a checksum anyone can compute: what a
+/// client could try to smuggle inside a message body.
+fn forged_record(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut r = b"ORS1".to_vec();
+    r.push(kind);
+    r.extend_from_slice(&[0, 0, 0]);
+    r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&r[4..12]), payload);
+    r.extend_from_slice(&crc.to_le_bytes());
+    let hcrc = crc32c::crc32c(&r[..16]);
+    r.extend_from_slice(&hcrc.to_le_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
+#[tokio::test]
+async fn records_forged_inside_a_torn_message_body_are_not_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let victim = put(&spool, b"Subject: victim\r\n\r\nhello\r\n").await;
+    // The attacker's body carries a Remove of the victim and a Commit of
+    // a message of their own making.
+    let forged_id: u64 = 0x0123_4567_89AB;
+    let env = br#"{"sender":"attacker@evil","recipients":[{"address":"anyone@example.org"}],"received":0,"auth_user":"admin"}"#;
+    let mut commit = forged_id.to_le_bytes().to_vec();
+    commit.extend_from_slice(&(env.len() as u32).to_le_bytes());
+    commit.extend_from_slice(env);
+    commit.extend_from_slice(&0u32.to_le_bytes());
+    commit.extend_from_slice(b"Subject: forged\r\n\r\nspam\r\n");
+    let mut body = b"Subject: innocent\r\n\r\n".to_vec();
+    body.extend(forged_record(4, &victim.as_u64().to_le_bytes()));
+    body.extend(forged_record(2, &commit));
+    body.extend_from_slice(b"MARKER-END");
+    body.extend(std::iter::repeat_n(b'x', 2000));
+    put(&spool, &body).await;
+    spool.close().await.unwrap();
+    drop(spool);
+    // A crash tears the attacker's record right after the forged ones.
+    let seg = segments(dir.path())
+        .into_iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 32)
+        .unwrap();
+    let data = std::fs::read(&seg).unwrap();
+    let cut = data.windows(10).position(|w| w == b"MARKER-END").unwrap() + 10;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(cut as u64)
+        .unwrap();
+
+    let (spool, rec) = Spool::open(dir.path()).unwrap();
+    assert!(
+        spool.envelope(victim).is_some(),
+        "an acknowledged message was deleted by bytes from a body"
+    );
+    assert!(
+        spool.list().iter().all(|(id, _)| id.as_u64() != forged_id),
+        "a forged message was queued"
+    );
+    assert_eq!(rec.moved_aside, 0);
+    assert!(rec.torn_bytes > 0);
+}
+
+#[tokio::test]
+async fn a_big_live_queue_does_not_make_every_commit_copy_segments() {
+    // A long outage: everything stays queued, spanning many segments. The
+    // old segments are all live; copying them would gain nothing, and must
+    // not happen on every batch.
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open_with(
+        dir.path(),
+        Options {
+            segment_size: 64 << 10,
+        },
+    )
+    .unwrap();
+    let body = pattern(1024, 5);
+    let rate = async |n: usize| {
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            put(&spool, &body).await;
+        }
+        n as f64 / t.elapsed().as_secs_f64()
+    };
+    let early = rate(100).await;
+    rate(600).await; // now about ten segments, all live
+    let later = rate(100).await;
+    assert!(segments(dir.path()).len() >= 8);
+    assert!(
+        later * 4.0 > early,
+        "commit rate fell from {early:.0}/s to {later:.0}/s once the queue spanned several segments"
+    );
+    let spool = reopen(spool, dir.path()).await;
+    assert_eq!(spool.list().len(), 800);
 }
