@@ -273,6 +273,12 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
         ("max_recipients", s.max_recipients),
         ("max_connections", s.max_connections),
     ] {
+        if v > 100_000 {
+            errs.push(l.error_at(
+                &["server".into(), key.into()],
+                format!("{key} = {v} is beyond any sensible limit (at most 100000)"),
+            ));
+        }
         if v == 0 {
             errs.push(l.error_at(
                 &["server".into(), key.into()],
@@ -293,7 +299,7 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
         ));
     }
     if let Some(h) = &s.hostname
-        && (h.is_empty() || h.contains(char::is_whitespace))
+        && (h.is_empty() || h.len() > 255 || h.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
         errs.push(l.error_at(
             &["server".into(), "hostname".into()],

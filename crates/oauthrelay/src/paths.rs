@@ -97,8 +97,20 @@ pub fn hand_over(spool_dir: &Path) {
         };
         for e in entries.flatten() {
             let p = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            // Only what root itself created here: never a file the service
+            // user could have hard-linked in from elsewhere (that would hand
+            // it, say, /etc/shadow), never a symlink's target.
+            if meta.uid() != 0
+                || meta.file_type().is_symlink()
+                || (meta.is_file() && meta.nlink() != 1)
+            {
+                continue;
+            }
             let _ = std::os::unix::fs::lchown(&p, uid, gid);
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
+            if meta.is_dir() {
                 stack.push(p);
             }
         }

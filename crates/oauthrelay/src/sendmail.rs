@@ -130,14 +130,14 @@ pub fn prepare(input: &[u8], args: &Args, sender: &str) -> (Vec<u8>, Vec<String>
     let looks_like_headers = !fields.is_empty();
     let mut extra = Vec::new();
     let mut drop = Vec::new();
-    if args.extract {
-        for (name, value, range) in &fields {
-            if matches!(name.as_str(), "to" | "cc" | "bcc") {
-                extra.extend(addresses(value));
-            }
-            if name == "bcc" {
-                drop.push(range.clone());
-            }
+    for (name, value, range) in &fields {
+        if args.extract && matches!(name.as_str(), "to" | "cc" | "bcc") {
+            extra.extend(addresses(value));
+        }
+        // Blind copies stay blind, with or without -t (as Postfix's cleanup
+        // and msmtp do).
+        if matches!(name.as_str(), "bcc" | "resent-bcc") {
+            drop.push(range.clone());
         }
     }
     let has_from = fields.iter().any(|f| f.0 == "from");
@@ -426,6 +426,16 @@ mod tests {
         assert_eq!(
             String::from_utf8(msg).unwrap(),
             "From: x@y\r\n\r\n.\r\nkept\r\n"
+        );
+        let (msg, extra) = prepare(
+            b"To: a@x\nBcc: hidden@y\n\nhi\n",
+            &parse_args(&v(&["a@x", "hidden@y"])).unwrap(),
+            "me@host",
+        );
+        assert!(extra.is_empty());
+        assert!(
+            !String::from_utf8(msg).unwrap().contains("hidden"),
+            "Bcc removed without -t too"
         );
         let (msg, _) = prepare(b"just a body line\n", &args, "me@host");
         assert_eq!(
