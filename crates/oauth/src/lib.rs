@@ -49,7 +49,7 @@
 //! match xoauth2::authenticate(&mut conn, "me@gmail.com", &token, Duration::from_secs(30)).await {
 //!     Ok(()) => {}
 //!     Err(Xoauth2Error::TokenRejected { .. }) => {
-//!         manager.invalidate("default"); // then reconnect and try once more with a new token
+//!         manager.invalidate("default", &token).await; // then reconnect and try once more with a new token
 //!     }
 //!     Err(other) => { /* 454 4.7.0: back off the account; classify other.reply() */ let _ = other; }
 //! }

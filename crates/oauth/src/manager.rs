@@ -127,7 +127,8 @@ pub enum ManagerError {
 ///   and bounded retries with exponential backoff on 5xx, timeouts and
 ///   network errors.
 /// - [`invalidate`](TokenManager::invalidate) after Gmail refused the token
-///   (`535 5.7.8`) makes the next call refresh.
+///   (`535 5.7.8`) makes the next call refresh (once, however many callers
+///   report the same refused token).
 /// - `invalid_grant`, `invalid_client`, `unauthorized_client`,
 ///   `admin_policy_enforced` (any OAuth error from Google) put the account in
 ///   *needs authorization*: callers get [`TokenError::NeedsAuthorization`]
@@ -258,14 +259,32 @@ impl TokenManager {
         self.inner.refresh(&slot, &mut st).await
     }
 
-    /// Gmail refused the token this account handed out (`535 5.7.8` after
-    /// the XOAUTH2 challenge): the next [`access_token`] call refreshes.
+    /// Gmail refused `rejected`, a token this account handed out
+    /// (`535 5.7.8` after the XOAUTH2 challenge): the next [`access_token`]
+    /// call refreshes.
+    ///
+    /// Single-flight across callers: when several connections were refused
+    /// the same token, only the first invalidation counts; once the cached
+    /// token is another one (already refreshed, or being refreshed: this
+    /// waits for a refresh in progress) the call does nothing, so each
+    /// caller's next [`access_token`] gets the one new token.
     ///
     /// [`access_token`]: TokenManager::access_token
-    pub fn invalidate(&self, account: &str) {
-        if let Ok(slot) = self.slot(account) {
+    pub async fn invalidate(&self, account: &str, rejected: &AccessToken) {
+        let Ok(slot) = self.slot(account) else {
+            return;
+        };
+        let st = slot.state.lock().await;
+        let generation = slot.invalidations.load(Ordering::Acquire);
+        let current = st
+            .cached
+            .as_ref()
+            .is_some_and(|c| c.generation == generation && c.token.same_token(rejected));
+        if current {
             slot.invalidations.fetch_add(1, Ordering::AcqRel);
             tracing::info!(account = %account, "access token invalidated; the next use refreshes it");
+        } else {
+            tracing::debug!(account = %account, "refused access token already replaced; nothing to invalidate");
         }
     }
 

@@ -212,7 +212,7 @@ async fn invalidate_forces_a_refresh() {
     assert_eq!(refreshes(&s), 1);
 
     s.google.expire_access_token(first.secret().expose_secret());
-    m.invalidate(NAME);
+    m.invalidate(NAME, &first).await;
     let second = m.access_token(NAME).await.unwrap();
     assert!(!second.same_token(&first));
     assert!(
@@ -220,6 +220,61 @@ async fn invalidate_forces_a_refresh() {
             .is_valid_access_token(second.secret().expose_secret())
     );
     assert_eq!(refreshes(&s), 2);
+}
+
+/// Several connections refused the same token (`535` on each): one
+/// refresh, and every caller gets the one new token.
+#[tokio::test]
+async fn invalidating_the_same_refused_token_many_times_refreshes_once() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+    let stale = m.access_token(NAME).await.unwrap();
+    assert_eq!(refreshes(&s), 1);
+    s.google.expire_access_token(stale.secret().expose_secret());
+
+    // Four workers, one after the other: each reports the token it was
+    // refused, then asks for a new one.
+    let mut fresh = Vec::new();
+    for _ in 0..4 {
+        m.invalidate(NAME, &stale).await;
+        fresh.push(m.access_token(NAME).await.unwrap());
+    }
+    assert_eq!(
+        refreshes(&s),
+        2,
+        "one refresh for four reports of one token"
+    );
+    assert!(fresh.iter().all(|t| t.same_token(&fresh[0])));
+    assert!(!fresh[0].same_token(&stale));
+
+    // Four at once, all refused the same (new) token.
+    s.google
+        .expire_access_token(fresh[0].secret().expose_secret());
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let m = m.clone();
+        let refused = fresh[0].clone();
+        tasks.push(tokio::spawn(async move {
+            m.invalidate(NAME, &refused).await;
+            m.access_token(NAME).await.unwrap()
+        }));
+    }
+    let mut third = Vec::new();
+    for t in tasks {
+        third.push(t.await.unwrap());
+    }
+    assert_eq!(refreshes(&s), 3, "still one refresh per refused token");
+    assert!(third.iter().all(|t| t.same_token(&third[0])));
+    assert!(
+        s.google
+            .is_valid_access_token(third[0].secret().expose_secret())
+    );
+
+    // A token that is not the cached one (already replaced) changes nothing.
+    m.invalidate(NAME, &stale).await;
+    assert!(m.access_token(NAME).await.unwrap().same_token(&third[0]));
+    assert_eq!(refreshes(&s), 3);
 }
 
 #[tokio::test]
@@ -454,21 +509,21 @@ async fn a_new_refresh_token_from_google_replaces_the_old_one() {
     let (account, original) = s.authorized_account();
     let m = TokenManager::new(vec![account.clone()], fast()).unwrap();
 
-    m.access_token(NAME).await.unwrap();
+    let first = m.access_token(NAME).await.unwrap();
     let stored = store::load(&account.token_file).unwrap().unwrap();
     let rotated = stored.refresh_token.unwrap().expose_secret().to_string();
     assert_ne!(rotated, original);
 
     // The old one is revoked at the fake: the next refresh only works with
     // the new one.
-    m.invalidate(NAME);
-    m.access_token(NAME).await.unwrap();
+    m.invalidate(NAME, &first).await;
+    let second = m.access_token(NAME).await.unwrap();
     assert_eq!(refreshes(&s), 2);
 
     // Without rotation the stored refresh token is kept as it is.
     s.google.set_rotate_refresh_tokens(false);
     let before = store::load(&account.token_file).unwrap().unwrap();
-    m.invalidate(NAME);
+    m.invalidate(NAME, &second).await;
     m.access_token(NAME).await.unwrap();
     let after = store::load(&account.token_file).unwrap().unwrap();
     assert_eq!(

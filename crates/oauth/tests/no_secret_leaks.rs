@@ -88,14 +88,15 @@ async fn secrets_never_appear_in_logs_debug_or_errors() {
     };
     let m = TokenManager::new(vec![account.clone()], options.clone()).unwrap();
     shown.push(format!("{m:?}"));
+    let token = m.access_token(NAME).await.unwrap();
     s.google.set_rotate_refresh_tokens(true);
     s.google.fail_next(1, Fault::Status(503));
     s.google.fail_next(1, Fault::Hang(Duration::from_secs(3)));
-    m.invalidate(NAME);
+    m.invalidate(NAME, &token).await;
     let token = m.access_token(NAME).await.unwrap();
     shown.push(format!("{token:?}"));
     s.google.set_rotate_refresh_tokens(false);
-    m.invalidate(NAME);
+    m.invalidate(NAME, &token).await;
     let token = m.access_token(NAME).await.unwrap();
 
     // 3. the XOAUTH2 challenge dance with a real token.
@@ -127,7 +128,7 @@ async fn secrets_never_appear_in_logs_debug_or_errors() {
 
     // 4. temporary failure after retries.
     s.google.fail_next(4, Fault::Status(500));
-    m.invalidate(NAME);
+    m.invalidate(NAME, &token).await;
     let _ = m.access_token(NAME).await; // the still-valid token is handed out
     tokio::time::sleep(Duration::from_millis(250)).await; // past the cool-down
 
@@ -135,7 +136,7 @@ async fn secrets_never_appear_in_logs_debug_or_errors() {
     for rt in s.google.issued_refresh_tokens() {
         s.google.revoke_refresh_token(&rt);
     }
-    m.invalidate(NAME);
+    m.invalidate(NAME, &token).await;
     let err = m.access_token(NAME).await.unwrap_err();
     shown.push(format!("{err:?} {err}"));
     let file = store::load(&account.token_file).unwrap().unwrap();

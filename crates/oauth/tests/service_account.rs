@@ -131,12 +131,12 @@ async fn missing_delegation_explains_the_admin_console_steps() {
     // The admin grants delegation; SIGHUP gives the account another try.
     google.set_delegation(SA, true);
     m.reload(None).await.unwrap();
-    m.access_token("workspace").await.unwrap();
+    let token = m.access_token("workspace").await.unwrap();
     assert_eq!(google.token_requests(GrantType::JwtBearer), 2);
 
     // Same with a SIGHUP that re-read the config.
     google.set_delegation(SA, false);
-    m.invalidate("workspace");
+    m.invalidate("workspace", &token).await;
     assert!(
         m.access_token("workspace")
             .await

@@ -104,7 +104,6 @@ pub(crate) async fn open(
         ));
         let mut conn = Connection::open(&target, trace).await?;
         let result = xoauth2::authenticate(&mut conn, &a.email, &token, p.command_timeout).await;
-        drop(token);
         let refused_reply = match result {
             Ok(()) => {
                 trace(&format!("AUTH XOAUTH2 as {}: 235 accepted", a.email));
@@ -136,7 +135,10 @@ pub(crate) async fn open(
         };
         trace(&format!("AUTH XOAUTH2: token refused: {refused_reply}"));
         conn.quit().await;
-        tokens.invalidate(&a.name);
+        // Only if no other worker already got this token replaced: several
+        // connections refused the same token cause one refresh.
+        tokens.invalidate(&a.name, &token).await;
+        drop(token);
         if refreshed {
             // Not a stale token: the account itself is refused. Hold it
             // where everyone sees it (readyz, token status, metrics) until
