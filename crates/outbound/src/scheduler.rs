@@ -82,6 +82,9 @@ struct WorkerHandle {
     id: u64,
     tx: mpsc::Sender<Job>,
     busy: bool,
+    /// Over the configured concurrency (it shrank while this worker was
+    /// busy): it ends when its job is done.
+    retiring: bool,
 }
 
 struct Slot {
@@ -106,6 +109,18 @@ struct Slot {
 impl Slot {
     fn busy(&self) -> usize {
         self.workers.iter().filter(|w| w.busy).count()
+    }
+
+    /// Drop worker `wi`'s handle: the worker ends once it is idle (an idle
+    /// one at once, closing its connection with QUIT).
+    fn drop_worker(&mut self, wi: usize) {
+        self.workers.remove(wi);
+        self.idle.retain(|&i| i != wi);
+        for i in &mut self.idle {
+            if *i > wi {
+                *i -= 1;
+            }
+        }
     }
 }
 
@@ -358,7 +373,18 @@ impl Scheduler {
 
     fn resize_workers(&mut self, slot: &mut Slot) {
         let want = self.cfg.concurrency.max(1);
-        while slot.workers.len() < want {
+        // Growing again: workers still finishing a job stay.
+        let mut active = slot.workers.iter().filter(|w| !w.retiring).count();
+        for w in &mut slot.workers {
+            if active >= want {
+                break;
+            }
+            if w.retiring {
+                w.retiring = false;
+                active += 1;
+            }
+        }
+        while active < want {
             let (tx, rx) = mpsc::channel(1);
             self.next_worker += 1;
             let id = self.next_worker;
@@ -375,16 +401,29 @@ impl Scheduler {
                 id,
                 tx,
                 busy: false,
+                retiring: false,
             });
+            slot.idle.insert(0, slot.workers.len() - 1);
+            active += 1;
         }
-        if slot.workers.len() > want {
-            // Retire idle workers first; a busy one ends after its job.
-            slot.workers.sort_by_key(|w| w.busy);
-            slot.workers.truncate(want);
+        // Shrinking: idle workers go first, the longest idle first (the
+        // most recently used keep their warm connections).
+        while active > want && !slot.idle.is_empty() {
+            let wi = slot.idle[0];
+            slot.drop_worker(wi);
+            active -= 1;
         }
-        slot.idle = (0..slot.workers.len())
-            .filter(|&i| !slot.workers[i].busy)
-            .collect();
+        // Then busy ones, after their current job (see `on_report`). Until
+        // then they count against the new concurrency in `dispatch`.
+        for w in slot.workers.iter_mut().rev() {
+            if active <= want {
+                break;
+            }
+            if !w.retiring {
+                w.retiring = true;
+                active -= 1;
+            }
+        }
     }
 
     fn slot_index(&self, name: &str) -> Option<usize> {
@@ -587,7 +626,11 @@ impl Scheduler {
             let slot = &mut self.slots[i];
             if let Some(wi) = slot.workers.iter().position(|w| w.id == r.worker) {
                 slot.workers[wi].busy = false;
-                slot.idle.push(wi);
+                if slot.workers[wi].retiring {
+                    slot.drop_worker(wi);
+                } else {
+                    slot.idle.push(wi);
+                }
             }
         }
         match r.outcome {
@@ -633,7 +676,13 @@ impl Scheduler {
             if blocked || slot.ready.is_empty() {
                 continue;
             }
-            let limit = if probing { 1 } else { slot.workers.len() };
+            // Busy workers that are retiring (the concurrency shrank) count
+            // too: never more jobs at once than configured.
+            let limit = if probing {
+                1
+            } else {
+                self.cfg.concurrency.max(1)
+            };
             while slot.busy() < limit {
                 let Some(wi) = slot.idle.pop() else { break };
                 let mut picked = None;
