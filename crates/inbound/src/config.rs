@@ -52,8 +52,8 @@ pub struct ServerConfig {
     /// On shutdown, how long sessions in DATA may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Failed AUTH attempts per client address within `auth_failure_window`
-    /// before AUTH is refused with `454 4.7.0`.
+    /// Failed AUTH attempts per client (IPv4 address, IPv6 /64) within
+    /// `auth_failure_window` before AUTH is refused with `454 4.7.0`.
     pub auth_failure_limit: u32,
     #[serde(with = "humantime_serde")]
     pub auth_failure_window: Duration,

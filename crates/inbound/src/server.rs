@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Metrics, Refusal};
+use crate::password::Verifier;
 use crate::ratelimit::AuthLimiter;
 use crate::session::reply::{Reply, ReplyCtx};
 use crate::session::{Session, Shared};
@@ -58,6 +59,7 @@ impl Inbound {
                     spool,
                     metrics,
                     limiter: AuthLimiter::default(),
+                    verifier: Verifier::default(),
                 }),
                 active: AtomicUsize::new(0),
                 last_limit_warning: AtomicU64::new(0),

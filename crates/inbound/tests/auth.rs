@@ -219,3 +219,104 @@ async fn remote_clients_need_tls_for_auth() {
     })
     .await;
 }
+
+/// Many connections guessing at once from one address get at most
+/// `auth_failure_limit` password checks between them: an attempt is counted
+/// before its password is checked, not after.
+#[tokio::test]
+async fn concurrent_guesses_get_at_most_the_failure_limit_of_checks() {
+    bounded(60, async {
+        let mut cfg = with_users();
+        cfg.auth_failure_limit = 3;
+        cfg.auth_failure_window = Duration::from_secs(600);
+        let srv = start(cfg).await;
+        let mut clients = Vec::new();
+        for _ in 0..40 {
+            let mut c = srv.client().await;
+            c.hello().await;
+            clients.push(c);
+        }
+        let guess = format!("AUTH PLAIN {}", b64(format!("\0{USER}\0wrong").as_bytes()));
+        for c in &mut clients {
+            c.line(&guess).await;
+        }
+        let (mut checked, mut refused) = (0, 0);
+        for c in &mut clients {
+            let r = c.reply().await;
+            match r.code {
+                535 => checked += 1,
+                454 => refused += 1,
+                _ => panic!("unexpected reply {r:?}"),
+            }
+        }
+        assert!(
+            (1..=3).contains(&checked),
+            "{checked} passwords checked, {refused} refused"
+        );
+        // Every check of a wrong password is one counted failure.
+        let text = srv.metrics_text();
+        assert!(
+            text.contains(&format!("oauthrelay_smtp_auth_failures_total {checked}\n")),
+            "{text}"
+        );
+        // The address is limited now, even with the right password.
+        assert_eq!(clients[0].auth_plain(USER, PASSWORD).await.code, 454);
+    })
+    .await;
+}
+
+/// IPv6 clients are limited per /64: a host cannot get a fresh limit by
+/// moving to another address of its network.
+#[tokio::test]
+async fn ipv6_neighbours_in_a_slash_64_share_a_limit() {
+    bounded(60, async {
+        let mut cfg = with_users();
+        cfg.auth_failure_limit = 2;
+        cfg.auth_failure_window = Duration::from_secs(600);
+        cfg.require_tls_for_auth = false;
+        let srv = start(cfg).await;
+        for peer in ["[2001:db8:0:7::1]:3333", "[2001:db8:0:7:1:2:3:4]:3333"] {
+            let mut c = remote_session(&srv, peer);
+            c.hello().await;
+            assert_eq!(c.auth_plain(USER, "wrong").await.code, 535, "{peer}");
+        }
+        let mut c = remote_session(&srv, "[2001:db8:0:7:ffff:ffff:ffff:fffe]:4444");
+        c.hello().await;
+        let r = c.auth_plain(USER, PASSWORD).await;
+        assert_eq!(
+            r.first(),
+            "454 4.7.0 Too many failed authentication attempts, try again later"
+        );
+        // The next /64 is another client.
+        let mut c = remote_session(&srv, "[2001:db8:0:8::1]:3333");
+        c.hello().await;
+        assert_eq!(c.auth_plain(USER, PASSWORD).await.code, 235);
+    })
+    .await;
+}
+
+/// A successful login gives its attempt back but does not wipe the
+/// failures before it (knowing one password must not reset the count for
+/// guessing another).
+#[tokio::test]
+async fn a_success_does_not_reset_earlier_failures() {
+    bounded(60, async {
+        let mut cfg = with_users();
+        cfg.auth_failure_limit = 2;
+        cfg.auth_failure_window = Duration::from_secs(600);
+        let srv = start(cfg).await;
+        let mut c = srv.client().await;
+        c.hello().await;
+        assert_eq!(c.auth_plain(USER, "wrong").await.code, 535);
+        for _ in 0..3 {
+            let mut d = srv.client().await;
+            d.hello().await;
+            assert_eq!(d.auth_plain(USER, PASSWORD).await.code, 235);
+        }
+        assert_eq!(c.auth_plain(USER, "wrong").await.code, 535);
+        let mut d = srv.client().await;
+        d.hello().await;
+        assert_eq!(d.auth_plain(USER, PASSWORD).await.code, 454);
+    })
+    .await;
+}

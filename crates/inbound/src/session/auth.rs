@@ -1,8 +1,13 @@
 //! AUTH PLAIN and LOGIN (RFC 4954) against `[[server.users]]`.
 //!
-//! Passwords are never logged; failures are counted per client address and
-//! refused with `454 4.7.0` past `auth_failure_limit` within
-//! `auth_failure_window`.
+//! Passwords are never logged. Attempts are counted per client (IPv4
+//! address, IPv6 /64) when the password is about to be checked, and given
+//! back on success: past `auth_failure_limit` failures within
+//! `auth_failure_window` AUTH is refused with `454 4.7.0`. At most
+//! [`MAX_CONCURRENT_VERIFICATIONS`](crate::password::MAX_CONCURRENT_VERIFICATIONS)
+//! checks run at once; an attempt that finds no free slot within
+//! [`VERIFY_WAIT`](crate::password::VERIFY_WAIT) gets
+//! `454 4.7.0 Temporary authentication failure` and is not counted.
 
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -10,7 +15,8 @@ use tracing::{info, warn};
 
 use super::reply::{Clean, Reply};
 use super::{Framed, Session, SessionEnd, State, Step, decode_base64, trim_line};
-use crate::password;
+use crate::password::Verdict;
+use crate::ratelimit::{Attempt, Limited};
 
 /// Where an AUTH exchange stands.
 pub(crate) enum AuthStep {
@@ -123,31 +129,76 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut parts = creds.splitn(3, |&b| b == 0);
         let (authz, user, pass) = match (parts.next(), parts.next(), parts.next()) {
             (Some(z), Some(u), Some(p)) => (z, u, p),
-            _ => return self.auth_failed(b"").await,
+            _ => return self.refuse_credentials(b""),
         };
         if !authz.is_empty() && authz != user {
-            return self.auth_failed(user).await;
+            return self.refuse_credentials(user);
         }
         self.check_credentials(user.to_vec(), pass.to_vec()).await
     }
 
-    async fn check_credentials(&mut self, user: Vec<u8>, pass: Vec<u8>) -> Step {
-        if user.is_empty() || !password::check(&self.settings.users, &user, pass).await {
-            return self.auth_failed(&user).await;
+    /// Count an attempt before anything is checked, so that concurrent
+    /// sessions cannot all pass the limit before the first failure is
+    /// recorded. `Err` is the step after a `454` refusal.
+    fn count_attempt(&mut self) -> Result<Attempt, Step> {
+        let cfg = &self.settings.config;
+        match self
+            .shared
+            .limiter
+            .reserve(self.ip, cfg.auth_failure_limit, cfg.auth_failure_window)
+        {
+            Ok(a) => Ok(a),
+            Err(Limited::Client) => {
+                warn!(client = %self.peer, "AUTH refused: too many failed attempts from this address");
+                Err(self.reply(Reply::AuthRateLimited))
+            }
+            Err(Limited::Everyone) => {
+                warn!(client = %self.peer, "AUTH refused: too many clients are failing to authenticate");
+                Err(self.reply(Reply::AuthRateLimited))
+            }
         }
-        let name = String::from_utf8_lossy(&user).into_owned();
-        info!(client = %self.peer, user = %Clean(&name), "authenticated");
-        self.auth_user = Some(name);
-        self.reply(Reply::AuthOk)
     }
 
-    async fn auth_failed(&mut self, user: &[u8]) -> Step {
-        let cfg = &self.settings.config;
-        self.shared.limiter.record_failure(
-            self.ip,
-            cfg.auth_failure_limit,
-            cfg.auth_failure_window,
-        );
+    async fn check_credentials(&mut self, user: Vec<u8>, pass: Vec<u8>) -> Step {
+        let attempt = match self.count_attempt() {
+            Ok(a) => a,
+            Err(step) => return step,
+        };
+        if user.is_empty() {
+            return self.auth_failed(&user);
+        }
+        let verdict = self
+            .shared
+            .verifier
+            .check(&self.settings.users, &user, pass)
+            .await;
+        match verdict {
+            Verdict::Accepted => {
+                self.shared.limiter.refund(attempt);
+                let name = String::from_utf8_lossy(&user).into_owned();
+                info!(client = %self.peer, user = %Clean(&name), "authenticated");
+                self.auth_user = Some(name);
+                self.reply(Reply::AuthOk)
+            }
+            // The attempt stays counted: it was a failed guess.
+            Verdict::Rejected => self.auth_failed(&user),
+            Verdict::Busy => {
+                self.shared.limiter.refund(attempt);
+                warn!(client = %self.peer, "AUTH refused: too many password checks at once");
+                self.reply(Reply::AuthBusy)
+            }
+        }
+    }
+
+    /// Malformed credentials: a failed attempt, without a password check.
+    fn refuse_credentials(&mut self, user: &[u8]) -> Step {
+        match self.count_attempt() {
+            Ok(_counted) => self.auth_failed(user),
+            Err(step) => step,
+        }
+    }
+
+    fn auth_failed(&mut self, user: &[u8]) -> Step {
         self.shared.metrics.auth_failed();
         warn!(
             client = %self.peer,

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::dot::DotDecoder;
 use crate::message::{BodyError, Message};
 use crate::metrics::{Metrics, Refusal, Rejection};
+use crate::password::Verifier;
 use crate::ratelimit::AuthLimiter;
 use crate::settings::Settings;
 
@@ -58,6 +59,7 @@ pub(crate) struct Shared {
     pub spool: Spool,
     pub metrics: Metrics,
     pub limiter: AuthLimiter,
+    pub verifier: Verifier,
 }
 
 /// The session's state: what the next bytes from the client are.
@@ -811,6 +813,7 @@ mod tests {
             spool,
             metrics: Metrics::default(),
             limiter: AuthLimiter::default(),
+            verifier: Verifier::default(),
         });
         let (_ours, theirs) = tokio::io::duplex(64);
         let session = Session::new(

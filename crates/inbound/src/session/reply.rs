@@ -78,6 +78,7 @@ pub(crate) enum Reply<'a> {
     AuthUnknownMechanism,
     AuthTlsRequired,
     AuthRateLimited,
+    AuthBusy,
 }
 
 impl Reply<'_> {
@@ -102,7 +103,7 @@ impl Reply<'_> {
             | Reply::TooManyErrors
             | Reply::ShuttingDown => 421,
             Reply::TooManyRecipients => 452,
-            Reply::AuthRateLimited => 454,
+            Reply::AuthRateLimited | Reply::AuthBusy => 454,
             Reply::Storage(e) => e.smtp_reply().0,
             Reply::Unknown | Reply::LineTooLong | Reply::EmptyLine => 500,
             Reply::Syntax(_)
@@ -221,6 +222,10 @@ impl Reply<'_> {
             Reply::AuthRateLimited => write!(
                 out,
                 "454 4.7.0 Too many failed authentication attempts, try again later\r\n"
+            ),
+            Reply::AuthBusy => write!(
+                out,
+                "454 4.7.0 Temporary authentication failure, try again later\r\n"
             ),
         };
         debug_assert!(out.len() >= 5, "reply {code} written");
