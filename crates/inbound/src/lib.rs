@@ -22,6 +22,7 @@ pub mod dot;
 mod message;
 mod metrics;
 mod password;
+mod path;
 mod ratelimit;
 mod received;
 mod server;

@@ -172,6 +172,48 @@ fn utf8_mailbox() -> impl Strategy<Value = String> {
         .prop_map(|(l, d)| format!("{l}@{}", d.join(".")))
 }
 
+/// A `Quoted-string` local part with any printable ASCII in it (spaces,
+/// `"`, `\`, `@`, dots, brackets), escaped where it must be and now and
+/// then where it need not be; with its value.
+fn quoted_local_part() -> impl Strategy<Value = (String, String)> {
+    let ch = prop_oneof![
+        3 => prop::char::range(' ', '~'),
+        2 => prop::sample::select(vec![' ', '"', '\\', '@', '.', '<', '>', ',', ':']),
+    ];
+    prop::collection::vec((ch, prop::bool::weighted(0.1)), 1..16).prop_map(|cs| {
+        let value: String = cs.iter().map(|(c, _)| *c).collect();
+        let mut written = String::from("\"");
+        for (c, needless) in cs {
+            if c == '"' || c == '\\' || needless {
+                written.push('\\');
+            }
+            written.push(c);
+        }
+        written.push('"');
+        (written, value)
+    })
+}
+
+/// The value of a stored address's local part: without quotes and escapes.
+fn local_value(stored: &str) -> String {
+    let local = &stored[..stored.rfind('@').expect("an @")];
+    match local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
+        Some(quoted) => {
+            let mut value = String::new();
+            let mut chars = quoted.chars();
+            while let Some(c) = chars.next() {
+                value.push(if c == '\\' {
+                    chars.next().expect("an escaped character")
+                } else {
+                    c
+                });
+            }
+            value
+        }
+        None => local.to_string(),
+    }
+}
+
 /// The verb as clients write it: any letter case.
 fn verb(word: &'static str) -> impl Strategy<Value = String> {
     prop::collection::vec(any::<bool>(), word.len()).prop_map(move |up| {
@@ -246,15 +288,17 @@ proptest! {
     }
 
     /// What the queue stores is what the next hop is sent
-    /// (`MAIL FROM:<stored>`): written back as a path, it must be accepted
-    /// again and mean the same address. Covers quoted local parts and
-    /// source routes, which are rewritten on the way in.
+    /// (`MAIL FROM:<stored>`, `RCPT TO:<stored>`): written back as a path,
+    /// it must be accepted again and mean the same address. Covers quoted
+    /// local parts (spaces, `"`, `\`, `@`, needless quotes and escapes)
+    /// and source routes, which are rewritten on the way in.
     #[test]
     fn stored_addresses_can_be_sent_on(
-        local in prop_oneof![
-            local_part(),
+        (local, value) in prop_oneof![
+            local_part().prop_map(|l| (l.clone(), l)),
             // A quoted string with no characters that need quoting.
-            local_part().prop_map(|l| format!("\"{l}\"")),
+            local_part().prop_map(|l| (format!("\"{l}\""), l)),
+            quoted_local_part(),
         ],
         d in domain(),
         route in prop::option::of(domain()),
@@ -267,18 +311,21 @@ proptest! {
             let mut c = Client::open().await;
             let r = c.cmd(&format!("MAIL FROM:<{written}>")).await;
             assert!(r.starts_with("250 2.1.0"), "MAIL FROM:<{written}>: {r}");
-            let r = c.cmd("RCPT TO:<r@example.net>").await;
-            assert!(r.starts_with("250 2.1.5"), "{r}");
-            let first = take(c.data().await).await.0;
-            let r = c.cmd(&format!("MAIL FROM:<{first}>")).await;
-            assert!(r.starts_with("250 2.1.0"), "stored {first:?} sent on: {r}");
-            let r = c.cmd("RCPT TO:<r@example.net>").await;
-            assert!(r.starts_with("250 2.1.5"), "{r}");
-            let again = take(c.data().await).await.0;
+            let r = c.cmd(&format!("RCPT TO:<{written}>")).await;
+            assert!(r.starts_with("250 2.1.5"), "RCPT TO:<{written}>: {r}");
+            let first = take(c.data().await).await;
+            let r = c.cmd(&format!("MAIL FROM:<{}>", first.0)).await;
+            assert!(r.starts_with("250 2.1.0"), "stored {:?} sent on: {r}", first.0);
+            let r = c.cmd(&format!("RCPT TO:<{}>", first.1[0])).await;
+            assert!(r.starts_with("250 2.1.5"), "stored {:?} sent on: {r}", first.1[0]);
+            let again = take(c.data().await).await;
             (first, again)
         });
         prop_assert_eq!(&first, &again);
-        prop_assert!(first.ends_with(&format!("@{d}")), "{} for {}", first, written);
+        prop_assert_eq!(&first.1, &vec![first.0.clone()]);
+        let stored = first.0;
+        prop_assert!(stored.ends_with(&format!("@{d}")), "{} for {}", stored, written);
+        prop_assert_eq!(local_value(&stored), value, "{} for {}", stored, written);
     }
 
     /// Malformed paths get a 5xx naming the address syntax, and the session

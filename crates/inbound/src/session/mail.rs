@@ -9,9 +9,12 @@ use tracing::info;
 use super::reply::{Clean, Reply};
 use super::{Session, Step, Txn};
 use crate::metrics::Rejection;
+use crate::path::{self, Path};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub(super) fn mail(&mut self, from: MailFrom<Cow<'_, str>>) -> Step {
+    /// MAIL FROM: `from` has the parameters; the path is read from `line`
+    /// (see [`crate::path`]).
+    pub(super) fn mail(&mut self, from: MailFrom<Cow<'_, str>>, line: &[u8]) -> Step {
         if self.helo.is_none() {
             return self.reply(Reply::Sequence("send HELO/EHLO first"));
         }
@@ -26,17 +29,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if from.flags & MAIL_BODY_BINARYMIME != 0 {
             return self.reply(Reply::UnsupportedParameter("BODY=BINARYMIME"));
         }
+        let sender = match path::parse(line) {
+            Some(Path::Null) => String::new(),
+            Some(Path::Mailbox(a)) => a,
+            None => return self.reply(Reply::BadSender),
+        };
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
-        if !smtputf8 && !from.address.is_ascii() {
+        if !smtputf8 && !sender.is_ascii() {
             return self.reply(Reply::NonAsciiAddress);
         }
-        if !(self.settings.sender_allowed)(&from.address) {
+        if !(self.settings.sender_allowed)(&sender) {
             self.shared.metrics.rejected(Rejection::Sender);
-            info!(client = %self.peer, from = %Clean(&from.address), "sender refused: no account accepts this sender");
-            return self.reply(Reply::SenderRejected(&from.address));
+            info!(client = %self.peer, from = %Clean(&sender), "sender refused: no account accepts this sender");
+            return self.reply(Reply::SenderRejected(&sender));
         }
         self.txn = Some(Txn {
-            sender: from.address.into_owned(),
+            sender,
             rcpts: Vec::new(),
             smtputf8,
             eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,

@@ -375,8 +375,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(match req {
             Request::Ehlo { host } => self.ehlo(&host, true),
             Request::Helo { host } => self.ehlo(&host, false),
-            Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to),
+            Request::Mail { from } => self.mail(from, line),
+            Request::Rcpt { .. } => self.rcpt(line),
             Request::Data => self.data().await?,
             Request::Bdat {
                 chunk_size,

@@ -1,14 +1,12 @@
 //! RCPT TO, and who may relay.
 
-use std::borrow::Cow;
-
-use smtp_proto::RcptTo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use super::reply::{Clean, Reply};
 use super::{Session, Step};
 use crate::metrics::Rejection;
+use crate::path::{self, Path};
 
 enum Verdict {
     Accept,
@@ -18,18 +16,22 @@ enum Verdict {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub(super) fn rcpt(&mut self, to: RcptTo<Cow<'_, str>>) -> Step {
+    /// RCPT TO: the path is read from `line` (see [`crate::path`]); its
+    /// parameters are ignored.
+    pub(super) fn rcpt(&mut self, line: &[u8]) -> Step {
         let max = self.settings.config.max_recipients;
         let may_relay = self.trusted || self.auth_user.is_some();
+        let to = match path::parse(line) {
+            Some(Path::Mailbox(a)) => a,
+            Some(Path::Null) | None => String::new(),
+        };
         let verdict = match &self.txn {
             None => Verdict::Reject(Reply::Sequence("need MAIL command")),
             Some(t) if t.bdat || t.message.is_some() => {
                 Verdict::Reject(Reply::Sequence("RCPT not allowed during a BDAT transfer"))
             }
-            Some(_) if to.address.is_empty() => Verdict::Reject(Reply::BadRecipient),
-            Some(t) if !t.smtputf8 && !to.address.is_ascii() => {
-                Verdict::Reject(Reply::NonAsciiAddress)
-            }
+            Some(_) if to.is_empty() => Verdict::Reject(Reply::BadRecipient),
+            Some(t) if !t.smtputf8 && !to.is_ascii() => Verdict::Reject(Reply::NonAsciiAddress),
             Some(_) if !may_relay => Verdict::Relay,
             Some(t) if t.rcpts.len() >= max => Verdict::TooMany,
             Some(_) => Verdict::Accept,
@@ -38,8 +40,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Verdict::Reject(r) => self.reply(r),
             Verdict::Relay => {
                 self.shared.metrics.rejected(Rejection::Relay);
-                info!(client = %self.peer, to = %Clean(&to.address), "relay access denied: client not in allow_networks and not authenticated");
-                self.reply(Reply::RelayDenied(&to.address))
+                info!(client = %self.peer, to = %Clean(&to), "relay access denied: client not in allow_networks and not authenticated");
+                self.reply(Reply::RelayDenied(&to))
             }
             Verdict::TooMany => {
                 self.shared.metrics.rejected(Rejection::Recipients);
@@ -47,7 +49,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Verdict::Accept => {
                 if let Some(t) = self.txn.as_mut() {
-                    t.rcpts.push(to.address.into_owned());
+                    t.rcpts.push(to);
                 }
                 self.reply(Reply::RcptOk)
             }

@@ -1,0 +1,261 @@
+//! The paths of `MAIL FROM:<...>` and `RCPT TO:<...>` (RFC 5321 4.1.2), as
+//! the queue stores them.
+//!
+//! smtp-proto's parser hands back the address with its quotes and escapes
+//! removed (`<"john doe"@example.com>` becomes `john doe@example.com`,
+//! which is no address at all), so the session reads the path from the
+//! command line itself, and smtp-proto only for the verb and parameters.
+//!
+//! What is stored is a path that can be sent on as it is and means the
+//! same address:
+//! - a source route (`@a,@b:`) is dropped (RFC 5321 4.1.1.3, C);
+//! - a local part is stored bare when its value is a Dot-string, and as a
+//!   Quoted-string otherwise, with `\` before `"` and `\` only
+//!   (`"john doe"`, `"a\"b"`); a quoted Dot-string (`"john"`) is stored
+//!   bare, which means the same mailbox;
+//! - the domain as written: labels of letters, digits, `-` and `_`, or
+//!   UTF-8 (SMTPUTF8; whether it is allowed is decided by the caller).
+
+/// A parsed path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// `<>`: the null reverse-path.
+    Null,
+    /// A mailbox, ready to be stored and sent on.
+    Mailbox(String),
+}
+
+/// The most octets a stored address may have (smtp-proto's limit).
+const MAX_ADDRESS: usize = 256;
+
+/// Parse the path of a MAIL or RCPT command line: from its first `<` to
+/// the matching `>`. `None` if it is not a valid path.
+pub(crate) fn parse(line: &[u8]) -> Option<Path> {
+    let start = memchr::memchr(b'<', line)?;
+    let mut p = Cursor {
+        s: line.get(start + 1..)?,
+        i: 0,
+    };
+    if p.eat(b'>') {
+        return Some(Path::Null);
+    }
+    if p.peek() == Some(b'@') {
+        // A source route: `@one,@two:`; it is ignored.
+        loop {
+            if !p.eat(b'@') || domain(&mut p).is_none() {
+                return None;
+            }
+            if p.eat(b':') {
+                break;
+            }
+            if !p.eat(b',') {
+                return None;
+            }
+        }
+    }
+    let local = local_part(&mut p)?;
+    if !p.eat(b'@') {
+        return None;
+    }
+    let domain = domain(&mut p)?;
+    if !p.eat(b'>') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(local.len() + domain.len() + 3);
+    if is_dot_string(&local) {
+        out.extend_from_slice(&local);
+    } else {
+        out.push(b'"');
+        for &b in &local {
+            if matches!(b, b'"' | b'\\') {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+        out.push(b'"');
+    }
+    out.push(b'@');
+    out.extend_from_slice(domain);
+    if out.len() > MAX_ADDRESS {
+        return None;
+    }
+    String::from_utf8(out).ok().map(Path::Mailbox)
+}
+
+struct Cursor<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn eat(&mut self, b: u8) -> bool {
+        if self.peek() == Some(b) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The bytes from `from` up to here.
+    fn since(&self, from: usize) -> &'a [u8] {
+        self.s.get(from..self.i).unwrap_or_default()
+    }
+}
+
+/// RFC 5321 `atext`, with UTF-8 (RFC 6531 `UTF8-non-ascii`).
+fn is_atext(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b) || b >= 0x80
+}
+
+/// Whether `s` is a `Dot-string`: atoms joined by single dots.
+fn is_dot_string(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.split(|&b| b == b'.')
+            .all(|atom| !atom.is_empty() && atom.iter().all(|&b| is_atext(b)))
+}
+
+/// A `Local-part`: `Dot-string` or `Quoted-string`; returns its value (the
+/// quoted string without quotes and escapes). Never empty.
+fn local_part(p: &mut Cursor<'_>) -> Option<Vec<u8>> {
+    if !p.eat(b'"') {
+        let from = p.i;
+        while p.peek().is_some_and(|b| is_atext(b) || b == b'.') {
+            p.i += 1;
+        }
+        let s = p.since(from);
+        return is_dot_string(s).then(|| s.to_vec());
+    }
+    let mut value = Vec::new();
+    loop {
+        match p.peek()? {
+            b'"' => {
+                p.i += 1;
+                break;
+            }
+            b'\\' => {
+                p.i += 1;
+                // quoted-pairSMTP: a backslash and any printable ASCII.
+                match p.peek()? {
+                    b @ 32..=126 => value.push(b),
+                    _ => return None,
+                }
+            }
+            // qtextSMTP, and UTF-8.
+            b @ (32..=126 | 0x80..) => value.push(b),
+            _ => return None,
+        }
+        p.i += 1;
+    }
+    (!value.is_empty()).then_some(value)
+}
+
+/// A domain: labels of letters, digits, `-`, `_` or UTF-8, joined by
+/// single dots.
+fn domain<'a>(p: &mut Cursor<'a>) -> Option<&'a [u8]> {
+    let from = p.i;
+    loop {
+        let label = p.i;
+        while p
+            .peek()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
+        {
+            p.i += 1;
+        }
+        if p.i == label {
+            return None;
+        }
+        if !p.eat(b'.') {
+            return Some(p.since(from));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(line: &str) -> Option<String> {
+        match parse(line.as_bytes())? {
+            Path::Null => Some(String::new()),
+            Path::Mailbox(a) => Some(a),
+        }
+    }
+
+    #[test]
+    fn plain_and_null_paths() {
+        assert_eq!(stored("MAIL FROM:<>\r\n").as_deref(), Some(""));
+        assert_eq!(
+            stored("MAIL FROM:<a.b+c@example.com> SIZE=5\r\n").as_deref(),
+            Some("a.b+c@example.com")
+        );
+        assert_eq!(
+            stored("RCPT TO:<@r1.example,@r2.example:x@example.net>\r\n").as_deref(),
+            Some("x@example.net")
+        );
+        assert_eq!(
+            stored("RCPT TO:<é@例え.jp>\r\n").as_deref(),
+            Some("é@例え.jp")
+        );
+    }
+
+    #[test]
+    fn quoted_local_parts_keep_their_quotes_when_they_need_them() {
+        let cases = [
+            (r#"<"john doe"@example.com>"#, r#""john doe"@example.com"#),
+            (r#"<"a\"b"@example.com>"#, r#""a\"b"@example.com"#),
+            (r#"<"a\\b"@example.com>"#, r#""a\\b"@example.com"#),
+            (r#"<"a@b"@example.com>"#, r#""a@b"@example.com"#),
+            (r#"<"a>b"@example.com>"#, r#""a>b"@example.com"#),
+            (r#"<".a"@example.com>"#, r#"".a"@example.com"#),
+            (r#"<"a..b"@example.com>"#, r#""a..b"@example.com"#),
+            // Needless quotes and escapes go: the same mailbox.
+            (r#"<"john"@example.com>"#, "john@example.com"),
+            (r#"<"j\ohn.doe"@example.com>"#, "john.doe@example.com"),
+        ];
+        for (path, want) in cases {
+            let line = format!("MAIL FROM:{path}\r\n");
+            assert_eq!(stored(&line).as_deref(), Some(want), "{path}");
+            // What is stored reads back as itself.
+            let again = format!("MAIL FROM:<{want}>\r\n");
+            assert_eq!(stored(&again).as_deref(), Some(want), "{want}");
+        }
+    }
+
+    #[test]
+    fn invalid_paths() {
+        for path in [
+            "<a@b",
+            "<a>",
+            "<@example.com>",
+            "<a..b@example.com>",
+            "<.a@example.com>",
+            "<a.@example.com>",
+            "<a b@example.com>",
+            r#"<""@example.com>"#,
+            "<\"a\x01b\"@example.com>",
+            "<\"a\tb\"@example.com>",
+            "<\"ab@example.com>",
+            "<\"a\\\x01\"@example.com>",
+            "<a@b@example.com>",
+            "<a@example..com>",
+            "<a@example.com.>",
+            "<a@.example.com>",
+            "<a@exa mple.com>",
+            "<a@\"example.com\">",
+            "<\"a\".b@example.com>",
+            "<a\x7f@example.com>",
+            "<@r:>",
+            "<@r,x:a@b>",
+        ] {
+            let line = format!("MAIL FROM:{path}\r\n");
+            assert_eq!(stored(&line), None, "{path:?}");
+        }
+        let long = format!("MAIL FROM:<{}@example.com>\r\n", "x".repeat(250));
+        assert_eq!(stored(&long), None);
+    }
+}
