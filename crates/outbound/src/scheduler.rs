@@ -8,6 +8,10 @@
 //! - New commits arrive from `spool.subscribe()` and are dispatched at once.
 //! - Messages of a held account (or with no account) are marked held in the
 //!   spool (durably) and released when the account is authorized again.
+//!   The mark is written once per reason: a release (authorization, hold
+//!   probe, `queue retry`, reload) does not clear it; the worker does, when
+//!   it really attempts the message. So a probe that fails again rewrites
+//!   only the message it tried.
 //!
 //! Only this task changes a message's place; a worker owns a message while
 //! it is in flight, and a marking task while it writes `held`. So no two
@@ -73,9 +77,17 @@ struct Msg {
     account: Option<String>,
     route: Route,
     next: Option<SystemTime>,
-    /// `held` is set in the spool copy.
-    held_marked: bool,
+    /// The `held` reason in the spool copy (its [`fingerprint`]), if any.
+    held_marked: Option<u64>,
     at: Where,
+}
+
+/// A short stand-in for a `held` reason, to notice when it changes.
+fn fingerprint(reason: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    reason.hash(&mut h);
+    h.finish()
 }
 
 struct WorkerHandle {
@@ -127,9 +139,10 @@ impl Slot {
 struct Marked {
     id: MessageId,
     present: bool,
-    /// The state written (or, if the write failed, meant: the spool copy is
-    /// informational, and retrying at once would spin while the disk is full).
-    held: bool,
+    /// The reason written (or, if the write failed, meant: the spool copy
+    /// is informational, and retrying at once would spin while the disk is
+    /// full), as a [`fingerprint`].
+    held: u64,
 }
 
 enum Wake {
@@ -344,7 +357,7 @@ impl Scheduler {
             match self.shared.tokens.account_status(&name) {
                 Some(st) if st.needs_authorization => {
                     let reason = format!(
-                        "account {name} needs authorization: {}; {}",
+                        "account {name:?} needs authorization: {}; {}",
                         st.problem.unwrap_or_else(|| "no usable credentials".into()),
                         st.fix.unwrap_or_else(|| format!(
                             "run: oauthrelay authorize --account {name}"
@@ -509,7 +522,7 @@ impl Scheduler {
                 account: env.account.clone(),
                 route,
                 next: env.next_attempt,
-                held_marked: env.held.is_some(),
+                held_marked: env.held.as_deref().map(fingerprint),
                 at: Where::Held,
             },
         );
@@ -550,13 +563,15 @@ impl Scheduler {
             },
         };
         match want_held {
-            Some(reason) if !m.held_marked => self.mark(id, Some(reason)),
+            Some(reason) if m.held_marked != Some(fingerprint(&reason)) => self.mark(id, reason),
             Some(_) => {
                 if let Some(m) = self.msgs.get_mut(&id) {
                     m.at = Where::Held;
                 }
             }
-            None if m.held_marked => self.mark(id, None),
+            // Not held (any more): a mark in the spool copy stays until the
+            // worker attempts the message, so that releasing an account
+            // for a probe that fails again costs no write per message.
             None => {
                 let now = SystemTime::now();
                 let due = m.next.is_none_or(|t| t <= now);
@@ -576,21 +591,21 @@ impl Scheduler {
         }
     }
 
-    /// Write (or clear) `held` in the spool copy, in a task; the message is
-    /// `Busy` meanwhile.
-    fn mark(&mut self, id: MessageId, reason: Option<String>) {
+    /// Write `held` in the spool copy, in a task; the message is `Busy`
+    /// meanwhile. (Clearing it is the worker's job, at the next attempt.)
+    fn mark(&mut self, id: MessageId, reason: String) {
         if let Some(m) = self.msgs.get_mut(&id) {
             m.at = Where::Busy;
         }
         let spool = self.shared.spool.clone();
         let tx = self.marks_tx.clone();
-        let held = reason.is_some();
+        let held = fingerprint(&reason);
         self.tracker.spawn(async move {
             let present = match spool.envelope(id) {
                 None => false,
-                Some(env) if env.held == reason => true,
+                Some(env) if env.held.as_deref() == Some(reason.as_str()) => true,
                 Some(mut env) => {
-                    env.held = reason;
+                    env.held = Some(reason);
                     match spool.update(id, env).await {
                         Ok(()) => true,
                         Err(spool::SpoolError::NotFound(_)) => false,
@@ -616,7 +631,7 @@ impl Scheduler {
         if msg.at != Where::Busy {
             return;
         }
-        msg.held_marked = m.held;
+        msg.held_marked = Some(m.held);
         msg.at = Where::Held;
         self.place(m.id);
     }
@@ -638,14 +653,14 @@ impl Scheduler {
             Outcome::Deferred { next } => {
                 if let Some(m) = self.msgs.get_mut(&r.id) {
                     m.next = Some(next);
-                    m.held_marked = false;
+                    m.held_marked = None;
                     m.at = Where::Held;
                 }
                 self.place(r.id);
             }
-            Outcome::Held => {
+            Outcome::Held { reason } => {
                 if let Some(m) = self.msgs.get_mut(&r.id) {
-                    m.held_marked = true;
+                    m.held_marked = Some(fingerprint(&reason));
                     m.next = None;
                     m.at = Where::Held;
                 }
@@ -878,16 +893,19 @@ impl Scheduler {
         match ev {
             Ok(AccountEvent::Authorized(name)) => self.release(&name),
             Ok(AccountEvent::NeedsAuthorization(name)) => {
+                // Worded as `TokenError::NeedsAuthorization` (what a worker
+                // records for a held attempt), so the held messages' reason
+                // does not flip between two spellings of one problem.
                 let reason = match self.shared.tokens.account_status(&name) {
                     Some(st) => format!(
-                        "account {name} needs authorization: {}; {}",
+                        "account {name:?} needs authorization: {}; {}",
                         st.problem
                             .unwrap_or_else(|| "Google refused its credentials".into()),
                         st.fix.unwrap_or_else(|| format!(
                             "run: oauthrelay authorize --account {name}"
                         ))
                     ),
-                    None => format!("account {name} needs authorization"),
+                    None => format!("account {name:?} needs authorization"),
                 };
                 if let Some(i) = self.slot_index(&name) {
                     self.slots[i].cell.lock().held = Some(reason);

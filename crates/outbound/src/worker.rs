@@ -54,8 +54,9 @@ pub(crate) enum Outcome {
     Done,
     /// Some recipients remain: try again at `next`.
     Deferred { next: SystemTime },
-    /// The account cannot authenticate: the message waits for it.
-    Held,
+    /// The account cannot authenticate: the message waits for it; `held`
+    /// in the spool copy says `reason`.
+    Held { reason: String },
     /// Not attempted, or cut short by shutdown: still queued as it was.
     Interrupted,
 }
@@ -382,9 +383,14 @@ impl Worker {
                 tracing::error!(queue_id = %id, "cannot record the delivery attempt: {e}");
             }
         }
-        match next {
-            None => (Outcome::Held, changed),
-            Some(next) => (Outcome::Deferred { next }, changed),
+        match (next, held_reason) {
+            (Some(next), _) => (Outcome::Deferred { next }, changed),
+            (None, reason) => (
+                Outcome::Held {
+                    reason: reason.unwrap_or_default(),
+                },
+                changed,
+            ),
         }
     }
 

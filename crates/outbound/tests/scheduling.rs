@@ -157,3 +157,101 @@ async fn shrinking_below_the_busy_workers_waits_for_them_before_dispatching() {
     );
     assert!(wait_until(T, || h.outbound().account_states()[0].in_flight == 0).await);
 }
+
+// ---- held mail ----------------------------------------------------------------------
+
+/// Bytes in the spool's segments: every envelope update appends a record.
+fn spool_bytes(h: &Harness) -> u64 {
+    std::fs::read_dir(h.spool.dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+fn total_attempts(h: &Harness) -> u32 {
+    h.spool.list().iter().map(|(_, e)| e.attempts).sum()
+}
+
+/// More than one update record of the largest envelope takes: frame, id
+/// and the JSON envelope, whose size is mostly its texts.
+fn one_update(h: &Harness) -> u64 {
+    let texts = |e: &spool::Envelope| {
+        e.sender.len()
+            + e.helo.len()
+            + e.held.as_deref().map_or(0, str::len)
+            + e.last_error.as_deref().map_or(0, str::len)
+            + e.recipients
+                .iter()
+                .map(|r| r.address.len() + r.reply.as_deref().map_or(0, str::len))
+                .sum::<usize>()
+    };
+    let largest = h.spool.list().iter().map(|(_, e)| texts(e)).max();
+    largest.unwrap_or(0) as u64 + 512
+}
+
+#[tokio::test]
+async fn probing_a_held_account_does_not_rewrite_every_held_message() {
+    let mut h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    h.google.revoke_refresh_token(&h.refresh_token);
+    h.start();
+    const N: usize = 30;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        ids.push(
+            h.submit(
+                "app@example.com",
+                &["r@example.org"],
+                &message(&format!("held-{i}"), "x\r\n"),
+            )
+            .await,
+        );
+    }
+    let all_held = |h: &Harness| {
+        ids.iter()
+            .all(|id| h.spool.envelope(*id).is_some_and(|e| e.held.is_some()))
+    };
+    assert!(wait_until(T, || all_held(&h)).await, "held durably");
+    // Let the first round of marking settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bytes = spool_bytes(&h);
+    let attempts = total_attempts(&h);
+
+    // Hold probes (every retry_max = 1 s), an operator's `queue retry
+    // --all`, and a `token import` of a refresh token Google refuses too:
+    // each tries one message, which fails again.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert!(h.outbound().retry_all().await >= N);
+    let dead = h.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    h.google.revoke_refresh_token(&dead);
+    oauth::import_refresh_token(&h.resolved, &dead).expect("import");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        wait_until(T, || h.outbound().account_states()[0].held.is_some()).await,
+        "held again"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let probes = total_attempts(&h) - attempts;
+    assert!(
+        probes >= 3,
+        "the held account was tried ({probes} attempts)"
+    );
+    let growth = spool_bytes(&h) - bytes;
+    eprintln!(
+        "{probes} attempts of held mail wrote {growth} bytes to the spool (one update < {})",
+        one_update(&h)
+    );
+    assert!(
+        growth <= u64::from(probes) * one_update(&h),
+        "{probes} probes wrote {growth} bytes to the spool: held messages that were not tried were rewritten"
+    );
+    // `queue list` still shows every message held.
+    assert!(all_held(&h));
+    assert_eq!(h.gmail.stats().connections, 0, "nothing tried upstream");
+}
