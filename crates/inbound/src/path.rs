@@ -15,12 +15,20 @@
 //!   bare, which means the same mailbox;
 //! - the domain as written: labels of letters, digits, `-` and `_`, or
 //!   UTF-8 (SMTPUTF8; whether it is allowed is decided by the caller).
+//!
+//! `<Postmaster>` (any letter case, no domain) is a path of its own
+//! (RFC 5321 4.1.1.3, 4.5.1): the session stores it as
+//! `postmaster@<our host name>` ([`postmaster`]), as a recipient and as a
+//! sender (like Postfix, which qualifies it with `$myorigin`); it is never
+//! the null sender.
 
 /// A parsed path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Path {
     /// `<>`: the null reverse-path.
     Null,
+    /// `<Postmaster>`, without a domain.
+    Postmaster,
     /// A mailbox, ready to be stored and sent on.
     Mailbox(String),
 }
@@ -38,6 +46,12 @@ pub(crate) fn parse(line: &[u8]) -> Option<Path> {
     };
     if p.eat(b'>') {
         return Some(Path::Null);
+    }
+    if p.s
+        .get(..11)
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"postmaster>"))
+    {
+        return Some(Path::Postmaster);
     }
     if p.peek() == Some(b'@') {
         // A source route: `@one,@two:`; it is ignored.
@@ -80,6 +94,11 @@ pub(crate) fn parse(line: &[u8]) -> Option<Path> {
         return None;
     }
     String::from_utf8(out).ok().map(Path::Mailbox)
+}
+
+/// What `<Postmaster>` is stored as: `postmaster@<host>`.
+pub(crate) fn postmaster(host: &str) -> String {
+    format!("postmaster@{host}")
 }
 
 struct Cursor<'a> {
@@ -182,6 +201,7 @@ mod tests {
     fn stored(line: &str) -> Option<String> {
         match parse(line.as_bytes())? {
             Path::Null => Some(String::new()),
+            Path::Postmaster => Some(postmaster("relay.test")),
             Path::Mailbox(a) => Some(a),
         }
     }
@@ -201,6 +221,27 @@ mod tests {
             stored("RCPT TO:<é@例え.jp>\r\n").as_deref(),
             Some("é@例え.jp")
         );
+    }
+
+    #[test]
+    fn postmaster_without_a_domain() {
+        for line in [
+            "RCPT TO:<Postmaster>\r\n",
+            "MAIL FROM:<pOSTMASTER> SIZE=1\r\n",
+        ] {
+            assert_eq!(parse(line.as_bytes()), Some(Path::Postmaster), "{line}");
+        }
+        assert_eq!(
+            stored("RCPT TO:<postmaster@example.com>\r\n").as_deref(),
+            Some("postmaster@example.com")
+        );
+        for line in [
+            "RCPT TO:<\"postmaster\">\r\n",
+            "RCPT TO:<postmasters>\r\n",
+            "RCPT TO:<@r:postmaster>\r\n",
+        ] {
+            assert_eq!(parse(line.as_bytes()), None, "{line}");
+        }
     }
 
     #[test]

@@ -466,3 +466,29 @@ async fn a_session_runs_over_an_in_memory_stream() {
     })
     .await;
 }
+
+/// `<Postmaster>` without a domain (RFC 5321 4.5.1) is
+/// `postmaster@<our host name>`, as a recipient and as a sender; it is never
+/// the null sender.
+#[tokio::test]
+async fn postmaster_without_a_domain_is_ours() {
+    bounded(20, async {
+        let srv = start(config()).await;
+        let mut c = srv.client().await;
+        c.hello().await;
+        let a = c
+            .send_mail("Postmaster", &["Postmaster", "postMASTER"], MESSAGE)
+            .await
+            .queue_id();
+        let b = c.send_mail("", &["postmaster"], MESSAGE).await.queue_id();
+        let env = srv.spool.envelope(a).unwrap();
+        assert_eq!(env.sender, format!("postmaster@{HOST}"));
+        let rcpts: Vec<_> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(
+            rcpts,
+            [format!("postmaster@{HOST}"), format!("postmaster@{HOST}")]
+        );
+        assert_eq!(srv.spool.envelope(b).unwrap().sender, "", "<> stays null");
+    })
+    .await;
+}

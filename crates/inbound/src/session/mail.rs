@@ -31,6 +31,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let sender = match path::parse(line) {
             Some(Path::Null) => String::new(),
+            Some(Path::Postmaster) => path::postmaster(&self.settings.hostname),
             Some(Path::Mailbox(a)) => a,
             None => return self.reply(Reply::BadSender),
         };

@@ -23,6 +23,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let may_relay = self.trusted || self.auth_user.is_some();
         let to = match path::parse(line) {
             Some(Path::Mailbox(a)) => a,
+            // RFC 5321 4.5.1: always accepted; we have no mailboxes of our
+            // own, so it is relayed like any address.
+            Some(Path::Postmaster) => path::postmaster(&self.settings.hostname),
             Some(Path::Null) | None => String::new(),
         };
         let verdict = match &self.txn {
