@@ -147,8 +147,19 @@ fn print_machine(args: &Args, bin: &Path) {
         kernel.trim(),
         procfs::load_average()
     );
+    let version = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let built = std::fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| format!("built {}", utc(d.as_secs())))
+        .unwrap_or_default();
     println!(
-        "oauthrelay: {}; [delivery] concurrency = {}; client: {} connection{}, no pipelining",
+        "oauthrelay: {} ({version}, {built}); [delivery] concurrency = {}; client: {} connection{}, no pipelining",
         bin.display(),
         args.concurrency,
         if args.reuse {
@@ -162,6 +173,27 @@ fn print_machine(args: &Args, bin: &Path) {
             " per message (QUIT after each)"
         },
     );
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for seconds since the epoch.
+fn utc(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn set_mode(p: &Path, mode: u32) -> anyhow::Result<()> {
@@ -869,4 +901,14 @@ async fn warm_up(addr: SocketAddr, gmail: &FakeGmail, tag: &str) -> anyhow::Resu
         bail!("warm-up: the message did not reach the upstream within 30 s");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_764_043_200), "2025-11-25 04:00:00 UTC");
+    }
 }
