@@ -14,7 +14,12 @@
 //!   (`"john doe"`, `"a\"b"`); a quoted Dot-string (`"john"`) is stored
 //!   bare, which means the same mailbox;
 //! - the domain as written: labels of letters, digits, `-` and `_`, or
-//!   UTF-8 (SMTPUTF8; whether it is allowed is decided by the caller).
+//!   UTF-8 (SMTPUTF8; whether it is allowed is decided by the caller), or
+//!   an address literal (RFC 5321 4.1.3: `[192.0.2.1]`,
+//!   `[IPv6:2001:db8::1]`; general literals with other tags are refused,
+//!   none are standardised). smtp-proto refuses address literals, so for
+//!   those the session asks it about the line with the path replaced
+//!   ([`with_placeholder`]).
 //!
 //! `<Postmaster>` (any letter case, no domain) is a path of its own
 //! (RFC 5321 4.1.1.3, 4.5.1): the session stores it as
@@ -39,11 +44,34 @@ const MAX_ADDRESS: usize = 256;
 /// Parse the path of a MAIL or RCPT command line: from its first `<` to
 /// the matching `>`. `None` if it is not a valid path.
 pub(crate) fn parse(line: &[u8]) -> Option<Path> {
+    parse_span(line).map(|(path, _)| path)
+}
+
+/// `line` with a valid path replaced by `<x@x>`, for smtp-proto to read
+/// the verb and parameters of a path it cannot parse itself (address
+/// literals). `None` if the path is not valid.
+pub(crate) fn with_placeholder(line: &[u8]) -> Option<Vec<u8>> {
+    let (_, span) = parse_span(line)?;
+    let mut out = Vec::with_capacity(line.len());
+    out.extend_from_slice(line.get(..span.start)?);
+    out.extend_from_slice(b"<x@x>");
+    out.extend_from_slice(line.get(span.end..)?);
+    Some(out)
+}
+
+/// The path and where it is in `line` (`<` to `>`, both included).
+fn parse_span(line: &[u8]) -> Option<(Path, std::ops::Range<usize>)> {
     let start = memchr::memchr(b'<', line)?;
     let mut p = Cursor {
         s: line.get(start + 1..)?,
         i: 0,
     };
+    let path = path(&mut p)?;
+    Some((path, start..start + 1 + p.i))
+}
+
+/// A path after its `<`, up to and including its `>`.
+fn path(p: &mut Cursor<'_>) -> Option<Path> {
     if p.eat(b'>') {
         return Some(Path::Null);
     }
@@ -51,12 +79,13 @@ pub(crate) fn parse(line: &[u8]) -> Option<Path> {
         .get(..11)
         .is_some_and(|s| s.eq_ignore_ascii_case(b"postmaster>"))
     {
+        p.i += 11;
         return Some(Path::Postmaster);
     }
     if p.peek() == Some(b'@') {
         // A source route: `@one,@two:`; it is ignored.
         loop {
-            if !p.eat(b'@') || domain(&mut p).is_none() {
+            if !p.eat(b'@') || domain(p).is_none() {
                 return None;
             }
             if p.eat(b':') {
@@ -67,11 +96,14 @@ pub(crate) fn parse(line: &[u8]) -> Option<Path> {
             }
         }
     }
-    let local = local_part(&mut p)?;
+    let local = local_part(p)?;
     if !p.eat(b'@') {
         return None;
     }
-    let domain = domain(&mut p)?;
+    let domain = match p.peek() {
+        Some(b'[') => address_literal(p)?,
+        _ => domain(p)?,
+    };
     if !p.eat(b'>') {
         return None;
     }
@@ -194,6 +226,30 @@ fn domain<'a>(p: &mut Cursor<'a>) -> Option<&'a [u8]> {
     }
 }
 
+/// An address literal, brackets included: `[` IPv4 `]` or `[IPv6:` IPv6
+/// `]`.
+fn address_literal<'a>(p: &mut Cursor<'a>) -> Option<&'a [u8]> {
+    let from = p.i;
+    if !p.eat(b'[') {
+        return None;
+    }
+    let inner = p.i;
+    while p.peek().is_some_and(|b| b != b']') {
+        p.i += 1;
+    }
+    let text = std::str::from_utf8(p.since(inner)).ok()?;
+    if !p.eat(b']') {
+        return None;
+    }
+    let valid = match text.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+            text.get(5..)?.parse::<std::net::Ipv6Addr>().is_ok()
+        }
+        _ => text.parse::<std::net::Ipv4Addr>().is_ok(),
+    };
+    valid.then(|| p.since(from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +320,39 @@ mod tests {
             // What is stored reads back as itself.
             let again = format!("MAIL FROM:<{want}>\r\n");
             assert_eq!(stored(&again).as_deref(), Some(want), "{want}");
+        }
+    }
+
+    #[test]
+    fn address_literals() {
+        for addr in [
+            "scanner@[192.0.2.1]",
+            "a@[IPv6:2001:db8::1]",
+            "a@[ipv6:::ffff:192.0.2.1]",
+            r#""john doe"@[10.0.0.5]"#,
+        ] {
+            let line = format!("MAIL FROM:<{addr}> SIZE=10\r\n");
+            assert_eq!(stored(&line).as_deref(), Some(addr), "{addr}");
+            assert_eq!(
+                with_placeholder(line.as_bytes()).as_deref(),
+                Some(&b"MAIL FROM:<x@x> SIZE=10\r\n"[..])
+            );
+        }
+        for addr in [
+            "a@[192.0.2.256]",
+            "a@[192.0.2]",
+            "a@[IPv6:2001:db8::g]",
+            "a@[2001:db8::1]",
+            "a@[IPv6:fe80::1%eth0]",
+            "a@[tag:content]",
+            "a@[192.0.2.1",
+            "a@[192.0.2.1].example",
+            "a@[]",
+            "a@[ 192.0.2.1]",
+        ] {
+            let line = format!("MAIL FROM:<{addr}>\r\n");
+            assert_eq!(stored(&line), None, "{addr}");
+            assert_eq!(with_placeholder(line.as_bytes()), None, "{addr}");
         }
     }
 

@@ -492,3 +492,51 @@ async fn postmaster_without_a_domain_is_ours() {
     })
     .await;
 }
+
+/// Address literals (RFC 5321 4.1.3: `[IPv4]`, `[IPv6:...]`), which
+/// devices without a domain use, are queued as written, with their
+/// parameters read as usual; malformed ones get a 501.
+#[tokio::test]
+async fn address_literals_are_accepted() {
+    bounded(20, async {
+        let srv = start(config()).await;
+        let mut c = srv.client().await;
+        c.hello().await;
+        let id = c
+            .send_mail(
+                "scanner@[192.0.2.1]",
+                &["a@[IPv6:2001:db8::1]", "b@example.com"],
+                MESSAGE,
+            )
+            .await
+            .queue_id();
+        let env = srv.spool.envelope(id).unwrap();
+        assert_eq!(env.sender, "scanner@[192.0.2.1]");
+        let rcpts: Vec<_> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(rcpts, ["a@[IPv6:2001:db8::1]", "b@example.com"]);
+
+        c.cmd_start("MAIL FROM:<s@[192.0.2.1]> SIZE=99999999999", "552 5.3.4")
+            .await;
+        c.cmd_start("MAIL FROM:<s@[192.0.2.1]> BODY=BINARYMIME", "555")
+            .await;
+        c.cmd_start("MAIL FROM:<s@[192.0.2.256]>", "501 5.1.7")
+            .await;
+        c.cmd_start("MAIL FROM:<s@[tag:content]>", "501 5.1.7")
+            .await;
+        c.cmd_start("MAIL FROM:<s@[192.0.2.1]> BODY=8BITMIME", "250 2.1.0")
+            .await;
+        c.cmd_start("RCPT TO:<x@[IPv6:2001:db8::g]>", "501 5.1.3")
+            .await;
+        c.cmd_start("RCPT TO:<x@[198.51.100.7]>", "250 2.1.5").await;
+        c.cmd("DATA", 354).await;
+        let mut wire = Vec::new();
+        inbound::dot::stuff(MESSAGE, &mut wire);
+        c.send(&wire).await;
+        let id = c.reply().await.queue_id();
+        let env = srv.spool.envelope(id).unwrap();
+        assert_eq!(env.sender, "s@[192.0.2.1]");
+        assert!(env.eight_bit, "BODY=8BITMIME was read");
+        assert_eq!(env.recipients[0].address, "x@[198.51.100.7]");
+    })
+    .await;
+}

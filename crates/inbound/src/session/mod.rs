@@ -358,7 +358,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(self.reply(Reply::EmptyLine));
         }
-        let parsed = Request::parse(&mut line.iter());
+        let placeholder;
+        let parsed = match Request::parse(&mut line.iter()) {
+            // smtp-proto refuses address literals (`user@[192.0.2.1]`): if
+            // the path is valid, it reads the rest of the line with the path
+            // replaced, and MAIL/RCPT read the path from `line` themselves.
+            Err(ParseError::InvalidSenderAddress | ParseError::InvalidRecipientAddress)
+                if let Some(l) = crate::path::with_placeholder(line) =>
+            {
+                placeholder = l;
+                Request::parse(&mut placeholder.iter())
+            }
+            other => other,
+        };
         if self.refused {
             return Ok(match parsed {
                 Ok(Request::Quit) => {
