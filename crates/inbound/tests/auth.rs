@@ -320,3 +320,31 @@ async fn a_success_does_not_reset_earlier_failures() {
     })
     .await;
 }
+
+/// Malformed credentials check no password and guess nothing: they are
+/// refused, but do not use up the client's failures (else a flood of them
+/// would fill the limiter for free).
+#[tokio::test]
+async fn malformed_credentials_do_not_use_up_the_limit() {
+    bounded(60, async {
+        let mut cfg = with_users();
+        cfg.auth_failure_limit = 2;
+        cfg.auth_failure_window = Duration::from_secs(600);
+        let srv = start(cfg).await;
+        let mut c = srv.client().await;
+        c.hello().await;
+        for creds in [
+            "no NULs at all".to_string(),
+            format!("someone-else\0{USER}\0{PASSWORD}"),
+            format!("\0\0{PASSWORD}"),
+        ] {
+            c.cmd_start(
+                &format!("AUTH PLAIN {}", b64(creds.as_bytes())),
+                "535 5.7.8",
+            )
+            .await;
+        }
+        assert_eq!(c.auth_plain(USER, PASSWORD).await.code, 235);
+    })
+    .await;
+}

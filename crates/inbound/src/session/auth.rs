@@ -160,13 +160,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn check_credentials(&mut self, user: Vec<u8>, pass: Vec<u8>) -> Step {
+        if user.is_empty() {
+            return self.refuse_credentials(&user);
+        }
         let attempt = match self.count_attempt() {
             Ok(a) => a,
             Err(step) => return step,
         };
-        if user.is_empty() {
-            return self.auth_failed(&user);
-        }
         let verdict = self
             .shared
             .verifier
@@ -190,12 +190,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// Malformed credentials: a failed attempt, without a password check.
+    /// Malformed credentials: refused without a password check, and not
+    /// counted against the client, as they guess nothing (counting them
+    /// would let a flood fill the limiter's table for free).
     fn refuse_credentials(&mut self, user: &[u8]) -> Step {
-        match self.count_attempt() {
-            Ok(_counted) => self.auth_failed(user),
-            Err(step) => step,
-        }
+        self.auth_failed(user)
     }
 
     fn auth_failed(&mut self, user: &[u8]) -> Step {
