@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::DeliveryConfig;
 use crate::account::AccountCell;
 use crate::session::AccountCtx;
-use crate::worker::{Job, Outcome, Report, Shared, Worker};
+use crate::worker::{Job, Outcome, Report, Shared, Unrecorded, Worker};
 
 pub(crate) enum Command {
     /// Make one message (or, with `None`, every deferred message) due now;
@@ -80,6 +80,9 @@ struct Msg {
     /// The `held` reason in the spool copy (its [`fingerprint`]), if any.
     held_marked: Option<u64>,
     at: Where,
+    /// Outcomes Gmail gave that the spool could not record yet (see
+    /// [`Unrecorded`]): given to the next attempt.
+    unrecorded: Option<Unrecorded>,
 }
 
 /// A short stand-in for a `held` reason, to notice when it changes.
@@ -524,6 +527,7 @@ impl Scheduler {
                 next: env.next_attempt,
                 held_marked: env.held.as_deref().map(fingerprint),
                 at: Where::Held,
+                unrecorded: None,
             },
         );
         self.place(id);
@@ -648,6 +652,9 @@ impl Scheduler {
                 }
             }
         }
+        if let Some(m) = self.msgs.get_mut(&r.id) {
+            m.unrecorded = r.unrecorded;
+        }
         match r.outcome {
             Outcome::Gone | Outcome::Done => self.remove(r.id),
             Outcome::Deferred { next } => {
@@ -707,11 +714,11 @@ impl Scheduler {
                         && matches!(&m.route, Route::Account(a) if *a == slot.name)
                     {
                         m.at = Where::InFlight;
-                        picked = Some(id);
+                        picked = Some((id, m.unrecorded.clone()));
                         break;
                     }
                 }
-                let Some(id) = picked else {
+                let Some((id, unrecorded)) = picked else {
                     slot.idle.push(wi);
                     break;
                 };
@@ -720,6 +727,7 @@ impl Scheduler {
                     ctx: slot.ctx.clone(),
                     cell: slot.cell.clone(),
                     cfg: self.cfg.clone(),
+                    unrecorded,
                 };
                 match slot.workers[wi].tx.try_send(job) {
                     Ok(()) => slot.workers[wi].busy = true,

@@ -43,6 +43,47 @@ pub(crate) struct Job {
     pub ctx: Arc<AccountCtx>,
     pub cell: Arc<AccountCell>,
     pub cfg: Arc<DeliveryConfig>,
+    /// What an earlier attempt learnt but could not record.
+    pub unrecorded: Option<Unrecorded>,
+}
+
+/// Recipient outcomes Gmail gave that the spool could not record (the
+/// envelope update or the removal failed, e.g. on a full disk). The
+/// scheduler keeps them with the message and the next attempt applies them
+/// to the spool copy first, so a recipient Gmail accepted is not sent the
+/// message again while only the spool write is retried. They live in memory
+/// only: after a crash the message is sent again (at-least-once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Unrecorded(Vec<(usize, RcptState, Option<String>)>);
+
+impl Unrecorded {
+    /// The decided recipients of `env` (`None` if there are none).
+    fn of(env: &Envelope) -> Option<Unrecorded> {
+        let done: Vec<_> = env
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state != RcptState::Pending)
+            .map(|(i, r)| (i, r.state, r.reply.clone()))
+            .collect();
+        (!done.is_empty()).then_some(Unrecorded(done))
+    }
+
+    /// Put the remembered outcomes into `env`; whether any recipient still
+    /// pending there got one.
+    fn apply(&self, env: &mut Envelope) -> bool {
+        let mut changed = false;
+        for (i, state, reply) in &self.0 {
+            if let Some(r) = env.recipients.get_mut(*i)
+                && r.state == RcptState::Pending
+            {
+                r.state = *state;
+                r.reply.clone_from(reply);
+                changed = true;
+            }
+        }
+        changed
+    }
 }
 
 /// What became of the message (for the scheduler).
@@ -68,6 +109,8 @@ pub(crate) struct Report {
     pub outcome: Outcome,
     /// The account's pause/hold/probing state changed.
     pub account_changed: bool,
+    /// What the scheduler keeps for the next attempt.
+    pub unrecorded: Option<Unrecorded>,
 }
 
 /// The status word of a log line.
@@ -162,11 +205,12 @@ impl Worker {
                 Wake::Job(job) => {
                     cfg = job.cfg.clone();
                     let id = job.id;
+                    let mut unrecorded = job.unrecorded.clone();
                     let (outcome, account_changed) = if self.shutdown.is_cancelled() {
                         (Outcome::Interrupted, false)
                     } else {
                         let grace = cfg.shutdown_grace;
-                        let attempt = self.attempt(&job, &mut pool);
+                        let attempt = self.attempt(&job, &mut pool, &mut unrecorded);
                         tokio::pin!(attempt);
                         let r = tokio::select! {
                             r = &mut attempt => Some(r),
@@ -190,6 +234,7 @@ impl Worker {
                         id,
                         outcome,
                         account_changed,
+                        unrecorded,
                     });
                 }
             }
@@ -199,8 +244,14 @@ impl Worker {
         }
     }
 
-    /// One delivery attempt of one message.
-    async fn attempt(&self, job: &Job, pool: &mut Option<Pooled>) -> (Outcome, bool) {
+    /// One delivery attempt of one message. `unrecorded` comes in as the
+    /// job's and goes out as what the scheduler should remember.
+    async fn attempt(
+        &self,
+        job: &Job,
+        pool: &mut Option<Pooled>,
+        unrecorded: &mut Option<Unrecorded>,
+    ) -> (Outcome, bool) {
         let sh = &self.shared;
         let id = job.id;
         let Some(mut env) = sh.spool.envelope(id) else {
@@ -211,11 +262,27 @@ impl Worker {
         let cfg = &job.cfg;
         let now = SystemTime::now();
 
+        let remembered = unrecorded.as_ref().is_some_and(|u| u.apply(&mut env));
+        if remembered {
+            tracing::info!(
+                queue_id = %id,
+                "{id}: recipients already answered by Gmail (their record failed) are not sent again; recording them now"
+            );
+        }
+
         if env.is_done() {
-            // Finished before a crash: queue the bounce unless it is queued,
-            // then remove.
-            let queued = sh.spool.list().iter().any(|(_, e)| e.bounce_of == Some(id));
-            return (self.finish(id, &mut env, job, !queued, false).await, false);
+            // Finished before a crash (queue the bounce unless it is
+            // queued), or before a failed spool write: record, then remove.
+            // (The scan for the bounce only when one may be due: this runs
+            // again and again while the disk is full.)
+            let may_bounce = !env.sender.is_empty()
+                && env.bounce_of.is_none()
+                && env.recipients.iter().any(|r| r.state == RcptState::Failed);
+            let queued = may_bounce && sh.spool.list().iter().any(|(_, e)| e.bounce_of == Some(id));
+            let outcome = self
+                .finish(id, &mut env, job, !queued, remembered, unrecorded)
+                .await;
+            return (outcome, false);
         }
 
         let age = now.duration_since(env.received).unwrap_or_default();
@@ -245,7 +312,8 @@ impl Worker {
                 &format!("{why}; last error: {}", last.as_deref().unwrap_or("none")),
             );
             sh.metrics.attempt(AttemptResult::Failed);
-            return (self.finish(id, &mut env, job, true, true).await, false);
+            let outcome = self.finish(id, &mut env, job, true, true, unrecorded).await;
+            return (outcome, false);
         }
 
         let pending: Vec<usize> = env
@@ -353,7 +421,8 @@ impl Worker {
             let any_failed =
                 !failed.is_empty() || env.recipients.iter().any(|r| r.state == RcptState::Failed);
             return (
-                self.finish(id, &mut env, job, true, any_failed).await,
+                self.finish(id, &mut env, job, true, any_failed, unrecorded)
+                    .await,
                 changed,
             );
         }
@@ -374,13 +443,17 @@ impl Worker {
         env.next_attempt = next;
         env.held = held_reason.clone();
         env.last_error = first_deferred.or_else(|| d.signal.as_ref().map(|s| s.text().to_string()));
+        let decided = Unrecorded::of(&env);
         match sh.spool.update(id, env).await {
-            Ok(()) => {}
+            Ok(()) => *unrecorded = None,
             Err(SpoolError::NotFound(_)) => return (Outcome::Gone, changed),
             Err(e) => {
-                // The old envelope stays on disk: the attempt repeats later
-                // (at-least-once), nothing is lost.
+                // The old envelope stays on disk: the recipients still
+                // pending are tried again later, and the ones Gmail
+                // answered are remembered so they are not (unless we crash
+                // first: at-least-once).
                 tracing::error!(queue_id = %id, "cannot record the delivery attempt: {e}");
+                *unrecorded = decided;
             }
         }
         match (next, held_reason) {
@@ -573,7 +646,9 @@ impl Worker {
     }
 
     /// Every recipient has its outcome: queue the bounce (if any recipient
-    /// failed and the sender is not null), then remove the message.
+    /// failed and the sender is not null), then remove the message. If a
+    /// spool write fails, the outcomes go to `unrecorded` and only the
+    /// writes are tried again later.
     async fn finish(
         &self,
         id: MessageId,
@@ -581,6 +656,7 @@ impl Worker {
         job: &Job,
         bounce: bool,
         record_first: bool,
+        unrecorded: &mut Option<Unrecorded>,
     ) -> Outcome {
         let sh = &self.shared;
         let failed = env.recipients.iter().any(|r| r.state == RcptState::Failed);
@@ -598,7 +674,7 @@ impl Worker {
                     Err(SpoolError::NotFound(_)) => return Outcome::Gone,
                     Err(e) => {
                         tracing::error!(queue_id = %id, "cannot record the failure: {e}");
-                        return self.retry_later(job);
+                        return self.retry_later(job, env, unrecorded);
                     }
                 }
             }
@@ -610,7 +686,7 @@ impl Worker {
                 Err(SpoolError::NotFound(_)) => return Outcome::Gone,
                 Err(e) => {
                     tracing::error!(queue_id = %id, "cannot queue the bounce, keeping the message: {e}");
-                    return self.retry_later(job);
+                    return self.retry_later(job, env, unrecorded);
                 }
             }
         } else if failed && bounce {
@@ -620,7 +696,7 @@ impl Worker {
             Ok(()) | Err(SpoolError::NotFound(_)) => {}
             Err(e) => {
                 tracing::error!(queue_id = %id, "cannot remove the finished message: {e}");
-                return self.retry_later(job);
+                return self.retry_later(job, env, unrecorded);
             }
         }
         tracing::info!(queue_id = %id, "{id}: removed");
@@ -633,7 +709,15 @@ impl Worker {
         Outcome::Done
     }
 
-    fn retry_later(&self, job: &Job) -> Outcome {
+    /// A spool write failed after every recipient got its outcome: keep
+    /// the outcomes in memory and try the writes (not the sending) again.
+    fn retry_later(
+        &self,
+        job: &Job,
+        env: &Envelope,
+        unrecorded: &mut Option<Unrecorded>,
+    ) -> Outcome {
+        *unrecorded = Unrecorded::of(env);
         Outcome::Deferred {
             next: SystemTime::now() + job.cfg.retry_initial,
         }

@@ -255,3 +255,238 @@ async fn probing_a_held_account_does_not_rewrite_every_held_message() {
     assert!(all_held(&h));
     assert_eq!(h.gmail.stats().connections, 0, "nothing tried upstream");
 }
+
+// ---- the spool cannot be written after Gmail's 250 ----------------------------------
+
+/// A tiny tmpfs, unmounted on drop.
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Mount a tiny tmpfs for a disk-full test, or say loudly why not (root is
+/// needed; under CI=true that is a failure).
+fn tiny_fs(size: &str) -> Option<TinyFs> {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        let msg = "SKIPPED: cannot mount a tmpfs (needs root) for the disk-full test";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{msg}; CI must run it");
+        }
+        eprintln!("\n!!!! {msg} !!!!\n");
+        return None;
+    }
+    Some(TinyFs { dir })
+}
+
+const PAGE: u64 = 4096;
+
+fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
+        })
+        .collect();
+    segs.sort();
+    segs.pop().expect("a spool segment")
+}
+
+/// Grow the active segment to a whole number of pages (a message committed
+/// and removed again, sized to fit). On a full tmpfs, a record written into
+/// the last page's free bytes would still succeed; at a page boundary the
+/// next record needs a new page, and fails.
+async fn pad_segment_to_page(spool: &spool::Spool) {
+    let seg = newest_segment(spool.dir());
+    let len = || std::fs::metadata(&seg).unwrap().len();
+    let mut overhead: Option<u64> = None;
+    for _ in 0..20 {
+        let before = len();
+        let slack = (PAGE - before % PAGE) % PAGE;
+        if slack == 0 {
+            return;
+        }
+        // Commit + remove of a message of `b` bytes takes `overhead + b`
+        // (the overhead grows with the digits of `b`: measure again).
+        let b = match overhead {
+            None => 1,
+            Some(o) if slack > o => slack - o,
+            Some(o) => slack + PAGE - o,
+        };
+        let mut w = spool.begin();
+        w.write(&vec![b'p'; b as usize]).await.unwrap();
+        let id = w
+            .commit(spool::Envelope::new(
+                "pad@example.com",
+                ["pad@example.com".to_string()],
+            ))
+            .await
+            .unwrap();
+        spool.remove(id).await.unwrap();
+        overhead = Some(len() - before - b);
+    }
+    panic!("could not align the spool segment to a page");
+}
+
+/// Take every free page of the file system.
+fn fill(fs: &TinyFs) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = fs.dir.path().join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let page = vec![0u8; PAGE as usize];
+    while f.write_all(&page).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+/// A harness whose spool lives on a tiny tmpfs, holding `body` from
+/// `to`, its segment padded to a page: the next spool write fails once the
+/// file system is filled.
+async fn harness_on_tiny_fs(to: &[&str], subject: &str) -> Option<(Harness, TinyFs, MessageId)> {
+    let fs = tiny_fs("2m")?;
+    let mut h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    let (spool, _) = spool::Spool::open(&fs.dir.path().join("spool")).expect("spool on tmpfs");
+    h.spool = spool;
+    let id = h
+        .submit("app@example.com", to, &message(subject, "x\r\n"))
+        .await;
+    pad_segment_to_page(&h.spool).await;
+    Some((h, fs, id))
+}
+
+#[tokio::test]
+async fn removal_failing_after_gmails_250_does_not_send_the_message_again() {
+    let Some((mut h, fs, id)) = harness_on_tiny_fs(&["r@example.org"], "once").await else {
+        return;
+    };
+    let filler = fill(&fs);
+    h.start();
+    let msgs = h.wait_messages(1, T).await;
+    assert_eq!(msgs[0].message_id.as_deref(), Some("<once@example.com>"));
+
+    // The removal fails (ENOSPC) and is retried every retry_initial
+    // (200 ms): the message must not go upstream again meanwhile.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        h.spool.envelope(id).is_some(),
+        "the spool is full: the removal cannot have worked"
+    );
+    assert!(h.spool.health().is_err(), "the spool saw the write fail");
+    assert_eq!(
+        h.gmail.messages().len(),
+        1,
+        "sent again while the removal kept failing"
+    );
+
+    // Space returns: the removal goes through, still without a resend.
+    std::fs::remove_file(&filler).unwrap();
+    assert!(h.wait_gone(id, T).await, "removed once the disk has room");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.gmail.messages().len(), 1);
+    assert_eq!(h.metrics.delivered_count(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn delivered_recipients_are_not_sent_again_when_their_record_fails() {
+    let Some((mut h, fs, id)) =
+        harness_on_tiny_fs(&["ok@example.org", "later@example.org"], "partial").await
+    else {
+        return;
+    };
+    h.gmail
+        .reject_recipient("later@example.org", "450 4.2.1 Try this recipient later");
+    let filler = fill(&fs);
+    h.start();
+    let first = h.wait_messages(1, T).await;
+    assert_eq!(first[0].rcpt_to, vec!["ok@example.org".to_string()]);
+
+    // Recording "ok: delivered" fails; later attempts try only the
+    // recipient still pending.
+    assert!(
+        h.gmail.wait_for_stats(T, |s| s.rcpt_commands >= 4).await,
+        "the deferred recipient was tried again"
+    );
+    let sent_to_ok = |h: &Harness| {
+        h.gmail
+            .messages()
+            .iter()
+            .filter(|m| m.rcpt_to.iter().any(|r| r == "ok@example.org"))
+            .count()
+    };
+    assert_eq!(sent_to_ok(&h), 1, "the delivered recipient got it again");
+
+    // The other recipient is accepted, the disk has room again: done,
+    // each recipient served once.
+    h.gmail.clear_faults();
+    assert!(
+        h.gmail.wait_for_messages(2, T).await.len() >= 2,
+        "the deferred recipient is delivered"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert!(h.wait_gone(id, T).await);
+    let msgs = h.gmail.messages();
+    assert_eq!(sent_to_ok(&h), 1);
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| m.rcpt_to.iter().any(|r| r == "later@example.org"))
+            .count(),
+        1
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_bounce_that_cannot_be_recorded_is_sent_once_and_the_message_not_again() {
+    let Some((mut h, fs, id)) =
+        harness_on_tiny_fs(&["ok@example.org", "nobody@example.org"], "mixed").await
+    else {
+        return;
+    };
+    h.gmail.reject_recipient(
+        "nobody@example.org",
+        "550 5.1.1 The email account does not exist",
+    );
+    let filler = fill(&fs);
+    h.start();
+    let first = h.wait_messages(1, T).await;
+    assert_eq!(first[0].rcpt_to, vec!["ok@example.org".to_string()]);
+
+    // Recording the failure (before the bounce) fails again and again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(h.gmail.messages().len(), 1, "sent again");
+    assert!(h.spool.envelope(id).is_some());
+
+    std::fs::remove_file(&filler).unwrap();
+    assert!(h.wait_gone(id, T).await);
+    h.wait_messages(2, T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let msgs = h.gmail.messages();
+    assert_eq!(msgs.len(), 2, "the message once, one bounce: {msgs:#?}");
+    let dsn = &msgs[1];
+    assert_eq!(dsn.mail_from, "");
+    assert_eq!(dsn.rcpt_to, vec!["app@example.com".to_string()]);
+    assert!(dsn.text().contains("nobody@example.org"));
+    assert_eq!(h.metrics.bounced_count(), 1);
+    h.stop().await;
+}
