@@ -18,27 +18,8 @@ pub fn check_config(loaded: &Loaded, paths: &Paths) -> ExitCode {
         eprintln!("{e}");
         ok = false;
     }
-    let hostname = loaded
-        .config
-        .server
-        .hostname
-        .clone()
-        .unwrap_or_else(inbound::system_hostname);
-    if let Err(e) = inbound::Settings::new(
-        loaded.config.server.clone(),
-        hostname,
-        inbound::accept_all_senders(),
-    ) {
-        let key: Vec<config::Key<'_>> = match &e {
-            inbound::SettingsError::Certificate { .. } => {
-                vec!["server".into(), "tls".into(), "cert_file".into()]
-            }
-            inbound::SettingsError::Key { .. } | inbound::SettingsError::CertificateKey { .. } => {
-                vec!["server".into(), "tls".into(), "key_file".into()]
-            }
-            _ => vec!["server".into()],
-        };
-        eprintln!("{}", loaded.error_at(&key, e.to_string()));
+    if let Err(e) = crate::serve::inbound_settings(loaded, inbound::accept_all_senders()) {
+        eprintln!("{e}");
         ok = false;
     }
     if !ok {
@@ -290,12 +271,7 @@ pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCo
             return ExitCode::from(sendmail::EX_TEMPFAIL);
         }
     };
-    let hostname = loaded
-        .config
-        .server
-        .hostname
-        .clone()
-        .unwrap_or_else(inbound::system_hostname);
+    let hostname = crate::serve::hostname(loaded);
     let sender = args
         .from
         .clone()

@@ -30,7 +30,7 @@ pub async fn run(loaded: Loaded, paths: Paths) -> ExitCode {
     }
 }
 
-fn hostname(loaded: &Loaded) -> String {
+pub(crate) fn hostname(loaded: &Loaded) -> String {
     loaded
         .config
         .server
@@ -74,7 +74,7 @@ fn sender_policy(accounts: Arc<RwLock<Vec<oauth::AccountConfig>>>) -> inbound::S
     })
 }
 
-fn inbound_settings(
+pub(crate) fn inbound_settings(
     loaded: &Loaded,
     policy: inbound::SenderPolicy,
 ) -> anyhow::Result<inbound::Settings> {
