@@ -53,6 +53,10 @@ pub struct LoadRun {
     /// From the start to the last upstream `250` of the run.
     pub drained_after: Option<Duration>,
     pub latency: Latency,
+    /// Upstream `MAIL` to upstream `250` (the relay's outgoing transaction).
+    pub upstream_tx: Latency,
+    /// Upstream `250` to the next `MAIL` on the same connection.
+    pub upstream_gap: Latency,
     pub errors: u64,
     pub first_error: Option<String>,
     /// oauthrelay: `VmHWM`; Postfix: the largest sampled sum of PSS over
@@ -97,6 +101,16 @@ impl LoadRun {
         if let Some(d) = self.drained_after {
             let _ = write!(s, " (all by {:.2} s)", d.as_secs_f64());
         }
+        let _ = write!(
+            s,
+            "\n             upstream transaction (MAIL -> 250): mean {:.2} ms  p50 {:.2} ms  p99 {:.2} ms; between transactions on a connection (250 -> next MAIL): mean {:.2} ms  p50 {:.2} ms  p99 {:.2} ms",
+            ms(self.upstream_tx.mean),
+            ms(self.upstream_tx.p50),
+            ms(self.upstream_tx.p99),
+            ms(self.upstream_gap.mean),
+            ms(self.upstream_gap.p50),
+            ms(self.upstream_gap.p99)
+        );
         let c = &self.cpu;
         let _ = write!(
             s,

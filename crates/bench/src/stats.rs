@@ -6,6 +6,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Latency {
     pub count: usize,
+    pub mean: Duration,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
@@ -15,8 +16,14 @@ impl Latency {
     pub fn of(samples: &[Duration]) -> Latency {
         let mut v = samples.to_vec();
         v.sort_unstable();
+        let total: Duration = v.iter().sum();
         Latency {
             count: v.len(),
+            mean: if v.is_empty() {
+                Duration::ZERO
+            } else {
+                total / v.len() as u32
+            },
             p50: percentile(&v, 0.50),
             p99: percentile(&v, 0.99),
             max: v.last().copied().unwrap_or_default(),

@@ -72,7 +72,12 @@ impl Upstreams {
 
 /// Upstream `250` times of the messages a run is waiting for, by Message-ID.
 pub struct Arrivals {
+    /// Message-ID -> (upstream `MAIL`, upstream `250`).
     pub accepted: HashMap<String, (Instant, Instant)>,
+    /// Per upstream connection, the time from one message's `250` to the
+    /// next message's `MAIL` (how long the relay's worker left it idle
+    /// while it had work: only gaps during the run are meaningful).
+    pub gaps: Vec<Duration>,
 }
 
 impl Arrivals {
@@ -101,12 +106,26 @@ impl Arrivals {
             }
             let missing = wanted.len() - accepted.len();
             if missing == 0 || tokio::time::Instant::now() >= deadline {
-                return Arrivals { accepted };
+                return Arrivals {
+                    accepted,
+                    gaps: gaps(&msgs),
+                };
             }
             // Duplicates or strangers counted: wait for as many more.
             target = msgs.len() as u64 + missing as u64;
         }
     }
+}
+
+fn gaps(msgs: &[ReceivedMessage]) -> Vec<Duration> {
+    let mut last: HashMap<u64, Instant> = HashMap::new();
+    let mut out = Vec::new();
+    for m in msgs {
+        if let Some(prev) = last.insert(m.connection, m.accepted_at) {
+            out.push(m.mail_at.saturating_duration_since(prev));
+        }
+    }
+    out
 }
 
 fn record(

@@ -514,6 +514,14 @@ impl Bench {
             delivered_total: arrivals.accepted.len() as u64,
             drained_after: last.map(|l| l.saturating_duration_since(t0)),
             latency: Latency::of(&res.acks.iter().map(|a| a.latency).collect::<Vec<_>>()),
+            upstream_tx: Latency::of(
+                &arrivals
+                    .accepted
+                    .values()
+                    .map(|(m, a)| a.saturating_duration_since(*m))
+                    .collect::<Vec<_>>(),
+            ),
+            upstream_gap: Latency::of(&arrivals.gaps),
             errors: res.errors,
             first_error: res.first_error,
             peak_rss_kib: 0,
