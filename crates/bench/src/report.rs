@@ -254,7 +254,8 @@ pub struct Target {
     pub what: String,
     pub target: String,
     pub measured: String,
-    pub met: bool,
+    /// `None`: cannot be judged in this run (no Postfix to compare with).
+    pub met: Option<bool>,
 }
 
 pub fn targets(list: &[Target]) -> String {
@@ -266,7 +267,11 @@ pub fn targets(list: &[Target]) -> String {
             t.what,
             t.target,
             t.measured,
-            if t.met { "met" } else { "MISSED" }
+            match t.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "n/a",
+            }
         );
     }
     s
