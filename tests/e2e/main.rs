@@ -14,6 +14,6 @@ mod accounts;
 mod delivery;
 mod fakes;
 
-mod torture;
 mod faults;
 mod load;
+mod torture;
