@@ -146,8 +146,7 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
             }
             let mut token = String::new();
             std::io::stdin().read_line(&mut token)?;
-            let file = oauth::import_refresh_token(&account, token.trim())?;
-            let _ = file;
+            oauth::import_refresh_token(&account, token.trim())?;
             println!(
                 "Stored the refresh token for account '{}' in {}.\nA running oauthrelay picks it up within seconds; check with `oauthrelay token status`.",
                 account.name,
@@ -226,7 +225,6 @@ pub async fn queue(paths: &Paths, cmd: QueueCommand) -> anyhow::Result<ExitCode>
         QueueCommand::Retry { id: None, .. } => (Request::RetryAll, false),
         QueueCommand::Delete { id } => (Request::Delete { id }, false),
     };
-    let kind = std::mem::discriminant(&req);
     let v = queue::request(&paths.control_socket, &paths.spool_dir, req.clone()).await?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -244,7 +242,6 @@ pub async fn queue(paths: &Paths, cmd: QueueCommand) -> anyhow::Result<ExitCode>
         Request::Delete { id } => writeln!(out, "{id}: deleted")?,
         Request::Info => writeln!(out, "{v}")?,
     }
-    let _ = kind;
     Ok(ExitCode::SUCCESS)
 }
 

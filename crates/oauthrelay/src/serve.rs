@@ -288,7 +288,8 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
                 match reload(&loaded, &paths) {
                     Ok(new) => {
-                        apply_reload(&loaded, &new, &route_accounts, &inbound, &tokens, &outbound, &paths).await;
+                        apply_reload(
+                            &new, &route_accounts, &inbound, &tokens, &outbound, &paths).await;
                         loaded = new;
                     }
                     Err(e) => error!("configuration not reloaded, keeping the running one: {e:#}"),
@@ -373,7 +374,6 @@ fn reload(current: &Loaded, paths: &Paths) -> anyhow::Result<Loaded> {
 }
 
 async fn apply_reload(
-    _old: &Loaded,
     new: &Loaded,
     route_accounts: &Arc<RwLock<Vec<oauth::AccountConfig>>>,
     inbound: &inbound::Inbound,
