@@ -152,6 +152,35 @@ pub fn load_average() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The file system a directory is on, from `/proc/self/mounts`.
+pub struct FileSystem {
+    /// Its type (`ext4`, `tmpfs`, ...) and the device.
+    pub name: String,
+    /// Kept in memory only (`tmpfs`, `ramfs`): fsync costs nothing.
+    pub volatile: bool,
+}
+
+pub fn file_system(dir: &std::path::Path) -> Option<FileSystem> {
+    let dir = fs::canonicalize(dir).ok()?;
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    // The last, longest mount point above `dir` is the one in force.
+    let (dev, mnt, kind) = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?, w.next()?, w.next()?))
+        })
+        .filter(|(_, mnt, _)| dir.starts_with(mnt))
+        .fold(None::<(&str, &str, &str)>, |best, m| match best {
+            Some(b) if b.1.len() > m.1.len() => Some(b),
+            _ => Some(m),
+        })?;
+    Some(FileSystem {
+        name: format!("{kind} on {dev}, mounted at {mnt}"),
+        volatile: matches!(kind, "tmpfs" | "ramfs"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
