@@ -140,17 +140,25 @@ impl Runtime {
         Effect::Paused { until: until_wall }
     }
 
-    /// The session opened and authenticated.
+    /// The session opened and authenticated. This alone does not end a
+    /// run of connection-level failures: a Gmail that takes the login and
+    /// then answers `421` to every transaction must keep the account backing
+    /// off (see [`Runtime::recovered`]).
     pub(crate) fn connected(&mut self) {
-        self.failures = 0;
         self.probing = false;
     }
 
     /// Gmail accepted a message.
     pub(crate) fn delivered(&mut self) {
-        self.failures = 0;
         self.daily_hits = 0;
         self.probing = false;
+    }
+
+    /// An attempt reached Gmail and ended without account-level trouble
+    /// (no `421`, no connection failure, no pause or hold): the next
+    /// connection-level failure starts the backoff at `retry_initial` again.
+    pub(crate) fn recovered(&mut self) {
+        self.failures = 0;
     }
 
     /// Paused or held right now.
@@ -190,7 +198,34 @@ mod tests {
         rt.apply(&AccountSignal::Unreachable("down".into()), &c);
         assert_eq!(rt.failures, 1);
         assert!(rt.blocked(Instant::now()));
-        rt.connected();
+        rt.recovered();
+        assert_eq!(rt.failures, 0);
+    }
+
+    #[tokio::test]
+    async fn a_good_login_does_not_end_a_run_of_421s() {
+        let mut rt = Runtime::default();
+        let c = cfg();
+        for n in 1..=4u32 {
+            // Each attempt logs in, then Gmail says 421; the previous pause
+            // is over by then.
+            rt.pause = None;
+            rt.connected();
+            let Effect::Paused { until } = rt.apply(&AccountSignal::Unreachable("421".into()), &c)
+            else {
+                panic!("not paused")
+            };
+            assert_eq!(rt.failures, n);
+            let d = until.duration_since(SystemTime::now()).unwrap();
+            let base = c.retry_initial * 2u32.pow(n - 1);
+            assert!(
+                d >= base - Duration::from_secs(1) && d <= base.mul_f64(1.2),
+                "n={n} {d:?}"
+            );
+        }
+        rt.delivered();
+        assert_eq!(rt.failures, 4, "a delivery in an attempt that ended in 421");
+        rt.recovered();
         assert_eq!(rt.failures, 0);
     }
 

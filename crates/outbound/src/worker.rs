@@ -146,6 +146,8 @@ struct Delivery {
     signal: Option<AccountSignal>,
     relay: Option<String>,
     connected: bool,
+    /// At least one transaction got Gmail's replies.
+    transacted: bool,
     gone: bool,
 }
 
@@ -372,7 +374,15 @@ impl Worker {
             if !sent.is_empty() {
                 rt.delivered();
             }
-            let effect = d.signal.as_ref().map(|s| rt.apply(s, cfg));
+            let effect = match &d.signal {
+                Some(s) => Some(rt.apply(s, cfg)),
+                None => {
+                    if d.connected || d.transacted {
+                        rt.recovered();
+                    }
+                    None
+                }
+            };
             changed |= effect.is_some() || was_probing != rt.probing;
             effect
         };
@@ -561,6 +571,7 @@ impl Worker {
             match transaction::run(&mut p.conn, &req, body).await {
                 Ok(replies) => {
                     p.conn.transactions += 1;
+                    d.transacted = true;
                     let c = classify(&replies, batch.len());
                     if c.closed {
                         *pool = None;

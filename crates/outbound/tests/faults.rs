@@ -160,6 +160,71 @@ async fn mail_421_defers_backs_off_the_account_then_delivers() {
 }
 
 #[tokio::test]
+async fn repeated_421s_after_a_good_login_double_the_account_pause() {
+    let mut config = fast_config();
+    config.retry_initial = Duration::from_millis(200);
+    config.retry_max = Duration::from_secs(10);
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    // Every login works; then Gmail says 421 at MAIL, at RCPT, at the end
+    // of the data: connection-level trouble each time.
+    h.gmail
+        .fail_next(Stage::Mail, 1, replies::TRY_AGAIN_LATER_421);
+    h.gmail
+        .fail_next(Stage::Rcpt, 1, replies::TEMPORARY_SYSTEM_PROBLEM_421);
+    h.gmail
+        .fail_next(Stage::DataEnd, 1, replies::TRY_AGAIN_LATER_421);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("421x3", "x\r\n"),
+        )
+        .await;
+    // The pause left right after each attempt: retry_initial doubling
+    // (0.2, 0.4, 0.8 s, jitter up to +20 %), not 0.2 s every time.
+    let mut pauses = Vec::new();
+    for n in 1..=3u32 {
+        assert!(
+            wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts >= n)).await,
+            "attempt {n} recorded"
+        );
+        let st = h.outbound().account_states()[0].clone();
+        assert_eq!(st.pause_kind, Some(PauseKind::Unreachable), "{n}: {st:?}");
+        assert!(st.pause_reason.as_deref().unwrap_or("").starts_with("421"), "{st:?}");
+        pauses.push(secs_from_now(st.paused_until.expect("paused")));
+    }
+    assert!(pauses[0] > 0.0 && pauses[0] <= 0.25, "{pauses:?}");
+    assert!(pauses[1] > 0.3 && pauses[1] <= 0.5, "{pauses:?}");
+    assert!(pauses[2] > 0.6 && pauses[2] <= 1.0, "{pauses:?}");
+    assert!(h.wait_gone(id, T).await, "delivered once Gmail takes it");
+    let s = h.gmail.stats();
+    assert_eq!((s.connections, s.auth_ok), (4, 4), "{s:?}");
+
+    // A delivery ended the run: the next 421 starts at retry_initial again.
+    // (At the end of the data: a 421 to MAIL on the pooled connection only
+    // means it was stale, and a fresh one is used at once.)
+    h.gmail
+        .fail_next(Stage::DataEnd, 1, replies::TRY_AGAIN_LATER_421);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("421again", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts >= 1)).await);
+    let st = h.outbound().account_states()[0].clone();
+    let left = secs_from_now(st.paused_until.expect("paused"));
+    assert!(left > 0.0 && left <= 0.25, "back to retry_initial: {left}");
+    assert!(h.wait_gone(id, T).await);
+    assert_eq!(h.metrics.bounced_count(), 0);
+}
+
+#[tokio::test]
 async fn data_451_defers_the_message_but_not_the_account() {
     let h = Harness::new().await;
     h.gmail.fail_next(Stage::DataEnd, 1, replies::TRY_AGAIN_451);
