@@ -23,6 +23,7 @@ mod index;
 mod record;
 mod recover;
 mod segment;
+mod space;
 mod writer;
 
 use std::collections::HashMap;
@@ -30,10 +31,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::warn;
 
 pub use envelope::{Envelope, RcptState, Recipient};
 pub use error::SpoolError;
@@ -55,17 +58,25 @@ const IN_FLIGHT_BYTES: usize = 4 << 20;
 /// still share [`IN_FLIGHT_BYTES`].
 const MESSAGE_IN_FLIGHT_BYTES: usize = 1 << 20;
 
-/// Tuning knobs; the defaults suit production.
+/// Tuning knobs.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// A new segment file is started when the active one reaches this size.
     pub segment_size: u64,
+    /// Free space (bytes) on the spool's file system that new mail may not
+    /// use: data of messages being received is refused with
+    /// [`SpoolError::DiskFull`] when it would leave less than this, while
+    /// envelope updates, removals, bounces and compaction may still use
+    /// it, so delivered mail can always be removed and space reclaimed.
+    /// Default 0 (no reserve; the daemon sets `[spool] min_free_space`).
+    pub min_free_space: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             segment_size: 64 << 20,
+            min_free_space: 0,
         }
     }
 }
@@ -85,6 +96,12 @@ pub(crate) struct Shared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<MessageId>>>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     health: Mutex<Option<SpoolError>>,
+    /// The spool directory, for `statvfs` from the async side.
+    dir_file: File,
+    /// [`Options::min_free_space`], changeable while running.
+    reserve: AtomicU64,
+    /// New mail was refused because free space reached the reserve.
+    below_reserve: AtomicBool,
 }
 
 impl Shared {
@@ -113,6 +130,38 @@ impl Shared {
 
     pub(crate) fn set_unhealthy(&self, e: &SpoolError) {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+    }
+
+    pub(crate) fn reserve(&self) -> u64 {
+        self.reserve.load(Ordering::Relaxed)
+    }
+
+    /// Record that new mail was refused for want of space (logged once).
+    pub(crate) fn hit_reserve(&self, free: impl FnOnce() -> Option<u64>) {
+        if !self.below_reserve.swap(true, Ordering::Relaxed) {
+            warn!(
+                free_bytes = free(),
+                min_free_space = self.reserve(),
+                dir = %self.dir.display(),
+                "the spool's file system is down to its reserve ([spool] min_free_space): new mail gets 452 4.3.1 until space is freed; deliveries and removals go on"
+            );
+        }
+    }
+
+    /// New mail fits again with `room` bytes above the reserve.
+    pub(crate) fn room_again(&self, room: u64) {
+        if room >= space::RESUME_ROOM && self.below_reserve.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                room_bytes = room,
+                "free space on the spool's file system is above the reserve again: new mail is accepted"
+            );
+        }
+    }
+
+    /// Bytes new mail may still use (`None`: the file system cannot tell).
+    fn room_for_mail(&self) -> Option<u64> {
+        let free = space::available(&self.dir_file).ok()?;
+        Some(free.saturating_sub(self.reserve()))
     }
 
     pub(crate) fn forget_segment(&self, seg: u64) {
@@ -180,6 +229,9 @@ impl Spool {
             subscribers: Mutex::new(Vec::new()),
             files: Mutex::new(HashMap::new()),
             health: Mutex::new(None),
+            dir_file: File::open(dir).map_err(open_err)?,
+            reserve: AtomicU64::new(options.min_free_space),
+            below_reserve: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer::new(
@@ -264,9 +316,34 @@ impl Spool {
         (index.messages.len(), oldest)
     }
 
+    /// Bytes a new message may still use: the file system's free space
+    /// minus [`Options::min_free_space`]; `None` when the file system cannot
+    /// tell. One `statvfs`; for the check at `MAIL FROM ... SIZE=`.
+    pub fn room_for_mail(&self) -> Option<u64> {
+        self.shared.room_for_mail()
+    }
+
+    /// Change the reserve new mail may not use (a reloaded configuration).
+    pub fn set_min_free_space(&self, bytes: u64) {
+        self.shared.reserve.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The current reserve ([`Options::min_free_space`]).
+    pub fn min_free_space(&self) -> u64 {
+        self.shared.reserve()
+    }
+
     /// `Err` with the last write error while the spool cannot write (disk
-    /// full, I/O errors); `Ok` once a write has succeeded again.
+    /// full, I/O errors), or [`SpoolError::DiskFull`] while new mail is
+    /// refused because free space is down to the reserve; `Ok` once a
+    /// write has succeeded again and there is room.
     pub fn health(&self) -> Result<(), SpoolError> {
+        if self.shared.below_reserve.load(Ordering::Relaxed) {
+            match self.shared.room_for_mail() {
+                Some(room) if room >= space::RESUME_ROOM => {}
+                _ => return Err(SpoolError::DiskFull),
+            }
+        }
         match &*self.shared.health.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e.clone()),
             None => Ok(()),

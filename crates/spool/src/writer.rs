@@ -16,6 +16,7 @@ use crate::error::SpoolError;
 use crate::index::Entry;
 use crate::record::{self, Extent, Kind};
 use crate::segment;
+use crate::space::{self, Room};
 use crate::{MessageId, Shared};
 
 /// Largest batch the writer takes before writing (bytes of payload).
@@ -201,6 +202,27 @@ impl Writer {
         let mut done: Vec<Done> = Vec::new();
         let mut touched: BTreeSet<u64> = BTreeSet::new();
         let mut stop = None;
+        // New mail may not use the reserve; the file system is asked once,
+        // at the batch's first inbound record.
+        let mut room = Room::Unchecked;
+        let mut refused = false;
+        let check = |file: &File, shared: &Shared| {
+            let reserve = shared.reserve();
+            if reserve == 0 {
+                return Room::Unlimited;
+            }
+            match space::available(file) {
+                Ok(free) => {
+                    let left = free.saturating_sub(reserve);
+                    shared.room_again(left);
+                    Room::Left(left)
+                }
+                Err(e) => {
+                    debug!(error = %e, "cannot ask the spool's file system for its free space");
+                    Room::Unlimited
+                }
+            }
+        };
 
         for op in batch.drain(..) {
             match op {
@@ -209,12 +231,20 @@ impl Writer {
                     if open.failed.is_some() {
                         continue;
                     }
+                    let before = self.buf.len();
                     let p = record::encode(
                         &mut self.buf,
                         self.active.seed,
                         Kind::Data,
                         &[&record::id_bytes(id), &data],
                     );
+                    let n = (self.buf.len() - before) as u64;
+                    if !room.take(n, || check(&self.active.file, &self.shared)) {
+                        self.buf.truncate(before);
+                        open.failed = Some(SpoolError::DiskFull);
+                        refused = true;
+                        continue;
+                    }
                     open.extents.push(Extent {
                         seg,
                         off: base + p as u64 + 8,
@@ -247,12 +277,24 @@ impl Writer {
                         let _ = reply.send(Err(SpoolError::EnvelopeTooLarge));
                         continue;
                     }
+                    let before = self.buf.len();
                     let p = record::encode(
                         &mut self.buf,
                         self.active.seed,
                         Kind::Commit,
                         &[&head, &tail],
                     );
+                    // A bounce may use the reserve: the message it reports
+                    // on can only be removed once the bounce is queued.
+                    let n = (self.buf.len() - before) as u64;
+                    if envelope.bounce_of.is_none()
+                        && !room.take(n, || check(&self.active.file, &self.shared))
+                    {
+                        self.buf.truncate(before);
+                        let _ = reply.send(Err(SpoolError::DiskFull));
+                        refused = true;
+                        continue;
+                    }
                     if !tail.is_empty() {
                         extents.push(Extent {
                             seg,
@@ -312,6 +354,11 @@ impl Writer {
                 Op::Sync { reply } => done.push(Done::Sync { reply }),
                 Op::Stop { reply } => stop = Some(reply),
             }
+        }
+
+        if refused {
+            self.shared
+                .hit_reserve(|| space::available(&self.active.file).ok());
         }
 
         if !self.buf.is_empty() {

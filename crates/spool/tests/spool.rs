@@ -225,6 +225,7 @@ async fn old_segments_are_reclaimed_and_long_lived_messages_copied_forward() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
         segment_size: 16 << 10,
+        ..Options::default()
     };
     let (spool, _) = Spool::open_with(dir.path(), opts.clone()).unwrap();
     // One message stays queued (deferred for days) while traffic flows.
@@ -288,6 +289,7 @@ impl Drop for Unmount {
     }
 }
 
+/// Without a reserve (`Spool::open`), the file system really fills up.
 #[tokio::test]
 async fn a_full_disk_fails_cleanly_and_recovers_when_space_returns() {
     let Some((fs, _unmount)) = tiny_fs("1m") else {
@@ -346,6 +348,112 @@ async fn a_full_disk_fails_cleanly_and_recovers_when_space_returns() {
     assert_eq!(spool.list().len(), kept.len() + 1, "no partial message");
 }
 
+/// Bytes an unprivileged process may still write where `path` lives.
+fn free_space(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a zeroed statvfs is valid to fill; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    #[allow(clippy::unnecessary_cast)]
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    free
+}
+
+#[tokio::test]
+async fn new_mail_stops_at_the_reserve_so_delivered_mail_can_still_be_removed() {
+    // Inbound mail fills the file system while nothing is delivered. It must
+    // stop at min_free_space: what is left lets the spool record deliveries
+    // and removals, free whole segments, and take mail again.
+    let Some((fs, _unmount)) = tiny_fs("4m") else {
+        return;
+    };
+    const RESERVE: u64 = 1 << 20;
+    let spool_dir = fs.path().join("spool");
+    let opts = Options {
+        segment_size: 256 << 10,
+        min_free_space: RESERVE,
+    };
+    let (spool, _) = Spool::open_with(&spool_dir, opts.clone()).unwrap();
+    assert_eq!(spool.min_free_space(), RESERVE);
+    let mut kept = Vec::new();
+    let err = loop {
+        let body = pattern(100_000, kept.len() as u8);
+        let mut w = spool.begin();
+        let r = async {
+            for piece in body.chunks(7919) {
+                w.write(piece).await?;
+            }
+            w.commit(env("a@example.com", &["b@example.com"])).await
+        }
+        .await;
+        match r {
+            Ok(id) => kept.push((id, body)),
+            Err(e) => break e,
+        }
+        assert!(kept.len() < 100, "a 4 MiB file system never filled up");
+    };
+    assert!(err.is_disk_full(), "got {err}");
+    assert_eq!(err.smtp_reply().1, "4.3.1");
+    assert!(kept.len() >= 10, "mail was taken until the reserve");
+    let free = free_space(fs.path());
+    assert!(
+        free + (64 << 10) >= RESERVE,
+        "new mail stopped at the reserve: {free} bytes left, reserve {RESERVE}"
+    );
+    assert!(spool.room_for_mail().unwrap() < 100_000);
+    assert!(spool.health().is_err(), "readiness reports the full spool");
+    // A small message does not fit either: the reserve is not for mail.
+    let mut w = spool.begin();
+    w.write(&pattern(70_000, 1)).await.unwrap();
+    let e = w
+        .commit(env("a@example.com", &["b@example.com"]))
+        .await
+        .unwrap_err();
+    assert!(e.is_disk_full(), "{e}");
+    assert_eq!(spool.list().len(), kept.len(), "no partial message");
+
+    // Delivery goes on inside the reserve: attempts are recorded, and the
+    // delivered messages are removed (all but the first two, still queued).
+    for (id, _) in &kept {
+        let mut e = spool.envelope(*id).unwrap();
+        e.attempts += 1;
+        spool.update(*id, e).await.unwrap();
+    }
+    let segments_full = segments(&spool_dir).len();
+    for (id, _) in kept.drain(2..) {
+        spool.remove(id).await.unwrap();
+    }
+    spool.sync().await.unwrap();
+    // Whole segments are gone and their space is back.
+    assert!(
+        segments(&spool_dir).len() < segments_full / 2,
+        "segments reclaimed: {} of {segments_full} left",
+        segments(&spool_dir).len()
+    );
+    let free_after = free_space(fs.path());
+    assert!(
+        free_after > free + (1 << 20),
+        "space came back: {free} -> {free_after} bytes"
+    );
+
+    // And mail is taken again.
+    let after = put(&spool, &pattern(100_000, 77)).await;
+    assert!(spool.health().is_ok());
+    assert!(spool.room_for_mail().unwrap() > 1 << 20);
+
+    spool.close().await.unwrap();
+    drop(spool);
+    let (spool, rec) = Spool::open_with(&spool_dir, opts).unwrap();
+    assert_eq!(rec.moved_aside, 0);
+    assert_eq!(spool.list().len(), 3);
+    for (id, b) in &kept {
+        assert_eq!(&body(&spool, *id).await, b, "queued messages intact");
+        assert_eq!(spool.envelope(*id).unwrap().attempts, 1);
+    }
+    assert_eq!(body(&spool, after).await, pattern(100_000, 77));
+}
+
 #[tokio::test]
 async fn a_removed_message_whose_chunks_were_reclaimed_is_not_reported_damaged() {
     // A large message's chunks fill old segments and its Commit lands in a
@@ -356,6 +464,7 @@ async fn a_removed_message_whose_chunks_were_reclaimed_is_not_reported_damaged()
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
         segment_size: 64 << 10,
+        ..Options::default()
     };
     let (spool, _) = Spool::open_with(dir.path(), opts).unwrap();
     let mut w = spool.begin();
@@ -391,6 +500,7 @@ async fn a_queued_message_whose_chunks_are_gone_is_still_moved_aside() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
         segment_size: 64 << 10,
+        ..Options::default()
     };
     let (spool, _) = Spool::open_with(dir.path(), opts).unwrap();
     let mut w = spool.begin();
@@ -489,6 +599,7 @@ async fn a_big_live_queue_does_not_make_every_commit_copy_segments() {
         dir.path(),
         Options {
             segment_size: 64 << 10,
+            ..Options::default()
         },
     )
     .unwrap();
