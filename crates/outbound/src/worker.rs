@@ -329,6 +329,9 @@ impl Worker {
         if d.gone {
             return (Outcome::Gone, false);
         }
+        // Timings (delivery duration, next attempt) count from the end of
+        // the attempt: a slow upload must not retry at once.
+        let done = SystemTime::now();
         env.attempts = env.attempts.saturating_add(1);
         env.held = None;
 
@@ -387,7 +390,7 @@ impl Worker {
             effect
         };
         if !sent.is_empty() {
-            let secs = now
+            let secs = done
                 .duration_since(env.received)
                 .unwrap_or_default()
                 .as_secs_f64();
@@ -441,7 +444,7 @@ impl Worker {
         let next = match &effect {
             Some(Effect::Held { .. }) => None,
             other => {
-                let mut next = now + backoff(cfg.retry_initial, cfg.retry_max, env.attempts);
+                let mut next = done + backoff(cfg.retry_initial, cfg.retry_max, env.attempts);
                 if let Some(Effect::Paused { until }) = other
                     && *until > next
                 {

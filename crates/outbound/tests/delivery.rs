@@ -730,6 +730,44 @@ async fn send_test_explains_an_authentication_failure() {
 }
 
 #[tokio::test]
+async fn delivery_duration_runs_from_arrival_to_gmails_250() {
+    let mut h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    h.metrics = outbound::Metrics::new(&mut registry);
+    h.start();
+    // Each batch of replies (greeting, EHLO, AUTH, the transaction) takes
+    // 150 ms: the attempt lasts 0.6 s or more after it starts.
+    h.gmail.set_reply_delay(Duration::from_millis(150));
+    let t0 = Instant::now();
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("dur", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(id, T).await);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(value("oauthrelay_delivery_duration_seconds_count"), 1.0);
+    let secs = value("oauthrelay_delivery_duration_seconds_sum");
+    assert!(
+        secs >= 0.55 && secs <= elapsed,
+        "arrival to Gmail's 250: {secs} s (the whole thing took {elapsed} s)"
+    );
+}
+
+#[tokio::test]
 async fn metrics_are_registered_under_the_interface_names() {
     let mut registry = prometheus_client::registry::Registry::default();
     let m = outbound::Metrics::new(&mut registry);

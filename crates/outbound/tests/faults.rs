@@ -249,6 +249,36 @@ async fn data_451_defers_the_message_but_not_the_account() {
 }
 
 #[tokio::test]
+async fn the_next_attempt_counts_from_the_end_of_a_slow_attempt() {
+    let mut config = fast_config();
+    config.retry_initial = Duration::from_millis(300);
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    // A slow upstream (0.25 s per batch of replies: the attempt takes a
+    // second or so) that then answers 451.
+    h.gmail.set_reply_delay(Duration::from_millis(250));
+    h.gmail.fail_next(Stage::DataEnd, 1, replies::TRY_AGAIN_451);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("slow451", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts == 1)).await);
+    let env = h.spool.envelope(id).unwrap();
+    let left = secs_from_now(env.next_attempt.expect("next attempt"));
+    assert!(
+        left > 0.15 && left <= 0.36,
+        "retry_initial after the 451, not after the attempt began: {left}"
+    );
+    assert!(h.wait_gone(id, T).await);
+}
+
+#[tokio::test]
 async fn connection_dropped_after_the_final_dot_is_resent() {
     let h = Harness::new().await;
     h.gmail.drop_after_data(1);
