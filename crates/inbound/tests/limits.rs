@@ -308,3 +308,76 @@ async fn full_disk_gives_452_and_stores_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_is_refused_at_the_spool_reserve_while_removals_go_on() {
+    bounded(30, async {
+        let mut cfg = config();
+        // No size limit gets in the way of the free-space check.
+        cfg.max_message_size = inbound::ByteSize(u64::MAX);
+        let srv = start(cfg).await;
+        let mut c = srv.client().await;
+        c.hello().await;
+        let r = c
+            .send_mail(
+                "a@example.com",
+                &["b@example.net"],
+                b"Subject: before\r\n\r\nqueued before the disk filled\r\n",
+            )
+            .await;
+        let delivered = r.queue_id();
+        assert!(srv.spool.room_for_mail().expect("statvfs works here") > 1000);
+
+        // A SIZE= larger than the free space above the reserve is refused
+        // at MAIL, before the client sends anything.
+        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1152921504606846976", "452 4.3.1")
+            .await;
+        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1000", "250 2.1.0")
+            .await;
+        c.cmd("RSET", 250).await;
+
+        // The file system is now "down to its reserve": the reserve is more
+        // than all the free space.
+        srv.spool.set_min_free_space(u64::MAX / 2);
+        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1000", "452 4.3.1")
+            .await;
+        // Without SIZE=, the body is read and refused by the spool writer.
+        let r = c
+            .send_mail(
+                "a@example.com",
+                &["b@example.net"],
+                b"Subject: refused\r\n\r\nno room\r\n",
+            )
+            .await;
+        assert!(r.first().starts_with("452 4.3.1"), "{r:?}");
+        assert_eq!(srv.spool.list().len(), 1, "nothing stored");
+        assert!(srv.spool.health().is_err(), "readiness says the spool is full");
+        let text = srv.metrics_text();
+        assert!(
+            text.contains("oauthrelay_messages_rejected_total{reason=\"storage\"} 3"),
+            "{text}"
+        );
+
+        // Delivery may use the reserve: the delivered message is removed.
+        let mut env = srv.spool.envelope(delivered).unwrap();
+        env.attempts = 1;
+        srv.spool.update(delivered, env).await.unwrap();
+        srv.spool.remove(delivered).await.unwrap();
+        assert!(srv.spool.list().is_empty());
+
+        // Room again: mail is taken.
+        srv.spool.set_min_free_space(0);
+        let r = c
+            .send_mail(
+                "a@example.com",
+                &["b@example.net"],
+                b"Subject: after\r\n\r\nroom again\r\n",
+            )
+            .await;
+        assert_eq!(r.code, 250, "{r:?}");
+        assert!(srv.spool.health().is_ok());
+        c.cmd("QUIT", 221).await;
+        srv.stop().await;
+    })
+    .await;
+}

@@ -26,6 +26,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.shared.metrics.rejected(Rejection::Size);
             return self.reply(Reply::SizeExceeded);
         }
+        // A declared size that does not fit above the spool's reserve is
+        // refused now (as Postfix does with queue_minfree), before the
+        // client sends it.
+        if from.size > 0
+            && let Some(room) = self.shared.spool.room_for_mail()
+            && from.size as u64 > room
+        {
+            self.shared.metrics.rejected(Rejection::Storage);
+            info!(client = %self.peer, size = from.size, room, "MAIL refused: the declared SIZE does not fit in the spool's free space above [spool] min_free_space");
+            return self.reply(Reply::Storage(spool::SpoolError::DiskFull));
+        }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {
             return self.reply(Reply::UnsupportedParameter("BODY=BINARYMIME"));
         }
