@@ -148,6 +148,12 @@ impl Shared {
         }
     }
 
+    /// Whether new mail was refused for want of space (and has not been
+    /// taken again since).
+    pub(crate) fn is_below_reserve(&self) -> bool {
+        self.below_reserve.load(Ordering::Relaxed)
+    }
+
     /// New mail fits again with `room` bytes above the reserve.
     pub(crate) fn room_again(&self, room: u64) {
         if room >= space::RESUME_ROOM && self.below_reserve.swap(false, Ordering::Relaxed) {

@@ -24,6 +24,9 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Once this many segment files exist, the oldest one's survivors are copied
 /// forward so the file can be deleted.
 const COMPACT_AT_SEGMENTS: usize = 4;
+/// An emptied active segment at least this large is sealed (and so can be
+/// deleted) while the file system is down to its reserve.
+const SEAL_EMPTIED_AT: u64 = 256 << 10;
 
 pub(crate) type Reply = oneshot::Sender<Result<(), SpoolError>>;
 
@@ -186,7 +189,7 @@ impl Writer {
                 debug!("spool writer stopped");
                 return;
             }
-            if self.active.len >= self.segment_size {
+            if self.active.len >= self.segment_size || self.seal_emptied_segment() {
                 self.rotate(true);
             }
             self.reclaim();
@@ -400,6 +403,24 @@ impl Writer {
             self.apply(done);
         }
         stop
+    }
+
+    /// While new mail is refused for want of space, an active segment whose
+    /// messages are all gone is sealed, so that it can be deleted like any
+    /// other instead of waiting to fill up to `segment_size` (which it
+    /// cannot: the file system is full). On a small file system the whole
+    /// queue may live in the active segment.
+    fn seal_emptied_segment(&self) -> bool {
+        if !self.shared.is_below_reserve() || self.active.len < SEAL_EMPTIED_AT {
+            return false;
+        }
+        let no = self.active.no;
+        let live = self.shared.lock_index().segments.get(&no).copied().unwrap_or(0);
+        live == 0
+            && !self
+                .open
+                .values()
+                .any(|o| o.extents.iter().any(|e| e.seg == no))
     }
 
     fn report(&self, err: &SpoolError) {

@@ -455,6 +455,59 @@ async fn new_mail_stops_at_the_reserve_so_delivered_mail_can_still_be_removed() 
 }
 
 #[tokio::test]
+async fn on_a_small_disk_the_emptied_active_segment_is_given_back() {
+    // With the default segment size the whole queue fits in the active
+    // segment, which would only be sealed (and deleted) once it reached
+    // 64 MiB: never, on a full 4 MiB file system.
+    let Some((fs, _unmount)) = tiny_fs("4m") else {
+        return;
+    };
+    let spool_dir = fs.path().join("spool");
+    let opts = Options {
+        min_free_space: 1 << 20,
+        ..Options::default()
+    };
+    let (spool, _) = Spool::open_with(&spool_dir, opts.clone()).unwrap();
+    let mut ids = Vec::new();
+    loop {
+        let mut w = spool.begin();
+        let r = async {
+            w.write(&pattern(200_000, ids.len() as u8)).await?;
+            w.commit(env("a@example.com", &["b@example.com"])).await
+        }
+        .await;
+        match r {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                assert!(e.is_disk_full(), "{e}");
+                break;
+            }
+        }
+        assert!(ids.len() < 40, "a 4 MiB file system never filled up");
+    }
+    assert_eq!(segments(&spool_dir).len(), 1, "one active segment");
+    let free = free_space(fs.path());
+    for id in ids {
+        spool.remove(id).await.unwrap();
+    }
+    spool.sync().await.unwrap();
+    let free_after = free_space(fs.path());
+    assert!(
+        free_after > free + (2 << 20),
+        "the emptied segment was deleted: {free} -> {free_after} bytes free"
+    );
+    let id = put(&spool, &pattern(200_000, 99)).await;
+    assert!(spool.health().is_ok());
+    let spool = {
+        spool.close().await.unwrap();
+        drop(spool);
+        Spool::open_with(&spool_dir, opts).unwrap().0
+    };
+    assert_eq!(spool.list().len(), 1);
+    assert_eq!(body(&spool, id).await, pattern(200_000, 99));
+}
+
+#[tokio::test]
 async fn a_removed_message_whose_chunks_were_reclaimed_is_not_reported_damaged() {
     // A large message's chunks fill old segments and its Commit lands in a
     // newer one, next to a message that stays queued. Once it is removed
