@@ -17,7 +17,10 @@ pub struct DeliveryConfig {
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// Age after which a message that still cannot be delivered fails
-    /// permanently (bounce). RFC 5321 4.5.4.1 suggests 4-5 days.
+    /// permanently (bounce, `Status: 5.4.7`). RFC 5321 4.5.4.1 suggests 4-5
+    /// days. Decided after an attempt that left recipients deferred for a
+    /// temporary reason; mail held for authorization or paused by the daily
+    /// limit never expires.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     /// TCP connect and TLS handshake deadline.

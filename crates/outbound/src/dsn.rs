@@ -10,13 +10,17 @@
 //!   text/rfc822-headers        the original message's header section
 //! ```
 //!
+//! A recipient that expired (still undelivered after `max_age`, see
+//! `Recipient::expired`) is reported with `Status: 5.4.7` whatever its last
+//! reply was, and the text says so and quotes that reply.
+//!
 //! `From:` is the account's own address (with the display name "Mail
 //! Delivery System"): Gmail rewrites any other `From:` to the account
 //! anyway, and a reply to the bounce then reaches someone who can act. The
 //! bounce is sent with the null envelope sender through the same account.
 
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use spool::{Envelope, MessageId, RcptState};
 
@@ -32,6 +36,8 @@ pub(crate) struct DsnInput<'a> {
     pub remote_mta: &'a str,
     /// The original header section, complete lines.
     pub headers: &'a [u8],
+    /// `[delivery] max_age`, for the words about expired recipients.
+    pub max_age: Duration,
     pub now: SystemTime,
 }
 
@@ -91,10 +97,19 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
     );
     for r in &failed {
         let why = r.reply.as_deref().unwrap_or("delivery failed");
-        let line = if starts_with_code(why) {
-            format!("<{}>: host {} said: {why}", r.address, d.remote_mta)
+        let said = if starts_with_code(why) {
+            format!("host {} said: {why}", d.remote_mta)
         } else {
-            format!("<{}>: {why}", r.address)
+            why.to_string()
+        };
+        let line = if r.expired {
+            format!(
+                "<{}>: the message expired after {} in the queue without being delivered; the last attempt got: {said}",
+                r.address,
+                humantime::format_duration(d.max_age)
+            )
+        } else {
+            format!("<{}>: {said}", r.address)
         };
         m.push_str(&fold_text(&line, 76));
         m.push_str("\r\n\r\n");
@@ -124,7 +139,11 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
              Status: {status}\r\n\
              Remote-MTA: dns; {remote}\r\n",
             addr = r.address,
-            status = status_of(why),
+            status = if r.expired {
+                EXPIRED.to_string()
+            } else {
+                status_of(why)
+            },
             remote = d.remote_mta,
         );
         if starts_with_code(why) {
@@ -155,6 +174,9 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
     out
 }
 
+/// RFC 3463 "delivery time expired".
+const EXPIRED: &str = "5.4.7";
+
 /// Whether `text` is an SMTP reply (`NNN ...`).
 fn starts_with_code(text: &str) -> bool {
     let b = text.as_bytes();
@@ -167,7 +189,7 @@ fn starts_with_code(text: &str) -> bool {
 /// only way a recipient fails without a 5xx is by running out of time.
 pub(crate) fn status_of(reply: &str) -> String {
     if !starts_with_code(reply) || !reply.starts_with('5') {
-        return "5.4.7".to_string();
+        return EXPIRED.to_string();
     }
     let esc = reply[3..].split_whitespace().next().unwrap_or("");
     let parts: Vec<&str> = esc.split('.').collect();
@@ -311,6 +333,7 @@ mod tests {
             envelope: &env,
             remote_mta: "smtp.gmail.com",
             headers: b"Subject: hello\r\nFrom: app@example.com\r\n",
+            max_age: Duration::from_secs(5 * 86_400),
             now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         });
         let text = String::from_utf8(dsn).unwrap();
@@ -323,5 +346,45 @@ mod tests {
         assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\n"));
         assert!(text.ends_with("--\r\n"));
         assert!(text.split("\r\n").all(|l| l.len() < 998));
+        assert!(!text.contains("expired"));
+    }
+
+    #[test]
+    fn an_expired_recipient_is_5_4_7_with_its_last_reply() {
+        let mut env = Envelope::new(
+            "app@example.com",
+            ["a@example.org".to_string(), "b@example.org".to_string()],
+        );
+        // Even a 5xx-looking last reply (530: the session lost its login).
+        env.recipients[0].state = RcptState::Failed;
+        env.recipients[0].expired = true;
+        env.recipients[0].reply = Some("530 5.7.0 Authentication Required. - gsmtp".into());
+        env.recipients[1].state = RcptState::Failed;
+        env.recipients[1].expired = true;
+        env.recipients[1].reply = Some("connect to smtp.gmail.com failed: refused".into());
+        let dsn = build(&DsnInput {
+            hostname: "relay.example.net",
+            from: "me@gmail.com",
+            queue_id: MessageId::from_u64(0x99),
+            envelope: &env,
+            remote_mta: "smtp.gmail.com",
+            headers: b"Subject: old\r\n",
+            max_age: Duration::from_secs(5 * 86_400),
+            now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        });
+        let text = String::from_utf8(dsn).unwrap();
+        let flat = text.replace("\r\n    ", " ").replace("\r\n ", " ");
+        assert!(
+            flat.contains("<a@example.org>: the message expired after 5days in the queue without being delivered; the last attempt got: host smtp.gmail.com said: 530 5.7.0 Authentication Required."),
+            "{flat}"
+        );
+        assert!(flat.contains("the last attempt got: connect to smtp.gmail.com failed"));
+        assert_eq!(
+            text.matches("Action: failed\r\nStatus: 5.4.7\r\n").count(),
+            2
+        );
+        assert!(!text.contains("Status: 5.7.0"));
+        assert!(flat.contains("Diagnostic-Code: smtp; 530 5.7.0 Authentication Required."));
+        assert!(flat.contains("X-Oauthrelay-Diagnostic: connect to smtp.gmail.com failed"));
     }
 }

@@ -54,7 +54,7 @@ pub(crate) struct Job {
 /// message again while only the spool write is retried. They live in memory
 /// only: after a crash the message is sent again (at-least-once).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Unrecorded(Vec<(usize, RcptState, Option<String>)>);
+pub(crate) struct Unrecorded(Vec<(usize, RcptState, Option<String>, bool)>);
 
 impl Unrecorded {
     /// The decided recipients of `env` (`None` if there are none).
@@ -64,7 +64,7 @@ impl Unrecorded {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.state != RcptState::Pending)
-            .map(|(i, r)| (i, r.state, r.reply.clone()))
+            .map(|(i, r)| (i, r.state, r.reply.clone(), r.expired))
             .collect();
         (!done.is_empty()).then_some(Unrecorded(done))
     }
@@ -73,12 +73,13 @@ impl Unrecorded {
     /// pending there got one.
     fn apply(&self, env: &mut Envelope) -> bool {
         let mut changed = false;
-        for (i, state, reply) in &self.0 {
+        for (i, state, reply, expired) in &self.0 {
             if let Some(r) = env.recipients.get_mut(*i)
                 && r.state == RcptState::Pending
             {
                 r.state = *state;
                 r.reply.clone_from(reply);
+                r.expired = *expired;
                 changed = true;
             }
         }
@@ -148,6 +149,9 @@ struct Delivery {
     connected: bool,
     /// At least one transaction got Gmail's replies.
     transacted: bool,
+    /// Recipients deferred by a local problem (reading the spool copy),
+    /// not by anything upstream: they do not expire on it.
+    local: Vec<usize>,
     gone: bool,
 }
 
@@ -262,7 +266,6 @@ impl Worker {
         };
         let acct = &job.ctx.config;
         let cfg = &job.cfg;
-        let now = SystemTime::now();
 
         let remembered = unrecorded.as_ref().is_some_and(|u| u.apply(&mut env));
         if remembered {
@@ -287,37 +290,6 @@ impl Worker {
             return (outcome, false);
         }
 
-        let age = now.duration_since(env.received).unwrap_or_default();
-        if age >= cfg.max_age {
-            let why = format!(
-                "message expired after {} in the queue",
-                humantime::format_duration(cfg.max_age)
-            );
-            let last = env.last_error.clone();
-            let mut expired = Vec::new();
-            for (i, r) in env.recipients.iter_mut().enumerate() {
-                if r.state == RcptState::Pending {
-                    r.state = RcptState::Failed;
-                    if r.reply.as_deref().is_none_or(str::is_empty) {
-                        r.reply = Some(last.clone().unwrap_or_else(|| why.clone()));
-                    }
-                    expired.push(i);
-                }
-            }
-            self.log(
-                id,
-                &env,
-                acct.name.as_str(),
-                None,
-                Status::Bounced,
-                &expired,
-                &format!("{why}; last error: {}", last.as_deref().unwrap_or("none")),
-            );
-            sh.metrics.attempt(AttemptResult::Failed);
-            let outcome = self.finish(id, &mut env, job, true, true, unrecorded).await;
-            return (outcome, false);
-        }
-
         let pending: Vec<usize> = env
             .recipients
             .iter()
@@ -329,8 +301,8 @@ impl Worker {
         if d.gone {
             return (Outcome::Gone, false);
         }
-        // Timings (delivery duration, next attempt) count from the end of
-        // the attempt: a slow upload must not retry at once.
+        // Timings (delivery duration, next attempt, age) count from the end
+        // of the attempt: a slow upload must not retry at once.
         let done = SystemTime::now();
         env.attempts = env.attempts.saturating_add(1);
         env.held = None;
@@ -340,6 +312,8 @@ impl Worker {
         let mut failed = Vec::new();
         let mut sent_text = String::new();
         let mut first_deferred: Option<String> = None;
+        // Deferred without a reply of their own in this attempt.
+        let mut unanswered = Vec::new();
         for (i, o) in d.outcomes {
             let Some(r) = env.recipients.get_mut(i) else {
                 continue;
@@ -362,9 +336,41 @@ impl Worker {
                     deferred.push(i);
                 }
                 RcptOutcome::Again => {
+                    unanswered.push(i);
                     deferred.push(i);
                 }
             }
+        }
+
+        // Too old: recipients this real attempt left deferred for a
+        // temporary reason of the message or the connection fail for good,
+        // with this attempt's reply. Not when the account is held (waiting
+        // for `authorize`) or paused by the daily limit: that mail waits,
+        // however long.
+        let expirable = match &d.signal {
+            None | Some(AccountSignal::Unreachable(_) | AccountSignal::LoginThrottled(_)) => true,
+            Some(AccountSignal::DailyLimit(_) | AccountSignal::Held(_)) => false,
+        };
+        let age = done.duration_since(env.received).unwrap_or_default();
+        let mut expired = Vec::new();
+        if expirable && age >= cfg.max_age {
+            let fallback = first_deferred
+                .clone()
+                .or_else(|| d.signal.as_ref().map(|s| s.text().to_string()))
+                .unwrap_or_else(|| "not attempted".into());
+            for &i in &deferred {
+                if d.local.contains(&i) {
+                    continue;
+                }
+                let r = &mut env.recipients[i];
+                r.state = RcptState::Failed;
+                r.expired = true;
+                if unanswered.contains(&i) || r.reply.as_deref().is_none_or(str::is_empty) {
+                    r.reply = Some(fallback.clone());
+                }
+                expired.push(i);
+            }
+            deferred.retain(|i| !expired.contains(i));
         }
 
         let mut changed = false;
@@ -406,6 +412,14 @@ impl Worker {
             let text = env.recipients[i].reply.clone().unwrap_or_default();
             self.log(id, &env, name, relay, Status::Bounced, &[i], &text);
         }
+        for &i in &expired {
+            let text = format!(
+                "message expired after {} in the queue; last reply: {}",
+                humantime::format_duration(cfg.max_age),
+                env.recipients[i].reply.as_deref().unwrap_or("none")
+            );
+            self.log(id, &env, name, relay, Status::Bounced, &[i], &text);
+        }
         let held_reason = match &effect {
             Some(Effect::Held { reason }) => Some(reason.clone()),
             _ => None,
@@ -424,15 +438,16 @@ impl Worker {
         }
         sh.metrics.attempt(if !deferred.is_empty() {
             AttemptResult::Deferred
-        } else if !failed.is_empty() {
+        } else if !failed.is_empty() || !expired.is_empty() {
             AttemptResult::Failed
         } else {
             AttemptResult::Sent
         });
 
         if env.is_done() {
-            let any_failed =
-                !failed.is_empty() || env.recipients.iter().any(|r| r.state == RcptState::Failed);
+            let any_failed = !failed.is_empty()
+                || !expired.is_empty()
+                || env.recipients.iter().any(|r| r.state == RcptState::Failed);
             return (
                 self.finish(id, &mut env, job, true, any_failed, unrecorded)
                     .await,
@@ -553,10 +568,10 @@ impl Worker {
                     }
                     Err(e) => {
                         let text = format!("local error reading the queued message: {e}");
+                        let rest: Vec<usize> = batch.into_iter().chain(todo.drain(..)).collect();
+                        d.local.extend(&rest);
                         d.outcomes.extend(
-                            batch
-                                .into_iter()
-                                .chain(todo.drain(..))
+                            rest.into_iter()
                                 .map(|i| (i, RcptOutcome::Deferred(text.clone()))),
                         );
                         break;
@@ -641,10 +656,10 @@ impl Worker {
                 Err(TxError::Spool(e)) => {
                     *pool = None;
                     let text = format!("local error reading the queued message: {e}");
+                    let rest: Vec<usize> = batch.into_iter().chain(todo.drain(..)).collect();
+                    d.local.extend(&rest);
                     d.outcomes.extend(
-                        batch
-                            .into_iter()
-                            .chain(todo.drain(..))
+                        rest.into_iter()
                             .map(|i| (i, RcptOutcome::Deferred(text.clone()))),
                     );
                     break;
@@ -753,6 +768,7 @@ impl Worker {
             envelope: env,
             remote_mta: &acct.smtp_host,
             headers: &headers,
+            max_age: job.cfg.max_age,
             now: SystemTime::now(),
         });
         let mut benv = Envelope::new("", [env.sender.clone()]);

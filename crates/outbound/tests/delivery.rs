@@ -412,6 +412,25 @@ async fn size_refusal_at_mail_bounces_every_recipient() {
     assert!(text.contains("Status: 5.3.4"));
 }
 
+/// The one bounce at the fake: its text, its human-readable part and its
+/// per-recipient delivery-status groups.
+fn the_bounce(msgs: &[testkit::gmail::ReceivedMessage]) -> (String, String, Vec<String>) {
+    let bounces: Vec<_> = msgs.iter().filter(|m| m.mail_from.is_empty()).collect();
+    assert_eq!(bounces.len(), 1, "one bounce");
+    let text = bounces[0].text();
+    let p = parts(&text);
+    assert_eq!(p.len(), 3, "{text}");
+    let words = p[0].1.replace("\r\n    ", " ");
+    let groups: Vec<String> = p[1]
+        .1
+        .split("\r\n\r\n")
+        .filter(|g| !g.trim().is_empty())
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    (text, words, groups)
+}
+
 #[tokio::test]
 async fn max_age_fails_permanently_with_the_last_reply() {
     let mut config = fast_config();
@@ -435,11 +454,169 @@ async fn max_age_fails_permanently_with_the_last_reply() {
     let dsn = &msgs[0];
     assert_eq!(dsn.mail_from, "");
     assert_eq!(dsn.rcpt_to, ["app@example.com"]);
-    let text = dsn.text();
-    assert!(text.contains("Final-Recipient: rfc822; slow@example.org"));
-    assert!(text.contains("Status: 5.4.7"), "delivery time expired");
-    assert!(text.contains("Diagnostic-Code: smtp; 450 4.2.1"), "{text}");
+    let (_, words, groups) = the_bounce(&msgs);
+    assert!(
+        words.contains(
+            "<slow@example.org>: the message expired after 800ms in the queue without being delivered; the last attempt got: host 127.0.0.1 said: 450 4.2.1 The user you are trying to contact"
+        ),
+        "{words}"
+    );
+    assert_eq!(groups.len(), 1);
+    let g = &groups[0];
+    assert_eq!(
+        field(g, "Final-Recipient").as_deref(),
+        Some("rfc822; slow@example.org")
+    );
+    assert_eq!(field(g, "Action").as_deref(), Some("failed"));
+    assert_eq!(
+        field(g, "Status").as_deref(),
+        Some("5.4.7"),
+        "delivery time expired"
+    );
+    let diag = field(g, "Diagnostic-Code").expect("diagnostic code");
+    assert!(diag.starts_with("smtp; 450 4.2.1 The user"), "{diag}");
+    // Expired on the attempt that got the 450 once more, not before it.
     assert!(h.metrics.attempts_count(AttemptResult::Deferred) >= 1);
+    assert_eq!(h.metrics.attempts_count(AttemptResult::Failed), 1);
+    let rcpts = h.gmail.stats().rcpt_commands;
+    assert_eq!(
+        rcpts,
+        h.metrics.attempts_count(AttemptResult::Deferred) + 2,
+        "one RCPT per attempt of the message, one for the bounce"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_recipient_is_5_4_7_even_when_its_last_reply_was_a_530() {
+    let mut config = fast_config();
+    config.max_age = Duration::from_millis(400);
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    // The session "lost its login": 530 after a good AUTH is temporary.
+    // Attempts at about 0, 0.2 and 0.6 s; the third is past max_age.
+    const LOST_AUTH: &str = "530-5.7.0 Authentication Required. For more information, go to\r\n530 5.7.0  https://support.google.com/mail/?p=WantAuthError fake - gsmtp";
+    h.gmail.fail_next(testkit::gmail::Stage::Mail, 3, LOST_AUTH);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["a@example.org", "b@example.org"],
+            &message("old530", "x\r\n"),
+        )
+        .await;
+    let msgs = h.wait_messages(1, T).await;
+    assert!(h.wait_gone(id, T).await);
+    assert_eq!(
+        h.gmail.stats().mail_commands,
+        4,
+        "three attempts, the bounce"
+    );
+    let (text, words, groups) = the_bounce(&msgs);
+    for r in ["a@example.org", "b@example.org"] {
+        assert!(
+            words.contains(&format!(
+                "<{r}>: the message expired after 400ms in the queue without being delivered; the last attempt got: host 127.0.0.1 said: 530 5.7.0 Authentication Required."
+            )),
+            "{words}"
+        );
+    }
+    assert_eq!(groups.len(), 2, "{text}");
+    for g in &groups {
+        assert_eq!(field(g, "Action").as_deref(), Some("failed"));
+        assert_eq!(field(g, "Status").as_deref(), Some("5.4.7"), "{g}");
+        let diag = field(g, "Diagnostic-Code").expect("diagnostic code");
+        assert!(
+            diag.starts_with("smtp; 530 5.7.0 Authentication Required."),
+            "{diag}"
+        );
+    }
+    assert!(!text.contains("Status: 5.7.0"));
+    assert_eq!(h.metrics.bounced_count(), 1);
+}
+
+#[tokio::test]
+async fn a_message_paused_by_the_daily_limit_past_max_age_is_not_bounced() {
+    let mut config = fast_config();
+    config.max_age = Duration::from_millis(100);
+    config.daily_limit_pause = Duration::from_millis(200);
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    // Three daily-limit answers (pauses 0.2, 0.4, 0.8 s), all long after
+    // max_age; then Gmail takes it.
+    h.gmail
+        .fail_next(testkit::gmail::Stage::DataEnd, 3, replies::DAILY_LIMIT);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("dl-old", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(id, T).await);
+    let msgs = h.gmail.messages();
+    assert_eq!(msgs.len(), 1, "delivered, no bounce");
+    assert_eq!(msgs[0].mail_from, "app@example.com");
+    assert_eq!(h.gmail.stats().mail_commands, 4);
+    assert_eq!(h.metrics.bounced_count(), 0);
+    assert_eq!(h.metrics.attempts_count(AttemptResult::Failed), 0);
+}
+
+#[tokio::test]
+async fn a_held_accounts_message_past_max_age_is_not_bounced() {
+    let mut config = fast_config();
+    config.max_age = Duration::from_millis(200);
+    let mut h = Harness::with(Setup {
+        config,
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    h.google.revoke_refresh_token(&h.refresh_token);
+    h.start();
+    let id = h
+        .submit(
+            "scanner@office.lan",
+            &["boss@example.org"],
+            &message("scan", "a scanned page\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.held.is_some())).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Probe the held account (as its periodic probe or `queue retry` does)
+    // well past max_age: it is still waiting for `authorize`.
+    for _ in 0..2 {
+        let before = h.spool.envelope(id).expect("queued").attempts;
+        assert!(h.outbound().retry(id).await);
+        assert!(
+            wait_until(T, || h
+                .spool
+                .envelope(id)
+                .is_none_or(|e| e.attempts > before && e.held.is_some()))
+            .await,
+            "probed"
+        );
+        assert!(
+            h.spool.envelope(id).is_some(),
+            "still queued (not expired on the probe)"
+        );
+    }
+    let env = h.spool.envelope(id).expect("still queued");
+    assert!(env.recipients.iter().all(|r| !r.expired), "{env:?}");
+    assert!(h.gmail.messages().is_empty(), "no bounce");
+    assert_eq!(h.metrics.bounced_count(), 0);
+    // Authorized again: the scan goes out, whatever its age.
+    let fresh = h.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&h.resolved, &fresh).expect("import");
+    assert!(h.wait_gone(id, T).await);
+    let msgs = h.gmail.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].mail_from, "scanner@office.lan");
+    assert_eq!(h.metrics.bounced_count(), 0);
 }
 
 #[tokio::test]

@@ -194,7 +194,10 @@ async fn repeated_421s_after_a_good_login_double_the_account_pause() {
         );
         let st = h.outbound().account_states()[0].clone();
         assert_eq!(st.pause_kind, Some(PauseKind::Unreachable), "{n}: {st:?}");
-        assert!(st.pause_reason.as_deref().unwrap_or("").starts_with("421"), "{st:?}");
+        assert!(
+            st.pause_reason.as_deref().unwrap_or("").starts_with("421"),
+            "{st:?}"
+        );
         pauses.push(secs_from_now(st.paused_until.expect("paused")));
     }
     assert!(pauses[0] > 0.0 && pauses[0] <= 0.25, "{pauses:?}");

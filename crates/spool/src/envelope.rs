@@ -105,6 +105,10 @@ pub struct Recipient {
     /// The upstream's last reply for this recipient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
+    /// Failed because it was still undelivered after `max_age` (`reply` is
+    /// the last temporary reply), not because of a permanent reply.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
 }
 
 impl Recipient {
@@ -113,6 +117,7 @@ impl Recipient {
             address: address.into(),
             state: RcptState::Pending,
             reply: None,
+            expired: false,
         }
     }
 }
