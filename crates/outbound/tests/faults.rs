@@ -731,3 +731,71 @@ async fn account_unauthorized_at_start_holds_queued_mail_then_releases_it() {
         "released by the Authorized event"
     );
 }
+
+// ---- certificates -------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_upstream_certificate_not_from_a_trusted_root_is_refused_and_the_mail_deferred() {
+    let h = Harness::new().await;
+    // The fake's certificate is signed by the harness CA. Trust another CA
+    // instead, or only the public web roots.
+    let other = testkit::ca::TestCa::new();
+    let other_dir = h.dir.path().join("other-ca");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other_ca = other.write_to(&other_dir);
+    for ca_file in [Some(other_ca), None] {
+        let mut account = h.account.clone();
+        account.ca_file = ca_file.clone();
+        h.outbound().reload(vec![account], h.config.clone());
+        // Lift the backoff left by the previous round.
+        h.outbound().retry_all().await;
+        let before = h.gmail.stats().connections;
+        let id = h
+            .submit(
+                "app@example.com",
+                &["r@example.org"],
+                &message("cert", "x\r\n"),
+            )
+            .await;
+        assert!(
+            wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts >= 1)).await,
+            "attempt recorded ({ca_file:?})"
+        );
+        let env = h.spool.envelope(id).unwrap();
+        let err = env.last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains("TLS handshake") && err.contains("certificate"),
+            "{ca_file:?}: {err}"
+        );
+        assert!(env.next_attempt.is_some() && env.held.is_none(), "{env:?}");
+        assert!(
+            env.recipients
+                .iter()
+                .all(|r| r.state == spool::RcptState::Pending)
+        );
+        let s = h.gmail.stats();
+        assert!(s.connections > before, "the upstream was reached: {s:?}");
+        assert_eq!(
+            (s.auth_ok, s.auth_rejected, s.auth_scripted, s.mail_commands),
+            (0, 0, 0, 0),
+            "no token or mail over an unverified connection: {s:?}"
+        );
+        h.spool.remove(id).await.unwrap();
+    }
+    assert!(h.gmail.messages().is_empty());
+    assert_eq!(h.metrics.bounced_count(), 0);
+    // The same upstream with the right CA: delivered (the refusal above was
+    // the certificate, nothing else).
+    h.outbound()
+        .reload(vec![h.account.clone()], h.config.clone());
+    h.outbound().retry_all().await;
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("cert-ok", "x\r\n"),
+        )
+        .await;
+    assert!(h.wait_gone(id, T).await);
+    assert_eq!(h.gmail.messages().len(), 1);
+}
