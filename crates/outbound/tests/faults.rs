@@ -799,3 +799,218 @@ async fn an_upstream_certificate_not_from_a_trusted_root_is_refused_and_the_mail
     assert!(h.wait_gone(id, T).await);
     assert_eq!(h.gmail.messages().len(), 1);
 }
+
+// ---- timeouts -----------------------------------------------------------------------
+
+/// Where [`stalling_server`] stops answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// Accepts TCP, never speaks TLS.
+    Handshake,
+    /// TLS, then no greeting.
+    Greeting,
+    /// No reply to `AUTH`.
+    Auth,
+    /// No reply to `MAIL FROM`.
+    Mail,
+    /// No reply to the final dot of `DATA`.
+    DataEnd,
+}
+
+/// A small SMTP server (implicit TLS with the harness CA's certificate, any
+/// XOAUTH2 token accepted, PIPELINING, no CHUNKING) that goes silent at
+/// `stall`, keeping the connection open. Records when it got there.
+async fn stalling_server(
+    ca: &testkit::ca::TestCa,
+    stall: Stall,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config());
+    let stalled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mark = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            let mark = mark.clone();
+            tokio::spawn(async move {
+                let hang = || async {
+                    mark.lock().unwrap().push(std::time::Instant::now());
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                };
+                if stall == Stall::Handshake {
+                    let _keep = tcp;
+                    return hang().await;
+                }
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (r, mut w) = tokio::io::split(tls);
+                let mut r = BufReader::new(r);
+                if stall == Stall::Greeting {
+                    return hang().await;
+                }
+                let _ = w.write_all(b"220 stall.test ESMTP\r\n").await;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let cmd = line.to_ascii_uppercase();
+                    let reply: &[u8] = if cmd.starts_with("EHLO") {
+                        b"250-stall.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 AUTH XOAUTH2\r\n"
+                    } else if cmd.starts_with("AUTH") {
+                        if stall == Stall::Auth {
+                            return hang().await;
+                        }
+                        b"235 2.7.0 Accepted\r\n"
+                    } else if cmd.starts_with("MAIL") {
+                        if stall == Stall::Mail {
+                            return hang().await;
+                        }
+                        b"250 2.1.0 OK\r\n"
+                    } else if cmd.starts_with("RCPT") {
+                        b"250 2.1.5 OK\r\n"
+                    } else if cmd.starts_with("DATA") {
+                        let _ = w.write_all(b"354 Go ahead\r\n").await;
+                        loop {
+                            line.clear();
+                            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == ".\r\n" {
+                                break;
+                            }
+                        }
+                        if stall == Stall::DataEnd {
+                            return hang().await;
+                        }
+                        b"250 2.0.0 OK\r\n"
+                    } else if cmd.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        b"250 OK\r\n"
+                    };
+                    let _ = w.write_all(reply).await;
+                }
+            });
+        }
+    });
+    (port, stalled)
+}
+
+/// One attempt against a server that stalls at `stall`: it must end
+/// within the timeout for that step (`connect_timeout` 400 ms,
+/// `command_timeout` 300 ms, `data_timeout` 500 ms) and leave the message
+/// deferred with the reason.
+async fn attempt_against_a_stall(stall: Stall, limit: Duration, expect: &[&str]) {
+    let mut config = fast_config();
+    config.connect_timeout = Duration::from_millis(400);
+    config.command_timeout = Duration::from_millis(300);
+    config.data_timeout = Duration::from_millis(500);
+    // One attempt in this test.
+    config.retry_initial = Duration::from_secs(60);
+    config.retry_max = Duration::from_secs(120);
+    let mut h = Harness::with(Setup {
+        config,
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    let (port, stalled) = stalling_server(&h.ca, stall).await;
+    h.account.smtp_port = port;
+    h.start();
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("stall", "x\r\n"),
+        )
+        .await;
+    assert!(
+        wait_until(T, || !stalled.lock().unwrap().is_empty()).await,
+        "{stall:?}: the server got to its stall"
+    );
+    let at = stalled.lock().unwrap()[0];
+    assert!(
+        wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.attempts >= 1)).await,
+        "{stall:?}: attempt recorded"
+    );
+    let took = at.elapsed();
+    assert!(
+        took >= limit.mul_f64(0.8) && took < limit + Duration::from_millis(1500),
+        "{stall:?}: the attempt ended {took:?} after the server went silent (timeout {limit:?})"
+    );
+    let env = h.spool.envelope(id).unwrap();
+    let err = env.last_error.clone().unwrap_or_default();
+    for e in expect {
+        assert!(err.contains(e), "{stall:?}: {err:?} lacks {e:?}");
+    }
+    let next = secs_from_now(env.next_attempt.expect("deferred"));
+    assert!(next > 30.0, "{stall:?}: retried later, not at once: {next}");
+    assert!(env.held.is_none());
+    assert!(
+        env.recipients
+            .iter()
+            .all(|r| r.state == spool::RcptState::Pending)
+    );
+    assert_eq!(h.metrics.attempts_count(AttemptResult::Deferred), 1);
+    assert_eq!(h.metrics.bounced_count(), 0);
+    assert_eq!(stalled.lock().unwrap().len(), 1, "one connection");
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_never_completes_times_out() {
+    attempt_against_a_stall(
+        Stall::Handshake,
+        Duration::from_millis(400),
+        &["timed out after 400ms in the TLS handshake"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_greets_times_out() {
+    attempt_against_a_stall(
+        Stall::Greeting,
+        Duration::from_millis(300),
+        &["timed out after 300ms reading the greeting"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_silent_after_auth_times_out() {
+    attempt_against_a_stall(
+        Stall::Auth,
+        Duration::from_millis(300),
+        &["timed out after 300ms", "AUTH"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_silent_after_mail_times_out() {
+    attempt_against_a_stall(
+        Stall::Mail,
+        Duration::from_millis(300),
+        &["timed out after 300ms after MAIL FROM"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_silent_after_the_end_of_data_times_out_on_data_timeout() {
+    attempt_against_a_stall(
+        Stall::DataEnd,
+        Duration::from_millis(500),
+        &["timed out after 500ms after the end of the message (DATA)"],
+    )
+    .await;
+}
