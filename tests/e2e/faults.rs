@@ -126,8 +126,10 @@ async fn disk_full_while_receiving_answers_452_and_loses_nothing_once_space_retu
     // first attempt fails and the account then waits an hour.
     up.gmail.stop_listening();
     let spool_dir: PathBuf = fs.path().join("spool");
+    // No reserve: this is about the file system really running out (the
+    // reserve is the next test).
     let config = format!(
-        "{}\n[spool]\ndir = \"{}\"\n",
+        "{}\n[spool]\ndir = \"{}\"\nmin_free_space = 0\n",
         up.config(
             "retry_initial = \"1h\"\nretry_max = \"1h\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"10s\"\ndata_timeout = \"20s\"\n",
             &[up.account("default", EMAIL, &["*"], true)],
@@ -266,6 +268,111 @@ async fn disk_full_while_receiving_answers_452_and_loses_nothing_once_space_retu
         "disk full: {} messages of 256 KiB acknowledged before 452 4.3.1, all delivered after space returned",
         acked.len() - 1
     );
+    drop(d);
+}
+
+/// Bytes an unprivileged process may still write where `path` lives.
+fn free_space(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a zeroed statvfs is valid to fill; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    #[allow(clippy::unnecessary_cast)]
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    free
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_mail_stops_at_the_reserve_and_delivery_gives_the_space_back() {
+    let Some(fs) = TinyFs::mount("12m") else {
+        return;
+    };
+    const RESERVE: u64 = 4 << 20;
+    let up = Upstream::start(TlsMode::Implicit).await;
+    // Gmail is down: mail piles up until the disk is down to the reserve.
+    up.gmail.stop_listening();
+    let spool_dir: PathBuf = fs.path().join("spool");
+    let config = format!(
+        "{}\n[spool]\ndir = \"{}\"\nmin_free_space = \"4MiB\"\n",
+        up.config(
+            "retry_initial = \"1h\"\nretry_max = \"1h\"\nconnect_timeout = \"5s\"\n",
+            &[up.account("default", EMAIL, &["*"], true)],
+        ),
+        spool_dir.display()
+    );
+    up.import(&config, "default", EMAIL);
+    let d = Daemon::start(&config);
+
+    let mut s = Smtp::open(d.smtp).await;
+    assert!(s.cmd("EHLO e2e.test").await.starts_with("250"));
+    let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
+    let full = loop {
+        let id = format!("res{}", acked.len());
+        let body = sized_message(&id, 256 << 10);
+        let r = s.mail("a@example.com", &["r@example.org"], &body).await;
+        if r.starts_with("250 ") {
+            acked.push((id, body));
+        } else {
+            break r;
+        }
+        assert!(acked.len() < 60, "a 12 MiB file system never filled up");
+    };
+    assert!(full.starts_with("452 4.3.1"), "down to the reserve: {full}");
+    assert!(acked.len() >= 10, "mail was taken until the reserve");
+    let free = free_space(fs.path());
+    assert!(
+        free + (256 << 10) >= RESERVE,
+        "the reserve is kept: {free} bytes free"
+    );
+    // A declared size that does not fit is refused at MAIL already.
+    let r = s.cmd("MAIL FROM:<a@example.com> SIZE=300000").await;
+    assert!(r.starts_with("452 4.3.1"), "SIZE= above the room: {r}");
+    let (code, body) = readyz(&d).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"spool\""), "{body}");
+
+    // Gmail is back: delivery records its results and removes the mail
+    // inside the reserve, and the space comes back.
+    up.gmail.resume_listening().expect("listen again");
+    let out = d.cli(&["queue", "retry", "--all"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_queue_empty(&d, T).await;
+    let msgs = up.gmail.messages();
+    for (id, body) in &acked {
+        let got = with_id(&msgs, id);
+        assert_eq!(got.len(), 1, "{id} delivered once");
+        assert_eq!(prepended_fields(&got[0].data, body), ["Received"], "{id}");
+    }
+    until("the spool's space is given back", T, async || {
+        let now = free_space(fs.path());
+        if now > free + (acked.len() as u64 * (256 << 10)) / 2 {
+            Ok(())
+        } else {
+            Err(format!("{free} -> {now} bytes free"))
+        }
+    })
+    .await;
+
+    // New mail is taken again, and the relay is ready.
+    let r = s
+        .mail(
+            "a@example.com",
+            &["r@example.org"],
+            &sized_message("again", 256 << 10),
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "room again: {r}");
+    until("readyz 200 with room again", T, async || match readyz(&d).await {
+        (200, _) => Ok(()),
+        (c, b) => Err(format!("{c} {b}")),
+    })
+    .await;
+    s.cmd("QUIT").await;
     drop(d);
 }
 

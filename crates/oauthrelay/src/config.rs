@@ -32,12 +32,26 @@ pub struct Config {
 }
 
 /// `[spool]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Default: `$STATE_DIRECTORY/spool`, else the per-user data directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
+    /// Free space on the spool's file system that new mail may not use
+    /// (`452 4.3.1` below it), kept for recording deliveries, removing
+    /// delivered mail and compaction; 0 turns it off. Default: 64 MiB, one
+    /// segment (the most one compaction copies).
+    pub min_free_space: inbound::ByteSize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: None,
+            min_free_space: inbound::ByteSize(64 << 20),
+        }
+    }
 }
 
 /// `[metrics]`.

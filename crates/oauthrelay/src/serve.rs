@@ -98,9 +98,13 @@ pub(crate) fn inbound_settings(
     })
 }
 
-async fn open_spool(paths: &Paths) -> anyhow::Result<(Spool, spool::Recovery)> {
+async fn open_spool(loaded: &Loaded, paths: &Paths) -> anyhow::Result<(Spool, spool::Recovery)> {
     let dir = paths.spool_dir.clone();
-    let opened = tokio::task::spawn_blocking(move || Spool::open(&dir)).await?;
+    let options = spool::Options {
+        min_free_space: loaded.config.spool.min_free_space.0,
+        ..spool::Options::default()
+    };
+    let opened = tokio::task::spawn_blocking(move || Spool::open_with(&dir, options)).await?;
     opened.with_context(|| format!("cannot open the spool in {}", paths.spool_dir.display()))
 }
 
@@ -142,7 +146,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         config = %loaded.path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (built-in defaults)".into()),
         "oauthrelay starting"
     );
-    let (spool, recovery) = open_spool(&paths).await?;
+    let (spool, recovery) = open_spool(&loaded, &paths).await?;
     info!(
         "spool {}: {} queued message(s) recovered from {} segment(s){}{}",
         paths.spool_dir.display(),
@@ -289,7 +293,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
                 match reload(&loaded, &paths) {
                     Ok(new) => {
                         apply_reload(
-                            &new, &route_accounts, &inbound, &tokens, &outbound, &paths).await;
+                            &new, &route_accounts, &inbound, &tokens, &outbound, &spool, &paths).await;
                         loaded = new;
                     }
                     Err(e) => error!("configuration not reloaded, keeping the running one: {e:#}"),
@@ -379,6 +383,7 @@ async fn apply_reload(
     inbound: &inbound::Inbound,
     tokens: &oauth::TokenManager,
     outbound: &outbound::Outbound,
+    spool: &Spool,
     paths: &Paths,
 ) {
     let resolved = match crate::resolve_accounts(new, paths) {
@@ -403,6 +408,7 @@ async fn apply_reload(
     *route_accounts.write().unwrap_or_else(|p| p.into_inner()) = accounts(new);
     inbound.reload(settings);
     outbound.reload(accounts(new), new.config.delivery.clone());
+    spool.set_min_free_space(new.config.spool.min_free_space.0);
     info!("configuration reloaded");
 }
 
@@ -416,7 +422,7 @@ pub async fn submit_offline(
     rcpts: &[String],
     message: &[u8],
 ) -> anyhow::Result<()> {
-    let (spool, _) = open_spool(paths).await?;
+    let (spool, _) = open_spool(loaded, paths).await?;
     let mut registry = Registry::default();
     let settings = inbound_settings(loaded, inbound::accept_all_senders())?;
     let server = Arc::new(inbound::Inbound::new(
