@@ -141,6 +141,14 @@ fn std_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
+    // Take over the signals before anything else: from the moment the
+    // listener accepts (and systemd or a supervisor is told we are ready),
+    // a SIGTERM or SIGHUP must reach the loop below, not the default action
+    // (which kills the process). One that arrives while we start up waits
+    // in its stream and is handled as soon as the loop runs.
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %loaded.path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (built-in defaults)".into()),
@@ -281,9 +289,6 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     ]);
     info!("ready");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
