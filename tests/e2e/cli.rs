@@ -88,6 +88,9 @@ fn check_config_redacts_secrets() {
         tmp.path(),
         "[[accounts]]\nname = \"default\"\nemail = \"me@gmail.com\"\nclient_id = \"1.apps.googleusercontent.com\"\nclient_secret = \"GOCSPX-do-not-print-me\"\n",
     );
+    // A file with an inline secret must be private.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = run_cli(&cfg, &["check-config"], None);
     let all = format!(
         "{}{}",
@@ -97,6 +100,55 @@ fn check_config_redacts_secrets() {
     assert!(out.status.success(), "{all}");
     assert!(!all.contains("do-not-print-me"), "{all}");
     assert!(all.contains("<redacted>"), "{all}");
+}
+
+#[test]
+fn check_config_redacts_password_hashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = config_in(tmp.path(), "");
+    let out = run_cli(&empty, &["hash-password"], Some(b"printer-password\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let cfg = config_in(
+        tmp.path(),
+        &format!("[[server.users]]\nname = \"printer\"\npassword_hash = \"{hash}\"\n"),
+    );
+    let out = run_cli(&cfg, &["check-config"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{all}");
+    // The salt and digest (everything after the parameters) never appear.
+    let digest = hash.rsplit('$').next().unwrap();
+    assert!(!all.contains(digest), "{all}");
+    assert!(!all.contains("$argon2id$"), "{all}");
+    assert!(
+        stdout.contains("name = \"printer\"") && stdout.contains("password_hash = \"<redacted>\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_config_refuses_a_plaintext_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_in(
+        tmp.path(),
+        "[[server.users]]\nname = \"printer\"\npassword_hash = \"hunter2\"\n",
+    );
+    let out = run_cli(&cfg, &["check-config"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // config_in puts `state_dir` on line 1: the value is on line 4.
+    assert!(
+        err.starts_with(&format!("{}:4:", cfg.display())),
+        "the error points at password_hash: {err}"
+    );
+    assert!(
+        err.contains("not a PHC hash") && err.contains("oauthrelay hash-password"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "the password is not echoed: {err}");
+    assert!(out.stdout.is_empty(), "no effective settings printed");
 }
 
 #[tokio::test]

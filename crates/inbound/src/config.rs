@@ -106,7 +106,9 @@ pub struct TlsConfig {
 pub struct UserConfig {
     pub name: String,
     /// A PHC string (`$argon2id$...`) from `oauthrelay hash-password`.
-    #[serde(deserialize_with = "de_password_hash")]
+    /// Serialized (the effective settings of `check-config`) as
+    /// `<redacted>`: a hash can be attacked offline.
+    #[serde(deserialize_with = "de_password_hash", serialize_with = "ser_redacted")]
     pub password_hash: String,
 }
 
@@ -117,6 +119,10 @@ impl fmt::Debug for UserConfig {
             .field("password_hash", &"<redacted>")
             .finish()
     }
+}
+
+fn ser_redacted<S: Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("<redacted>")
 }
 
 fn de_password_hash<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
