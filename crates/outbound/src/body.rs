@@ -376,4 +376,113 @@ mod tests {
         // CRLF text is unchanged apart from stuffing.
         assert_eq!(stuff_all(&[b"a\r\n.b\r\n"]), b"a\r\n..b\r\n.\r\n");
     }
+
+    /// What an RFC 5321 server makes of the bytes after `354`: lines end
+    /// at CRLF, the line `.` ends the data, a leading dot is dropped. An
+    /// error for a bare CR or LF, a missing end, or bytes after the end.
+    fn unstuff(wire: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        let mut rest = wire;
+        loop {
+            let Some(p) = rest.windows(2).position(|w| w == b"\r\n") else {
+                return Err(format!("no end of data; left: {rest:?}"));
+            };
+            let line = &rest[..p];
+            if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+                return Err(format!("bare CR or LF in {line:?}"));
+            }
+            rest = &rest[p + 2..];
+            if line == b"." {
+                return if rest.is_empty() {
+                    Ok(out)
+                } else {
+                    Err(format!("bytes after the end of data: {rest:?}"))
+                };
+            }
+            out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The message as the stuffer documents it goes out: CRLF kept, a bare
+    /// CR or LF becomes CRLF, and a last line without an end gets one.
+    fn normalised(input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(input.len() + 8);
+        let mut i = 0;
+        while i < input.len() {
+            match input[i] {
+                b'\r' if input.get(i + 1) == Some(&b'\n') => {
+                    out.extend_from_slice(b"\r\n");
+                    i += 2;
+                }
+                b'\r' | b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    i += 1;
+                }
+                b => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        if !out.is_empty() && !out.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    #[test]
+    fn the_reference_decoder_and_normaliser_are_sane() {
+        assert_eq!(unstuff(b"..a\r\nb\r\n.\r\n").unwrap(), b".a\r\nb\r\n");
+        assert!(unstuff(b"a\r\n.\r\nb\r\n.\r\n").is_err());
+        assert!(unstuff(b"a\nb\r\n.\r\n").is_err());
+        assert!(unstuff(b"a\r\n").is_err());
+        assert_eq!(normalised(b"a\rb\nc\r\nd"), b"a\r\nb\r\nc\r\nd\r\n");
+    }
+
+    use proptest::prelude::*;
+
+    /// Bytes with many dots and line-end pieces, and now and then anything.
+    fn tricky_body() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                3 => Just(b'.'),
+                3 => Just(b'\r'),
+                3 => Just(b'\n'),
+                2 => Just(b'a'),
+                1 => any::<u8>(),
+            ],
+            0..200,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn dot_stuffing_round_trips_in_any_chunking(
+            input in tricky_body(),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..8),
+        ) {
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+            points.push(input.len());
+            points.sort_unstable();
+            let mut s = DotStuffer::new();
+            let mut wire = Vec::new();
+            let mut from = 0;
+            for p in points {
+                s.stuff(&input[from..p], &mut wire);
+                from = p;
+            }
+            s.finish(&mut wire);
+
+            // The only CRLF.CRLF (counting the CRLF before the first line)
+            // is the end of data.
+            let framed = [b"\r\n".as_slice(), &wire].concat();
+            let first_end = framed.windows(5).position(|w| w == b"\r\n.\r\n");
+            prop_assert_eq!(first_end, Some(wire.len() - 3), "premature end of data in {:?}", wire);
+            let decoded = unstuff(&wire).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(decoded, normalised(&input));
+        }
+    }
 }
