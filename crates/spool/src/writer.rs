@@ -208,7 +208,6 @@ impl Writer {
         // New mail may not use the reserve; the file system is asked once,
         // at the batch's first inbound record.
         let mut room = Room::Unchecked;
-        let mut refused = false;
         let check = |file: &File, shared: &Shared| {
             let reserve = shared.reserve();
             if reserve == 0 {
@@ -245,7 +244,8 @@ impl Writer {
                     if !room.take(n, || check(&self.active.file, &self.shared)) {
                         self.buf.truncate(before);
                         open.failed = Some(SpoolError::DiskFull);
-                        refused = true;
+                        self.shared
+                            .hit_reserve(|| space::available(&self.active.file).ok());
                         continue;
                     }
                     open.extents.push(Extent {
@@ -294,8 +294,10 @@ impl Writer {
                         && !room.take(n, || check(&self.active.file, &self.shared))
                     {
                         self.buf.truncate(before);
+                        // Health says so before the caller hears of it.
+                        self.shared
+                            .hit_reserve(|| space::available(&self.active.file).ok());
                         let _ = reply.send(Err(SpoolError::DiskFull));
-                        refused = true;
                         continue;
                     }
                     if !tail.is_empty() {
@@ -357,11 +359,6 @@ impl Writer {
                 Op::Sync { reply } => done.push(Done::Sync { reply }),
                 Op::Stop { reply } => stop = Some(reply),
             }
-        }
-
-        if refused {
-            self.shared
-                .hit_reserve(|| space::available(&self.active.file).ok());
         }
 
         if !self.buf.is_empty() {
