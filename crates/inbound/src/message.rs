@@ -93,7 +93,15 @@ impl Message {
                 let held = self.headers.take_held();
                 let (head, rest) = held.split_at(at.min(held.len()));
                 self.write(head).await?;
-                self.write_missing(&missing).await?;
+                let added = self.write_missing(&missing).await?;
+                // The header section ended at a line that is neither a
+                // header nor empty (a message with no headers at all, or
+                // body text right after them): the headers we added must
+                // not run into it, or it would read as a malformed header.
+                // Like Postfix's cleanup, put the missing empty line in.
+                if added && !(rest.starts_with(b"\r\n") || rest.starts_with(b"\n")) {
+                    self.write(b"\r\n").await?;
+                }
                 self.write(rest).await?;
             }
             Feed::Overflow => {
@@ -134,9 +142,10 @@ impl Message {
         }
     }
 
-    async fn write_missing(&mut self, missing: &Missing) -> Result<(), SpoolError> {
+    /// Write the missing `Date:`/`Message-ID:`; whether there were any.
+    async fn write_missing(&mut self, missing: &Missing) -> Result<bool, SpoolError> {
         if !missing.date && !missing.message_id {
-            return Ok(());
+            return Ok(false);
         }
         let mut s = String::with_capacity(128);
         if missing.date {
@@ -149,7 +158,8 @@ impl Message {
             s.push_str(&message_id(self.writer.id(), &self.host));
             s.push_str("\r\n");
         }
-        self.write(s.as_bytes()).await
+        self.write(s.as_bytes()).await?;
+        Ok(true)
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {

@@ -373,7 +373,9 @@ async fn date_and_message_id_are_added_only_when_missing() {
         );
         assert!(text.ends_with(&format!("@{HOST}>\r\n")), "{text}");
 
-        // No headers at all: added before the first line.
+        // No headers at all: added before the first line, then the empty
+        // line that ends the header section (as Postfix's cleanup does), so
+        // the text does not read as a malformed header.
         let body = b"just text\r\nmore\r\n";
         let id = c
             .send_mail("a@example.com", &["b@example.net"], body)
@@ -383,9 +385,39 @@ async fn date_and_message_id_are_added_only_when_missing() {
         let text = String::from_utf8(rest).unwrap();
         assert!(text.starts_with("Date: "), "{text}");
         assert!(
-            text.ends_with(&format!("@{HOST}>\r\njust text\r\nmore\r\n")),
+            text.ends_with(&format!("@{HOST}>\r\n\r\njust text\r\nmore\r\n")),
             "{text}"
         );
+        let (headers, body_part) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body_part, "just text\r\nmore\r\n", "{text}");
+        assert!(
+            headers
+                .lines()
+                .all(|l| l.starts_with("Date: ") || l.starts_with("Message-ID: ")),
+            "only our headers before the empty line: {text}"
+        );
+
+        // Headers, then text without the empty line: the same.
+        let body = b"Subject: no separator\r\ntext right away\r\n";
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], body)
+            .await
+            .queue_id();
+        let (_, rest) = split_received(&srv.body(id).await);
+        let text = String::from_utf8(rest).unwrap();
+        assert!(text.starts_with("Subject: no separator\r\nDate: "), "{text}");
+        assert!(
+            text.ends_with(&format!("@{HOST}>\r\n\r\ntext right away\r\n")),
+            "{text}"
+        );
+
+        // Nothing to add: the client's bytes are kept as they are.
+        let body = b"Date: today\r\nMessage-ID: <m@x>\r\ntext right away\r\n";
+        let id = c
+            .send_mail("a@example.com", &["b@example.net"], body)
+            .await
+            .queue_id();
+        assert_eq!(split_received(&srv.body(id).await).1, body);
 
         // Empty message.
         let id = c
