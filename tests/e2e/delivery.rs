@@ -19,6 +19,18 @@ use crate::fakes::{
 };
 use crate::harness::{Smtp, have_tool, queued_id};
 
+/// The time of day (seconds) a daemon log line starts with
+/// (`2026-11-24T10:00:00.123456Z  INFO ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let (_, time) = stamp.split_once('T')?;
+    let mut hms = time.trim_end_matches('Z').split(':');
+    let h: f64 = hms.next()?.parse().ok()?;
+    let m: f64 = hms.next()?.parse().ok()?;
+    let s: f64 = hms.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 /// The first header field of `data` (our `Received:`) and the rest.
 fn split_first_field(data: &[u8]) -> (&[u8], &[u8]) {
     let mut i = 0;
@@ -658,7 +670,9 @@ async fn invalid_grant_holds_mail_until_token_import_then_it_flows_without_resta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_then_up_delivers_everything_with_bounded_attempts() {
     let up = Upstream::start(TlsMode::Implicit).await;
-    let d = up.relay("");
+    // Debug lines from the delivery side: one per connection attempt that
+    // failed, which a listener that is closed cannot count.
+    let d = up.relay_logging("", Some("info,outbound=debug"));
     up.gmail.stop_listening();
     let start = Instant::now();
     for i in 0..5 {
@@ -679,12 +693,51 @@ async fn upstream_down_then_up_delivers_everything_with_bounded_attempts() {
         tokio::time::sleep(rest).await;
     }
     let during = metric(&metrics(&d).await, DEFERRED);
+    let logs = d.logs();
     eprintln!("attempts while upstream was down for 4 s: {during}");
     assert!(
         (1.0..=10.0).contains(&during),
-        "attempts while down: {during}\n{}",
-        d.logs()
+        "attempts while down: {during}\n{logs}"
     );
+    // The connection attempts themselves, as the daemon logged them (read
+    // after the metric: at most one more attempt may have begun since).
+    let connects: Vec<f64> = logs
+        .lines()
+        .filter(|l| l.contains("cannot open a session") && l.contains("Connection refused"))
+        .map(|l| log_time(l).unwrap_or_else(|| panic!("no timestamp: {l}")))
+        .collect();
+    let n = connects.len() as f64;
+    assert!(
+        n >= during && n <= during + 1.0,
+        "one connection per attempt, no reconnect loop inside one: {n} connections, {during} attempts\n{logs}"
+    );
+    // The schedule (retry_initial 0.5 s doubling to retry_max 2 s, one
+    // probe at a time once paused): after the first failure(s) (up to
+    // `concurrency` = 4 workers at once) the account waits 0.5, 1, 2 s,
+    // so in 4 s at most 4 + 3 connections, each probe later than the
+    // pause before it.
+    assert!(
+        (2..=7).contains(&connects.len()),
+        "connections while down: {connects:?}\n{logs}"
+    );
+    let gaps: Vec<f64> = connects
+        .windows(2)
+        .map(|w| (w[1] - w[0]).rem_euclid(86_400.0))
+        .collect();
+    eprintln!("connection attempts while down: {n}, gaps between them: {gaps:.3?}");
+    let burst = gaps.iter().take_while(|&&g| g < 0.1).count();
+    assert!(
+        burst <= 3,
+        "only the first attempts run side by side: {gaps:?}"
+    );
+    for (k, &g) in gaps[burst..].iter().enumerate() {
+        let pause = (0.5 * 2f64.powi(k as i32)).min(2.0);
+        assert!(
+            g >= pause * 0.95,
+            "probe {} came {g:.3} s after the one before, the pause was {pause} s: {gaps:?}",
+            k + 1
+        );
+    }
     // Messages tried are deferred with the reason; those the paused
     // account has not tried yet are simply queued.
     let q = queue(&d);

@@ -541,6 +541,8 @@ impl Worker {
                     }
                     Err(e) => {
                         let text = e.to_string();
+                        // One line per failed connection attempt: the e2e test
+                        // `upstream_down_then_up_...` counts them.
                         tracing::debug!(account = %acct.name, "cannot open a session: {text}");
                         d.outcomes.extend(
                             todo.drain(..)
