@@ -30,6 +30,28 @@ fn check_config_reports_file_line_and_column() {
 }
 
 #[test]
+fn check_config_points_at_the_limit_that_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Line 1 is state_dir (config_in), line 2 the [server] header.
+    for (body, line, key) in [
+        ("[server]\nlisten = [\"127.0.0.1:0\"]\ncommand_timeout = \"0s\"\n", 4, "command_timeout"),
+        ("[server]\ndata_timeout = \"0s\"\n", 3, "data_timeout"),
+        ("[server]\nmax_recipients = 0\n", 3, "max_recipients"),
+        ("[server]\nmax_line_length = 100\n", 3, "max_line_length"),
+    ] {
+        let cfg = config_in(tmp.path(), body);
+        let out = run_cli(&cfg, &["check-config"], None);
+        assert_eq!(out.status.code(), Some(1), "{body}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let col = body.lines().nth(line - 2).unwrap().find(" = ").unwrap() + 4;
+        assert!(
+            err.starts_with(&format!("{}:{line}:{col}: ", cfg.display())) && err.contains(key),
+            "{body}: {err}"
+        );
+    }
+}
+
+#[test]
 fn the_example_config_is_valid_and_documents_every_key() {
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -101,9 +101,15 @@ impl Settings {
                 reason: "must be at least 1",
             });
         }
-        if config.command_timeout.is_zero() || config.data_timeout.is_zero() {
+        if config.command_timeout.is_zero() {
             return Err(SettingsError::Limit {
-                key: "command_timeout/data_timeout",
+                key: "command_timeout",
+                reason: "must be longer than zero",
+            });
+        }
+        if config.data_timeout.is_zero() {
+            return Err(SettingsError::Limit {
+                key: "data_timeout",
                 reason: "must be longer than zero",
             });
         }

@@ -306,6 +306,17 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
             "max_line_length must be at least 512 (RFC 5321 4.5.3.1.4)",
         ));
     }
+    for (key, v) in [
+        ("command_timeout", s.command_timeout),
+        ("data_timeout", s.data_timeout),
+    ] {
+        if v.is_zero() {
+            errs.push(l.error_at(
+                &["server".into(), key.into()],
+                format!("{key} must be longer than 0s"),
+            ));
+        }
+    }
     if s.max_message_size.0 < 1024 {
         errs.push(l.error_at(
             &["server".into(), "max_message_size".into()],

@@ -92,10 +92,33 @@ pub(crate) fn inbound_settings(
             inbound::SettingsError::Key { .. } | inbound::SettingsError::CertificateKey { .. } => {
                 vec!["server".into(), "tls".into(), "key_file".into()]
             }
-            _ => vec!["server".into()],
+            inbound::SettingsError::Limit { key, .. } => vec!["server".into(), (*key).into()],
+            inbound::SettingsError::Hostname(_) => vec!["server".into(), "hostname".into()],
+            inbound::SettingsError::PasswordHash { name } => user_key(loaded, name, false),
+            inbound::SettingsError::DuplicateUser(name) => user_key(loaded, name, true),
         };
         anyhow::anyhow!("{}", loaded.error_at(&key, e.to_string()))
     })
+}
+
+/// The place of `[[server.users]]` entry `name` (its last one when
+/// `last`, for a name used twice): its `name`, or its `password_hash`.
+fn user_key<'a>(loaded: &Loaded, name: &str, last: bool) -> Vec<config::Key<'a>> {
+    let users = &loaded.config.server.users;
+    let at = if last {
+        users.iter().rposition(|u| u.name == name)
+    } else {
+        users.iter().position(|u| u.name == name)
+    };
+    match at {
+        Some(i) => vec![
+            "server".into(),
+            "users".into(),
+            i.into(),
+            if last { "name" } else { "password_hash" }.into(),
+        ],
+        None => vec!["server".into(), "users".into()],
+    }
 }
 
 async fn open_spool(loaded: &Loaded, paths: &Paths) -> anyhow::Result<(Spool, spool::Recovery)> {
