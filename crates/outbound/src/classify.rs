@@ -13,7 +13,8 @@ pub enum RcptOutcome {
     Delivered(Reply),
     /// Try again later; the text is the reply or error.
     Deferred(String),
-    /// Permanent failure (a 5xx after a successful AUTH, or too old): bounce.
+    /// Permanent failure (a 5xx after a successful AUTH): bounce. (Expiry
+    /// after `max_age` is decided by the worker, after the attempt.)
     Failed(String),
     /// `452 4.5.3` too many recipients: send in the next transaction now.
     Again,
