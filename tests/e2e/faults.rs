@@ -367,9 +367,11 @@ async fn new_mail_stops_at_the_reserve_and_delivery_gives_the_space_back() {
         )
         .await;
     assert!(r.starts_with("250 2.0.0"), "room again: {r}");
-    until("readyz 200 with room again", T, async || match readyz(&d).await {
-        (200, _) => Ok(()),
-        (c, b) => Err(format!("{c} {b}")),
+    until("readyz 200 with room again", T, async || {
+        match readyz(&d).await {
+            (200, _) => Ok(()),
+            (c, b) => Err(format!("{c} {b}")),
+        }
     })
     .await;
     s.cmd("QUIT").await;

@@ -161,7 +161,10 @@ fn attachment_of(message: &[u8], file: &str) -> Vec<u8> {
     let unfolded = headers.replace("\r\n ", " ").replace("\r\n\t", " ");
     let boundary = unfolded
         .lines()
-        .find(|l| l.to_ascii_lowercase().starts_with("content-type: multipart/"))
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("content-type: multipart/")
+        })
         .and_then(|l| l.split("boundary=").nth(1))
         .map(|b| b.trim_matches(|c| c == '"' || c == ';' || c == ' '))
         .unwrap_or_else(|| panic!("no multipart boundary in {unfolded}"));

@@ -157,7 +157,10 @@ async fn a_30_mb_message_is_streamed_to_disk_not_held_in_memory() {
     let r = s.mail("a@example.com", &["b@example.com"], &body).await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
     let (peak, rss) = d.memory_kib();
-    assert!(peak > 0 && rss > 0, "the daemon's memory use after the message");
+    assert!(
+        peak > 0 && rss > 0,
+        "the daemon's memory use after the message"
+    );
     let grew = peak.saturating_sub(before);
     eprintln!("30 MB message: peak RSS {before} KiB -> {peak} KiB (+{grew} KiB)");
     assert!(

@@ -330,8 +330,11 @@ async fn mail_is_refused_at_the_spool_reserve_while_removals_go_on() {
 
         // A SIZE= larger than the free space above the reserve is refused
         // at MAIL, before the client sends anything.
-        c.cmd_start("MAIL FROM:<a@example.com> SIZE=1152921504606846976", "452 4.3.1")
-            .await;
+        c.cmd_start(
+            "MAIL FROM:<a@example.com> SIZE=1152921504606846976",
+            "452 4.3.1",
+        )
+        .await;
         c.cmd_start("MAIL FROM:<a@example.com> SIZE=1000", "250 2.1.0")
             .await;
         c.cmd("RSET", 250).await;
@@ -351,7 +354,10 @@ async fn mail_is_refused_at_the_spool_reserve_while_removals_go_on() {
             .await;
         assert!(r.first().starts_with("452 4.3.1"), "{r:?}");
         assert_eq!(srv.spool.list().len(), 1, "nothing stored");
-        assert!(srv.spool.health().is_err(), "readiness says the spool is full");
+        assert!(
+            srv.spool.health().is_err(),
+            "readiness says the spool is full"
+        );
         let text = srv.metrics_text();
         assert!(
             text.contains("oauthrelay_messages_rejected_total{reason=\"storage\"} 3"),

@@ -405,7 +405,10 @@ async fn date_and_message_id_are_added_only_when_missing() {
             .queue_id();
         let (_, rest) = split_received(&srv.body(id).await);
         let text = String::from_utf8(rest).unwrap();
-        assert!(text.starts_with("Subject: no separator\r\nDate: "), "{text}");
+        assert!(
+            text.starts_with("Subject: no separator\r\nDate: "),
+            "{text}"
+        );
         assert!(
             text.ends_with(&format!("@{HOST}>\r\n\r\ntext right away\r\n")),
             "{text}"

@@ -412,7 +412,13 @@ impl Writer {
             return false;
         }
         let no = self.active.no;
-        let live = self.shared.lock_index().segments.get(&no).copied().unwrap_or(0);
+        let live = self
+            .shared
+            .lock_index()
+            .segments
+            .get(&no)
+            .copied()
+            .unwrap_or(0);
         live == 0
             && !self
                 .open
