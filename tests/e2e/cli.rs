@@ -34,7 +34,11 @@ fn check_config_points_at_the_limit_that_is_wrong() {
     let tmp = tempfile::tempdir().unwrap();
     // Line 1 is state_dir (config_in), line 2 the [server] header.
     for (body, line, key) in [
-        ("[server]\nlisten = [\"127.0.0.1:0\"]\ncommand_timeout = \"0s\"\n", 4, "command_timeout"),
+        (
+            "[server]\nlisten = [\"127.0.0.1:0\"]\ncommand_timeout = \"0s\"\n",
+            4,
+            "command_timeout",
+        ),
         ("[server]\ndata_timeout = \"0s\"\n", 3, "data_timeout"),
         ("[server]\nmax_recipients = 0\n", 3, "max_recipients"),
         ("[server]\nmax_line_length = 100\n", 3, "max_line_length"),
@@ -129,7 +133,11 @@ fn check_config_redacts_password_hashes() {
     let tmp = tempfile::tempdir().unwrap();
     let empty = config_in(tmp.path(), "");
     let out = run_cli(&empty, &["hash-password"], Some(b"printer-password\n"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
     let cfg = config_in(
@@ -169,7 +177,10 @@ fn check_config_refuses_a_plaintext_password() {
         err.contains("not a PHC hash") && err.contains("oauthrelay hash-password"),
         "{err}"
     );
-    assert!(!err.contains("hunter2"), "the password is not echoed: {err}");
+    assert!(
+        !err.contains("hunter2"),
+        "the password is not echoed: {err}"
+    );
     assert!(out.stdout.is_empty(), "no effective settings printed");
 }
 
@@ -293,20 +304,26 @@ async fn queue_commands_work_with_and_without_the_daemon() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Mail queue is empty"));
 }
 
-#[test]
-fn serve_runs_with_no_config_file_at_all() {
-    let home = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .env("HOME", home.path())
+/// Run `oauthrelay serve` with no configuration file anywhere (HOME is
+/// `home`, `STATE_DIRECTORY` as given) until it logs `ready`, then SIGTERM
+/// it. The log and exit status; `None` when the default port is taken.
+fn serve_without_config(
+    home: &std::path::Path,
+    state_directory: Option<&std::path::Path>,
+) -> Option<(String, std::process::ExitStatus)> {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .env("HOME", home)
         .env_remove("XDG_CONFIG_HOME")
         .env_remove("XDG_DATA_HOME")
         .env_remove("OAUTHRELAY_CONFIG")
         .env_remove("STATE_DIRECTORY")
         .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if let Some(dir) = state_directory {
+        cmd.env("STATE_DIRECTORY", dir);
+    }
+    let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let lines = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     {
@@ -329,12 +346,25 @@ fn serve_runs_with_no_config_file_at_all() {
     }
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let status = child.wait().unwrap();
+    // The reader thread may still be collecting the last lines.
+    std::thread::sleep(Duration::from_millis(100));
     let log = lines.lock().unwrap().clone();
     if log.contains("Address already in use") {
         // Something else (a real relay?) holds the default port.
         eprintln!("!!!! SKIPPED: 127.0.0.1:2525 is in use on this machine !!!!");
-        return;
+        return None;
     }
+    Some((log, status))
+}
+
+#[test]
+fn serve_runs_with_no_config_file_at_all() {
+    // Both runs bind the default port 127.0.0.1:2525, so they are one test
+    // (tests run in parallel).
+    let home = tempfile::tempdir().unwrap();
+    let Some((log, status)) = serve_without_config(home.path(), None) else {
+        return;
+    };
     assert!(log.contains("SMTP listening on 127.0.0.1:2525"), "{log}");
     let spool = home.path().join(".local/share/oauthrelay/spool");
     assert!(
@@ -343,4 +373,83 @@ fn serve_runs_with_no_config_file_at_all() {
     );
     assert!(spool.join("lock").exists());
     assert!(status.success(), "{log}");
+
+    // Under systemd (StateDirectory=): the spool goes under
+    // $STATE_DIRECTORY (the first one, when several are passed), not HOME.
+    let home = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let both = std::ffi::OsString::from(format!(
+        "{}:{}",
+        state.path().display(),
+        home.path().join("second").display()
+    ));
+    let Some((log, status)) = serve_without_config(home.path(), Some(std::path::Path::new(&both)))
+    else {
+        return;
+    };
+    let spool = state.path().join("spool");
+    assert!(
+        log.contains(&format!("spool {}:", spool.display())),
+        "spool under $STATE_DIRECTORY, as logged: {log}"
+    );
+    assert!(spool.join("lock").exists(), "{log}");
+    assert!(
+        !home.path().join(".local").exists() && !home.path().join("second").exists(),
+        "nothing in the per-user data dir or the second state directory"
+    );
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_spool_refuses_to_start() {
+    let d = Daemon::start(BASE);
+    let spool = d.dir.join("spool");
+    let mut second = Command::new(BIN)
+        .arg("--config")
+        .arg(&d.config)
+        .arg("serve")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = second.kill();
+            panic!("a second daemon on the same spool kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "spool {} is in use by another oauthrelay process (pid {})",
+            spool.display(),
+            d.pid()
+        )),
+        "names the spool and the process holding its lock: {err}"
+    );
+    assert!(!err.contains("SMTP listening"), "it never listened: {err}");
+
+    // The first one is unharmed: it still takes mail and holds the lock.
+    let mut s = crate::harness::Smtp::open(d.smtp).await;
+    s.cmd("EHLO first").await;
+    let r = s
+        .mail(
+            "a@example.com",
+            &["b@example.com"],
+            b"Subject: still here\r\n\r\nx\r\n",
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let lock = std::fs::read_to_string(spool.join("lock")).unwrap();
+    assert_eq!(lock.trim(), d.pid().to_string());
 }
