@@ -609,7 +609,7 @@ impl Scheduler {
                 None => false,
                 Some(env) if env.held.as_deref() == Some(reason.as_str()) => true,
                 Some(mut env) => {
-                    env.held = Some(reason);
+                    env.set_held(Some(reason), std::time::SystemTime::now());
                     match spool.update(id, env).await {
                         Ok(()) => true,
                         Err(spool::SpoolError::NotFound(_)) => false,

@@ -305,7 +305,7 @@ impl Worker {
         // of the attempt: a slow upload must not retry at once.
         let done = SystemTime::now();
         env.attempts = env.attempts.saturating_add(1);
-        env.held = None;
+        env.set_held(None, done);
 
         let mut sent = Vec::new();
         let mut deferred = Vec::new();
@@ -351,7 +351,9 @@ impl Worker {
             None | Some(AccountSignal::Unreachable(_) | AccountSignal::LoginThrottled(_)) => true,
             Some(AccountSignal::DailyLimit(_) | AccountSignal::Held(_)) => false,
         };
-        let age = done.duration_since(env.received).unwrap_or_default();
+        // Time spent held does not count: after `authorize` the mail gets
+        // its chance.
+        let age = env.queue_age(done);
         let mut expired = Vec::new();
         if expirable && age >= cfg.max_age {
             let fallback = first_deferred
@@ -469,7 +471,7 @@ impl Worker {
             }
         };
         env.next_attempt = next;
-        env.held = held_reason.clone();
+        env.set_held(held_reason.clone(), done);
         env.last_error = first_deferred.or_else(|| d.signal.as_ref().map(|s| s.text().to_string()));
         let decided = Unrecorded::of(&env);
         match sh.spool.update(id, env).await {
@@ -699,7 +701,7 @@ impl Worker {
             if record_first {
                 // So that a crash after the bounce is queued does not bounce
                 // again (the next run sees the message done).
-                env.held = None;
+                env.set_held(None, SystemTime::now());
                 match sh.spool.update(id, env.clone()).await {
                     Ok(()) => {}
                     Err(SpoolError::NotFound(_)) => return Outcome::Gone,

@@ -614,12 +614,16 @@ async fn a_held_accounts_message_past_max_age_is_not_bounced() {
     assert!(env.recipients.iter().all(|r| !r.expired), "{env:?}");
     assert!(h.gmail.messages().is_empty(), "no bounce");
     assert_eq!(h.metrics.bounced_count(), 0);
-    // Authorized again: the scan goes out, whatever its age.
+    // Authorized again: the scan goes out, whatever its age. The time it
+    // was held does not age it, so a first temporary refusal after the
+    // release defers it instead of expiring it.
+    h.gmail
+        .fail_next(testkit::gmail::Stage::DataEnd, 1, replies::TRY_AGAIN_451);
     let fresh = h.google.issue_refresh_token(CLIENT_ID, EMAIL);
     oauth::import_refresh_token(&h.resolved, &fresh).expect("import");
     assert!(h.wait_gone(id, T).await);
     let msgs = h.gmail.messages();
-    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs.len(), 1, "the scan, and no bounce");
     assert_eq!(msgs[0].mail_from, "scanner@office.lan");
     assert_eq!(h.metrics.bounced_count(), 0);
 }

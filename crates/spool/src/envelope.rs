@@ -47,8 +47,20 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Why delivery is held (for example an account that needs `authorize`).
+    /// Set and cleared with [`Envelope::set_held`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
+    /// Since when the message has been held (this hold).
+    #[serde(
+        default,
+        with = "opt_unix_millis",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub held_since: Option<SystemTime>,
+    /// Milliseconds spent held in earlier holds: time that does not count
+    /// towards `max_age`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_ms: u64,
     /// Account this message must go through (bounces use the account of the
     /// message they report on); `None`: routed by sender.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,6 +90,8 @@ impl Envelope {
             next_attempt: None,
             last_error: None,
             held: None,
+            held_since: None,
+            held_ms: 0,
             account: None,
             bounce_of: None,
         }
@@ -88,6 +102,40 @@ impl Envelope {
         self.recipients
             .iter()
             .filter(|r| r.state == RcptState::Pending)
+    }
+
+    /// Mark the message held for `reason`, or no longer held (`None`), at
+    /// `now`; the time spent held is kept so that it does not age the
+    /// message.
+    pub fn set_held(&mut self, reason: Option<String>, now: SystemTime) {
+        match reason {
+            Some(r) => {
+                self.held_since.get_or_insert(now);
+                self.held = Some(r);
+            }
+            None => {
+                if let Some(since) = self.held_since.take() {
+                    let ms = now.duration_since(since).unwrap_or_default().as_millis();
+                    self.held_ms = self
+                        .held_ms
+                        .saturating_add(u64::try_from(ms).unwrap_or(u64::MAX));
+                }
+                self.held = None;
+            }
+        }
+    }
+
+    /// How long the message has been in the queue at `now`, not counting
+    /// the time it was held (waiting for an account to be authorized).
+    pub fn queue_age(&self, now: SystemTime) -> Duration {
+        let total = now.duration_since(self.received).unwrap_or_default();
+        let ongoing = self
+            .held_since
+            .map(|s| now.duration_since(s).unwrap_or_default())
+            .unwrap_or_default();
+        total
+            .saturating_sub(Duration::from_millis(self.held_ms))
+            .saturating_sub(ongoing)
     }
 
     /// Whether every recipient has a final outcome.
@@ -132,6 +180,10 @@ pub enum RcptState {
     Failed,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn to_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -162,5 +214,28 @@ mod opt_unix_millis {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
         Option::<u64>::deserialize(d).map(|o| o.map(from_millis))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_held_does_not_age_the_message() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let h = Duration::from_secs(3600);
+        let mut e = Envelope::new("a@example.com", ["b@example.com".to_string()]);
+        e.received = t0;
+        e.set_held(Some("needs authorize".into()), t0 + h);
+        // Held again for another reason: the hold goes on.
+        e.set_held(Some("still".into()), t0 + 2 * h);
+        assert_eq!(e.queue_age(t0 + 3 * h), h);
+        e.set_held(None, t0 + 5 * h);
+        assert_eq!(e.held, None);
+        assert_eq!(e.queue_age(t0 + 6 * h), 2 * h);
+        // It survives the spool's JSON.
+        let back: Envelope = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back.queue_age(t0 + 6 * h), 2 * h);
     }
 }
