@@ -22,8 +22,14 @@ pub struct AccountContext {
     /// relative to it. `None`: relative to the current directory.
     pub config_dir: Option<PathBuf>,
     /// systemd's `$CREDENTIALS_DIRECTORY`: a credential named
-    /// `<name>.client_secret` supplies the client secret.
+    /// `<name>.client_secret` supplies the client secret (and
+    /// `<name>.service_account_key` a service account's key), in place of
+    /// `client_secret_file` (`service_account_key_file`).
     pub credentials_dir: Option<PathBuf>,
+    /// Resolve without reading the client secret or the service account
+    /// key (`token status`, `token import`: they need neither). The
+    /// accounts get [`Credentials::NotLoaded`].
+    pub skip_secrets: bool,
 }
 
 impl AccountContext {
@@ -37,6 +43,7 @@ impl AccountContext {
             credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
+            skip_secrets: false,
         }
     }
 
@@ -48,6 +55,21 @@ impl AccountContext {
     pub fn with_credentials_dir(mut self, dir: Option<PathBuf>) -> AccountContext {
         self.credentials_dir = dir;
         self
+    }
+
+    /// Do not read client secrets and service account keys (see
+    /// [`AccountContext::skip_secrets`]).
+    pub fn without_secrets(mut self) -> AccountContext {
+        self.skip_secrets = true;
+        self
+    }
+
+    /// `$CREDENTIALS_DIRECTORY/<account>.<what>`, when it exists.
+    fn credential(&self, account: &str, what: &str) -> Option<PathBuf> {
+        self.credentials_dir
+            .as_ref()
+            .map(|d| d.join(format!("{account}.{what}")))
+            .filter(|p| p.exists())
     }
 
     fn absolute(&self, p: &Path) -> PathBuf {
@@ -77,6 +99,9 @@ pub struct Account {
     /// The config entry this came from (SMTP settings, sender routing).
     pub config: AccountConfig,
     pub(crate) extra_roots: Vec<CertificateDer<'static>>,
+    /// `$CREDENTIALS_DIRECTORY` at resolution: files in it are checked as
+    /// systemd credentials when reloaded.
+    pub(crate) credentials_dir: Option<PathBuf>,
 }
 
 /// How an account gets access tokens.
@@ -93,6 +118,13 @@ pub enum Credentials {
     /// A Workspace service account with domain-wide delegation: JWT bearer
     /// grant, no refresh token.
     ServiceAccount(ServiceAccountKey),
+    /// Resolved with [`AccountContext::without_secrets`]: the client secret
+    /// or key was not read. Enough for `token status` and `token import`;
+    /// the token manager and `authorize` refuse such an account.
+    NotLoaded {
+        /// The account uses `service_account_key_file`.
+        service_account: bool,
+    },
 }
 
 impl fmt::Debug for Credentials {
@@ -109,6 +141,10 @@ impl fmt::Debug for Credentials {
                 .field("secret_source", secret_source)
                 .finish(),
             Credentials::ServiceAccount(key) => f.debug_tuple("ServiceAccount").field(key).finish(),
+            Credentials::NotLoaded { service_account } => f
+                .debug_struct("NotLoaded")
+                .field("service_account", service_account)
+                .finish(),
         }
     }
 }
@@ -120,16 +156,26 @@ pub enum SecretSource {
     Inline,
     /// `client_secret_file = "..."`.
     File(PathBuf),
-    /// `$CREDENTIALS_DIRECTORY/<name>.client_secret`.
+    /// `$CREDENTIALS_DIRECTORY/<name>.client_secret` (it wins over
+    /// `client_secret_file`).
     Credential(PathBuf),
 }
 
 impl Account {
-    /// Resolve one config entry. Reads the client secret (inline,
-    /// `client_secret_file`, or the systemd credential
-    /// `<name>.client_secret`: exactly one of them) or the service account
-    /// key, and refuses secret, key and existing token files that group or
-    /// others can read.
+    /// Resolve one config entry. Reads the client secret or the service
+    /// account key (unless [`AccountContext::skip_secrets`]), and refuses
+    /// secret, key and existing token files that group or others can read,
+    /// and an existing token directory they can write to.
+    ///
+    /// The client secret comes from the systemd credential
+    /// `<name>.client_secret` when `$CREDENTIALS_DIRECTORY` has it, else
+    /// from `client_secret_file`, else from `client_secret`. A credential
+    /// and `client_secret_file` may both be set: the unit loads the file as
+    /// the credential (`LoadCredential=NAME.client_secret:FILE`) for its
+    /// service user, and the commands run as root outside the unit (no
+    /// `$CREDENTIALS_DIRECTORY`) read the file itself. The same goes for a
+    /// service account's key: the credential `<name>.service_account_key`
+    /// wins over `service_account_key_file`.
     pub fn resolve(config: &AccountConfig, ctx: &AccountContext) -> Result<Account, AccountError> {
         let name = config.name.clone();
         validate_name(&name)?;
@@ -157,9 +203,18 @@ impl Account {
                         reason: "service_account_key_file cannot be combined with client_id / client_secret / client_secret_file; a service account needs no OAuth client".into(),
                     });
                 }
-                let path = ctx.absolute(key_file);
-                check_private(&path)?;
-                Credentials::ServiceAccount(ServiceAccountKey::load(&path)?)
+                if ctx.skip_secrets {
+                    Credentials::NotLoaded {
+                        service_account: true,
+                    }
+                } else {
+                    let path = ctx
+                        .credential(&name, "service_account_key")
+                        .unwrap_or_else(|| ctx.absolute(key_file));
+                    perms::check_secret_file(&path, ctx.credentials_dir.as_deref())
+                        .map_err(|e| unreadable(e, &name, "service_account_key"))?;
+                    Credentials::ServiceAccount(ServiceAccountKey::load(&path)?)
+                }
             }
             None => resolve_client(config, ctx)?,
         };
@@ -168,11 +223,15 @@ impl Account {
             Some(p) => ctx.absolute(p),
             None => ctx.state_dir.join("tokens").join(format!("{name}.json")),
         };
-        match perms::check_private_file(&token_file) {
-            Ok(()) => {}
-            Err(PrivateFileError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+        if perms::check_token_dir(&token_file)? && !ctx.skip_secrets {
+            // (`token status` reports a readable token file itself, and
+            // `token import` refuses to write into it.)
+            match perms::check_private_file(&token_file) {
+                Ok(()) => {}
+                Err(PrivateFileError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
 
         let ca_file = config.ca_file.as_deref().map(|p| ctx.absolute(p));
@@ -192,6 +251,7 @@ impl Account {
             ca_file,
             config: config.clone(),
             extra_roots,
+            credentials_dir: ctx.credentials_dir.clone(),
         })
     }
 
@@ -203,7 +263,13 @@ impl Account {
 
     /// Whether this account uses a Workspace service account.
     pub fn is_service_account(&self) -> bool {
-        matches!(self.credentials, Credentials::ServiceAccount(_))
+        matches!(
+            self.credentials,
+            Credentials::ServiceAccount(_)
+                | Credentials::NotLoaded {
+                    service_account: true
+                }
+        )
     }
 
     /// The command that gives this account new credentials.
@@ -270,46 +336,64 @@ fn resolve_client(
             reason: "client_id is missing (the \"Desktop app\" OAuth client id, or set service_account_key_file for a Workspace service account)".into(),
         })?
         .to_string();
-
-    let credential = ctx
-        .credentials_dir
-        .as_ref()
-        .map(|d| d.join(format!("{name}.client_secret")))
-        .filter(|p| p.exists());
-
-    let mut sources = Vec::new();
-    if config.client_secret.is_some() {
-        sources.push("client_secret");
-    }
-    if config.client_secret_file.is_some() {
-        sources.push("client_secret_file");
-    }
-    if credential.is_some() {
-        sources.push("the systemd credential");
-    }
-    if sources.len() > 1 {
-        return Err(AccountError::Invalid {
-            account: name.clone(),
-            reason: format!(
-                "the client secret is given more than once ({}); keep exactly one",
-                sources.join(", ")
-            ),
+    if ctx.skip_secrets {
+        return Ok(Credentials::NotLoaded {
+            service_account: false,
         });
     }
 
-    let (secret, source) = if let Some(s) = &config.client_secret {
-        (s.expose_secret().trim().to_string(), SecretSource::Inline)
+    let credential = ctx.credential(name, "client_secret");
+    // An inline secret next to another source is a mistake: which one is
+    // meant? A credential next to client_secret_file is the documented
+    // systemd setup (the unit loads that file as the credential).
+    if config.client_secret.is_some() {
+        let mut others = Vec::new();
+        if config.client_secret_file.is_some() {
+            others.push("client_secret_file");
+        }
+        if credential.is_some() {
+            others.push("the systemd credential");
+        }
+        if !others.is_empty() {
+            return Err(AccountError::Invalid {
+                account: name.clone(),
+                reason: format!(
+                    "the client secret is given more than once (client_secret, {}); remove client_secret",
+                    others.join(", ")
+                ),
+            });
+        }
+    }
+
+    let (secret, source) = if let Some(path) = credential {
+        // The service user usually cannot read client_secret_file: it is
+        // not even looked at.
+        (
+            read_secret_file(&path, ctx, name)?,
+            SecretSource::Credential(path),
+        )
     } else if let Some(p) = &config.client_secret_file {
         let path = ctx.absolute(p);
-        (read_secret_file(&path)?, SecretSource::File(path))
-    } else if let Some(path) = credential {
-        (read_secret_file(&path)?, SecretSource::Credential(path))
+        (
+            read_secret_file(&path, ctx, name)?,
+            SecretSource::File(path),
+        )
+    } else if let Some(s) = &config.client_secret {
+        (s.expose_secret().trim().to_string(), SecretSource::Inline)
     } else {
+        let credential = format!("{name}.client_secret");
+        let reason = match &ctx.credentials_dir {
+            Some(dir) => format!(
+                "no client secret: set client_secret_file, or provide the systemd credential {credential} (LoadCredential=; {} has no such file), or client_secret",
+                dir.display()
+            ),
+            None => format!(
+                "no client secret: set client_secret_file, or provide the systemd credential {credential} (LoadCredential=), or client_secret. $CREDENTIALS_DIRECTORY is not set here (as for every command run outside the systemd unit): with a credential, also set client_secret_file to the file the unit loads (LoadCredential={credential}:FILE) so these commands can read it"
+            ),
+        };
         return Err(AccountError::Invalid {
             account: name.clone(),
-            reason: format!(
-                "no client secret: set client_secret_file, or provide the systemd credential {name}.client_secret (LoadCredential=), or client_secret"
-            ),
+            reason,
         });
     };
     if secret.is_empty() {
@@ -325,17 +409,41 @@ fn resolve_client(
     })
 }
 
-fn check_private(path: &Path) -> Result<(), AccountError> {
-    perms::check_private_file(path).map_err(AccountError::from)
-}
-
-fn read_secret_file(path: &Path) -> Result<String, AccountError> {
-    check_private(path)?;
-    let raw = std::fs::read_to_string(path).map_err(|source| AccountError::Read {
-        path: path.to_path_buf(),
-        source,
+fn read_secret_file(
+    path: &Path,
+    ctx: &AccountContext,
+    account: &str,
+) -> Result<String, AccountError> {
+    let unreadable = |e| unreadable(e, account, "client_secret");
+    perms::check_secret_file(path, ctx.credentials_dir.as_deref()).map_err(unreadable)?;
+    let raw = std::fs::read_to_string(path).map_err(|source| {
+        unreadable(PrivateFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     })?;
     Ok(raw.trim().to_string())
+}
+
+/// A secret file that cannot be read because of its permissions most
+/// likely belongs to root while the daemon runs as the unit's service
+/// user: say how to hand it over as a credential.
+fn unreadable(e: PrivateFileError, account: &str, credential: &str) -> AccountError {
+    match e {
+        PrivateFileError::Io { path, source }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            AccountError::Unreadable {
+                hint: format!(
+                    "under the systemd unit the service user cannot read root's files: keep the setting and add LoadCredential={account}.{credential}:{} to the unit (systemctl edit oauthrelay); run the oauthrelay commands as root",
+                    path.display()
+                ),
+                path,
+                source,
+            }
+        }
+        other => other.into(),
+    }
 }
 
 fn load_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, AccountError> {
@@ -365,6 +473,14 @@ pub enum AccountError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// A secret file the process may not read, with what probably fixes it.
+    #[error("cannot read '{}': {source}; {hint}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+        hint: String,
     },
     #[error(transparent)]
     ServiceAccountKey(#[from] KeyError),

@@ -195,8 +195,17 @@ impl Flow {
                 client_secret,
                 ..
             } => (client_id.clone(), client_secret.clone()),
-            Credentials::ServiceAccount(_) => {
+            Credentials::ServiceAccount(_)
+            | Credentials::NotLoaded {
+                service_account: true,
+            } => {
                 return Err(AuthorizeError::ServiceAccount(account.name.clone()));
+            }
+            Credentials::NotLoaded { .. } => {
+                return Err(AuthorizeError::Setup(format!(
+                    "account {:?} was resolved without its client secret",
+                    account.name
+                )));
             }
         };
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, options.port));

@@ -368,6 +368,12 @@ impl TokenManager {
         for account in accounts {
             let existing = self.slot(&account.name).ok();
             match existing {
+                Some(_) if matches!(account.credentials, Credentials::NotLoaded { .. }) => {
+                    first_error.get_or_insert(ManagerError::Setup {
+                        account: account.name.clone(),
+                        reason: "resolved without its client secret or key (AccountContext::without_secrets): it cannot get tokens".into(),
+                    });
+                }
                 Some(slot) => {
                     let client = match http::client(
                         &account.extra_roots,
@@ -490,6 +496,12 @@ impl std::fmt::Debug for TokenManager {
 
 impl Slot {
     fn load(account: Account, options: &ManagerOptions) -> Result<Slot, ManagerError> {
+        if let Credentials::NotLoaded { .. } = account.credentials {
+            return Err(ManagerError::Setup {
+                account: account.name.clone(),
+                reason: "resolved without its client secret or key (AccountContext::without_secrets): it cannot get tokens".into(),
+            });
+        }
         let http =
             http::client(&account.extra_roots, options.request_timeout).map_err(|reason| {
                 ManagerError::Setup {
@@ -545,7 +557,7 @@ impl Slot {
 fn key_fingerprint(account: &Account) -> Option<Fingerprint> {
     match &account.credentials {
         Credentials::ServiceAccount(key) => store::fingerprint(&key.path),
-        Credentials::Client { .. } => None,
+        Credentials::Client { .. } | Credentials::NotLoaded { .. } => None,
     }
 }
 
@@ -762,7 +774,7 @@ impl Inner {
     /// caller publishes).
     fn reload_key(&self, slot: &Slot, st: &mut State, path: &std::path::Path) {
         st.key_seen = store::fingerprint(path);
-        let loaded = crate::perms::check_private_file(path)
+        let loaded = crate::perms::check_secret_file(path, st.account.credentials_dir.as_deref())
             .map_err(|e| e.to_string())
             .and_then(|()| ServiceAccountKey::load(path).map_err(|e| e.to_string()));
         match loaded {
@@ -1062,6 +1074,12 @@ async fn request(st: &State, timeout: Duration) -> Result<Grant, Failure> {
             ];
             http::post_token(&st.http, url, &form, timeout).await
         }
+        // Refused by Slot::load; never reached.
+        Credentials::NotLoaded { .. } => Err(Failure::Rejected {
+            status: 0,
+            code: "invalid_client".into(),
+            description: Some("the client secret was not loaded".into()),
+        }),
     }
 }
 

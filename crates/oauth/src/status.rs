@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use secrecy::SecretString;
 use serde::Serialize;
 
-use crate::account::{Account, Credentials};
+use crate::account::Account;
 use crate::store::{self, RefreshRecord, StoreError, TokenFile};
 
 /// What kind of credentials an account uses.
@@ -135,7 +135,7 @@ pub fn import_refresh_token(
     account: &Account,
     refresh_token: &str,
 ) -> Result<TokenFile, ImportError> {
-    if let Credentials::ServiceAccount(_) = account.credentials {
+    if account.is_service_account() {
         return Err(ImportError::ServiceAccount(account.name.clone()));
     }
     let token = refresh_token.trim();

@@ -17,7 +17,9 @@
 //!
 //! Files are written atomically: a temporary file created with mode 0600 in
 //! the same directory, written, fsynced, renamed over the old file, then the
-//! directory is fsynced. The directory is created with mode 0700. Writers
+//! directory is fsynced. The directory is created with mode 0700; an
+//! existing one that group or others can write to is refused (they could
+//! replace the file), one they can only read is fine. Writers
 //! (the daemon after a refresh, `authorize`, `token import`) take an
 //! exclusive `flock` on the directory for their read-modify-write, so a
 //! refresh never overwrites a refresh token another process just stored.
@@ -123,13 +125,15 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 }
 
 /// Read a token file. `Ok(None)` when it does not exist. A file that group
-/// or others can read is refused ([`StoreError::TooOpen`]).
+/// or others can read, or in a directory they can write to, is refused
+/// ([`StoreError::TooOpen`]).
 pub fn load(path: &Path) -> Result<Option<TokenFile>, StoreError> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("open", path)(e)),
     };
+    check_dir(&parent_dir(path))?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
     perms::check_mode(path, meta.mode())?;
     let mut bytes = Vec::new();
@@ -200,7 +204,8 @@ fn parent_dir(path: &Path) -> PathBuf {
 /// new directories are given to that owner, like the files in them.
 fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     if dir.is_dir() {
-        return Ok(());
+        // Not ours to chmod: refuse it as ssh would, with the fix.
+        return check_dir(dir);
     }
     let mut missing = Vec::new();
     let mut existing = dir;
@@ -227,6 +232,12 @@ fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
                 .map_err(io_err("chown", d))?;
         }
     }
+    Ok(())
+}
+
+fn check_dir(dir: &Path) -> Result<(), StoreError> {
+    let meta = fs::metadata(dir).map_err(io_err("stat", dir))?;
+    perms::check_dir_mode(dir, meta.mode())?;
     Ok(())
 }
 

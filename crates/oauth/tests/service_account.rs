@@ -185,3 +185,49 @@ async fn key_files_are_checked() {
     let err = Account::resolve(&config, &ctx).unwrap_err();
     assert!(err.to_string().contains("cannot be combined"), "{err}");
 }
+
+/// Under the unit the key comes as the credential
+/// `<name>.service_account_key` (0440: root's file with an ACL for the
+/// service user) and wins over `service_account_key_file`, which the
+/// commands run as root outside the unit read instead.
+#[tokio::test]
+async fn the_key_as_a_systemd_credential_wins_over_the_file() {
+    let (google, dir, key) = setup().await;
+    google.add_workspace_user(USER);
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let credential = creds.join("workspace.service_account_key");
+    write_mode(&credential, &key.json, 0o440);
+    let file = dir.path().join("sa.json");
+    let mut config = AccountConfig::new("workspace", USER);
+    config.service_account_key_file = Some(file.clone());
+    config.token_url = google.token_url().parse().unwrap();
+    let outside = oauth::AccountContext::new(dir.path()).with_credentials_dir(None);
+    let inside = outside.clone().with_credentials_dir(Some(creds.clone()));
+
+    // The file does not exist: only the unit can work.
+    assert!(Account::resolve(&config, &outside).is_err());
+    let account = Account::resolve(&config, &inside).unwrap();
+    match &account.credentials {
+        oauth::Credentials::ServiceAccount(k) => assert_eq!(k.path, credential),
+        other => panic!("{other:?}"),
+    }
+    let m = TokenManager::new(vec![account], fast()).unwrap();
+    let token = m.access_token("workspace").await.unwrap();
+    assert_eq!(
+        google.last_jwt().unwrap().0["kid"],
+        key.private_key_id.as_str()
+    );
+
+    // A new key in the credential is picked up on reload (SIGHUP), with the
+    // credential rule again.
+    let rotated = google.add_service_account(SA);
+    write_mode(&credential, &rotated.json, 0o440);
+    m.reload(None).await.unwrap();
+    m.invalidate("workspace", &token).await;
+    m.access_token("workspace").await.unwrap();
+    assert_eq!(
+        google.last_jwt().unwrap().0["kid"],
+        rotated.private_key_id.as_str()
+    );
+}
