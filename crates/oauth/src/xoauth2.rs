@@ -285,14 +285,19 @@ where
             );
             transport.send(b"\r\n").await?;
             let last = transport.read_reply().await?;
-            if (200..300).contains(&last.code) {
-                return Ok(());
+            match last.code {
+                200..300 => Ok(()),
+                // Gmail's verdict on the token (5.7.8, or 5.7.1 in its doc).
+                535 => Err(Xoauth2Error::TokenRejected {
+                    status: challenge.status,
+                    scope: challenge.scope,
+                    reply: last,
+                }),
+                // Anything else is no verdict on the token: a 454 is a
+                // temporary problem, a 501 says our answer to the challenge
+                // was wrong. Refreshing the token would not help.
+                _ => Err(Xoauth2Error::Refused { reply: last }),
             }
-            Err(Xoauth2Error::TokenRejected {
-                status: challenge.status,
-                scope: challenge.scope,
-                reply: last,
-            })
         }
         _ => Err(Xoauth2Error::Refused { reply }),
     }

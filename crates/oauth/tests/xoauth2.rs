@@ -293,3 +293,97 @@ async fn delivery_futures_are_send() {
     // Spawnable on a multi-threaded runtime.
     send(&delivery);
 }
+
+fn reply(code: u16, esc: [u8; 3], text: &str) -> smtp_proto::Response<String> {
+    smtp_proto::Response::new(code, esc[0], esc[1], esc[2], text.to_string())
+}
+
+/// Only a 535 after the challenge is a verdict on the token; anything else
+/// (a 454, or a 501 saying our answer was wrong) is no reason to refresh.
+#[tokio::test]
+async fn after_the_challenge_only_a_535_means_the_token_was_rejected() {
+    let challenge = reply(334, [0, 0, 0], &STANDARD.encode(CHALLENGE_JSON));
+    for last in [
+        reply(
+            454,
+            [4, 7, 0],
+            "Cannot authenticate due to a temporary system problem.",
+        ),
+        reply(501, [5, 5, 2], "Invalid response"),
+    ] {
+        let code = last.code;
+        let mut t = Scripted {
+            sent: Vec::new(),
+            replies: vec![challenge.clone(), last],
+        };
+        let err = xoauth2::authenticate(&mut t, USER, &token(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        match &err {
+            Xoauth2Error::Refused { reply } => assert_eq!(reply.code, code),
+            other => panic!("{code}: {other:?}"),
+        }
+        assert_eq!(t.sent[1], b"\r\n");
+    }
+}
+
+/// A TLS session with the fake Gmail, greeted and after EHLO.
+async fn gmail_session(
+    gmail: &testkit::gmail::FakeGmail,
+    ca: &testkit::ca::TestCa,
+) -> StreamTransport<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(gmail.addr()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(ca.client_config())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut t = StreamTransport::new(tls);
+    assert_eq!(t.read_reply().await.unwrap().code, 220);
+    t.send(b"EHLO client.test\r\n").await.unwrap();
+    assert_eq!(t.read_reply().await.unwrap().code, 250);
+    t
+}
+
+/// The fake Gmail checks the client's answer to its `334` failure
+/// challenge: the empty line earns the 535 a correct client expects, while
+/// a client that re-sends the token there (mail-send 0.7 and lettre do) gets
+/// a 501, so the delivery tests of the 334 dance catch that regression.
+#[tokio::test]
+async fn the_fake_gmail_refuses_a_token_sent_again_after_its_challenge() {
+    let ca = testkit::ca::TestCa::new();
+    let gmail = testkit::gmail::FakeGmail::start(&ca, testkit::gmail::TlsMode::Implicit)
+        .await
+        .unwrap();
+    gmail.reject_tokens(3);
+
+    // Right: the empty line, then 535 5.7.8.
+    let mut t = gmail_session(&gmail, &ca).await;
+    let err = xoauth2::authenticate(&mut t, USER, &token(), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    match &err {
+        Xoauth2Error::TokenRejected { reply, status, .. } => {
+            assert_eq!((reply.code, reply.esc), (535, [5, 7, 8]));
+            assert_eq!(status.as_deref(), Some("400"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Wrong: the token again (and, on another connection, any other text).
+    let initial = xoauth2::initial_response(USER, &token());
+    let initial = secrecy::ExposeSecret::expose_secret(&initial).to_string();
+    for answer in [initial.clone(), "hello".to_string()] {
+        let mut t = gmail_session(&gmail, &ca).await;
+        t.send(format!("AUTH XOAUTH2 {initial}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(t.read_reply().await.unwrap().code, 334);
+        t.send(format!("{answer}\r\n").as_bytes()).await.unwrap();
+        let last = t.read_reply().await.unwrap();
+        assert_eq!((last.code, last.esc), (501, [5, 5, 2]), "{last:?}");
+        // The session goes on: a MAIL is still refused for want of AUTH.
+        t.send(b"MAIL FROM:<me@gmail.com>\r\n").await.unwrap();
+        assert_eq!(t.read_reply().await.unwrap().code, 530);
+    }
+}

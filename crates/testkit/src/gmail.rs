@@ -1015,9 +1015,29 @@ impl Session {
         }
         self.shared.bump(&self.shared.counters.auth_rejected);
         self.reply(&format!("334 {}", B64.encode(replies::XOAUTH2_ERROR_JSON)));
-        // Gmail waits for the client's (empty) answer, then refuses.
-        if self.read_line().await?.is_none() {
+        // Gmail waits for the client's answer, which must be an empty line
+        // (RFC 4954 4: the client's response to a challenge; XOAUTH2 has
+        // nothing to say to this one), then refuses. Checked strictly, like
+        // a protocol-checking server: a client that re-sends the token here
+        // (mail-send 0.7, lettre) or says anything else gets a 501, never
+        // the 535 a correct client gets, so such a regression cannot pass
+        // a test of the 334 dance.
+        let Some(answer) = self.read_line().await? else {
             return Err(End::Close);
+        };
+        let answer = answer
+            .strip_suffix(b"\r\n")
+            .or_else(|| answer.strip_suffix(b"\n"))
+            .unwrap_or(&answer);
+        if answer == b"*" {
+            self.reply(&format!("501 5.7.0 Authentication aborted. {id} - gsmtp"));
+            return Ok(());
+        }
+        if !answer.is_empty() {
+            self.reply(&format!(
+                "501 5.5.2 Invalid response to the XOAUTH2 challenge: expected an empty line. {id} - gsmtp"
+            ));
+            return Ok(());
         }
         self.reply(&format!(
             "535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials {id} - gsmtp"
