@@ -462,3 +462,312 @@ async fn sighup_applies_new_senders_and_a_new_account() {
     })
     .await;
 }
+
+/// `oauthrelay --config CFG ARGS` with `$CREDENTIALS_DIRECTORY` set to
+/// `credentials` (as systemd sets it for the unit), or unset (a command
+/// run by hand).
+fn cli_with_credentials(
+    cfg: &std::path::Path,
+    args: &[&str],
+    credentials: Option<&std::path::Path>,
+) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::null());
+    if let Some(dir) = credentials {
+        cmd.env("CREDENTIALS_DIRECTORY", dir);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Start `serve`, expect it to exit non-zero by itself; its stderr.
+fn serve_refuses(cfg: &std::path::Path) -> String {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(cfg)
+        .arg("serve")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > T {
+            let _ = child.kill();
+            panic!("serve started");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "serve must exit non-zero: {err}");
+    err
+}
+
+/// The setup docs/gmail-setup.md and the unit describe: the secret in a
+/// root-only file named by `client_secret_file`, loaded into the unit as
+/// the credential `default.client_secret` (systemd makes it 0440: root's
+/// file, read access for the dynamic user by ACL). Inside the unit the
+/// credential is used; the commands run by hand read the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemd_setup_credential_in_the_unit_and_the_same_file_for_the_commands() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    let secret = up.aux.path().join("default.secret");
+    let creds = up.aux.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let credential = creds.join("default.client_secret");
+    let account = |source: &str| {
+        up.account("default", EMAIL, &["*"], true)
+            .replace(&format!("client_secret = \"{CLIENT_SECRET}\"\n"), source)
+    };
+    let with_file = account(&format!("client_secret_file = \"{}\"\n", secret.display()));
+    let cfg = config_in(up.aux.path(), &up.config(FAST_DELIVERY, &[with_file]));
+
+    // Which one is read shows at Google: the file holds a wrong secret, the
+    // credential the right one (then the other way round).
+    std::fs::write(&secret, "GOCSPX-wrong\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&credential, format!("{CLIENT_SECRET}\n")).unwrap();
+    std::fs::set_permissions(&credential, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let (ok, out, err) = cli_with_credentials(&cfg, &["check-config"], Some(&creds));
+    assert!(
+        ok,
+        "the unit's view, credential 0440 and the file:\n{out}\n{err}"
+    );
+    // (import clears any cached access token: send-test must refresh, with
+    // the client secret.)
+    let import = || {
+        let refresh = up
+            .google
+            .issue_refresh_token(crate::fakes::CLIENT_ID, EMAIL);
+        let out = run_cli(
+            &cfg,
+            &["token", "import", "--account", "default"],
+            Some(format!("{refresh}\n").as_bytes()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    import();
+    let send = [
+        "send-test",
+        "--account",
+        "default",
+        "--to",
+        "friend@example.org",
+    ];
+    let (ok, out, err) = cli_with_credentials(&cfg, &send, Some(&creds));
+    assert!(ok, "send-test with the credential's secret:\n{out}\n{err}");
+
+    // By hand (sudo oauthrelay ...): no $CREDENTIALS_DIRECTORY, the file.
+    std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+    std::fs::write(&credential, "GOCSPX-wrong\n").unwrap();
+    import();
+    let (ok, out, err) = cli_with_credentials(&cfg, &send, None);
+    assert!(ok, "send-test with the file's secret:\n{out}\n{err}");
+    up.assert_no_secrets("send-test's output", &format!("{out}{err}"));
+}
+
+/// With the secret only as a credential, the commands run by hand cannot
+/// see it. `token status` and `token import` do not need it; `authorize`
+/// does, and says what to add. Other accounts' problems (a secret file
+/// others can read, a token directory others can write) do not stop the
+/// commands for this one, and check-config reports every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_commands_work_without_the_client_secret_and_despite_other_broken_accounts() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    let inline = format!("client_secret = \"{CLIENT_SECRET}\"\n");
+    let only_credential = up
+        .account("default", EMAIL, &["*"], true)
+        .replace(&inline, "");
+    let bad_secret = up.aux.path().join("other.secret");
+    std::fs::write(&bad_secret, "GOCSPX-x\n").unwrap();
+    std::fs::set_permissions(&bad_secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let readable_secret = up
+        .account("other", "other@gmail.com", &["*@other.org"], true)
+        .replace(
+            &inline,
+            &format!("client_secret_file = \"{}\"\n", bad_secret.display()),
+        );
+    let open_dir = up.aux.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let writable_dir = format!(
+        "{}token_file = \"{}\"\n",
+        up.account("third", "third@gmail.com", &["*@third.org"], false),
+        open_dir.join("third.json").display()
+    );
+    let cfg = config_in(
+        up.aux.path(),
+        &up.config(
+            FAST_DELIVERY,
+            &[only_credential, readable_secret, writable_dir],
+        ),
+    );
+
+    let refresh = up
+        .google
+        .issue_refresh_token(crate::fakes::CLIENT_ID, EMAIL);
+    let out = run_cli(
+        &cfg,
+        &["token", "import", "--account", "default"],
+        Some(format!("{refresh}\n").as_bytes()),
+    );
+    assert!(
+        out.status.success(),
+        "token import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, out, err) = cli_with_credentials(
+        &cfg,
+        &["token", "status", "--account", "default", "--json"],
+        None,
+    );
+    assert!(ok, "token status --account default:\n{out}\n{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st[0]["account"], "default");
+    assert_eq!(st[0]["refresh_token_stored"], true, "{st}");
+    assert_eq!(st[0]["authorized"], true, "{st}");
+
+    // All accounts: those that resolve are listed (a secret is not needed
+    // for that), the one that does not is named with its fix; exit 1.
+    let (ok, out, err) = cli_with_credentials(&cfg, &["token", "status"], None);
+    assert!(!ok, "{out}\n{err}");
+    assert!(out.contains(&format!("default <{EMAIL}>")), "{out}");
+    assert!(out.contains("other <other@gmail.com>"), "{out}");
+    assert!(
+        err.contains(&format!("chmod go-w {}", open_dir.display())),
+        "{err}"
+    );
+
+    // check-config names every problem, not just the first.
+    let (ok, out, err) = cli_with_credentials(&cfg, &["check-config"], None);
+    assert!(!ok, "{out}\n{err}");
+    for problem in [
+        "no client secret".to_string(),
+        format!("chmod 600 {}", bad_secret.display()),
+        format!("chmod go-w {}", open_dir.display()),
+    ] {
+        assert!(err.contains(&problem), "no {problem:?} in:\n{err}");
+    }
+
+    // authorize needs the secret: a clear error about this account only.
+    let (ok, out, err) = cli_with_credentials(
+        &cfg,
+        &["authorize", "--account", "default", "--no-browser"],
+        None,
+    );
+    assert!(!ok, "{out}\n{err}");
+    assert!(
+        err.contains("no client secret")
+            && err.contains("$CREDENTIALS_DIRECTORY is not set")
+            && err.contains("LoadCredential=default.client_secret:FILE")
+            && err.contains("client_secret_file"),
+        "{err}"
+    );
+    assert!(!err.contains("other.secret"), "{err}");
+}
+
+/// `token import` on a terminal: the pasted refresh token is not echoed
+/// (like `hash-password`), and the terminal gets its echo back afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_import_on_a_terminal_does_not_echo_the_token() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let up = Upstream::start(TlsMode::Implicit).await;
+    let cfg = config_in(
+        up.aux.path(),
+        &up.config(FAST_DELIVERY, &[up.account("default", EMAIL, &["*"], true)]),
+    );
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors; the rest may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both are fresh descriptors we own.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let echo = |fd: &OwnedFd| {
+        // SAFETY: termios is plain data; fd is a terminal.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag & libc::ECHO != 0
+    };
+    assert!(echo(&master), "a fresh terminal echoes");
+
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["token", "import", "--account", "default"])
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::from(slave))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Type only once the command has turned the echo off (the terminal
+    // echoes what arrives while it is on); give up waiting after a while,
+    // and type anyway.
+    let start = Instant::now();
+    while echo(&master) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let refresh = up
+        .google
+        .issue_refresh_token(crate::fakes::CLIENT_ID, EMAIL);
+    let mut typing = std::fs::File::from(master.try_clone().unwrap());
+    typing.write_all(format!("{refresh}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(echo(&master), "echo restored after the command");
+
+    // Everything the terminal showed: the typed line must not be there.
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut reader = std::fs::File::from(master);
+    while let Ok(n) = std::io::Read::read(&mut reader, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        shown.extend_from_slice(&buf[..n]);
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(
+        !shown.contains(&refresh[..16]),
+        "the terminal echoed the refresh token: {shown:?}"
+    );
+    assert!(
+        stderr.contains("not shown"),
+        "a prompt that says so: {stderr}"
+    );
+    let stored = std::fs::read_to_string(up.token_file("default")).unwrap();
+    assert!(stored.contains(&refresh), "the token was stored");
+}

@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::cli::{QueueCommand, TokenCommand};
 use crate::config::{self, Loaded};
@@ -11,12 +11,16 @@ use crate::paths::Paths;
 use crate::queue::{self, Request};
 use crate::sendmail;
 
-/// `check-config`: everything `serve` would check before starting.
+/// `check-config`: everything `serve` would check before starting (every
+/// account, not just up to the first bad one).
 pub fn check_config(loaded: &Loaded, paths: &Paths) -> ExitCode {
     let mut ok = true;
-    if let Err(e) = crate::resolve_accounts(loaded, paths) {
-        eprintln!("{e}");
-        ok = false;
+    let ctx = account_context(paths, loaded, Secrets::Read);
+    for a in &loaded.config.accounts {
+        if let Err(e) = oauth::Account::resolve(a, &ctx) {
+            eprintln!("{}", crate::account_error(loaded, e));
+            ok = false;
+        }
     }
     if let Err(e) = crate::serve::inbound_settings(loaded, inbound::accept_all_senders()) {
         eprintln!("{e}");
@@ -56,6 +60,17 @@ pub fn hash_password() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Read one line from stdin: from a terminal without echoing it (after
+/// `prompt` on stderr), else as it comes (scripts, pipes).
+fn read_secret_line(prompt: &str) -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        return read_hidden(prompt);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
 /// Read a line from the terminal without echoing it.
 fn read_hidden(prompt: &str) -> anyhow::Result<String> {
     eprint!("{prompt}");
@@ -80,8 +95,38 @@ fn read_hidden(prompt: &str) -> anyhow::Result<String> {
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
-fn find_account(loaded: &Loaded, paths: &Paths, name: &str) -> anyhow::Result<oauth::Account> {
-    if !loaded.config.accounts.iter().any(|a| a.name == name) {
+/// Whether a command needs the client secret (or service account key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    /// `authorize`, `send-test`, `check-config`: they talk to Google.
+    Read,
+    /// `token status`, `token import`: token files only. Run as root
+    /// outside the unit, where a secret given only as a systemd credential
+    /// is out of reach, they still work.
+    Skip,
+}
+
+/// How the commands resolve accounts: like `serve` (relative paths against
+/// the config file, `$CREDENTIALS_DIRECTORY` for credentials).
+fn account_context(paths: &Paths, loaded: &Loaded, secrets: Secrets) -> oauth::AccountContext {
+    let ctx = oauth::AccountContext::new(&paths.state_dir)
+        .with_config_dir(loaded.base_dir())
+        .with_credentials_dir(paths.credentials_dir.clone());
+    match secrets {
+        Secrets::Read => ctx,
+        Secrets::Skip => ctx.without_secrets(),
+    }
+}
+
+/// Resolve the account `name` only: another account's problem (say its
+/// secret file) does not stop a command for this one.
+fn find_account(
+    loaded: &Loaded,
+    paths: &Paths,
+    name: &str,
+    secrets: Secrets,
+) -> anyhow::Result<oauth::Account> {
+    let Some(config) = loaded.config.accounts.iter().find(|a| a.name == name) else {
         let known: Vec<&str> = loaded
             .config
             .accounts
@@ -102,12 +147,9 @@ fn find_account(loaded: &Loaded, paths: &Paths, name: &str) -> anyhow::Result<oa
                 "no configuration file found, so there is no account {name:?}; create /etc/oauthrelay/oauthrelay.toml or pass --config"
             ),
         }
-    }
-    let accounts = crate::resolve_accounts(loaded, paths)?;
-    accounts
-        .into_iter()
-        .find(|a| a.name == name)
-        .context("account vanished while resolving")
+    };
+    oauth::Account::resolve(config, &account_context(paths, loaded, secrets))
+        .map_err(|e| crate::account_error(loaded, e))
 }
 
 /// `authorize --account NAME`.
@@ -118,7 +160,7 @@ pub async fn authorize(
     no_browser: bool,
     port: Option<u16>,
 ) -> anyhow::Result<ExitCode> {
-    let account = find_account(loaded, paths, name)?;
+    let account = find_account(loaded, paths, name, Secrets::Read)?;
     if account.is_service_account() {
         bail!(
             "account {name:?} uses a service account (service_account_key_file): it needs no authorize step"
@@ -140,13 +182,17 @@ pub async fn authorize(
 pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TokenCommand::Import { account } => {
-            let account = find_account(loaded, paths, &account)?;
-            if std::io::stdin().is_terminal() {
-                eprintln!("Paste the refresh token and press Enter:");
+            let account = find_account(loaded, paths, &account, Secrets::Skip)?;
+            if account.is_service_account() {
+                bail!(
+                    "account {:?} uses a service account (service_account_key_file); it has no refresh token to import",
+                    account.name
+                );
             }
-            let mut token = String::new();
-            std::io::stdin().read_line(&mut token)?;
-            oauth::import_refresh_token(&account, token.trim())?;
+            let token = secrecy::SecretString::from(read_secret_line(
+                "Paste the refresh token (it is not shown) and press Enter: ",
+            )?);
+            oauth::import_refresh_token(&account, secrecy::ExposeSecret::expose_secret(&token))?;
             println!(
                 "Stored the refresh token for account '{}' in {}.\nA running oauthrelay picks it up within seconds; check with `oauthrelay token status`.",
                 account.name,
@@ -155,13 +201,24 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
             Ok(ExitCode::SUCCESS)
         }
         TokenCommand::Status { account, json } => {
-            let mut accounts = crate::resolve_accounts(loaded, paths)?;
-            if let Some(name) = &account {
-                accounts.retain(|a| &a.name == name);
-                if accounts.is_empty() {
-                    bail!("no account named {name:?}");
+            let mut resolved_all = true;
+            let accounts = match &account {
+                Some(name) => vec![find_account(loaded, paths, name, Secrets::Skip)?],
+                None => {
+                    let ctx = account_context(paths, loaded, Secrets::Skip);
+                    let mut accounts = Vec::new();
+                    for a in &loaded.config.accounts {
+                        match oauth::Account::resolve(a, &ctx) {
+                            Ok(a) => accounts.push(a),
+                            Err(e) => {
+                                eprintln!("oauthrelay: {}", crate::account_error(loaded, e));
+                                resolved_all = false;
+                            }
+                        }
+                    }
+                    accounts
                 }
-            }
+            };
             let status = oauth::status(&accounts);
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -172,7 +229,7 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
                     print_status(s);
                 }
             }
-            let all_ok = status.iter().all(|s| s.authorized);
+            let all_ok = resolved_all && status.iter().all(|s| s.authorized);
             Ok(if all_ok {
                 ExitCode::SUCCESS
             } else {
@@ -320,6 +377,6 @@ pub async fn send_test(
     name: &str,
     to: &str,
 ) -> anyhow::Result<ExitCode> {
-    let account = find_account(loaded, paths, name)?;
+    let account = find_account(loaded, paths, name, Secrets::Read)?;
     crate::serve::send_test(loaded, account, to).await
 }
