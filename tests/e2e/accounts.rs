@@ -687,6 +687,53 @@ async fn token_commands_work_without_the_client_secret_and_despite_other_broken_
     assert!(!err.contains("other.secret"), "{err}");
 }
 
+/// An inline client_secret makes the config file a secret file: readable
+/// by group or others, it is refused (check-config, serve), naming the file
+/// and the chmod; the fix works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_client_secret_in_a_config_others_can_read_is_refused() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    let cfg = config_in(
+        up.aux.path(),
+        &up.config(FAST_DELIVERY, &[up.account("default", EMAIL, &["*"], true)]),
+    );
+    let fix = format!("chmod 600 {}", cfg.display());
+    for m in [0o644, 0o640, 0o604] {
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(m)).unwrap();
+        let (ok, out, err) = cli_with_credentials(&cfg, &["check-config"], None);
+        assert!(!ok, "check-config accepted a {m:o} config:\n{out}\n{err}");
+        assert!(
+            err.starts_with(&format!("{}:", cfg.display())) && err.contains(&fix),
+            "names the file, the line and the fix: {err}"
+        );
+        assert!(
+            err.contains("client_secret_file") && err.contains("default.client_secret"),
+            "names the other ways: {err}"
+        );
+        assert!(!err.contains(CLIENT_SECRET), "{err}");
+    }
+    let err = serve_refuses(&cfg);
+    assert!(err.contains(&fix), "{err}");
+    assert!(!err.contains(CLIENT_SECRET), "{err}");
+
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, out, err) = cli_with_credentials(&cfg, &["check-config"], None);
+    assert!(ok, "{out}\n{err}");
+
+    // Without an inline secret the config may be readable by all.
+    let secret = up.aux.path().join("default.secret");
+    std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let account = up.account("default", EMAIL, &["*"], true).replace(
+        &format!("client_secret = \"{CLIENT_SECRET}\"\n"),
+        &format!("client_secret_file = \"{}\"\n", secret.display()),
+    );
+    let cfg = config_in(up.aux.path(), &up.config(FAST_DELIVERY, &[account]));
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out, err) = cli_with_credentials(&cfg, &["check-config"], None);
+    assert!(ok, "{out}\n{err}");
+}
+
 /// `token import` on a terminal: the pasted refresh token is not echoed
 /// (like `hash-password`), and the terminal gets its echo back afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

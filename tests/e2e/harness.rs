@@ -37,6 +37,11 @@ pub fn config_in(dir: &Path, body: &str) -> PathBuf {
     );
     let path = dir.join("oauthrelay.toml");
     std::fs::write(&path, text).unwrap();
+    // The accounts in these configs carry an inline client_secret, which
+    // oauthrelay refuses in a file group or others can read (0644 from the
+    // umask): private, as the docs tell users.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&path, private).unwrap();
     path
 }
 

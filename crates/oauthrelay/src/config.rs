@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -240,15 +241,59 @@ pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigErrors> {
         validate(&loaded)?;
         return Ok(loaded);
     };
-    let source = std::fs::read_to_string(path).map_err(|e| {
+    let cannot_read = |e: std::io::Error| {
         ConfigErrors(vec![ConfigError {
             file: Some(path.to_path_buf()),
             line: 1,
             col: 1,
             message: format!("cannot read the configuration file: {e}"),
         }])
-    })?;
-    parse(&source, Some(path))
+    };
+    let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+    let mode = file.metadata().map_err(cannot_read)?.mode();
+    let mut source = String::new();
+    std::io::Read::read_to_string(&mut file, &mut source).map_err(cannot_read)?;
+    let loaded = parse(&source, Some(path))?;
+    check_inline_secrets(&loaded, mode)?;
+    Ok(loaded)
+}
+
+/// A file with an inline `client_secret` is a secret file: like
+/// `client_secret_file`, group and others must not be able to read it
+/// (the rule ssh applies to keys). Refused with the fix, at the secret.
+fn check_inline_secrets(l: &Loaded, mode: u32) -> Result<(), ConfigErrors> {
+    let mode = mode & 0o7777;
+    let Some(path) = &l.path else { return Ok(()) };
+    if mode & 0o044 == 0 {
+        return Ok(());
+    }
+    let errs: Vec<ConfigError> = l
+        .config
+        .accounts
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| {
+            a.client_secret
+                .as_ref()
+                .is_some_and(|s| !secrecy::ExposeSecret::expose_secret(s).trim().is_empty())
+        })
+        .map(|(i, a)| {
+            l.error_at(
+                &[Key::Name("accounts"), Key::Index(i), Key::Name("client_secret")],
+                format!(
+                    "account {:?}: the client secret is written in this file, which group or others can read (permissions {mode:04o}); run: chmod 600 {}, or move the secret to client_secret_file or a systemd credential ({}.client_secret)",
+                    a.name,
+                    oauth::perms::shell_quote(path),
+                    a.name
+                ),
+            )
+        })
+        .collect();
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errs))
+    }
 }
 
 /// Parse a configuration text (`path` is for messages only).
