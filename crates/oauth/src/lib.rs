@@ -20,8 +20,11 @@
 //! let summary = oauth::authorize::run(&accounts[0], &opts, &mut std::io::stdout(), Some(stdin)).await?;
 //! println!("{summary}");
 //!
-//! // `oauthrelay token import --account NAME` (token read from stdin)
-//! oauth::import_refresh_token(&accounts[0], "1//0g-refresh-token")?;
+//! // `oauthrelay token import --account NAME` (token read from stdin).
+//! // It and `token status` need no client secret: resolve without reading
+//! // one (it may be a systemd credential only the unit sees).
+//! let lean = oauth::Account::resolve(&configs[0], &ctx.clone().without_secrets())?;
+//! oauth::import_refresh_token(&lean, "1//0g-refresh-token")?;
 //!
 //! // `oauthrelay token status [--json]`
 //! let status = oauth::status(&accounts);
