@@ -82,6 +82,13 @@ token_url = "{token_url}"
             token_url = spec.token_url,
         );
         fs::write(&config, text).context("writing the config")?;
+        // It holds an inline client secret: the daemon refuses such a file
+        // when others can read it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&config, fs::Permissions::from_mode(0o600))
+                .context("chmod 600 the config")?;
+        }
         Ok(Instance {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
