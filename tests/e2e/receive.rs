@@ -93,6 +93,19 @@ async fn metrics_and_health_are_served() {
     ] {
         assert!(body.contains(family), "missing {family:?} in\n{body}");
     }
+    // The 250 came after the commit's fdatasync.
+    for counter in [
+        "oauthrelay_spool_syncs_total",
+        "oauthrelay_spool_synced_operations_total",
+    ] {
+        let value = body
+            .lines()
+            .find_map(|l| l.strip_prefix(counter)?.trim().parse::<u64>().ok());
+        assert!(
+            value.is_some_and(|v| v >= 1),
+            "{counter}: {value:?}\n{body}"
+        );
+    }
     assert_eq!(d.http_get("/healthz").await.0, 200);
     // No account: nothing is wrong with what is configured.
     let (code, body) = d.http_get("/readyz").await;

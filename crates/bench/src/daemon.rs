@@ -250,6 +250,31 @@ impl Daemon {
         Ok(addr)
     }
 
+    /// The value of a counter or gauge on its `/metrics` page (address
+    /// from the `metrics listening on http://ADDR/metrics` log line).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let addr = text
+            .lines()
+            .find_map(|l| addr_after(l, "metrics listening on http://"))
+            .context("no `metrics listening on` line in the daemon log")?;
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await?;
+        let mut page = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut page))
+            .await
+            .context("/metrics did not answer within 5 s")??;
+        page.lines()
+            .find_map(|l| {
+                let v = l.strip_prefix(name)?.strip_prefix(' ')?;
+                v.trim().parse::<f64>().ok()
+            })
+            .map(|v| v as u64)
+            .with_context(|| format!("no {name} on /metrics"))
+    }
+
     fn exited(&self) -> bool {
         let Some(c) = self.child.as_ref() else {
             return true;

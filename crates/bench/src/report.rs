@@ -64,6 +64,10 @@ pub struct LoadRun {
     pub peak_rss_kib: u64,
     pub upstream_connections: u64,
     pub cpu: Cpu,
+    /// oauthrelay: spool fdatasyncs during the run (to the end of the
+    /// catch-up) and the writes (commits, updates, removals) they
+    /// acknowledged.
+    pub spool_syncs: Option<(u64, u64)>,
 }
 
 impl LoadRun {
@@ -111,6 +115,14 @@ impl LoadRun {
             ms(self.upstream_gap.p50),
             ms(self.upstream_gap.p99)
         );
+        if let Some((syncs, ops)) = self.spool_syncs {
+            let _ = write!(
+                s,
+                "\n             spool: {syncs} fdatasyncs acknowledged {ops} writes ({:.1} per sync; {:.0} syncs/s over the window)",
+                ops as f64 / syncs.max(1) as f64,
+                syncs as f64 / self.window.as_secs_f64(),
+            );
+        }
         let c = &self.cpu;
         let _ = write!(
             s,

@@ -224,6 +224,14 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// The daemon's group commits so far: (fdatasyncs, writes they acknowledged).
+async fn spool_syncs(d: &Daemon) -> anyhow::Result<(u64, u64)> {
+    Ok((
+        d.metric("oauthrelay_spool_syncs_total").await?,
+        d.metric("oauthrelay_spool_synced_operations_total").await?,
+    ))
+}
+
 /// Snapshot of CPU counters at the start of a window.
 struct CpuMark {
     relay: Option<(u32, f64)>,
@@ -481,10 +489,13 @@ impl Bench {
                 let (_inst, mut d) = self.fresh_daemon(tag).await?;
                 let addr = d.smtp();
                 let pid = d.pid();
+                let syncs = spool_syncs(&d).await?;
                 let mut r = self
                     .measure(system, addr, Some(pid), tpl, load, tag)
                     .await?;
                 r.peak_rss_kib = d.memory().peak_kib;
+                let after = spool_syncs(&d).await?;
+                r.spool_syncs = Some((after.0 - syncs.0, after.1 - syncs.1));
                 d.terminate().await?;
                 Ok(r)
             }
@@ -556,6 +567,7 @@ impl Bench {
             peak_rss_kib: 0,
             upstream_connections: gmail.stats().connections - conns0,
             cpu,
+            spool_syncs: None,
         })
     }
 

@@ -9,6 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -40,6 +41,10 @@ pub struct QueueGauges {
     oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     paused: Family<AccountLabel, Gauge>,
     held: Family<AccountLabel, Gauge>,
+    syncs: Counter,
+    synced_ops: Counter,
+    /// Two scrapes at once must not both add the same increase.
+    counting: Arc<std::sync::Mutex<()>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +71,16 @@ impl QueueGauges {
             g.paused.clone(),
         );
         registry.register(
+            "oauthrelay_spool_syncs",
+            "Group commits: fdatasyncs of the spool that acknowledged waiting writes",
+            g.syncs.clone(),
+        );
+        registry.register(
+            "oauthrelay_spool_synced_operations",
+            "Spool writes (commits, updates, removals) acknowledged by those syncs",
+            g.synced_ops.clone(),
+        );
+        registry.register(
             "oauthrelay_account_held",
             "1 while the account's mail is held until a human acts (authorization)",
             g.held.clone(),
@@ -87,6 +102,12 @@ impl QueueGauges {
                 .get_or_create(&label)
                 .set(i64::from(a.held.is_some()));
         }
+        // The spool counts; the counters follow.
+        let _one = self.counting.lock().unwrap_or_else(|p| p.into_inner());
+        let c = spool.sync_counts();
+        self.syncs.inc_by(c.syncs.saturating_sub(self.syncs.get()));
+        self.synced_ops
+            .inc_by(c.operations.saturating_sub(self.synced_ops.get()));
         let (n, oldest) = spool.stats();
         self.messages.set(n as i64);
         let age = oldest

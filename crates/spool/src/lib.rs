@@ -81,6 +81,13 @@ impl Default for Options {
     }
 }
 
+/// See [`Spool::sync_counts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncCounts {
+    pub syncs: u64,
+    pub operations: u64,
+}
+
 /// The queue. Cheap to clone; all clones share one writer thread.
 #[derive(Clone)]
 pub struct Spool {
@@ -102,6 +109,10 @@ pub(crate) struct Shared {
     reserve: AtomicU64,
     /// New mail was refused because free space reached the reserve.
     below_reserve: AtomicBool,
+    /// Group commits: `fdatasync`s that made waiting operations durable.
+    syncs: AtomicU64,
+    /// Commits, updates and removals those syncs made durable.
+    synced_ops: AtomicU64,
 }
 
 impl Shared {
@@ -118,6 +129,12 @@ impl Shared {
     pub(crate) fn notify(&self, ids: &[MessageId]) {
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         subs.retain(|tx| ids.iter().all(|id| tx.send(*id).is_ok()));
+    }
+
+    pub(crate) fn counted_sync(&self, operations: usize) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.synced_ops
+            .fetch_add(operations as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn set_healthy(&self) {
@@ -238,6 +255,8 @@ impl Spool {
             dir_file: File::open(dir).map_err(open_err)?,
             reserve: AtomicU64::new(options.min_free_space),
             below_reserve: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
+            synced_ops: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer::new(
@@ -320,6 +339,16 @@ impl Spool {
         let index = self.shared.lock_index();
         let oldest = index.messages.values().map(|e| e.envelope.received).min();
         (index.messages.len(), oldest)
+    }
+
+    /// Group commits so far: how many `fdatasync`s acknowledged waiting
+    /// operations, and how many operations (commits, updates, removals)
+    /// they acknowledged. Their ratio is the group commit's batch size.
+    pub fn sync_counts(&self) -> SyncCounts {
+        SyncCounts {
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+            operations: self.shared.synced_ops.load(Ordering::Relaxed),
+        }
     }
 
     /// Bytes a new message may still use: the file system's free space

@@ -397,6 +397,11 @@ impl Writer {
                 return stop;
             }
             self.shared.set_healthy();
+            self.shared.counted_sync(
+                done.iter()
+                    .filter(|d| !matches!(d, Done::Sync { .. }))
+                    .count(),
+            );
             self.apply(done);
         }
         stop

@@ -213,11 +213,34 @@ async fn many_concurrent_commits_share_syncs_and_all_survive() {
         all.extend(t.await.unwrap());
     }
     assert_eq!(all.len(), 500, "ids are unique");
+    // Group commit: every commit was acknowledged by a sync, and commits
+    // that arrived together shared one.
+    let c = spool.sync_counts();
+    assert_eq!(c.operations, 500, "{c:?}");
+    assert!(c.syncs >= 1 && c.syncs < c.operations, "{c:?}");
     let spool = reopen(spool, dir.path()).await;
     assert_eq!(spool.list().len(), 500);
     for (id, b) in &all {
         assert_eq!(&body(&spool, *id).await, b);
     }
+}
+
+#[tokio::test]
+async fn each_acknowledgement_waits_for_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    // One writer, one operation at a time: nothing to share a sync with,
+    // so every commit, update and removal is acknowledged by its own.
+    for i in 0..10u8 {
+        let id = put(&spool, &pattern(500, i)).await;
+        let mut e = spool.envelope(id).unwrap();
+        e.attempts = 1;
+        spool.update(id, e).await.unwrap();
+        spool.remove(id).await.unwrap();
+    }
+    let c = spool.sync_counts();
+    assert_eq!(c.operations, 30, "{c:?}");
+    assert_eq!(c.syncs, 30, "{c:?}");
 }
 
 #[tokio::test]
