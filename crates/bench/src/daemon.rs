@@ -333,7 +333,7 @@ fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(marker)? + marker.len()..];
     let token: String = rest
         .chars()
-        .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | '"'))
+        .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | '"' | '/'))
         .collect();
     token.parse().ok()
 }
@@ -348,6 +348,11 @@ mod tests {
         assert_eq!(
             addr_after(l, "SMTP listening on "),
             Some("127.0.0.1:40123".parse().unwrap())
+        );
+        let l = "2025-11-25T04:00:00.000000Z  INFO metrics listening on http://127.0.0.1:9925/metrics";
+        assert_eq!(
+            addr_after(l, "metrics listening on http://"),
+            Some("127.0.0.1:9925".parse().unwrap())
         );
     }
 }
