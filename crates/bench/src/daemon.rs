@@ -349,7 +349,8 @@ mod tests {
             addr_after(l, "SMTP listening on "),
             Some("127.0.0.1:40123".parse().unwrap())
         );
-        let l = "2025-11-25T04:00:00.000000Z  INFO metrics listening on http://127.0.0.1:9925/metrics";
+        let l =
+            "2025-11-25T04:00:00.000000Z  INFO metrics listening on http://127.0.0.1:9925/metrics";
         assert_eq!(
             addr_after(l, "metrics listening on http://"),
             Some("127.0.0.1:9925".parse().unwrap())

@@ -11,6 +11,10 @@ pub struct Memory {
     pub peak_kib: u64,
     /// `VmRSS`: resident set size now.
     pub rss_kib: u64,
+    /// Of which `RssAnon` (heap, stacks) and `RssFile` (the binary's code
+    /// and data, shared libraries: pages the kernel can drop and re-read).
+    pub anon_kib: u64,
+    pub file_kib: u64,
 }
 
 /// `VmHWM` and `VmRSS` of `pid`; zeros when the process is gone.
@@ -19,6 +23,8 @@ pub fn memory(pid: u32) -> Memory {
     Memory {
         peak_kib: status_field(&status, "VmHWM:"),
         rss_kib: status_field(&status, "VmRSS:"),
+        anon_kib: status_field(&status, "RssAnon:"),
+        file_kib: status_field(&status, "RssFile:"),
     }
 }
 

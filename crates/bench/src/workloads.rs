@@ -707,8 +707,10 @@ impl Bench {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let idle = d.memory();
         println!(
-            "  idle after start: RSS {:.2} MB (peak so far {:.2} MB)",
+            "  idle after start: RSS {:.2} MB (anonymous {:.2} MB, file-backed {:.2} MB; peak so far {:.2} MB)",
             idle.rss_kib as f64 / 1024.0,
+            idle.anon_kib as f64 / 1024.0,
+            idle.file_kib as f64 / 1024.0,
             idle.peak_kib as f64 / 1024.0
         );
 
@@ -758,8 +760,10 @@ impl Bench {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let idle_after = d.memory();
         println!(
-            "  idle after delivering: RSS {:.2} MB",
-            idle_after.rss_kib as f64 / 1024.0
+            "  idle after delivering: RSS {:.2} MB (anonymous {:.2} MB, file-backed {:.2} MB)",
+            idle_after.rss_kib as f64 / 1024.0,
+            idle_after.anon_kib as f64 / 1024.0,
+            idle_after.file_kib as f64 / 1024.0
         );
 
         // Idle sessions.
