@@ -287,32 +287,7 @@ async fn a_client_secret_file_others_can_read_is_refused_with_the_chmod_that_fix
     assert!(err.contains(&fix), "names the file and the fix: {err}");
 
     // serve refuses to start, and says the same.
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("serve")
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > T {
-            let _ = child.kill();
-            panic!("serve started with a world-readable client secret file");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "serve must exit non-zero: {err}");
+    let err = serve_refuses(&cfg);
     assert!(err.contains(&fix), "{err}");
     assert!(!err.contains(CLIENT_SECRET), "{err}");
 

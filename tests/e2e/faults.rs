@@ -144,18 +144,7 @@ async fn disk_full_while_receiving_answers_452_and_loses_nothing_once_space_retu
 
     let mut s = Smtp::open(d.smtp).await;
     assert!(s.cmd("EHLO e2e.test").await.starts_with("250"));
-    let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
-    let full = loop {
-        let id = format!("full{}", acked.len());
-        let body = sized_message(&id, 256 << 10);
-        let r = s.mail("a@example.com", &["r@example.org"], &body).await;
-        if r.starts_with("250 ") {
-            acked.push((id, body));
-        } else {
-            break r;
-        }
-        assert!(acked.len() < 40, "a 6 MiB file system never filled up");
-    };
+    let (mut acked, full) = fill_until_refused(&mut s, "full", 40).await;
     assert!(full.starts_with("452 4.3.1"), "the full disk: {full}");
     assert!(
         !acked.is_empty(),
@@ -306,18 +295,7 @@ async fn new_mail_stops_at_the_reserve_and_delivery_gives_the_space_back() {
 
     let mut s = Smtp::open(d.smtp).await;
     assert!(s.cmd("EHLO e2e.test").await.starts_with("250"));
-    let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
-    let full = loop {
-        let id = format!("res{}", acked.len());
-        let body = sized_message(&id, 256 << 10);
-        let r = s.mail("a@example.com", &["r@example.org"], &body).await;
-        if r.starts_with("250 ") {
-            acked.push((id, body));
-        } else {
-            break r;
-        }
-        assert!(acked.len() < 60, "a 12 MiB file system never filled up");
-    };
+    let (acked, full) = fill_until_refused(&mut s, "res", 60).await;
     assert!(full.starts_with("452 4.3.1"), "down to the reserve: {full}");
     assert!(acked.len() >= 10, "mail was taken until the reserve");
     let free = free_space(fs.path());
@@ -552,5 +530,25 @@ async fn gmail_dropping_the_connection_after_the_final_dot_gets_the_message_agai
             story[1]
         );
         eprintln!("dropped after data (chunking={chunking}): {}", story[0]);
+    }
+}
+
+/// Send 256 KiB messages until one is refused: the acknowledged ones (id,
+/// body) and the refusal. At most `most` are taken.
+async fn fill_until_refused(
+    s: &mut Smtp,
+    prefix: &str,
+    most: usize,
+) -> (Vec<(String, Vec<u8>)>, String) {
+    let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
+    loop {
+        let id = format!("{prefix}{}", acked.len());
+        let body = sized_message(&id, 256 << 10);
+        let r = s.mail("a@example.com", &["r@example.org"], &body).await;
+        if !r.starts_with("250 ") {
+            return (acked, r);
+        }
+        acked.push((id, body));
+        assert!(acked.len() < most, "the file system never filled up");
     }
 }
