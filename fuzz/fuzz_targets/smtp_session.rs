@@ -83,6 +83,7 @@ fn world() -> &'static World {
             // Small segments, so space taken by abandoned bodies is
             // reclaimed as the run goes.
             segment_size: 1 << 20,
+            ..spool::Options::default()
         };
         let (spool, _) = Spool::open_with(&dir.path().join("spool"), options).expect("spool");
         let ca = testkit::ca::TestCa::new();
