@@ -226,6 +226,11 @@ async fn client(sh: Arc<Shared>, id: u32, seed: u64) {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
+                    // Each restart listens on a new port: the old one,
+                    // free after the kill, may meanwhile belong to a server
+                    // of another test running in parallel. Silence from an
+                    // address that is no longer the daemon's is not ours.
+                    Err(Broken::Reply(_)) if *sh.addr.borrow() != addr => continue,
                     Err(Broken::Reply(r)) => {
                         sh.surprises
                             .lock()
