@@ -136,7 +136,11 @@ impl Conn {
             r: BufReader::new(r),
             w,
         };
-        c.expect("220").await?;
+        let greeting = c.expect("220").await?;
+        if !greeting.ends_with(" ESMTP oauthrelay") {
+            // Some other server took the port of a daemon killed since.
+            return Err(Broken::Reply(format!("not our daemon: {greeting}")));
+        }
         c.send(b"EHLO torture.test\r\n").await?;
         c.expect("250").await?;
         Ok(c)
