@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use oauth::TokenManager;
-use spool::{Envelope, MessageId, RcptState, Spool, SpoolError};
+use spool::{Envelope, MessageId, RcptState, Recipient, Spool, SpoolError};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +54,7 @@ pub(crate) struct Job {
 /// message again while only the spool write is retried. They live in memory
 /// only: after a crash the message is sent again (at-least-once).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Unrecorded(Vec<(usize, RcptState, Option<String>, bool)>);
+pub(crate) struct Unrecorded(Vec<(usize, Recipient)>);
 
 impl Unrecorded {
     /// The decided recipients of `env` (`None` if there are none).
@@ -64,7 +64,7 @@ impl Unrecorded {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.state != RcptState::Pending)
-            .map(|(i, r)| (i, r.state, r.reply.clone(), r.expired))
+            .map(|(i, r)| (i, r.clone()))
             .collect();
         (!done.is_empty()).then_some(Unrecorded(done))
     }
@@ -73,13 +73,11 @@ impl Unrecorded {
     /// pending there got one.
     fn apply(&self, env: &mut Envelope) -> bool {
         let mut changed = false;
-        for (i, state, reply, expired) in &self.0 {
+        for (i, decided) in &self.0 {
             if let Some(r) = env.recipients.get_mut(*i)
                 && r.state == RcptState::Pending
             {
-                r.state = *state;
-                r.reply.clone_from(reply);
-                r.expired = *expired;
+                r.clone_from(decided);
                 changed = true;
             }
         }

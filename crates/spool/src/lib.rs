@@ -154,10 +154,10 @@ impl Shared {
     }
 
     /// Record that new mail was refused for want of space (logged once).
-    pub(crate) fn hit_reserve(&self, free: impl FnOnce() -> Option<u64>) {
+    pub(crate) fn hit_reserve(&self) {
         if !self.below_reserve.swap(true, Ordering::Relaxed) {
             warn!(
-                free_bytes = free(),
+                free_bytes = space::available(&self.dir_file).ok(),
                 min_free_space = self.reserve(),
                 dir = %self.dir.display(),
                 "the spool's file system is down to its reserve ([spool] min_free_space): new mail gets 452 4.3.1 until space is freed; deliveries and removals go on"
@@ -182,8 +182,14 @@ impl Shared {
     }
 
     /// Bytes new mail may still use (`None`: the file system cannot tell).
-    fn room_for_mail(&self) -> Option<u64> {
-        let free = space::available(&self.dir_file).ok()?;
+    pub(crate) fn room_for_mail(&self) -> Option<u64> {
+        let free = match space::available(&self.dir_file) {
+            Ok(free) => free,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask the spool's file system for its free space");
+                return None;
+            }
+        };
         Some(free.saturating_sub(self.reserve()))
     }
 

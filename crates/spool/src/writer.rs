@@ -16,7 +16,7 @@ use crate::error::SpoolError;
 use crate::index::Entry;
 use crate::record::{self, Extent, Kind};
 use crate::segment;
-use crate::space::{self, Room};
+use crate::space::Room;
 use crate::{MessageId, Shared};
 
 /// Largest batch the writer takes before writing (bytes of payload).
@@ -208,21 +208,16 @@ impl Writer {
         // New mail may not use the reserve; the file system is asked once,
         // at the batch's first inbound record.
         let mut room = Room::Unchecked;
-        let check = |file: &File, shared: &Shared| {
-            let reserve = shared.reserve();
-            if reserve == 0 {
+        let check = |shared: &Shared| {
+            if shared.reserve() == 0 {
                 return Room::Unlimited;
             }
-            match space::available(file) {
-                Ok(free) => {
-                    let left = free.saturating_sub(reserve);
+            match shared.room_for_mail() {
+                Some(left) => {
                     shared.room_again(left);
                     Room::Left(left)
                 }
-                Err(e) => {
-                    debug!(error = %e, "cannot ask the spool's file system for its free space");
-                    Room::Unlimited
-                }
+                None => Room::Unlimited,
             }
         };
 
@@ -241,11 +236,10 @@ impl Writer {
                         &[&record::id_bytes(id), &data],
                     );
                     let n = (self.buf.len() - before) as u64;
-                    if !room.take(n, || check(&self.active.file, &self.shared)) {
+                    if !room.take(n, || check(&self.shared)) {
                         self.buf.truncate(before);
                         open.failed = Some(SpoolError::DiskFull);
-                        self.shared
-                            .hit_reserve(|| space::available(&self.active.file).ok());
+                        self.shared.hit_reserve();
                         continue;
                     }
                     open.extents.push(Extent {
@@ -290,13 +284,10 @@ impl Writer {
                     // A bounce may use the reserve: the message it reports
                     // on can only be removed once the bounce is queued.
                     let n = (self.buf.len() - before) as u64;
-                    if envelope.bounce_of.is_none()
-                        && !room.take(n, || check(&self.active.file, &self.shared))
-                    {
+                    if envelope.bounce_of.is_none() && !room.take(n, || check(&self.shared)) {
                         self.buf.truncate(before);
                         // Health says so before the caller hears of it.
-                        self.shared
-                            .hit_reserve(|| space::available(&self.active.file).ok());
+                        self.shared.hit_reserve();
                         let _ = reply.send(Err(SpoolError::DiskFull));
                         continue;
                     }
