@@ -20,6 +20,11 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
+    /// Log format: `text` (Postfix-style lines) or `json` (one object per
+    /// line). Default: `[log] format`.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<crate::config::LogFormat>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -80,14 +80,27 @@ pub struct LogConfig {
     /// `error`, `warn`, `info`, `debug` or `trace`, or a full filter like
     /// `info,inbound=debug`. `RUST_LOG` overrides it.
     pub level: String,
+    /// `text` (one line per event, Postfix style) or `json` (one JSON
+    /// object per line, for log shippers). `--log-format` overrides it.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
+}
+
+/// `[log] format` and `--log-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 fn ser_opt_addr<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
@@ -135,6 +148,14 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// A problem that only a change to the configuration, or to a file it
+/// names, fixes (a secret file others can read, a bad certificate, an
+/// address not on this host): `serve` exits 78 so systemd does not restart
+/// it in a loop.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Misconfigured(pub String);
 
 /// All errors found in one file.
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod http;
+mod logging;
 mod paths;
 mod queue;
 mod sendmail;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         let args: Vec<String> = std::env::args().skip(1).collect();
         Cli {
             config: None,
+            log_format: None,
             command: Command::Sendmail { args },
         }
     } else {
@@ -63,21 +65,27 @@ fn worker_threads() -> usize {
         .clamp(2, 8)
 }
 
+/// sysexits(3) `EX_CONFIG`: the configuration is wrong, so restarting
+/// cannot help (the unit's `RestartPreventExitStatus=78`).
+pub(crate) const EX_CONFIG: u8 = 78;
+
 async fn run(cli: Cli) -> ExitCode {
     let path = config::find(cli.config.as_deref());
     let loaded = match config::load(path.as_deref()) {
         Ok(l) => l,
         Err(errors) => {
-            eprintln!("{errors}");
+            logging::early_error(&errors.to_string());
             return match cli.command {
                 Command::Sendmail { .. } => ExitCode::from(sendmail::EX_TEMPFAIL),
-                _ => ExitCode::FAILURE,
+                // Documented as "exit 0 or 1" (it is the validator).
+                Command::CheckConfig => ExitCode::FAILURE,
+                _ => ExitCode::from(EX_CONFIG),
             };
         }
     };
-    let level = loaded.config.log.level.clone();
     let quiet = !matches!(cli.command, Command::Serve);
-    init_logging(&level, quiet);
+    let log = &loaded.config.log;
+    logging::init(&log.level, cli.log_format.unwrap_or(log.format), quiet);
     let paths = Paths::resolve(&loaded);
 
     let result = match cli.command {
@@ -100,31 +108,26 @@ async fn run(cli: Cli) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("oauthrelay: {e:#}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
     }
 }
 
-/// Logs go to stderr. Under systemd (`JOURNAL_STREAM` set) the journal adds
-/// timestamps, so we do not. One-shot commands only show warnings unless
-/// `RUST_LOG` says otherwise.
-fn init_logging(level: &str, quiet: bool) {
-    use tracing_subscriber::EnvFilter;
-    let default = if quiet { "warn" } else { level };
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(false);
-    let _ = if journal {
-        builder.without_time().try_init()
+/// 78 when the error is in the configuration (or a file it names), else 1.
+pub(crate) fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if is_config_error(e) {
+        ExitCode::from(EX_CONFIG)
     } else {
-        builder.try_init()
-    };
+        ExitCode::FAILURE
+    }
+}
+
+fn is_config_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<config::ConfigError>()
+            || c.is::<config::ConfigErrors>()
+            || c.is::<config::Misconfigured>()
+    })
 }
 
 /// Used by commands that need the resolved accounts.
@@ -141,11 +144,9 @@ pub(crate) fn resolve_accounts(
 /// Point an account error at its place in the config file when it has one.
 pub(crate) fn account_error(loaded: &Loaded, e: oauth::AccountError) -> anyhow::Error {
     match account_error_key(loaded, &e) {
-        Some(key) => {
-            let at = loaded.error_at(&key, e.to_string());
-            anyhow::anyhow!("{at}")
-        }
-        None => anyhow::anyhow!("{e}"),
+        Some(key) => anyhow::Error::new(loaded.error_at(&key, e.to_string())),
+        // The message already names the file (and the chmod that fixes it).
+        None => anyhow::Error::new(config::Misconfigured(e.to_string())),
     }
 }
 

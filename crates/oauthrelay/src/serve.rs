@@ -24,8 +24,7 @@ pub async fn run(loaded: Loaded, paths: Paths) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
-            eprintln!("oauthrelay: {e:#}");
-            ExitCode::FAILURE
+            crate::exit_code(&e)
         }
     }
 }
@@ -97,7 +96,7 @@ pub(crate) fn inbound_settings(
             inbound::SettingsError::PasswordHash { name } => user_key(loaded, name, false),
             inbound::SettingsError::DuplicateUser(name) => user_key(loaded, name, true),
         };
-        anyhow::anyhow!("{}", loaded.error_at(&key, e.to_string()))
+        anyhow::Error::new(loaded.error_at(&key, e.to_string()))
     })
 }
 
@@ -150,11 +149,22 @@ fn bind_smtp(loaded: &Loaded) -> anyhow::Result<Vec<TcpListener>> {
     }
     let mut out = Vec::new();
     for addr in &loaded.config.server.listen {
-        let l = std_listener(*addr)
-            .with_context(|| format!("cannot listen on {addr} ([server] listen)"))?;
+        let l = std_listener(*addr).map_err(|e| bind_error(e, *addr, "[server] listen"))?;
         out.push(TcpListener::from_std(l)?);
     }
     Ok(out)
+}
+
+/// A listener that cannot be opened. An address not on this host, or a
+/// port below 1024 without the capability, is a configuration problem
+/// (exit 78: restarting cannot help); a port in use may free up.
+fn bind_error(e: std::io::Error, addr: SocketAddr, key: &str) -> anyhow::Error {
+    use std::io::ErrorKind::{AddrNotAvailable, PermissionDenied};
+    let text = format!("cannot listen on {addr} ({key}): {e}");
+    match e.kind() {
+        AddrNotAvailable | PermissionDenied => anyhow::Error::new(config::Misconfigured(text)),
+        _ => anyhow::anyhow!(text),
+    }
 }
 
 fn std_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -244,9 +254,11 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     }
     let metrics_listener = match loaded.config.metrics.listen {
         Some(addr) => {
-            let l = std_listener(addr).with_context(|| {
-                format!(
-                    "cannot listen on {addr} ([metrics] listen; set listen = \"\" to turn it off)"
+            let l = std_listener(addr).map_err(|e| {
+                bind_error(
+                    e,
+                    addr,
+                    "[metrics] listen; set listen = \"\" to turn it off",
                 )
             })?;
             let l = TcpListener::from_std(l)?;
