@@ -45,6 +45,27 @@ pub(crate) enum Rejection {
     Storage,
 }
 
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Limit => "limit",
+            Refusal::Network => "network",
+        }
+    }
+}
+
+impl Rejection {
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::Size => "size",
+            Rejection::Relay => "relay",
+            Rejection::Sender => "sender",
+            Rejection::Recipients => "recipients",
+            Rejection::Storage => "storage",
+        }
+    }
+}
+
 impl Metrics {
     /// Create the metrics and register them in `registry`:
     /// `oauthrelay_messages_received_total`,
@@ -56,6 +77,20 @@ impl Metrics {
     /// `oauthrelay_messages_rejected_total{reason="size"|"relay"|"sender"|"recipients"|"storage"}`.
     pub fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics::default();
+        // Every reason is exported from the start (at 0), so `increase()`
+        // alerts and dashboards see the first event.
+        for why in [Refusal::Limit, Refusal::Network] {
+            let _ = m.refused.get_or_create(&[("reason", why.label())]);
+        }
+        for why in [
+            Rejection::Size,
+            Rejection::Relay,
+            Rejection::Sender,
+            Rejection::Recipients,
+            Rejection::Storage,
+        ] {
+            let _ = m.rejected.get_or_create(&[("reason", why.label())]);
+        }
         registry.register(
             "oauthrelay_messages_received",
             "Messages accepted from SMTP clients and queued",
@@ -104,11 +139,7 @@ impl Metrics {
     }
 
     pub(crate) fn refused(&self, why: Refusal) {
-        let reason = match why {
-            Refusal::Limit => "limit",
-            Refusal::Network => "network",
-        };
-        self.refused.get_or_create(&[("reason", reason)]).inc();
+        self.refused.get_or_create(&[("reason", why.label())]).inc();
     }
 
     pub(crate) fn session_started(&self) {
@@ -124,14 +155,9 @@ impl Metrics {
     }
 
     pub(crate) fn rejected(&self, why: Rejection) {
-        let reason = match why {
-            Rejection::Size => "size",
-            Rejection::Relay => "relay",
-            Rejection::Sender => "sender",
-            Rejection::Recipients => "recipients",
-            Rejection::Storage => "storage",
-        };
-        self.rejected.get_or_create(&[("reason", reason)]).inc();
+        self.rejected
+            .get_or_create(&[("reason", why.label())])
+            .inc();
     }
 
     /// Messages received so far (for tests and status output).

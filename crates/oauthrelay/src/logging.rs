@@ -282,8 +282,16 @@ mod tests {
     #[test]
     fn text_fields_are_not_repeated_when_the_message_shows_them() {
         let out = capture(false, || {
-            tracing::info!(queue_id = "7Q2X", client = "192.0.2.1:4000", "7Q2X: client=192.0.2.1:4000, size=12 (queued)");
-            tracing::warn!(client = "192.0.2.1:4000", user = "printer", "authentication failed");
+            tracing::info!(
+                queue_id = "7Q2X",
+                client = "192.0.2.1:4000",
+                "7Q2X: client=192.0.2.1:4000, size=12 (queued)"
+            );
+            tracing::warn!(
+                client = "192.0.2.1:4000",
+                user = "printer",
+                "authentication failed"
+            );
             tracing::info!(n = 3, text = "two words", empty = "", "other");
         });
         let lines: Vec<&str> = out.lines().collect();

@@ -42,13 +42,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else if self.settings.users.is_empty() {
             Some(Reply::Sequence("authentication not enabled"))
         } else if !self.auth_channel_ok() {
+            let ip = self.ip;
+            warn!(client = %self.peer, "AUTH refused from unknown[{ip}]: STARTTLS first ([server] require_tls_for_auth)");
             Some(Reply::AuthTlsRequired)
         } else if self.shared.limiter.is_limited(
             self.ip,
             cfg.auth_failure_limit,
             cfg.auth_failure_window,
         ) {
-            warn!(client = %self.peer, "AUTH refused: too many failed attempts from this address");
+            let ip = self.ip;
+            warn!(client = %self.peer, "AUTH refused from unknown[{ip}]: too many failed attempts from this address");
             Some(Reply::AuthRateLimited)
         } else {
             None
@@ -119,7 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.state = State::Auth(AuthStep::LoginPass { user: decoded });
                 self.reply(Reply::AuthPassword)
             }
-            AuthStep::LoginPass { user } => self.check_credentials(user, decoded).await,
+            AuthStep::LoginPass { user } => self.check_credentials("LOGIN", user, decoded).await,
         }
     }
 
@@ -129,12 +132,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut parts = creds.splitn(3, |&b| b == 0);
         let (authz, user, pass) = match (parts.next(), parts.next(), parts.next()) {
             (Some(z), Some(u), Some(p)) => (z, u, p),
-            _ => return self.refuse_credentials(b""),
+            _ => return self.refuse_credentials("PLAIN", b""),
         };
         if !authz.is_empty() && authz != user {
-            return self.refuse_credentials(user);
+            return self.refuse_credentials("PLAIN", user);
         }
-        self.check_credentials(user.to_vec(), pass.to_vec()).await
+        self.check_credentials("PLAIN", user.to_vec(), pass.to_vec())
+            .await
     }
 
     /// Count an attempt before anything is checked, so that concurrent
@@ -149,19 +153,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         {
             Ok(a) => Ok(a),
             Err(Limited::Client) => {
-                warn!(client = %self.peer, "AUTH refused: too many failed attempts from this address");
+                let ip = self.ip;
+                warn!(client = %self.peer, "AUTH refused from unknown[{ip}]: too many failed attempts from this address");
                 Err(self.reply(Reply::AuthRateLimited))
             }
             Err(Limited::Everyone) => {
+                // Not this client's fault alone: not worded for fail2ban.
                 warn!(client = %self.peer, "AUTH refused: too many clients are failing to authenticate");
                 Err(self.reply(Reply::AuthRateLimited))
             }
         }
     }
 
-    async fn check_credentials(&mut self, user: Vec<u8>, pass: Vec<u8>) -> Step {
+    async fn check_credentials(&mut self, mech: &str, user: Vec<u8>, pass: Vec<u8>) -> Step {
         if user.is_empty() {
-            return self.refuse_credentials(&user);
+            return self.refuse_credentials(mech, &user);
         }
         let attempt = match self.count_attempt() {
             Ok(a) => a,
@@ -181,7 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(Reply::AuthOk)
             }
             // The attempt stays counted: it was a failed guess.
-            Verdict::Rejected => self.auth_failed(&user),
+            Verdict::Rejected => self.auth_failed(mech, &user),
             Verdict::Busy => {
                 self.shared.limiter.refund(attempt);
                 warn!(client = %self.peer, "AUTH refused: too many password checks at once");
@@ -193,16 +199,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Malformed credentials: refused without a password check, and not
     /// counted against the client, as they guess nothing (counting them
     /// would let a flood fill the limiter's table for free).
-    fn refuse_credentials(&mut self, user: &[u8]) -> Step {
-        self.auth_failed(user)
+    fn refuse_credentials(&mut self, mech: &str, user: &[u8]) -> Step {
+        self.auth_failed(mech, user)
     }
 
-    fn auth_failed(&mut self, user: &[u8]) -> Step {
+    /// Logged as Postfix does, with the address first and nothing the
+    /// client chose before it, so a fail2ban filter can anchor on it
+    /// (contrib/fail2ban).
+    fn auth_failed(&mut self, mech: &str, user: &[u8]) -> Step {
         self.shared.metrics.auth_failed();
+        let ip = self.ip;
         warn!(
             client = %self.peer,
             user = %Clean(&String::from_utf8_lossy(user)),
-            "authentication failed"
+            "SASL {mech} authentication failed from unknown[{ip}]"
         );
         self.reply(Reply::AuthFailed)
     }

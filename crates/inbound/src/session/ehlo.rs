@@ -27,6 +27,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         .write(&mut self.out);
         self.touch();
+        self.summary.reply(250);
         Step::Again
     }
 

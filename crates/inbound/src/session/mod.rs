@@ -14,6 +14,7 @@ mod mail;
 mod rcpt;
 pub(crate) mod reply;
 mod starttls;
+mod summary;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -37,6 +38,7 @@ use crate::settings::Settings;
 pub(crate) use auth::AuthStep;
 use conn::Conn;
 use reply::{Clean, Reply, ReplyCtx};
+use summary::{Summary, Verb};
 
 /// Read buffer while reading commands (grown only for longer
 /// `max_line_length`).
@@ -183,6 +185,8 @@ pub(crate) struct Session<S> {
     grace_end: Option<Instant>,
     /// Discarding the rest of an overlong line.
     skipping_line: bool,
+    /// Commands and their outcomes, for the `disconnect from` line.
+    summary: Summary,
 }
 
 fn later(t: Instant, d: Duration) -> Instant {
@@ -231,23 +235,61 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             body_bytes: 0,
             grace_end: None,
             skipping_line: false,
+            summary: Summary::default(),
         }
     }
 
-    /// Run the session to its end.
+    /// Run the session to its end. It is logged the way Postfix's smtpd
+    /// does: `connect from`, how it ended if not by QUIT, and `disconnect
+    /// from` with the commands counted.
     pub(crate) async fn run(mut self) {
-        debug!(client = %self.peer, trusted = self.trusted, "connect");
+        let ip = self.ip;
+        info!(client = %self.peer, trusted = self.trusted, "connect from unknown[{ip}]");
         let end = self.serve().await;
-        match &end {
-            Ok(()) | Err(SessionEnd::Eof) => {}
-            Err(SessionEnd::Timeout) => info!(client = %self.peer, "timeout; connection closed"),
-            Err(SessionEnd::Shutdown) => debug!(client = %self.peer, "closed for shutdown"),
-            Err(e) => debug!(client = %self.peer, error = %e, "session ended"),
-        }
+        self.log_end(&end);
         if !matches!(end, Err(SessionEnd::Io(_) | SessionEnd::Tls(_))) {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.conn.shutdown()).await;
         }
-        debug!(client = %self.peer, "disconnect");
+        info!(client = %self.peer, "disconnect from unknown[{ip}]{}", self.summary);
+    }
+
+    /// Say why a session ended, when it was not the usual way.
+    fn log_end(&self, end: &Result<(), SessionEnd>) {
+        let (ip, last) = (self.ip, self.summary.last_command());
+        // In a body: what was received of it, and the message it was for.
+        let body = self
+            .in_body()
+            .then(|| format!(" ({} bytes)", self.body_bytes))
+            .unwrap_or_default();
+        let id = self
+            .txn
+            .as_ref()
+            .and_then(|t| t.message.as_ref())
+            .map(|m| m.id().to_string());
+        match end {
+            Ok(()) => {}
+            Err(SessionEnd::Shutdown) => debug!(client = %self.peer, "closed for shutdown"),
+            Err(SessionEnd::Eof | SessionEnd::Io(_)) if self.in_body() => warn!(
+                client = %self.peer,
+                queue_id = id.as_deref().unwrap_or(""),
+                error = %end.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+                "lost connection after {last}{body} from unknown[{ip}]; the message was not queued"
+            ),
+            Err(SessionEnd::Eof) => {
+                info!(client = %self.peer, "lost connection after {last} from unknown[{ip}]")
+            }
+            Err(SessionEnd::Io(e)) => {
+                info!(client = %self.peer, error = %e, "lost connection after {last} from unknown[{ip}]")
+            }
+            Err(SessionEnd::Timeout) => {
+                info!(client = %self.peer, queue_id = id.as_deref().unwrap_or(""), "timeout after {last}{body} from unknown[{ip}]")
+            }
+            Err(SessionEnd::Tls(e)) => warn!(
+                client = %self.peer,
+                "TLS handshake failed from unknown[{ip}]: {e}{}",
+                tls_hint(e)
+            ),
+        }
     }
 
     async fn serve(&mut self) -> Result<(), SessionEnd> {
@@ -355,6 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn command(&mut self, line: &[u8]) -> Result<Step, SessionEnd> {
+        self.summary.begin(Verb::of(line));
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(self.reply(Reply::EmptyLine));
         }
@@ -447,6 +490,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         );
         self.touch();
+        self.summary.reply(r.code());
         if r.code() == 421 {
             // Every 421 closes the connection (RFC 5321 3.8).
             return Step::Close;
@@ -730,6 +774,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok((id, size)) => {
                 self.shared.metrics.message_received(size);
                 info!(
+                    queue_id = %id,
+                    client = %self.peer,
                     "{id}: client={}, helo=<{}>, sasl_username={}, from=<{}>, size={size}, nrcpt={nrcpt} (queued)",
                     self.peer,
                     Clean(self.helo.as_ref().map(|h| h.name.as_str()).unwrap_or("")),
@@ -775,6 +821,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             _ => Reply::Ok,
         };
         self.reply(then)
+    }
+}
+
+/// What a sysadmin should know about a failed handshake: an old client
+/// (TLS 1.0/1.1, which rustls does not speak) is the usual cause.
+fn tls_hint(e: &io::Error) -> &'static str {
+    let text = e.to_string().to_ascii_lowercase();
+    if text.contains("version") || text.contains("incompatible") || text.contains("tls12") {
+        " (the client may only speak TLS 1.0 or 1.1; oauthrelay requires TLS 1.2 or later: \
+         update the client's firmware, or let it send without STARTTLS from [server] allow_networks)"
+    } else {
+        ""
     }
 }
 
