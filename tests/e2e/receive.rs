@@ -107,9 +107,10 @@ async fn metrics_and_health_are_served() {
         );
     }
     assert_eq!(d.http_get("/healthz").await.0, 200);
-    // No account: nothing is wrong with what is configured.
+    // No account: mail is taken, but held until one is configured.
     let (code, body) = d.http_get("/readyz").await;
-    assert_eq!(code, 200, "{body}");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("no account configured; mail is held"), "{body}");
 }
 
 #[tokio::test]

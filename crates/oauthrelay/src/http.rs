@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -153,20 +153,62 @@ pub async fn serve(
         .await
 }
 
-async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+/// OpenMetrics when the scraper prefers it (Prometheus does, by default),
+/// else the Prometheus text format 0.0.4 (`promtool check metrics`, curl,
+/// older scrapers), as the Go client negotiates.
+async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     s.gauges.refresh(&s.spool, &s.outbound.account_states());
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+    let (encoded, content_type) = if wants_openmetrics(accept) {
+        (
+            prometheus_client::encoding::text::encode(&mut body, &s.registry),
+            OPENMETRICS,
+        )
+    } else {
+        (
+            prometheus_client::encoding::prometheus_text::encode(&mut body, &s.registry),
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )
+    };
+    match encoded {
         Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::VARY, "Accept"),
+            ],
             body,
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Does `accept` rank `application/openmetrics-text` above the text
+/// format? A tie, or no preference at all, gets the text format.
+fn wants_openmetrics(accept: &str) -> bool {
+    let mut openmetrics = 0.0f32;
+    let mut text = 0.0f32;
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    openmetrics > 0.0 && openmetrics > text
 }
 
 async fn healthz() -> &'static str {
@@ -213,5 +255,29 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
             axum::Json(serde_json::json!({ "status": "not ready", "problems": problems })),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_openmetrics;
+
+    #[test]
+    fn the_format_follows_the_accept_header() {
+        // What Prometheus 2.x and 3.x send by default.
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+        ));
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=1.0.0;q=0.3,*/*;q=0.1"
+        ));
+        assert!(wants_openmetrics("application/openmetrics-text"));
+        // Prometheus told to scrape the text format, curl, promtool users.
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5"));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics("application/openmetrics-text;q=0"));
+        assert!(!wants_openmetrics("application/json"));
     }
 }

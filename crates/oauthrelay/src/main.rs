@@ -9,6 +9,7 @@ mod config;
 mod http;
 mod logging;
 mod paths;
+mod process;
 mod queue;
 mod sendmail;
 mod serve;
@@ -23,6 +24,7 @@ use crate::config::Loaded;
 use crate::paths::Paths;
 
 fn main() -> ExitCode {
+    process::mark_start();
     // Invoked through a link named `sendmail` (or `mailq`-less setups that
     // call /usr/sbin/sendmail): behave like sendmail.
     let argv0 = std::env::args_os().next().unwrap_or_default();

@@ -216,6 +216,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     let oauth_metrics = oauth::OAuthMetrics::register(&mut registry);
     let outbound_metrics = outbound::Metrics::new(&mut registry);
     let gauges = QueueGauges::register(&mut registry);
+    crate::process::register(&mut registry);
 
     let resolved = crate::resolve_accounts(&loaded, &paths)?;
     let tokens = oauth::TokenManager::new(
@@ -371,7 +372,20 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
 fn readiness(tokens: oauth::TokenManager, outbound: outbound::Outbound) -> http::Readiness {
     Arc::new(move || {
         let mut problems = Vec::new();
-        for s in tokens.status() {
+        let status = tokens.status();
+        if status.is_empty() {
+            // Mail is taken and kept, but nothing will ever send it.
+            problems.push(Problem {
+                component: "account".into(),
+                account: None,
+                problem: "no account configured; mail is held".into(),
+                fix: Some(
+                    "add an [[accounts]] section (docs/gmail-setup.md), reload, then oauthrelay authorize --account NAME"
+                        .into(),
+                ),
+            });
+        }
+        for s in status {
             if !s.authorized {
                 problems.push(Problem {
                     component: "account".into(),
