@@ -110,7 +110,10 @@ async fn metrics_and_health_are_served() {
     // No account: mail is taken, but held until one is configured.
     let (code, body) = d.http_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("no account configured; mail is held"), "{body}");
+    assert!(
+        body.contains("no account configured; mail is held"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -274,7 +274,9 @@ mod tests {
         assert!(wants_openmetrics("application/openmetrics-text"));
         // Prometheus told to scrape the text format, curl, promtool users.
         assert!(!wants_openmetrics("text/plain;version=0.0.4"));
-        assert!(!wants_openmetrics("text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5"));
+        assert!(!wants_openmetrics(
+            "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5"
+        ));
         assert!(!wants_openmetrics("*/*"));
         assert!(!wants_openmetrics(""));
         assert!(!wants_openmetrics("application/openmetrics-text;q=0"));

@@ -13,6 +13,7 @@ mod process;
 mod queue;
 mod sendmail;
 mod serve;
+mod watchdog;
 
 use std::path::Path;
 use std::process::ExitCode;

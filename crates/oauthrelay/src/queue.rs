@@ -12,7 +12,7 @@ use spool::{Envelope, MessageId, RcptState, Spool, SpoolError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// A queue request, on the command line or as one JSON line on the socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,11 +166,28 @@ pub async fn handle(
         Request::Info => return Err("only a running daemon can answer this".into()),
         Request::Delete { id } => {
             let id = parse_id(&id)?;
+            let envelope = spool.envelope(id);
             match spool.remove(id).await {
                 Ok(()) => {}
                 Err(SpoolError::NotFound(_)) => return Err(not_queued(id)),
                 Err(e) => return Err(e.to_string()),
             }
+            // Postfix's postsuper logs `ID: removed`; so do we, with what
+            // the message was, since it is gone for good.
+            let (from, left) = envelope
+                .map(|e| {
+                    let left = e
+                        .recipients
+                        .iter()
+                        .filter(|r| r.state != RcptState::Delivered)
+                        .count();
+                    (e.sender, left)
+                })
+                .unwrap_or_default();
+            info!(
+                queue_id = %id,
+                "{id}: removed by queue delete: from=<{from}>, undelivered recipients={left}"
+            );
             serde_json::to_value(serde_json::json!({ "deleted": id.to_string() }))
         }
     };

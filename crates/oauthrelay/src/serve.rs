@@ -234,9 +234,10 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     }
     for s in tokens.status() {
         if !s.authorized {
-            warn!(
+            // An error (journalctl -p err): its mail waits for a human.
+            error!(
                 account = %s.account,
-                "account cannot send yet: {}; fix: {}",
+                "account needs authorization: {}; its mail is held until you fix it: {}",
                 s.problem.as_deref().unwrap_or("not authorized"),
                 s.fix.as_deref().unwrap_or("oauthrelay authorize --account NAME")
             );
@@ -313,10 +314,15 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         ))
     });
 
+    let smtp_running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let smtp_task = {
         let inbound = inbound.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move { inbound.serve(listeners, stop).await })
+        let running = smtp_running.clone();
+        tokio::spawn(async move {
+            inbound.serve(listeners, stop).await;
+            running.store(false, std::sync::atomic::Ordering::Release);
+        })
     };
 
     let _ = sd_notify::notify(&[
@@ -324,13 +330,21 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         sd_notify::NotifyState::Status("accepting mail"),
     ]);
     info!("ready");
+    let watchdog = crate::watchdog::start(
+        crate::watchdog::Parts {
+            smtp_running,
+            spool: spool.clone(),
+            outbound: outbound.clone(),
+        },
+        shutdown.clone(),
+    );
 
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                notify_reloading();
                 match reload(&loaded, &paths) {
                     Ok(new) => {
                         apply_reload(
@@ -339,7 +353,10 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
                     }
                     Err(e) => error!("configuration not reloaded, keeping the running one: {e:#}"),
                 }
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status("accepting mail"),
+                ]);
             }
         }
     }
@@ -361,12 +378,28 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     if tokio::time::timeout(grace, outbound.join()).await.is_err() {
         warn!("deliveries did not end within the shutdown grace period; they stay queued");
     }
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     spool.close().await.context("cannot flush the spool")?;
     info!("stopped");
     Ok(())
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC=` that `Type=notify-reload`
+/// (systemd 253+) requires in the same message; older systemd ignores it.
+fn notify_reloading() {
+    let mut states = vec![
+        sd_notify::NotifyState::Reloading,
+        sd_notify::NotifyState::Status("reloading the configuration"),
+    ];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    let _ = sd_notify::notify(&states);
 }
 
 fn readiness(tokens: oauth::TokenManager, outbound: outbound::Outbound) -> http::Readiness {

@@ -194,6 +194,14 @@ impl Outbound {
         rx.await.unwrap_or(0)
     }
 
+    /// Liveness (the daemon's systemd watchdog): `true` once the
+    /// scheduler's loop has answered, `false` if it has stopped. A loop
+    /// that is stuck never answers.
+    pub async fn ping(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Ping { reply }).is_ok() && rx.await.is_ok()
+    }
+
     /// Each configured account's state.
     pub fn account_states(&self) -> Vec<AccountState> {
         let now = tokio::time::Instant::now();

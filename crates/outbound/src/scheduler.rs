@@ -46,6 +46,8 @@ pub(crate) enum Command {
         accounts: Vec<AccountConfig>,
         config: DeliveryConfig,
     },
+    /// Liveness: answered when the loop gets to it.
+    Ping { reply: oneshot::Sender<()> },
 }
 
 /// What `account_states()` reads without asking the scheduler.
@@ -828,6 +830,9 @@ impl Scheduler {
 
     fn on_command(&mut self, c: Command) {
         match c {
+            Command::Ping { reply } => {
+                let _ = reply.send(());
+            }
             Command::Retry {
                 id: Some(id),
                 reply,

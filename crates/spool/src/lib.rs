@@ -427,6 +427,13 @@ impl Spool {
         self.call(|reply| Op::Sync { reply }).await
     }
 
+    /// Liveness (the daemon's systemd watchdog): resolves once the writer
+    /// thread has taken every operation queued before this one. It does no
+    /// I/O; a writer stuck in a write or `fdatasync` never answers.
+    pub async fn ping(&self) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Ping { reply }).await
+    }
+
     /// Make everything durable, stop the writer thread and release the
     /// spool's lock (once this returns another process may open it). Later
     /// writes fail with [`SpoolError::Closed`].

@@ -67,6 +67,10 @@ pub(crate) enum Op {
     Stop {
         reply: Reply,
     },
+    /// Answered as soon as the writer takes it (liveness).
+    Ping {
+        reply: Reply,
+    },
 }
 
 impl Op {
@@ -349,6 +353,9 @@ impl Writer {
                 }
                 Op::Sync { reply } => done.push(Done::Sync { reply }),
                 Op::Stop { reply } => stop = Some(reply),
+                Op::Ping { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
             }
         }
 

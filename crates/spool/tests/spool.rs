@@ -698,3 +698,14 @@ async fn a_big_live_queue_does_not_make_every_commit_copy_segments() {
     let spool = reopen(spool, dir.path()).await;
     assert_eq!(spool.list().len(), 800);
 }
+
+#[tokio::test]
+async fn ping_answers_without_touching_the_disk_and_fails_once_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let before = spool.sync_counts();
+    spool.ping().await.unwrap();
+    assert_eq!(spool.sync_counts(), before, "a ping is not a sync");
+    spool.close().await.unwrap();
+    assert!(matches!(spool.ping().await, Err(spool::SpoolError::Closed)));
+}
