@@ -424,7 +424,10 @@ async fn daily_limit_keeps_mail_queued_pauses_the_account_and_bounces_nothing() 
     assert_eq!(metric(&m, FAILED), 0.0);
     // The pause is visible to monitoring, and not a readiness failure.
     assert_eq!(
-        metric(&m, "oauthrelay_account_paused{account=\"default\"}"),
+        metric(
+            &m,
+            "oauthrelay_account_paused{account=\"default\",reason=\"daily_limit\"}"
+        ),
         1.0
     );
     assert_eq!(

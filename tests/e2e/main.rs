@@ -16,4 +16,6 @@ mod fakes;
 
 mod faults;
 mod load;
+mod observe;
+mod systemd;
 mod torture;

@@ -543,7 +543,9 @@ impl Slot {
         if let Ok(st) = slot.state.try_lock()
             && let Some(b) = &st.blocked
         {
-            tracing::warn!(
+            // An error, like the same line when a grant is revoked later:
+            // `journalctl -p err` must show every account waiting for a human.
+            tracing::error!(
                 account = %slot.name,
                 "account needs authorization: {}; its mail is held until you {}",
                 b.reason,

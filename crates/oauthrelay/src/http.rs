@@ -39,8 +39,11 @@ pub type Readiness = Arc<dyn Fn() -> Vec<Problem> + Send + Sync>;
 pub struct QueueGauges {
     messages: Gauge,
     oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
-    paused: Family<AccountLabel, Gauge>,
+    paused: Family<PauseLabels, Gauge>,
     held: Family<AccountLabel, Gauge>,
+    accepting: Gauge,
+    free: Gauge,
+    reserve: Gauge,
     syncs: Counter,
     synced_ops: Counter,
     /// Two scrapes at once must not both add the same increase.
@@ -51,6 +54,27 @@ pub struct QueueGauges {
 struct AccountLabel {
     account: String,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PauseLabels {
+    account: String,
+    reason: &'static str,
+}
+
+/// The `reason` of `oauthrelay_account_paused`.
+fn pause_reason(kind: outbound::PauseKind) -> &'static str {
+    match kind {
+        outbound::PauseKind::DailyLimit => "daily_limit",
+        outbound::PauseKind::LoginThrottled => "login_throttled",
+        outbound::PauseKind::Unreachable => "unreachable",
+    }
+}
+
+const PAUSE_KINDS: [outbound::PauseKind; 3] = [
+    outbound::PauseKind::DailyLimit,
+    outbound::PauseKind::LoginThrottled,
+    outbound::PauseKind::Unreachable,
+];
 
 impl QueueGauges {
     pub fn register(registry: &mut Registry) -> QueueGauges {
@@ -67,7 +91,7 @@ impl QueueGauges {
         );
         registry.register(
             "oauthrelay_account_paused",
-            "1 while delivery for the account is paused (daily limit, login throttling, upstream failures)",
+            "1 while delivery for the account is paused, by reason (daily_limit, login_throttled, unreachable); it resumes by itself",
             g.paused.clone(),
         );
         registry.register(
@@ -85,6 +109,21 @@ impl QueueGauges {
             "1 while the account's mail is held until a human acts (authorization)",
             g.held.clone(),
         );
+        registry.register(
+            "oauthrelay_spool_accepting",
+            "1 while the spool takes new mail, 0 while it refuses it (free space at [spool] min_free_space, or writes failing)",
+            g.accepting.clone(),
+        );
+        registry.register(
+            "oauthrelay_spool_free_bytes",
+            "Free space on the spool's file system above [spool] min_free_space: what new mail may still use",
+            g.free.clone(),
+        );
+        registry.register(
+            "oauthrelay_spool_reserve_bytes",
+            "[spool] min_free_space: free space kept for deliveries, removals and compaction",
+            g.reserve.clone(),
+        );
         g
     }
 
@@ -95,9 +134,15 @@ impl QueueGauges {
             let label = AccountLabel {
                 account: a.name.clone(),
             };
-            self.paused
-                .get_or_create(&label)
-                .set(i64::from(a.paused_until.is_some()));
+            let paused = a.paused_until.map(|_| a.pause_kind);
+            for kind in PAUSE_KINDS {
+                self.paused
+                    .get_or_create(&PauseLabels {
+                        account: a.name.clone(),
+                        reason: pause_reason(kind),
+                    })
+                    .set(i64::from(paused == Some(Some(kind))));
+            }
             self.held
                 .get_or_create(&label)
                 .set(i64::from(a.held.is_some()));
@@ -108,6 +153,12 @@ impl QueueGauges {
         self.syncs.inc_by(c.syncs.saturating_sub(self.syncs.get()));
         self.synced_ops
             .inc_by(c.operations.saturating_sub(self.synced_ops.get()));
+        self.accepting.set(i64::from(spool.health().is_ok()));
+        if let Some(room) = spool.room_for_mail() {
+            self.free.set(i64::try_from(room).unwrap_or(i64::MAX));
+        }
+        self.reserve
+            .set(i64::try_from(spool.min_free_space()).unwrap_or(i64::MAX));
         let (n, oldest) = spool.stats();
         self.messages.set(n as i64);
         let age = oldest

@@ -39,13 +39,13 @@ pub fn init(level: &str, format: LogFormat, quiet: bool) {
         .with_ansi(false);
     let _ = match format {
         LogFormat::Text => {
-            // The journal stamps each line itself.
             let text = format::format().with_target(false).with_ansi(false);
             let builder = builder.fmt_fields(TextFields);
             if journal {
+                // The journal stamps each line and keeps its priority.
                 builder
                     .event_format(Prefixed {
-                        inner: text.without_time(),
+                        inner: text.without_time().with_level(false),
                         on: true,
                     })
                     .try_init()
@@ -172,7 +172,13 @@ impl<'w> FormatFields<'w> for TextFields {
                 writer.write_char(' ')?;
             }
             first = false;
-            write!(writer, "{name}={value}")?;
+            // logfmt: a value with spaces or quotes is quoted, so what a
+            // client chose (a user name) cannot pass for another field.
+            if value.is_empty() || value.contains(|c: char| c.is_whitespace() || c == '"') {
+                write!(writer, "{name}={value:?}")?;
+            } else {
+                write!(writer, "{name}={value}")?;
+            }
         }
         Ok(())
     }
@@ -197,12 +203,7 @@ struct Collect {
 
 impl tracing::field::Visit for Collect {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        let v = if value.is_empty() || value.contains(char::is_whitespace) {
-            format!("{value:?}")
-        } else {
-            value.to_string()
-        };
-        self.put(field, v);
+        self.put(field, value.to_string());
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
@@ -293,6 +294,7 @@ mod tests {
                 "authentication failed"
             );
             tracing::info!(n = 3, text = "two words", empty = "", "other");
+            tracing::warn!(user = %"x from unknown[203.0.113.9]", "failed");
         });
         let lines: Vec<&str> = out.lines().collect();
         assert!(
@@ -307,6 +309,10 @@ mod tests {
             lines[2].ends_with(r#"other n=3 text="two words" empty="""#),
             "{out}"
         );
-        assert!(!out.contains('<'), "no priority outside the journal: {out}");
+        assert!(
+            lines[3].ends_with(r#"failed user="x from unknown[203.0.113.9]""#),
+            "{out}"
+        );
+        assert!(!out.contains("<"), "no priority outside the journal: {out}");
     }
 }

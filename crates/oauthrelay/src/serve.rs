@@ -138,6 +138,10 @@ fn bind_smtp(loaded: &Loaded) -> anyhow::Result<Vec<TcpListener>> {
         .map(|f| f.collect())
         .unwrap_or_default();
     if !fds.is_empty() {
+        info!(
+            sockets = fds.len(),
+            "using the sockets systemd passed (socket activation); [server] listen is not used"
+        );
         let mut out = Vec::new();
         for fd in fds {
             // SAFETY: systemd hands these descriptors to us, once.
@@ -231,17 +235,6 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         warn!(
             "no [[accounts]] configured: mail is accepted and kept in the queue until an account is set up and authorized (see docs/gmail-setup.md)"
         );
-    }
-    for s in tokens.status() {
-        if !s.authorized {
-            // An error (journalctl -p err): its mail waits for a human.
-            error!(
-                account = %s.account,
-                "account needs authorization: {}; its mail is held until you fix it: {}",
-                s.problem.as_deref().unwrap_or("not authorized"),
-                s.fix.as_deref().unwrap_or("oauthrelay authorize --account NAME")
-            );
-        }
     }
 
     let route_accounts = Arc::new(RwLock::new(accounts(&loaded)));
