@@ -281,7 +281,7 @@ async fn socket_activation_serves_on_the_socket_systemd_passes() {
         .args(["-E", "RUST_LOG=info", "-E", "PATH=/usr/bin:/bin"])
         .arg("sh")
         .arg("-c")
-        .arg(format!("exec \"$0\" --config \"$1\" serve 2>\"$2\"",))
+        .arg("exec \"$0\" --config \"$1\" serve 2>\"$2\"")
         .arg(BIN)
         .arg(&cfg)
         .arg(&log)

@@ -257,10 +257,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn log_end(&self, end: &Result<(), SessionEnd>) {
         let (ip, last) = (self.ip, self.summary.last_command());
         // In a body: what was received of it, and the message it was for.
-        let body = self
-            .in_body()
-            .then(|| format!(" ({} bytes)", self.body_bytes))
-            .unwrap_or_default();
+        let body = if self.in_body() {
+            format!(" ({} bytes)", self.body_bytes)
+        } else {
+            String::new()
+        };
         let id = self
             .txn
             .as_ref()
