@@ -16,6 +16,8 @@ mod fakes;
 
 mod faults;
 mod load;
-mod observe;
+mod logs;
+mod metrics;
+mod served;
 mod systemd;
 mod torture;

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::{BASE, BIN, Smtp, config_in, have_tool, run_cli};
-use crate::observe::Served;
+use crate::served::Served;
 
 /// A fake `$NOTIFY_SOCKET`: what the daemon tells systemd.
 struct Notify {
