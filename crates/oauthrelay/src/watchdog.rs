@@ -51,7 +51,11 @@ async fn run(parts: Parts, every: Duration, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = check(&parts, every).await;
+        // A stuck part must not hold up shutdown either.
+        let now = tokio::select! {
+            _ = stop.cancelled() => return,
+            now = check(&parts, every) => now,
+        };
         if now.is_empty() {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             if !stuck.is_empty() {
