@@ -1,8 +1,15 @@
 //! The command line (names fixed by interface.md).
+//!
+//! This file depends on `clap`, `clap_complete`, `serde` and `std` only
+//! (never on `crate::`): `crates/xtask` includes it
+//! (`#[path]`) to generate the man pages and completion scripts on the build
+//! host, so they come from the same definition even when the binary is
+//! cross-compiled. Every argument carries a help text (a unit test below
+//! checks it): the man pages and `--help` are made from them.
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,7 +30,7 @@ pub struct Cli {
     /// Log format: `text` (Postfix-style lines) or `json` (one object per
     /// line). Default: `[log] format`.
     #[arg(long, global = true, value_name = "FORMAT")]
-    pub log_format: Option<crate::config::LogFormat>,
+    pub log_format: Option<LogFormat>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -39,14 +46,15 @@ pub enum Command {
     /// First consent for an account: opens Google's consent page, receives
     /// the answer on a loopback port (PKCE), stores the refresh token.
     Authorize {
-        #[arg(long)]
+        /// The account to authorize (its `name` in [[accounts]]).
+        #[arg(long, value_name = "NAME")]
         account: String,
         /// Do not try to open a browser; just print the URL.
         #[arg(long)]
         no_browser: bool,
         /// Loopback port for the redirect (default: a free one). Fix it to
         /// forward it with `ssh -L PORT:127.0.0.1:PORT`.
-        #[arg(long)]
+        #[arg(long, value_name = "PORT")]
         port: Option<u16>,
     },
     /// Manage stored tokens.
@@ -56,8 +64,10 @@ pub enum Command {
     },
     /// Send one message now, synchronously, printing each step.
     SendTest {
-        #[arg(long)]
+        /// The account to send through (its `name` in [[accounts]]).
+        #[arg(long, value_name = "NAME")]
         account: String,
+        /// Recipient of the test message.
         #[arg(long, value_name = "ADDR")]
         to: String,
     },
@@ -72,22 +82,68 @@ pub enum Command {
     /// `sendmail [-t] [-i] [-oi] [-f ADDR] [-F NAME] [RCPT...]`.
     #[command(disable_help_flag = true)]
     Sendmail {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        /// sendmail options and recipients, as Postfix's sendmail(1) takes them.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
         args: Vec<String>,
     },
+    /// Print a completion script for SHELL on stdout. The packages install
+    /// them; by hand, e.g. `oauthrelay completions bash >
+    /// /etc/bash_completion.d/oauthrelay`.
+    Completions {
+        /// The shell to complete for.
+        shell: Shell,
+    },
+}
+
+/// `[log] format` and `--log-format` (config.rs re-exports it).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The shells `completions` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Write the completion script for `shell` (what `oauthrelay completions
+/// SHELL` prints, and what the packages ship).
+pub fn write_completions(shell: Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    let generator = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(generator, &mut Cli::command(), "oauthrelay", out);
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Read a refresh token from stdin and store it for the account.
     Import {
-        #[arg(long)]
+        /// The account the token belongs to (its `name` in [[accounts]]).
+        #[arg(long, value_name = "NAME")]
         account: String,
     },
     /// Per account: authorized or not, access-token expiry, last refresh.
     Status {
-        #[arg(long)]
+        /// Only this account (default: every account).
+        #[arg(long, value_name = "NAME")]
         account: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -97,19 +153,70 @@ pub enum TokenCommand {
 pub enum QueueCommand {
     /// Queued messages.
     List {
+        /// Print one JSON array instead of the `mailq`-style table.
         #[arg(long)]
         json: bool,
     },
     /// One message: envelope, attempts, last reply, headers.
-    Show { id: String },
-    /// Make deferred messages due now.
+    Show {
+        /// Queue id (from `queue list`).
+        id: String,
+    },
+    /// Make deferred messages due now: one (ID) or all (--all).
+    #[command(override_usage = "oauthrelay queue retry <ID>\n       oauthrelay queue retry --all")]
     Retry {
         /// Queue id (from `queue list`).
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         id: Option<String>,
+        /// Every deferred message.
         #[arg(long)]
         all: bool,
     },
     /// Remove one message from the queue (no bounce).
-    Delete { id: String },
+    Delete {
+        /// Queue id (from `queue list`).
+        id: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// `--help`, the man pages and the completion scripts show these
+    /// texts: a flag without one is a flag nobody can find out about.
+    #[test]
+    fn every_command_and_every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && cmd.get_long_about().is_none() {
+                missing.push(format!("`{path}` (the command itself)"));
+            }
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("`{path}` argument `{}`", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "oauthrelay", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        // The walk did see the nested arguments (a guard against a walk
+        // that checks nothing).
+        let retry = cmd
+            .find_subcommand("queue")
+            .and_then(|q| q.find_subcommand("retry"))
+            .expect("queue retry");
+        assert!(retry.get_arguments().any(|a| a.get_id() == "all"));
+    }
 }

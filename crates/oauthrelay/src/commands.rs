@@ -7,6 +7,7 @@ use anyhow::bail;
 
 use crate::cli::{QueueCommand, TokenCommand};
 use crate::config::{self, Loaded};
+use crate::out::{Stdout, out, outln};
 use crate::paths::Paths;
 use crate::queue::{self, Request};
 use crate::sendmail;
@@ -30,12 +31,12 @@ pub fn check_config(loaded: &Loaded, paths: &Paths) -> ExitCode {
         return ExitCode::FAILURE;
     }
     match &loaded.path {
-        Some(p) => println!("# {}: OK", p.display()),
-        None => println!("# no configuration file found: built-in defaults"),
+        Some(p) => outln!("# {}: OK", p.display()),
+        None => outln!("# no configuration file found: built-in defaults"),
     }
-    println!("# state directory: {}", paths.state_dir.display());
-    println!("# spool directory: {}", paths.spool_dir.display());
-    print!("{}", config::render(&loaded.config));
+    outln!("# state directory: {}", paths.state_dir.display());
+    outln!("# spool directory: {}", paths.spool_dir.display());
+    out!("{}", config::render(&loaded.config));
     ExitCode::SUCCESS
 }
 
@@ -56,7 +57,7 @@ pub fn hash_password() -> anyhow::Result<ExitCode> {
     if password.is_empty() {
         bail!("an empty password cannot be used");
     }
-    println!("{}", inbound::hash_password(&password));
+    outln!("{}", inbound::hash_password(&password));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -172,9 +173,9 @@ pub async fn authorize(
         ..Default::default()
     };
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-    let mut out = std::io::stdout();
+    let mut out = Stdout::new();
     let summary = oauth::authorize::run(&account, &opts, &mut out, Some(stdin)).await?;
-    println!("{summary}");
+    outln!("{summary}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -193,7 +194,7 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
                 "Paste the refresh token (it is not shown) and press Enter: ",
             )?);
             oauth::import_refresh_token(&account, secrecy::ExposeSecret::expose_secret(&token))?;
-            println!(
+            outln!(
                 "Stored the refresh token for account '{}' in {}.\nA running oauthrelay picks it up within seconds; check with `oauthrelay token status`.",
                 account.name,
                 account.token_file.display()
@@ -221,9 +222,9 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
             };
             let status = oauth::status(&accounts);
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else if status.is_empty() {
-                println!("No accounts configured.");
+                outln!("No accounts configured.");
             } else {
                 for s in &status {
                     print_status(s);
@@ -241,12 +242,12 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
 
 fn print_status(s: &oauth::AccountStatus) {
     let fmt = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    println!("{} <{}>", s.account, s.email);
-    println!(
+    outln!("{} <{}>", s.account, s.email);
+    outln!(
         "  authorized:        {}",
         if s.authorized { "yes" } else { "NO" }
     );
-    println!(
+    outln!(
         "  refresh token:     {}",
         if s.refresh_token_stored {
             "stored"
@@ -254,22 +255,22 @@ fn print_status(s: &oauth::AccountStatus) {
             "none"
         }
     );
-    println!("  token file:        {}", s.token_file.display());
+    outln!("  token file:        {}", s.token_file.display());
     match s.access_token_expires_at {
-        Some(t) => println!("  access token until {}", fmt(t)),
-        None => println!("  access token:      none cached"),
+        Some(t) => outln!("  access token until {}", fmt(t)),
+        None => outln!("  access token:      none cached"),
     }
     if let Some(r) = &s.last_refresh {
-        println!(
+        outln!(
             "  last refresh:      {}",
             serde_json::to_string(r).unwrap_or_default()
         );
     }
     if let Some(p) = &s.problem {
-        println!("  problem:           {p}");
+        outln!("  problem:           {p}");
     }
     if let Some(f) = &s.fix {
-        println!("  fix:               {f}");
+        outln!("  fix:               {f}");
     }
 }
 
@@ -283,7 +284,7 @@ pub async fn queue(paths: &Paths, cmd: QueueCommand) -> anyhow::Result<ExitCode>
         QueueCommand::Delete { id } => (Request::Delete { id }, false),
     };
     let v = queue::request(&paths.control_socket, &paths.spool_dir, req.clone()).await?;
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::new();
     if json {
         serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
@@ -300,6 +301,14 @@ pub async fn queue(paths: &Paths, cmd: QueueCommand) -> anyhow::Result<ExitCode>
         Request::Info => writeln!(out, "{v}")?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `completions SHELL`: needs no configuration.
+pub fn completions(shell: crate::cli::Shell) -> ExitCode {
+    let mut out = Stdout::new();
+    crate::cli::write_completions(shell, &mut out);
+    let _ = out.flush();
+    ExitCode::SUCCESS
 }
 
 /// `sendmail ...`: exit codes per sysexits (0 queued, 75 try again, 64/65).

@@ -94,14 +94,9 @@ impl Default for LogConfig {
     }
 }
 
-/// `[log] format` and `--log-format`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+/// `[log] format` and `--log-format` (defined with the command line, which
+/// crates/xtask includes to make the man pages and completions).
+pub use crate::cli::LogFormat;
 
 fn ser_opt_addr<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
     match v {

@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod http;
 mod logging;
+mod out;
 mod paths;
 mod process;
 mod queue;
@@ -44,6 +45,9 @@ fn main() -> ExitCode {
     } else {
         Cli::parse()
     };
+    if let Command::Completions { shell } = cli.command {
+        return commands::completions(shell);
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
@@ -106,6 +110,7 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Queue { command } => commands::queue(&paths, command).await,
         Command::HashPassword => commands::hash_password(),
+        Command::Completions { shell } => return commands::completions(shell),
     };
     match result {
         Ok(code) => code,

@@ -544,7 +544,7 @@ pub async fn send_test(
         .into_iter()
         .find(|a| a.name == name)
         .context("account not in the configuration")?;
-    let mut progress = |step: &str| println!("{step}");
+    let mut progress = |step: &str| crate::out::outln!("{step}");
     match outbound::send_test(
         &tokens,
         &cfg,
@@ -556,14 +556,16 @@ pub async fn send_test(
     .await
     {
         Ok(report) => {
-            println!(
+            crate::out::outln!(
                 "OK: {} accepted the message (Message-ID {}): {}",
-                report.relay, report.message_id, report.reply
+                report.relay,
+                report.message_id,
+                report.reply
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("FAILED: {e}");
+            crate::out::outln!("FAILED: {e}");
             Ok(ExitCode::FAILURE)
         }
     }
