@@ -1,11 +1,11 @@
 //! The command line (names fixed by interface.md).
 //!
-//! This file depends on `clap`, `clap_complete`, `serde` and `std` only
-//! (never on `crate::`): `crates/xtask` includes it
-//! (`#[path]`) to generate the man pages and completion scripts on the build
-//! host, so they come from the same definition even when the binary is
-//! cross-compiled. Every argument carries a help text (a unit test below
-//! checks it): the man pages and `--help` are made from them.
+//! This file depends on `clap`, `clap_complete`, `serde` and `std` only,
+//! never on `crate::`: `crates/xtask` includes it (`#[path]`) to generate
+//! the man pages and completion scripts on the build host, so they come
+//! from the same definition even when the binary is cross-compiled. Every
+//! argument carries a help text (a unit test below checks it): the man
+//! pages and `--help` are made from them.
 
 use std::path::PathBuf;
 
