@@ -172,9 +172,10 @@ fn top_page_sections(r: &mut Roff) {
 
     r.control("SH", ["EXIT STATUS"]);
     r.text([roman(
-        "0 on success, non-zero on failure: check-config exits 1 with \
-         the errors on stderr, token status 1 when an account is not \
-         authorized. sendmail follows sysexits(3): 0 queued, 64 usage \
+        "0 on success, non-zero on failure: 78 (EX_CONFIG) when the \
+         configuration is wrong (the unit does not restart on it), except \
+         check-config, which exits 1 with the errors on stderr; token \
+         status exits 1 when an account is not authorized. sendmail follows sysexits(3): 0 queued, 64 usage \
          error, 65 message refused, 75 temporary failure (try again \
          later). A command whose output pipe is closed early (| head) \
          ends quietly, as if killed by SIGPIPE (status 141 in a shell).",
