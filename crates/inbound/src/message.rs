@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use spool::{Envelope, MessageId, MessageWriter, Spool, SpoolError};
+use spool::{DeliveryRecord, Envelope, MessageId, MessageWriter, Reserve, Spool, SpoolError};
 
 use crate::received::{Feed, HeaderScan, message_id, rfc5322_date};
 use crate::session::reply::Reply;
@@ -54,7 +54,7 @@ impl Message {
     ) -> Result<Message, SpoolError> {
         let started = SystemTime::now();
         let mut m = Message {
-            writer: spool.begin(),
+            writer: spool.begin(Reserve::Respect),
             headers: HeaderScan::default(),
             host,
             started,
@@ -131,7 +131,10 @@ impl Message {
             self.write_missing(&missing).await?;
         }
         let stored = self.stored;
-        let id = self.writer.commit(envelope).await?;
+        let id = self
+            .writer
+            .commit(envelope, DeliveryRecord::default())
+            .await?;
         Ok((id, stored))
     }
 

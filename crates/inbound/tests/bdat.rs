@@ -112,7 +112,7 @@ async fn bdat_and_data_do_not_mix() {
         c.cmd_start("RCPT TO:<c@example.net>", "503 5.5.1").await;
         c.send("BDAT 3 LAST\r\ndef").await;
         let id = c.expect_start("250 2.0.0 Ok: queued").await.queue_id();
-        let env = srv.spool.envelope(id).unwrap();
+        let env = srv.spool.message(id).unwrap().envelope;
         assert_eq!(env.recipients.len(), 1);
         // RSET in the middle of a BDAT transaction drops it.
         c.cmd("MAIL FROM:<a@example.com>", 250).await;

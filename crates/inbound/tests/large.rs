@@ -48,7 +48,7 @@ async fn thirty_megabytes_through_data() {
         let stored = srv.body(id).await;
         let (_, rest) = split_received(&stored);
         assert!(rest == body, "30 MB body differs after storage");
-        assert_eq!(srv.spool.envelope(id).unwrap().size, stored.len() as u64);
+        assert_eq!(srv.spool.message(id).unwrap().size, stored.len() as u64);
     })
     .await;
 }

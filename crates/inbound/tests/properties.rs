@@ -119,12 +119,13 @@ impl Client {
 /// Take a queued message's envelope (sender, recipients) out of the spool.
 async fn take(id: MessageId) -> (String, Vec<String>) {
     let e = env();
-    let env = e.spool.envelope(id).expect("the queued message is listed");
+    let env = e
+        .spool
+        .message(id)
+        .expect("the queued message is listed")
+        .envelope;
     e.spool.remove(id).await.unwrap();
-    (
-        env.sender,
-        env.recipients.into_iter().map(|r| r.address).collect(),
-    )
+    (env.sender.clone(), env.recipients.clone())
 }
 
 // ---- strategies -------------------------------------------------------------

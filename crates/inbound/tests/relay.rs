@@ -105,9 +105,9 @@ async fn with_users_untrusted_clients_must_authenticate_to_relay() {
             )
             .await
             .queue_id();
-        let env = srv.spool.envelope(id).unwrap();
+        let env = srv.spool.message(id).unwrap().envelope;
         assert_eq!(env.auth_user.as_deref(), Some(USER));
-        assert!(env.client.unwrap().starts_with("127.0.0.2:"));
+        assert!(env.client.as_deref().unwrap().starts_with("127.0.0.2:"));
         let (received, _) = split_received(&srv.body(id).await);
         assert!(
             received.contains("([127.0.0.2]) by relay.test (oauthrelay) with ESMTPA id "),

@@ -45,10 +45,10 @@ async fn known_payloads_do_not_end_data_from_untrusted_clients() {
             // Exactly one reply: the message is queued, nothing else ran.
             let id = c.expect_start("250 2.0.0 Ok: queued as").await.queue_id();
             c.cmd_start("NOOP", "250 2.0.0 Ok").await;
-            let env = srv.spool.envelope(id).unwrap();
+            let env = srv.spool.message(id).unwrap().envelope;
             assert_eq!(env.sender, "user@example.com");
             assert_eq!(env.recipients.len(), 1);
-            assert_eq!(env.recipients[0].address, "friend@example.net");
+            assert_eq!(env.recipients[0], "friend@example.net");
             let (_, body) = split_received(&srv.body(id).await);
             let body = String::from_utf8(body).unwrap();
             assert!(

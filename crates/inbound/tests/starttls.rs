@@ -224,7 +224,7 @@ async fn remote_clients_authenticate_after_starttls() {
             )
             .await
             .queue_id();
-        let env = srv.spool.envelope(id).unwrap();
+        let env = srv.spool.message(id).unwrap().envelope;
         assert_eq!(env.client.as_deref(), Some("203.0.113.5:2525"));
         assert_eq!(env.auth_user.as_deref(), Some(USER));
     })

@@ -179,7 +179,7 @@ async fn an_honest_slow_client_is_not_cut_off() {
         let id = c.expect(250).await.queue_id();
         assert_eq!(
             srv.body(id).await.len() as u64,
-            srv.spool.envelope(id).unwrap().size
+            srv.spool.message(id).unwrap().size
         );
         c.cmd("QUIT", 221).await;
     })

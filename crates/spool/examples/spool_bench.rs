@@ -33,13 +33,13 @@ async fn main() {
                 let mut lat = Vec::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let mut w = spool.begin();
+                    let mut w = spool.begin(spool::Reserve::Respect);
                     w.write(&body).await.expect("write");
                     let id = w
-                        .commit(Envelope::new(
-                            "a@example.com",
-                            ["b@example.com".to_string()],
-                        ))
+                        .commit(
+                            Envelope::new("a@example.com", ["b@example.com".to_string()]),
+                            spool::DeliveryRecord::default(),
+                        )
                         .await
                         .expect("commit");
                     lat.push(t.elapsed());

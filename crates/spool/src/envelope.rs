@@ -1,17 +1,19 @@
-//! What the spool keeps about a message besides its bytes.
+//! What the spool keeps about a message besides its bytes: the envelope it
+//! was received with (written once, at commit), and an opaque delivery
+//! record that its owner (the delivery side) rewrites as it goes.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::MessageId;
-
-/// The envelope and delivery state of one queued message.
+/// The envelope a message was received with. It never changes after the
+/// commit: what became of each recipient lives in the [`DeliveryRecord`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     /// Envelope sender; `""` is the null sender (bounces).
     pub sender: String,
-    pub recipients: Vec<Recipient>,
+    /// Envelope recipients, in the order the client gave them.
+    pub recipients: Vec<String>,
     /// Client address (`ip:port`), or `None` for local submission and bounces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -24,50 +26,12 @@ pub struct Envelope {
     /// When the message was accepted.
     #[serde(with = "unix_millis")]
     pub received: SystemTime,
-    /// Stored size in bytes (set by the spool at commit).
-    #[serde(default)]
-    pub size: u64,
     /// The client asked for SMTPUTF8.
     #[serde(default)]
     pub smtputf8: bool,
     /// The client declared `BODY=8BITMIME`.
     #[serde(default)]
     pub eight_bit: bool,
-    /// Delivery attempts so far.
-    #[serde(default)]
-    pub attempts: u32,
-    /// When the next attempt is due; `None`: as soon as possible.
-    #[serde(
-        default,
-        with = "opt_unix_millis",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub next_attempt: Option<SystemTime>,
-    /// The last temporary error, for `queue list`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// Why delivery is held (for example an account that needs `authorize`).
-    /// Set and cleared with [`Envelope::set_held`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub held: Option<String>,
-    /// Since when the message has been held (this hold).
-    #[serde(
-        default,
-        with = "opt_unix_millis",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub held_since: Option<SystemTime>,
-    /// Milliseconds spent held in earlier holds: time that does not count
-    /// towards `max_age`.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub held_ms: u64,
-    /// Account this message must go through (bounces use the account of the
-    /// message they report on); `None`: routed by sender.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub account: Option<String>,
-    /// For a bounce we generated: the message it reports on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bounce_of: Option<MessageId>,
 }
 
 impl Envelope {
@@ -78,110 +42,64 @@ impl Envelope {
     ) -> Envelope {
         Envelope {
             sender: sender.into(),
-            recipients: recipients.into_iter().map(Recipient::new).collect(),
+            recipients: recipients.into_iter().collect(),
             client: None,
             helo: String::new(),
             auth_user: None,
             received: SystemTime::now(),
-            size: 0,
             smtputf8: false,
             eight_bit: false,
-            attempts: 0,
-            next_attempt: None,
-            last_error: None,
-            held: None,
-            held_since: None,
-            held_ms: 0,
-            account: None,
-            bounce_of: None,
-        }
-    }
-
-    /// Recipients not yet delivered or failed.
-    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
-        self.recipients
-            .iter()
-            .filter(|r| r.state == RcptState::Pending)
-    }
-
-    /// Mark the message held for `reason`, or no longer held (`None`), at
-    /// `now`; the time spent held is kept so that it does not age the
-    /// message.
-    pub fn set_held(&mut self, reason: Option<String>, now: SystemTime) {
-        match reason {
-            Some(r) => {
-                self.held_since.get_or_insert(now);
-                self.held = Some(r);
-            }
-            None => {
-                if let Some(since) = self.held_since.take() {
-                    let ms = now.duration_since(since).unwrap_or_default().as_millis();
-                    self.held_ms = self
-                        .held_ms
-                        .saturating_add(u64::try_from(ms).unwrap_or(u64::MAX));
-                }
-                self.held = None;
-            }
-        }
-    }
-
-    /// How long the message has been in the queue at `now`, not counting
-    /// the time it was held (waiting for an account to be authorized).
-    pub fn queue_age(&self, now: SystemTime) -> Duration {
-        let total = now.duration_since(self.received).unwrap_or_default();
-        let ongoing = self
-            .held_since
-            .map(|s| now.duration_since(s).unwrap_or_default())
-            .unwrap_or_default();
-        total
-            .saturating_sub(Duration::from_millis(self.held_ms))
-            .saturating_sub(ongoing)
-    }
-
-    /// Whether every recipient has a final outcome.
-    pub fn is_done(&self) -> bool {
-        self.pending().next().is_none()
-    }
-}
-
-/// One recipient and its outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Recipient {
-    pub address: String,
-    #[serde(default)]
-    pub state: RcptState,
-    /// The upstream's last reply for this recipient.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply: Option<String>,
-    /// Failed because it was still undelivered after `max_age` (`reply` is
-    /// the last temporary reply), not because of a permanent reply.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub expired: bool,
-}
-
-impl Recipient {
-    pub fn new(address: impl Into<String>) -> Recipient {
-        Recipient {
-            address: address.into(),
-            state: RcptState::Pending,
-            reply: None,
-            expired: false,
         }
     }
 }
 
-/// Where a recipient stands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RcptState {
-    #[default]
-    Pending,
-    Delivered,
-    Failed,
+/// State the spool stores for the delivery side and never interprets: a
+/// format number chosen by its owner and the bytes. A freshly received
+/// message has none ([`DeliveryRecord::NONE`]).
+///
+/// Format [`DeliveryRecord::LEGACY`] is what spools written before the
+/// envelope and the delivery state were split hold: the whole envelope JSON
+/// of that release (recipients with their state and reply, attempts,
+/// `next_attempt`, `held`...), handed over as it was found.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct DeliveryRecord {
+    pub format: u16,
+    pub data: Vec<u8>,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
+impl DeliveryRecord {
+    /// No delivery state yet.
+    pub const NONE: u16 = 0;
+    /// The envelope JSON of releases before the split (segment format 1).
+    pub const LEGACY: u16 = 1;
+
+    pub fn new(format: u16, data: Vec<u8>) -> DeliveryRecord {
+        DeliveryRecord { format, data }
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.format == Self::NONE && self.data.is_empty()
+    }
+}
+
+impl std::fmt::Debug for DeliveryRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryRecord")
+            .field("format", &self.format)
+            .field("data", &String::from_utf8_lossy(&self.data))
+            .finish()
+    }
+}
+
+/// Whether a message being stored may use the free space the spool keeps
+/// back from new mail (`Options::min_free_space`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// New mail: refused with `DiskFull` rather than taking the reserve.
+    Respect,
+    /// A message that lets the spool free space once stored (a bounce: the
+    /// message it reports on can only be removed after it is queued).
+    MayUse,
 }
 
 fn to_millis(t: SystemTime) -> u64 {
@@ -194,7 +112,8 @@ fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-mod unix_millis {
+/// `SystemTime` as milliseconds since the epoch (the spool's JSON).
+pub mod unix_millis {
     use super::*;
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(to_millis(*t))
@@ -204,7 +123,8 @@ mod unix_millis {
     }
 }
 
-mod opt_unix_millis {
+/// `Option<SystemTime>` as milliseconds since the epoch.
+pub mod opt_unix_millis {
     use super::*;
     pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
         match t {
@@ -217,25 +137,44 @@ mod opt_unix_millis {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The envelope as segment format 1 stored it: recipients were objects
+/// (`{"address": ..., "state": ...}`) and delivery fields sat beside the
+/// envelope's (they are ignored here and handed over whole as a
+/// [`DeliveryRecord::LEGACY`] record).
+#[derive(Deserialize)]
+pub(crate) struct LegacyEnvelope {
+    sender: String,
+    recipients: Vec<LegacyRecipient>,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    helo: String,
+    #[serde(default)]
+    auth_user: Option<String>,
+    #[serde(with = "unix_millis")]
+    received: SystemTime,
+    #[serde(default)]
+    smtputf8: bool,
+    #[serde(default)]
+    eight_bit: bool,
+}
 
-    #[test]
-    fn time_held_does_not_age_the_message() {
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let h = Duration::from_secs(3600);
-        let mut e = Envelope::new("a@example.com", ["b@example.com".to_string()]);
-        e.received = t0;
-        e.set_held(Some("needs authorize".into()), t0 + h);
-        // Held again for another reason: the hold goes on.
-        e.set_held(Some("still".into()), t0 + 2 * h);
-        assert_eq!(e.queue_age(t0 + 3 * h), h);
-        e.set_held(None, t0 + 5 * h);
-        assert_eq!(e.held, None);
-        assert_eq!(e.queue_age(t0 + 6 * h), 2 * h);
-        // It survives the spool's JSON.
-        let back: Envelope = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
-        assert_eq!(back.queue_age(t0 + 6 * h), 2 * h);
+#[derive(Deserialize)]
+struct LegacyRecipient {
+    address: String,
+}
+
+impl From<LegacyEnvelope> for Envelope {
+    fn from(l: LegacyEnvelope) -> Envelope {
+        Envelope {
+            sender: l.sender,
+            recipients: l.recipients.into_iter().map(|r| r.address).collect(),
+            client: l.client,
+            helo: l.helo,
+            auth_user: l.auth_user,
+            received: l.received,
+            smtputf8: l.smtputf8,
+            eight_bit: l.eight_bit,
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The spool's errors, each knowing the SMTP reply a session should give.
+//! The spool's errors. What they mean to an SMTP client is the listener's
+//! business, not the spool's.
 
 use std::io;
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ pub enum SpoolError {
         #[source]
         source: Arc<io::Error>,
     },
-    /// The envelope (recipients, replies) is too large to store.
+    /// The envelope or delivery record is too large to store.
     #[error("the message envelope is too large to store")]
     EnvelopeTooLarge,
     #[error("no message {0} in the queue")]
@@ -40,17 +41,6 @@ impl SpoolError {
             SpoolError::DiskFull
         } else {
             SpoolError::Io(Arc::new(e))
-        }
-    }
-
-    /// The reply an SMTP session gives when this error stops a message:
-    /// `(code, enhanced status, text)`.
-    pub fn smtp_reply(&self) -> (u16, &'static str, &'static str) {
-        match self {
-            SpoolError::DiskFull => (452, "4.3.1", "Insufficient system storage, try again later"),
-            SpoolError::Closed => (421, "4.3.2", "Service shutting down, try again later"),
-            SpoolError::EnvelopeTooLarge => (552, "5.3.4", "Message envelope too big for system"),
-            _ => (451, "4.3.0", "Local error in processing, try again later"),
         }
     }
 

@@ -4,11 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::MessageId;
-use crate::envelope::Envelope;
+use std::sync::Arc;
+
+use crate::envelope::{DeliveryRecord, Envelope};
 use crate::record::Extent;
 
 pub(crate) struct Entry {
-    pub envelope: Envelope,
+    /// Never changes after the commit; shared with readers.
+    pub envelope: Arc<Envelope>,
+    /// The delivery side's latest record.
+    pub delivery: DeliveryRecord,
     /// Body pieces in order.
     pub extents: Vec<Extent>,
     /// Segment holding the message's latest `Commit` record.
@@ -16,7 +21,7 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.extents.iter().map(|e| u64::from(e.len)).sum()
     }
 

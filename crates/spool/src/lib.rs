@@ -7,14 +7,24 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), spool::SpoolError> {
-//! let (spool, _recovery) = spool::Spool::open(std::path::Path::new("/var/spool/oauthrelay"))?;
-//! let mut w = spool.begin();
+//! use spool::{DeliveryRecord, Envelope, Reserve, Spool};
+//! let (spool, _recovery) = Spool::open(std::path::Path::new("/var/spool/oauthrelay"))?;
+//! let mut w = spool.begin(Reserve::Respect); // new mail stops at the reserve
 //! w.write(b"Subject: hi\r\n\r\nhello\r\n").await?;
-//! let id = w.commit(spool::Envelope::new("a@example.com", ["b@example.com".to_string()])).await?;
+//! let envelope = Envelope::new("a@example.com", ["b@example.com".to_string()]);
+//! let id = w.commit(envelope, DeliveryRecord::default()).await?;
+//! // The delivery side keeps its own state in the record; the spool never
+//! // looks inside.
+//! spool.update(id, DeliveryRecord::new(2, b"{...}".to_vec())).await?;
+//! let queued = spool.message(id).expect("queued");
 //! let body = spool.read_body(id)?.read_to_end().await?;
 //! spool.remove(id).await?;
-//! # let _ = body; Ok(()) }
+//! # let _ = (body, queued); Ok(()) }
 //! ```
+//!
+//! The spool stores and never decides: it maps no error to SMTP (the
+//! listener does), reads nothing of the delivery record, and is told by the
+//! caller whether a message may use the free-space reserve ([`Reserve`]).
 
 mod envelope;
 mod error;
@@ -38,7 +48,7 @@ use std::time::SystemTime;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::warn;
 
-pub use envelope::{Envelope, RcptState, Recipient};
+pub use envelope::{DeliveryRecord, Envelope, Reserve, opt_unix_millis, unix_millis};
 pub use error::SpoolError;
 pub use id::MessageId;
 pub use recover::Recovery;
@@ -77,6 +87,27 @@ impl Default for Options {
         Options {
             segment_size: 64 << 20,
             min_free_space: 0,
+        }
+    }
+}
+
+/// A queued message as the spool holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// As received; never changes.
+    pub envelope: Arc<Envelope>,
+    /// Stored body size in bytes.
+    pub size: u64,
+    /// The delivery side's latest record.
+    pub delivery: DeliveryRecord,
+}
+
+impl Queued {
+    fn of(e: &index::Entry) -> Queued {
+        Queued {
+            envelope: e.envelope.clone(),
+            size: e.bytes(),
+            delivery: e.delivery.clone(),
         }
     }
 }
@@ -297,10 +328,12 @@ impl Spool {
 
     /// Start a new message. Its id is allocated now, so ids sort by the time
     /// a message started arriving. Dropping the writer without `commit`
-    /// abandons the message.
-    pub fn begin(&self) -> MessageWriter {
+    /// abandons the message. `reserve` says whether its bytes may use the
+    /// free space kept back from new mail ([`Options::min_free_space`]).
+    pub fn begin(&self, reserve: Reserve) -> MessageWriter {
         MessageWriter {
             id: self.shared.ids.next(),
+            reserve,
             spool: self.clone(),
             buf: Vec::new(),
             own_budget: None,
@@ -321,22 +354,18 @@ impl Spool {
         rx
     }
 
-    /// The current envelope of a queued message.
-    pub fn envelope(&self, id: MessageId) -> Option<Envelope> {
-        self.shared
-            .lock_index()
-            .messages
-            .get(&id)
-            .map(|e| e.envelope.clone())
+    /// A queued message's envelope, size and delivery record.
+    pub fn message(&self, id: MessageId) -> Option<Queued> {
+        self.shared.lock_index().messages.get(&id).map(Queued::of)
     }
 
     /// Every queued message, oldest first.
-    pub fn list(&self) -> Vec<(MessageId, Envelope)> {
+    pub fn list(&self) -> Vec<(MessageId, Queued)> {
         self.shared
             .lock_index()
             .messages
             .iter()
-            .map(|(id, e)| (*id, e.envelope.clone()))
+            .map(|(id, e)| (*id, Queued::of(e)))
             .collect()
     }
 
@@ -408,10 +437,10 @@ impl Spool {
     }
 
     /// Replace a message's envelope (delivery state); durable on return.
-    pub async fn update(&self, id: MessageId, envelope: Envelope) -> Result<(), SpoolError> {
+    pub async fn update(&self, id: MessageId, delivery: DeliveryRecord) -> Result<(), SpoolError> {
         self.call(|reply| Op::Update {
             id,
-            envelope: Box::new(envelope),
+            delivery,
             reply,
         })
         .await
@@ -452,6 +481,7 @@ impl Spool {
 /// [`CHUNK_SIZE`], so memory does not grow with the message.
 pub struct MessageWriter {
     id: MessageId,
+    reserve: Reserve,
     spool: Spool,
     buf: Vec<u8>,
     /// This message's share of the in-flight budget (made at its first chunk).
@@ -516,22 +546,31 @@ impl MessageWriter {
             .send(Op::Chunk {
                 id: self.id.as_u64(),
                 data,
+                reserve: self.reserve,
                 _permits: [own, shared],
             })
             .map_err(|_| SpoolError::Closed)
     }
 
-    /// Store the envelope and make the message durable. On `Ok` the message
-    /// is on stable storage and subscribers are told its id.
-    pub async fn commit(mut self, envelope: Envelope) -> Result<MessageId, SpoolError> {
+    /// Store the envelope (and a first delivery record, usually none) and
+    /// make the message durable. On `Ok` the message is on stable storage
+    /// and subscribers are told its id.
+    pub async fn commit(
+        mut self,
+        envelope: Envelope,
+        delivery: DeliveryRecord,
+    ) -> Result<MessageId, SpoolError> {
         self.done = true;
         let id = self.id;
         let tail = std::mem::take(&mut self.buf);
+        let reserve = self.reserve;
         self.spool
             .call(|reply| Op::Commit {
                 id: id.as_u64(),
-                envelope: Box::new(envelope),
+                envelope: Arc::new(envelope),
+                delivery,
                 tail,
+                reserve,
                 reply,
             })
             .await?;

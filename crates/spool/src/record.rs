@@ -10,7 +10,7 @@
 //! recovery reject a false start in a few nanoseconds instead of checksumming
 //! a whole claimed payload.
 
-use crate::envelope::Envelope;
+use crate::envelope::{DeliveryRecord, Envelope, LegacyEnvelope};
 
 pub(crate) const MAGIC: &[u8; 4] = b"ORS1";
 pub(crate) const HEADER_LEN: usize = 20;
@@ -131,12 +131,36 @@ pub(crate) fn payload_id(p: &[u8]) -> Option<u64> {
     })
 }
 
-/// Encode the fixed part of a commit payload (everything before the tail).
-pub(crate) fn commit_head(id: u64, env: &[u8], extents: &[Extent]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + 4 + env.len() + 4 + extents.len() * EXTENT_LEN);
+/// How the payloads of a segment's records are laid out (from the
+/// segment's header, see `segment.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// Releases before the envelope/delivery split: `Commit` and `Update`
+    /// carry the whole envelope JSON, delivery state included.
+    V1,
+    /// The envelope JSON once, in the `Commit`; the opaque delivery record
+    /// in `Commit` and `Update`.
+    V2,
+}
+
+/// Encode the fixed part of a commit payload (everything before the tail),
+/// in the current format:
+/// `id | envelope length u32 | envelope JSON | record format u16 | record length u32 | record | extent count u32 | extents`.
+pub(crate) fn commit_head(
+    id: u64,
+    env: &[u8],
+    delivery: &DeliveryRecord,
+    extents: &[Extent],
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(
+        8 + 4 + env.len() + 6 + delivery.data.len() + 4 + extents.len() * EXTENT_LEN,
+    );
     v.extend_from_slice(&id.to_le_bytes());
     v.extend_from_slice(&(env.len() as u32).to_le_bytes());
     v.extend_from_slice(env);
+    v.extend_from_slice(&delivery.format.to_le_bytes());
+    v.extend_from_slice(&(delivery.data.len() as u32).to_le_bytes());
+    v.extend_from_slice(&delivery.data);
     v.extend_from_slice(&(extents.len() as u32).to_le_bytes());
     for e in extents {
         v.extend_from_slice(&e.seg.to_le_bytes());
@@ -146,40 +170,98 @@ pub(crate) fn commit_head(id: u64, env: &[u8], extents: &[Extent]) -> Vec<u8> {
     v
 }
 
+/// An update payload in the current format: `id | record format u16 | record`.
+pub(crate) fn update_payload(id: u64, delivery: &DeliveryRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 2 + delivery.data.len());
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&delivery.format.to_le_bytes());
+    v.extend_from_slice(&delivery.data);
+    v
+}
+
 /// A decoded commit payload.
 pub(crate) struct Commit<'a> {
     pub id: u64,
-    pub envelope: &'a [u8],
+    /// The envelope's bytes, as stored (for a human when the commit is
+    /// unusable).
+    pub raw_envelope: &'a [u8],
+    /// `None` when the envelope does not decode.
+    pub stored: Option<(Envelope, DeliveryRecord)>,
     pub extents: Vec<Extent>,
     /// Offset of the tail within the payload.
     pub tail_off: usize,
     pub tail_len: usize,
 }
 
-pub(crate) fn decode_commit(p: &[u8]) -> Option<Commit<'_>> {
+fn take<'a>(p: &'a [u8], pos: &mut usize, n: usize) -> Option<&'a [u8]> {
+    let end = pos.checked_add(n)?;
+    let s = p.get(*pos..end)?;
+    *pos = end;
+    Some(s)
+}
+
+fn take_u32(p: &[u8], pos: &mut usize) -> Option<usize> {
+    Some(u32::from_le_bytes(take(p, pos, 4)?.try_into().ok()?) as usize)
+}
+
+fn take_u16(p: &[u8], pos: &mut usize) -> Option<u16> {
+    Some(u16::from_le_bytes(take(p, pos, 2)?.try_into().ok()?))
+}
+
+pub(crate) fn decode_commit(p: &[u8], format: Format) -> Option<Commit<'_>> {
     let id = payload_id(p)?;
-    let env_len = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?) as usize;
-    let env_end = 12usize.checked_add(env_len)?;
-    let envelope = p.get(12..env_end)?;
-    let n = u32::from_le_bytes(p.get(env_end..env_end + 4)?.try_into().ok()?) as usize;
-    let mut pos = env_end + 4;
+    let mut pos = 8;
+    let env_len = take_u32(p, &mut pos)?;
+    let raw_envelope = take(p, &mut pos, env_len)?;
+    let stored = match format {
+        Format::V1 => decode_legacy(raw_envelope),
+        Format::V2 => {
+            let rec_format = take_u16(p, &mut pos)?;
+            let rec_len = take_u32(p, &mut pos)?;
+            let data = take(p, &mut pos, rec_len)?.to_vec();
+            decode_envelope(raw_envelope).map(|e| (e, DeliveryRecord::new(rec_format, data)))
+        }
+    };
+    let n = take_u32(p, &mut pos)?;
     let mut extents = Vec::with_capacity(n.min(4096));
     for _ in 0..n {
-        let e = p.get(pos..pos + EXTENT_LEN)?;
+        let e = take(p, &mut pos, EXTENT_LEN)?;
         extents.push(Extent {
             seg: u64::from_le_bytes(e[0..8].try_into().ok()?),
             off: u64::from_le_bytes(e[8..16].try_into().ok()?),
             len: u32::from_le_bytes(e[16..20].try_into().ok()?),
         });
-        pos += EXTENT_LEN;
     }
     Some(Commit {
         id,
-        envelope,
+        raw_envelope,
+        stored,
         extents,
         tail_off: pos,
         tail_len: p.len() - pos,
     })
+}
+
+/// The delivery record of an update payload (after the id).
+pub(crate) fn decode_update(rest: &[u8], format: Format) -> Option<DeliveryRecord> {
+    match format {
+        // The whole envelope JSON of that release: the delivery side reads
+        // its fields; it must at least be an envelope.
+        Format::V1 => decode_legacy(rest).map(|(_, d)| d),
+        Format::V2 => {
+            let mut pos = 0;
+            let rec_format = take_u16(rest, &mut pos)?;
+            Some(DeliveryRecord::new(rec_format, rest[pos..].to_vec()))
+        }
+    }
+}
+
+fn decode_legacy(json: &[u8]) -> Option<(Envelope, DeliveryRecord)> {
+    let legacy: LegacyEnvelope = serde_json::from_slice(json).ok()?;
+    Some((
+        legacy.into(),
+        DeliveryRecord::new(DeliveryRecord::LEGACY, json.to_vec()),
+    ))
 }
 
 pub(crate) fn encode_envelope(env: &Envelope) -> Vec<u8> {
@@ -187,7 +269,7 @@ pub(crate) fn encode_envelope(env: &Envelope) -> Vec<u8> {
     serde_json::to_vec(env).unwrap_or_default()
 }
 
-pub(crate) fn decode_envelope(b: &[u8]) -> Option<Envelope> {
+fn decode_envelope(b: &[u8]) -> Option<Envelope> {
     serde_json::from_slice(b).ok()
 }
 
@@ -201,6 +283,7 @@ mod tests {
         let head = commit_head(
             7,
             b"{}",
+            &DeliveryRecord::new(9, b"rec".to_vec()),
             &[Extent {
                 seg: 1,
                 off: 2,
@@ -217,9 +300,10 @@ mod tests {
         let h = Header::parse(&buf[..HEADER_LEN], seed).unwrap();
         assert_eq!(h.kind, Kind::Commit);
         assert!(h.verify(&buf[HEADER_LEN..]));
-        let c = decode_commit(&buf[HEADER_LEN..]).unwrap();
+        let c = decode_commit(&buf[HEADER_LEN..], Format::V2).unwrap();
         assert_eq!(c.id, 7);
-        assert_eq!(c.envelope, b"{}");
+        assert_eq!(c.raw_envelope, b"{}");
+        assert!(c.stored.is_none(), "{{}} is no envelope");
         assert_eq!(c.extents.len(), 1);
         assert_eq!(&buf[HEADER_LEN + c.tail_off..], b"tail");
         for i in HEADER_LEN..buf.len() {

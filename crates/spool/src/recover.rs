@@ -74,7 +74,7 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
         index.files.insert(seg);
         report.segments += 1;
         let data = std::fs::read(segment::path(dir, seg))?;
-        let Some(seed) = segment::read_seed(&data) else {
+        let Some((seed, format)) = segment::read_header(&data) else {
             if data.iter().any(|&b| b != 0) {
                 // Not one of our segments (or its header is damaged): keep
                 // it for a human, never guess at its records.
@@ -129,7 +129,7 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                     }
                 }
                 Kind::Commit => {
-                    let Some(c) = record::decode_commit(payload) else {
+                    let Some(c) = record::decode_commit(payload, format) else {
                         report.moved_aside += 1;
                         let saved = save_aside(
                             dir,
@@ -142,13 +142,12 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                     };
                     last_id = last_id.max(c.id);
                     let id = MessageId::from_u64(c.id);
-                    let envelope = record::decode_envelope(c.envelope);
                     let missing = c
                         .extents
                         .iter()
                         .any(|e| chunks.get(&(e.seg, e.off)) != Some(&(c.id, e.len)));
-                    match envelope {
-                        Some(envelope) if !missing => {
+                    match c.stored {
+                        Some((envelope, delivery)) if !missing => {
                             damaged.remove(&id);
                             let mut extents = c.extents;
                             if c.tail_len > 0 {
@@ -161,7 +160,8 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                             index.insert(
                                 id,
                                 Entry {
-                                    envelope,
+                                    envelope: std::sync::Arc::new(envelope),
+                                    delivery,
                                     extents,
                                     commit_seg: seg,
                                 },
@@ -170,7 +170,7 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                         _ => {
                             // Judged at the end of the scan: a later Remove
                             // or complete copy makes this harmless.
-                            damaged.insert(id, (seg, pos, c.envelope.to_vec()));
+                            damaged.insert(id, (seg, pos, c.raw_envelope.to_vec()));
                             index.remove(id);
                         }
                     }
@@ -180,15 +180,11 @@ pub(crate) fn recover(dir: &Path) -> io::Result<Recovered> {
                         let id = MessageId::from_u64(id);
                         match (
                             index.messages.get_mut(&id),
-                            record::decode_envelope(&payload[8..]),
+                            record::decode_update(&payload[8..], format),
                         ) {
-                            (Some(e), Some(env)) => {
-                                let size = e.envelope.size;
-                                e.envelope = env;
-                                e.envelope.size = size;
-                            }
+                            (Some(e), Some(delivery)) => e.delivery = delivery,
                             (Some(_), None) => {
-                                warn!(id = %id, "undecodable envelope update ignored")
+                                warn!(id = %id, "undecodable delivery record update ignored")
                             }
                             // An update for a message whose segment is gone.
                             (None, _) => {}

@@ -2,15 +2,23 @@
 //! the file header that carries the segment's random salt.
 //!
 //! ```text
-//! "ORSEG001" | salt (16 random bytes) | 8 reserved bytes | records...
+//! "ORSEG002" | salt (16 random bytes) | 8 reserved bytes | records...
 //! ```
+//!
+//! The magic carries the format of the segment's records: new segments are
+//! written as `ORSEG002`; `ORSEG001` segments (releases before the
+//! envelope/delivery split) are still read, and their live messages move
+//! into new segments as compaction copies them forward.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-pub(crate) const FILE_MAGIC: &[u8; 8] = b"ORSEG001";
+use crate::record::Format;
+
+pub(crate) const FILE_MAGIC: &[u8; 8] = b"ORSEG002";
+const FILE_MAGIC_V1: &[u8; 8] = b"ORSEG001";
 /// Records start here.
 pub(crate) const FILE_HEADER_LEN: u64 = 32;
 
@@ -53,11 +61,16 @@ pub(crate) fn create(dir: &Path, no: u64) -> io::Result<(File, u32)> {
     Ok((f, seed(&salt)))
 }
 
-/// The seed from a segment's header; `None` if the file does not start with
-/// a complete header of ours.
-pub(crate) fn read_seed(data: &[u8]) -> Option<u32> {
+/// The seed and record format from a segment's header; `None` if the file
+/// does not start with a complete header of ours.
+pub(crate) fn read_header(data: &[u8]) -> Option<(u32, Format)> {
     let h = data.get(..FILE_HEADER_LEN as usize)?;
-    (&h[..8] == FILE_MAGIC).then(|| seed(&h[8..24]))
+    let format = match &h[..8] {
+        m if m == FILE_MAGIC => Format::V2,
+        m if m == FILE_MAGIC_V1 => Format::V1,
+        _ => return None,
+    };
+    Some((seed(&h[8..24]), format))
 }
 
 pub(crate) fn remove(dir: &Path, no: u64) -> io::Result<()> {

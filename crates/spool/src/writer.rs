@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::envelope::Envelope;
+use crate::envelope::{DeliveryRecord, Envelope, Reserve};
 use crate::error::SpoolError;
 use crate::index::Entry;
 use crate::record::{self, Extent, Kind};
@@ -35,6 +35,7 @@ pub(crate) enum Op {
     Chunk {
         id: u64,
         data: Vec<u8>,
+        reserve: Reserve,
         /// The message's and the shared in-flight budget, released once
         /// the bytes are copied into the batch.
         _permits: [OwnedSemaphorePermit; 2],
@@ -42,8 +43,10 @@ pub(crate) enum Op {
     /// The last piece plus the envelope: make the message exist.
     Commit {
         id: u64,
-        envelope: Box<Envelope>,
+        envelope: Arc<Envelope>,
+        delivery: DeliveryRecord,
         tail: Vec<u8>,
+        reserve: Reserve,
         reply: Reply,
     },
     /// Forget an unfinished message.
@@ -52,7 +55,7 @@ pub(crate) enum Op {
     },
     Update {
         id: MessageId,
-        envelope: Box<Envelope>,
+        delivery: DeliveryRecord,
         reply: Reply,
     },
     Remove {
@@ -77,7 +80,8 @@ impl Op {
     fn bytes(&self) -> usize {
         match self {
             Op::Chunk { data, .. } => data.len(),
-            Op::Commit { tail, .. } => tail.len() + 512,
+            Op::Commit { tail, delivery, .. } => tail.len() + delivery.data.len() + 512,
+            Op::Update { delivery, .. } => delivery.data.len() + 64,
             _ => 256,
         }
     }
@@ -100,7 +104,7 @@ enum Done {
     },
     Update {
         id: MessageId,
-        envelope: Box<Envelope>,
+        delivery: DeliveryRecord,
         reply: Reply,
     },
     Remove {
@@ -227,7 +231,12 @@ impl Writer {
 
         for op in batch.drain(..) {
             match op {
-                Op::Chunk { id, data, _permits } => {
+                Op::Chunk {
+                    id,
+                    data,
+                    reserve,
+                    _permits,
+                } => {
                     let open = self.open.entry(id).or_default();
                     if open.failed.is_some() {
                         continue;
@@ -240,7 +249,7 @@ impl Writer {
                         &[&record::id_bytes(id), &data],
                     );
                     let n = (self.buf.len() - before) as u64;
-                    if !room.take(n, || check(&self.shared)) {
+                    if reserve == Reserve::Respect && !room.take(n, || check(&self.shared)) {
                         self.buf.truncate(before);
                         open.failed = Some(SpoolError::DiskFull);
                         self.shared.hit_reserve();
@@ -259,8 +268,10 @@ impl Writer {
                 }
                 Op::Commit {
                     id,
-                    mut envelope,
+                    envelope,
+                    delivery,
                     tail,
+                    reserve,
                     reply,
                 } => {
                     let open = self.open.remove(&id).unwrap_or_default();
@@ -269,9 +280,8 @@ impl Writer {
                         continue;
                     }
                     let mut extents = open.extents;
-                    envelope.size = open.size + tail.len() as u64;
                     let env = record::encode_envelope(&envelope);
-                    let head = record::commit_head(id, &env, &extents);
+                    let head = record::commit_head(id, &env, &delivery, &extents);
                     if head.len() + tail.len() > record::MAX_PAYLOAD {
                         // Recovery would refuse a record this large: refuse
                         // it now, while the client can still be told.
@@ -285,10 +295,11 @@ impl Writer {
                         Kind::Commit,
                         &[&head, &tail],
                     );
-                    // A bounce may use the reserve: the message it reports
-                    // on can only be removed once the bounce is queued.
+                    // The caller says whether the message may use the
+                    // reserve (a bounce: the message it reports on can only
+                    // be removed once the bounce is queued).
                     let n = (self.buf.len() - before) as u64;
-                    if envelope.bounce_of.is_none() && !room.take(n, || check(&self.shared)) {
+                    if reserve == Reserve::Respect && !room.take(n, || check(&self.shared)) {
                         self.buf.truncate(before);
                         // Health says so before the caller hears of it.
                         self.shared.hit_reserve();
@@ -305,7 +316,8 @@ impl Writer {
                     done.push(Done::Commit {
                         id: MessageId::from_u64(id),
                         entry: Box::new(Entry {
-                            envelope: *envelope,
+                            envelope,
+                            delivery,
                             extents,
                             commit_seg: seg,
                         }),
@@ -314,27 +326,22 @@ impl Writer {
                 }
                 Op::Update {
                     id,
-                    envelope,
+                    delivery,
                     reply,
                 } => {
                     if !self.shared.contains(id) {
                         let _ = reply.send(Err(SpoolError::NotFound(id)));
                         continue;
                     }
-                    let env = record::encode_envelope(&envelope);
-                    if env.len() + 8 > record::MAX_PAYLOAD {
+                    let payload = record::update_payload(id.as_u64(), &delivery);
+                    if payload.len() > record::MAX_PAYLOAD {
                         let _ = reply.send(Err(SpoolError::EnvelopeTooLarge));
                         continue;
                     }
-                    record::encode(
-                        &mut self.buf,
-                        self.active.seed,
-                        Kind::Update,
-                        &[&record::id_bytes(id.as_u64()), &env],
-                    );
+                    record::encode(&mut self.buf, self.active.seed, Kind::Update, &[&payload]);
                     done.push(Done::Update {
                         id,
-                        envelope,
+                        delivery,
                         reply,
                     });
                 }
@@ -442,13 +449,7 @@ impl Writer {
             for d in &done {
                 match d {
                     Done::Commit { .. } | Done::Sync { .. } => {}
-                    Done::Update { id, envelope, .. } => {
-                        if let Some(e) = index.messages.get_mut(id) {
-                            let size = e.envelope.size;
-                            e.envelope = (**envelope).clone();
-                            e.envelope.size = size;
-                        }
-                    }
+                    Done::Update { .. } => {}
                     Done::Remove { id, .. } => {
                         index.remove(*id);
                     }
@@ -461,9 +462,17 @@ impl Writer {
                         committed.push(id);
                         let _ = reply.send(Ok(()));
                     }
-                    Done::Update { reply, .. }
-                    | Done::Remove { reply, .. }
-                    | Done::Sync { reply } => {
+                    Done::Update {
+                        id,
+                        delivery,
+                        reply,
+                    } => {
+                        if let Some(e) = index.messages.get_mut(&id) {
+                            e.delivery = delivery;
+                        }
+                        let _ = reply.send(Ok(()));
+                    }
+                    Done::Remove { reply, .. } | Done::Sync { reply } => {
                         let _ = reply.send(Ok(()));
                     }
                 }
@@ -601,10 +610,10 @@ impl Writer {
         let no = self.active.no;
         let mut moved = Vec::with_capacity(ids.len());
         for id in ids {
-            let (envelope, extents) = {
+            let (envelope, delivery, extents) = {
                 let index = self.shared.lock_index();
                 match index.messages.get(&id) {
-                    Some(e) => (e.envelope.clone(), e.extents.clone()),
+                    Some(e) => (e.envelope.clone(), e.delivery.clone(), e.extents.clone()),
                     None => continue,
                 }
             };
@@ -635,7 +644,7 @@ impl Writer {
                 }
             }
             let env = record::encode_envelope(&envelope);
-            let head = record::commit_head(id.as_u64(), &env, &new_extents);
+            let head = record::commit_head(id.as_u64(), &env, &delivery, &new_extents);
             self.buf.clear();
             record::encode(&mut self.buf, self.active.seed, Kind::Commit, &[&head]);
             if !self.append_unsynced() {
@@ -652,13 +661,14 @@ impl Writer {
         let mut index = self.shared.lock_index();
         for (id, extents) in moved {
             // Only this thread changes the index, so the message is still
-            // there; keep its newest envelope.
+            // there, with the record just copied.
             if let Some(old) = index.messages.get(&id) {
-                let envelope = old.envelope.clone();
+                let (envelope, delivery) = (old.envelope.clone(), old.delivery.clone());
                 index.insert(
                     id,
                     Entry {
                         envelope,
+                        delivery,
                         extents,
                         commit_seg: no,
                     },

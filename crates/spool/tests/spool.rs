@@ -5,7 +5,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use spool::{Envelope, MessageId, Options, RcptState, Spool, SpoolError};
+use spool::{DeliveryRecord, Envelope, MessageId, Options, Reserve, Spool, SpoolError};
+
+/// A delivery record as its owner would write it (the spool never reads it).
+fn record(attempts: u32) -> DeliveryRecord {
+    DeliveryRecord::new(7, format!("{{\"attempts\":{attempts}}}").into_bytes())
+}
 
 fn env(sender: &str, rcpts: &[&str]) -> Envelope {
     let mut e = Envelope::new(sender, rcpts.iter().map(|s| s.to_string()));
@@ -15,14 +20,17 @@ fn env(sender: &str, rcpts: &[&str]) -> Envelope {
 }
 
 async fn put(spool: &Spool, body: &[u8]) -> MessageId {
-    let mut w = spool.begin();
+    let mut w = spool.begin(Reserve::Respect);
     // Write in odd-sized pieces, as a network would deliver them.
     for piece in body.chunks(7919) {
         w.write(piece).await.unwrap();
     }
-    w.commit(env("a@example.com", &["b@example.com"]))
-        .await
-        .unwrap()
+    w.commit(
+        env("a@example.com", &["b@example.com"]),
+        DeliveryRecord::default(),
+    )
+    .await
+    .unwrap()
 }
 
 async fn body(spool: &Spool, id: MessageId) -> Vec<u8> {
@@ -58,7 +66,7 @@ async fn committed_messages_survive_a_reopen_byte_exact() {
     assert_eq!(new_ids.recv().await, Some(a));
     assert_eq!(new_ids.recv().await, Some(b));
     assert_eq!(new_ids.recv().await, Some(c));
-    assert_eq!(spool.envelope(b).unwrap().size, large.len() as u64);
+    assert_eq!(spool.message(b).unwrap().size, large.len() as u64);
 
     let spool = reopen(spool, dir.path()).await;
     let listed: Vec<MessageId> = spool.list().into_iter().map(|(id, _)| id).collect();
@@ -66,7 +74,9 @@ async fn committed_messages_survive_a_reopen_byte_exact() {
     assert_eq!(body(&spool, a).await, small);
     assert_eq!(body(&spool, b).await, large);
     assert_eq!(body(&spool, c).await, empty);
-    let e = spool.envelope(a).unwrap();
+    let q = spool.message(a).unwrap();
+    assert!(q.delivery.is_none(), "no delivery record yet");
+    let e = &q.envelope;
     assert_eq!(e.sender, "a@example.com");
     assert_eq!(e.helo, "printer.local");
     assert_eq!(e.client.as_deref(), Some("127.0.0.1:40000"));
@@ -79,7 +89,7 @@ async fn committed_messages_survive_a_reopen_byte_exact() {
 async fn an_abandoned_message_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(dir.path()).unwrap();
-    let mut w = spool.begin();
+    let mut w = spool.begin(Reserve::Respect);
     w.write(&pattern(5 * spool::CHUNK_SIZE, 1)).await.unwrap();
     drop(w);
     let kept = put(&spool, b"kept").await;
@@ -94,12 +104,7 @@ async fn updates_and_removals_are_durable() {
     let (spool, _) = Spool::open(dir.path()).unwrap();
     let a = put(&spool, b"one").await;
     let b = put(&spool, b"two").await;
-    let mut e = spool.envelope(a).unwrap();
-    e.attempts = 3;
-    e.recipients[0].state = RcptState::Delivered;
-    e.recipients[0].reply = Some("250 2.1.5 OK".into());
-    e.last_error = Some("451 4.3.0 try later".into());
-    spool.update(a, e.clone()).await.unwrap();
+    spool.update(a, record(3)).await.unwrap();
     spool.remove(b).await.unwrap();
     assert!(matches!(
         spool.remove(b).await,
@@ -107,12 +112,11 @@ async fn updates_and_removals_are_durable() {
     ));
 
     let spool = reopen(spool, dir.path()).await;
-    let got = spool.envelope(a).unwrap();
-    assert_eq!(got.attempts, 3);
-    assert_eq!(got.recipients[0].state, RcptState::Delivered);
-    assert_eq!(got.last_error.as_deref(), Some("451 4.3.0 try later"));
-    assert_eq!(got.size, 3, "size survives envelope updates");
-    assert!(spool.envelope(b).is_none());
+    let got = spool.message(a).unwrap();
+    assert_eq!(got.delivery, record(3));
+    assert_eq!(got.envelope.recipients, ["b@example.com"]);
+    assert_eq!(got.size, 3, "size survives record updates");
+    assert!(spool.message(b).is_none());
 }
 
 #[tokio::test]
@@ -183,7 +187,7 @@ async fn a_corrupt_record_is_moved_aside_and_the_rest_recovered() {
 
     let (spool, rec) = Spool::open(dir.path()).unwrap();
     assert_eq!(rec.moved_aside, 1);
-    assert!(spool.envelope(b).is_none());
+    assert!(spool.message(b).is_none());
     assert_eq!(body(&spool, a).await, b"AAAA-first-message");
     assert_eq!(body(&spool, c).await, b"CCCC-third-message");
     let aside: Vec<_> = std::fs::read_dir(dir.path().join("corrupt"))
@@ -233,9 +237,7 @@ async fn each_acknowledgement_waits_for_a_sync() {
     // so every commit, update and removal is acknowledged by its own.
     for i in 0..10u8 {
         let id = put(&spool, &pattern(500, i)).await;
-        let mut e = spool.envelope(id).unwrap();
-        e.attempts = 1;
-        spool.update(id, e).await.unwrap();
+        spool.update(id, record(1)).await.unwrap();
         spool.remove(id).await.unwrap();
     }
     let c = spool.sync_counts();
@@ -254,9 +256,7 @@ async fn old_segments_are_reclaimed_and_long_lived_messages_copied_forward() {
     // One message stays queued (deferred for days) while traffic flows.
     let keeper_body = pattern(150_000, 9);
     let keeper = put(&spool, &keeper_body).await;
-    let mut e = spool.envelope(keeper).unwrap();
-    e.attempts = 5;
-    spool.update(keeper, e).await.unwrap();
+    spool.update(keeper, record(5)).await.unwrap();
     for i in 0..200u32 {
         let id = put(&spool, &pattern(3000, i as u8)).await;
         spool.remove(id).await.unwrap();
@@ -281,7 +281,7 @@ async fn old_segments_are_reclaimed_and_long_lived_messages_copied_forward() {
     let spool = reopen(spool, dir.path()).await;
     assert_eq!(spool.list().len(), 1);
     assert_eq!(body(&spool, keeper).await, keeper_body);
-    assert_eq!(spool.envelope(keeper).unwrap().attempts, 5);
+    assert_eq!(spool.message(keeper).unwrap().delivery, record(5));
 }
 
 /// Mount a tiny tmpfs for the disk-full test, or explain why not.
@@ -323,10 +323,14 @@ async fn a_full_disk_fails_cleanly_and_recovers_when_space_returns() {
     let mut kept = Vec::new();
     let err = loop {
         let body = pattern(40_000, kept.len() as u8);
-        let mut w = spool.begin();
+        let mut w = spool.begin(Reserve::Respect);
         let r = async {
             w.write(&body).await?;
-            w.commit(env("a@example.com", &["b@example.com"])).await
+            w.commit(
+                env("a@example.com", &["b@example.com"]),
+                DeliveryRecord::default(),
+            )
+            .await
         }
         .await;
         match r {
@@ -338,8 +342,6 @@ async fn a_full_disk_fails_cleanly_and_recovers_when_space_returns() {
         }
     };
     assert!(err.is_disk_full(), "got {err}");
-    assert_eq!(err.smtp_reply().0, 452);
-    assert_eq!(err.smtp_reply().1, "4.3.1");
     assert!(spool.health().is_err(), "readiness reports the full disk");
 
     // Space returns: messages are delivered and removed.
@@ -349,9 +351,15 @@ async fn a_full_disk_fails_cleanly_and_recovers_when_space_returns() {
     let mut after = None;
     for _ in 0..50 {
         if let Ok(id) = {
-            let mut w = spool.begin();
+            let mut w = spool.begin(Reserve::Respect);
             match w.write(b"after the disk was full").await {
-                Ok(()) => w.commit(env("a@example.com", &["b@example.com"])).await,
+                Ok(()) => {
+                    w.commit(
+                        env("a@example.com", &["b@example.com"]),
+                        DeliveryRecord::default(),
+                    )
+                    .await
+                }
                 Err(e) => Err(e),
             }
         } {
@@ -402,12 +410,16 @@ async fn new_mail_stops_at_the_reserve_so_delivered_mail_can_still_be_removed() 
     let mut kept = Vec::new();
     let err = loop {
         let body = pattern(100_000, kept.len() as u8);
-        let mut w = spool.begin();
+        let mut w = spool.begin(Reserve::Respect);
         let r = async {
             for piece in body.chunks(7919) {
                 w.write(piece).await?;
             }
-            w.commit(env("a@example.com", &["b@example.com"])).await
+            w.commit(
+                env("a@example.com", &["b@example.com"]),
+                DeliveryRecord::default(),
+            )
+            .await
         }
         .await;
         match r {
@@ -417,7 +429,6 @@ async fn new_mail_stops_at_the_reserve_so_delivered_mail_can_still_be_removed() 
         assert!(kept.len() < 100, "a 4 MiB file system never filled up");
     };
     assert!(err.is_disk_full(), "got {err}");
-    assert_eq!(err.smtp_reply().1, "4.3.1");
     assert!(kept.len() >= 10, "mail was taken until the reserve");
     let free = free_space(fs.path());
     assert!(
@@ -427,21 +438,34 @@ async fn new_mail_stops_at_the_reserve_so_delivered_mail_can_still_be_removed() 
     assert!(spool.room_for_mail().unwrap() < 100_000);
     assert!(spool.health().is_err(), "readiness reports the full spool");
     // A small message does not fit either: the reserve is not for mail.
-    let mut w = spool.begin();
+    let mut w = spool.begin(Reserve::Respect);
     w.write(&pattern(70_000, 1)).await.unwrap();
     let e = w
-        .commit(env("a@example.com", &["b@example.com"]))
+        .commit(
+            env("a@example.com", &["b@example.com"]),
+            DeliveryRecord::default(),
+        )
         .await
         .unwrap_err();
     assert!(e.is_disk_full(), "{e}");
     assert_eq!(spool.list().len(), kept.len(), "no partial message");
+    // A message that lets the spool free space once stored (a bounce) may
+    // use the reserve, its streamed chunks too.
+    let bounce_body = pattern(100_000, 2);
+    let mut w = spool.begin(Reserve::MayUse);
+    for piece in bounce_body.chunks(7919) {
+        w.write(piece).await.unwrap();
+    }
+    let bounce = w
+        .commit(env("", &["a@example.com"]), DeliveryRecord::default())
+        .await
+        .expect("a bounce may use the reserve");
+    kept.push((bounce, bounce_body));
 
     // Delivery goes on inside the reserve: attempts are recorded, and the
     // delivered messages are removed (all but the first two, still queued).
     for (id, _) in &kept {
-        let mut e = spool.envelope(*id).unwrap();
-        e.attempts += 1;
-        spool.update(*id, e).await.unwrap();
+        spool.update(*id, record(1)).await.unwrap();
     }
     let segments_full = segments(&spool_dir).len();
     for (id, _) in kept.drain(2..) {
@@ -472,7 +496,7 @@ async fn new_mail_stops_at_the_reserve_so_delivered_mail_can_still_be_removed() 
     assert_eq!(spool.list().len(), 3);
     for (id, b) in &kept {
         assert_eq!(&body(&spool, *id).await, b, "queued messages intact");
-        assert_eq!(spool.envelope(*id).unwrap().attempts, 1);
+        assert_eq!(spool.message(*id).unwrap().delivery, record(1));
     }
     assert_eq!(body(&spool, after).await, pattern(100_000, 77));
 }
@@ -493,10 +517,14 @@ async fn on_a_small_disk_the_emptied_active_segment_is_given_back() {
     let (spool, _) = Spool::open_with(&spool_dir, opts.clone()).unwrap();
     let mut ids = Vec::new();
     loop {
-        let mut w = spool.begin();
+        let mut w = spool.begin(Reserve::Respect);
         let r = async {
             w.write(&pattern(200_000, ids.len() as u8)).await?;
-            w.commit(env("a@example.com", &["b@example.com"])).await
+            w.commit(
+                env("a@example.com", &["b@example.com"]),
+                DeliveryRecord::default(),
+            )
+            .await
         }
         .await;
         match r {
@@ -543,11 +571,14 @@ async fn a_removed_message_whose_chunks_were_reclaimed_is_not_reported_damaged()
         ..Options::default()
     };
     let (spool, _) = Spool::open_with(dir.path(), opts).unwrap();
-    let mut w = spool.begin();
+    let mut w = spool.begin(Reserve::Respect);
     w.write(&pattern(300_000, 1)).await.unwrap();
     spool.sync().await.unwrap();
     let a = w
-        .commit(env("a@example.com", &["b@example.com"]))
+        .commit(
+            env("a@example.com", &["b@example.com"]),
+            DeliveryRecord::default(),
+        )
         .await
         .unwrap();
     let b = put(&spool, b"stays queued").await;
@@ -564,7 +595,7 @@ async fn a_removed_message_whose_chunks_were_reclaimed_is_not_reported_damaged()
         "nothing moved to corrupt/"
     );
     assert!(
-        spool.envelope(a).is_none(),
+        spool.message(a).is_none(),
         "the removed message stays removed"
     );
     assert_eq!(body(&spool, b).await, b"stays queued");
@@ -579,11 +610,14 @@ async fn a_queued_message_whose_chunks_are_gone_is_still_moved_aside() {
         ..Options::default()
     };
     let (spool, _) = Spool::open_with(dir.path(), opts).unwrap();
-    let mut w = spool.begin();
+    let mut w = spool.begin(Reserve::Respect);
     w.write(&pattern(300_000, 2)).await.unwrap();
     spool.sync().await.unwrap();
     let a = w
-        .commit(env("a@example.com", &["b@example.com"]))
+        .commit(
+            env("a@example.com", &["b@example.com"]),
+            DeliveryRecord::default(),
+        )
         .await
         .unwrap();
     let b = put(&spool, b"intact").await;
@@ -593,7 +627,7 @@ async fn a_queued_message_whose_chunks_are_gone_is_still_moved_aside() {
     std::fs::remove_file(&segments(dir.path())[0]).unwrap();
     let (spool, rec) = Spool::open(dir.path()).unwrap();
     assert_eq!(rec.moved_aside, 1, "{rec:?}");
-    assert!(spool.envelope(a).is_none());
+    assert!(spool.message(a).is_none());
     assert_eq!(body(&spool, b).await, b"intact");
     let aside: Vec<_> = std::fs::read_dir(dir.path().join("corrupt"))
         .unwrap()
@@ -654,7 +688,7 @@ async fn records_forged_inside_a_torn_message_body_are_not_replayed() {
 
     let (spool, rec) = Spool::open(dir.path()).unwrap();
     assert!(
-        spool.envelope(victim).is_some(),
+        spool.message(victim).is_some(),
         "an acknowledged message was deleted by bytes from a body"
     );
     assert!(
@@ -708,4 +742,77 @@ async fn ping_answers_without_touching_the_disk_and_fails_once_closed() {
     assert_eq!(spool.sync_counts(), before, "a ping is not a sync");
     spool.close().await.unwrap();
     assert!(matches!(spool.ping().await, Err(spool::SpoolError::Closed)));
+}
+
+/// A spool written by the release before the envelope/delivery split
+/// (segment format 1, `ORSEG001`): message A new, B attempted twice and
+/// held, C a 70 000-byte bounce of B with an expired recipient, D removed.
+#[tokio::test]
+async fn a_spool_written_in_the_previous_format_opens_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spool-v1");
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    assert_eq!(recovery.messages, 3);
+    assert_eq!(recovery.moved_aside, 0);
+    let ids: Vec<MessageId> = spool.list().into_iter().map(|(id, _)| id).collect();
+    let [a, b, c] = ids[..] else {
+        panic!("{ids:?}")
+    };
+    assert_eq!(a.to_string(), "0661A777641504");
+    assert_eq!(b.to_string(), "0661A777641EA2");
+    assert_eq!(c.to_string(), "0661A777643387");
+
+    let qa = spool.message(a).unwrap();
+    assert_eq!(qa.envelope.sender, "app@example.com");
+    assert_eq!(qa.envelope.recipients, ["x@example.org", "y@example.org"]);
+    assert_eq!(qa.envelope.client.as_deref(), Some("127.0.0.1:40000"));
+    assert_eq!(qa.envelope.helo, "printer.lan");
+    assert_eq!(qa.envelope.auth_user.as_deref(), Some("printer"));
+    assert!(qa.envelope.smtputf8 && qa.envelope.eight_bit);
+    assert_eq!(
+        qa.envelope.received,
+        std::time::UNIX_EPOCH + Duration::from_secs(1_764_000_000)
+    );
+    assert_eq!(qa.size, 46);
+    assert_eq!(
+        body(&spool, a).await,
+        b"Subject: a\r\nFrom: app@example.com\r\n\r\nhello a\r\n"
+    );
+
+    // The delivery state of that release is handed over whole, as the
+    // latest update wrote it, for the delivery side to read.
+    let qb = spool.message(b).unwrap();
+    assert_eq!(qb.delivery.format, DeliveryRecord::LEGACY);
+    let json: serde_json::Value = serde_json::from_slice(&qb.delivery.data).unwrap();
+    assert_eq!(json["attempts"], 2);
+    assert_eq!(json["recipients"][0]["state"], "delivered");
+    assert_eq!(json["account"], "default");
+    assert_eq!(qb.envelope.recipients.len(), 3);
+
+    let qc = spool.message(c).unwrap();
+    assert_eq!(qc.size, 70_000);
+    assert_eq!(qc.envelope.sender, "");
+    let json: serde_json::Value = serde_json::from_slice(&qc.delivery.data).unwrap();
+    assert_eq!(json["bounce_of"], "0661A777641EA2");
+    assert_eq!(json["recipients"][0]["expired"], true);
+    let bc = body(&spool, c).await;
+    assert_eq!(bc.len(), 70_000);
+    assert!(bc.starts_with(b"abcdefghij\r\nabcdefghij\r\n"));
+
+    // New records go to a new-format segment; both are read together.
+    spool.update(b, record(3)).await.unwrap();
+    let d = put(&spool, b"new").await;
+    let spool = reopen(spool, dir.path()).await;
+    assert_eq!(spool.list().len(), 4);
+    assert_eq!(spool.message(b).unwrap().delivery, record(3));
+    assert_eq!(
+        spool.message(c).unwrap().delivery.format,
+        DeliveryRecord::LEGACY
+    );
+    assert_eq!(body(&spool, d).await, b"new");
+    assert_eq!(body(&spool, c).await, bc);
 }

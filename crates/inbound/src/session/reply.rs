@@ -104,7 +104,7 @@ impl Reply<'_> {
             | Reply::ShuttingDown => 421,
             Reply::TooManyRecipients => 452,
             Reply::AuthRateLimited | Reply::AuthBusy => 454,
-            Reply::Storage(e) => e.smtp_reply().0,
+            Reply::Storage(e) => storage_reply(e).0,
             Reply::Unknown | Reply::LineTooLong | Reply::EmptyLine => 500,
             Reply::Syntax(_)
             | Reply::BadSender
@@ -187,7 +187,7 @@ impl Reply<'_> {
             ),
             Reply::BadRecipient => write!(out, "501 5.1.3 Bad recipient address syntax\r\n"),
             Reply::Storage(e) => {
-                let (code, esc, text) = e.smtp_reply();
+                let (code, esc, text) = storage_reply(e);
                 write!(out, "{code} {esc} {text}\r\n")
             }
             Reply::Unknown => write!(out, "500 5.5.1 Error: command not recognized\r\n"),
@@ -279,6 +279,17 @@ impl fmt::Display for Clean<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// The reply when the spool cannot store a message: `(code, enhanced
+/// status, text)`.
+fn storage_reply(e: &SpoolError) -> (u16, &'static str, &'static str) {
+    match e {
+        SpoolError::DiskFull => (452, "4.3.1", "Insufficient system storage, try again later"),
+        SpoolError::Closed => (421, "4.3.2", "Service shutting down, try again later"),
+        SpoolError::EnvelopeTooLarge => (552, "5.3.4", "Message envelope too big for system"),
+        _ => (451, "4.3.0", "Local error in processing, try again later"),
     }
 }
 

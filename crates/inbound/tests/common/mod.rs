@@ -121,7 +121,8 @@ impl Server {
     /// Every queued message with its body.
     pub async fn messages(&self) -> Vec<(MessageId, Envelope, Vec<u8>)> {
         let mut out = Vec::new();
-        for (id, env) in self.spool.list() {
+        for (id, queued) in self.spool.list() {
+            let env = (*queued.envelope).clone();
             let body = self
                 .spool
                 .read_body(id)
