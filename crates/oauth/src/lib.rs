@@ -84,5 +84,7 @@ pub use explain::explain;
 pub use manager::{AccountEvent, ManagerError, ManagerOptions, TokenError, TokenManager};
 pub use metrics::OAuthMetrics;
 pub use perms::TooOpen;
-pub use status::{AccountKind, AccountStatus, ImportError, import_refresh_token, status};
+pub use status::{
+    AccountKind, AccountStatus, AuthState, ImportError, Refusal, import_refresh_token, status,
+};
 pub use token::AccessToken;

@@ -14,7 +14,7 @@ use crate::account::{Account, Credentials};
 use crate::http::{self, Failure, Grant};
 use crate::metrics::OAuthMetrics;
 use crate::service_account::{JWT_BEARER_GRANT, ServiceAccountKey};
-use crate::status::AccountStatus;
+use crate::status::{AccountStatus, AuthState, Refusal};
 use crate::store::{self, Fingerprint, RefreshRecord, RefreshResult, StoreError, TokenFile};
 use crate::token::AccessToken;
 
@@ -42,7 +42,18 @@ pub struct ManagerOptions {
     pub watch_interval: Option<Duration>,
     /// Where to count refreshes and publish `oauthrelay_account_authorized`.
     pub metrics: Option<OAuthMetrics>,
+    /// After an OAuth refusal that may be temporary (see [`Refusal::retry_at`]),
+    /// the first new try comes after this long; the wait doubles up to
+    /// `probe_max`. Default 1 minute (the daemon uses `[delivery]
+    /// retry_initial`).
+    pub probe_initial: Duration,
+    /// Longest wait between those tries, at most one hour. Default 1 hour
+    /// (the daemon uses `[delivery] retry_max`, capped at an hour).
+    pub probe_max: Duration,
 }
+
+/// [`ManagerOptions::probe_max`] never exceeds this.
+pub const PROBE_MAX_CAP: Duration = Duration::from_secs(3600);
 
 impl Default for ManagerOptions {
     fn default() -> ManagerOptions {
@@ -55,6 +66,8 @@ impl Default for ManagerOptions {
             failure_cooldown: Duration::from_secs(10),
             watch_interval: Some(Duration::from_secs(2)),
             metrics: None,
+            probe_initial: Duration::from_secs(60),
+            probe_max: PROBE_MAX_CAP,
         }
     }
 }
@@ -174,6 +187,8 @@ struct State {
     file_problem: Option<String>,
     /// `ManagerOptions::refresh_margin`.
     margin: Duration,
+    /// For the probe schedule.
+    options: ManagerOptions,
 }
 
 struct Cached {
@@ -187,6 +202,50 @@ struct Cached {
 struct Blocked {
     code: String,
     reason: String,
+    /// For refusals that may be temporary: when to ask again by itself.
+    probe: Option<Probe>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    at: Instant,
+    wall: SystemTime,
+    /// Consecutive refusals so far (the wait doubles with each).
+    n: u32,
+}
+
+/// Whether a refusal with this code may go away without anyone acting (an
+/// OAuth 4xx such as a transient `access_denied`, `admin_policy_enforced`
+/// or `invalid_scope` that an administrator fixes elsewhere): such holds
+/// are re-probed. A dead grant, a wrong client, a missing delegation, no
+/// token at all, or Gmail refusing a fresh token wait for a human.
+pub(crate) fn may_heal(code: &str) -> bool {
+    !matches!(
+        code,
+        "invalid_grant"
+            | "invalid_client"
+            | "unauthorized_client"
+            | "not_authorized"
+            | "smtp_auth_rejected"
+    )
+}
+
+impl Probe {
+    /// The probe after `previous` (or the first), on the retry schedule.
+    fn next(previous: Option<Probe>, options: &ManagerOptions) -> Probe {
+        let n = previous.map_or(1, |p| p.n.saturating_add(1));
+        let max = options
+            .probe_max
+            .min(PROBE_MAX_CAP)
+            .max(Duration::from_secs(1));
+        let factor = 2u32.saturating_pow((n - 1).min(30));
+        let wait = options.probe_initial.saturating_mul(factor).min(max);
+        Probe {
+            at: Instant::now() + wait,
+            wall: SystemTime::now() + wait,
+            n,
+        }
+    }
 }
 
 impl TokenManager {
@@ -232,7 +291,11 @@ impl TokenManager {
             self.inner.check_files(&slot, &mut st, false);
         }
         if let Some(b) = &st.blocked {
-            return Err(b.error(&st.account));
+            if b.probe.is_none_or(|p| p.at > Instant::now()) {
+                return Err(b.error(&st.account));
+            }
+            tracing::info!(account = %slot.name, code = %b.code, "asking the token endpoint again after a refusal that may have been temporary");
+            return self.inner.refresh(&slot, &mut st).await;
         }
         let generation = slot.invalidations.load(Ordering::Acquire);
         let now = Instant::now();
@@ -313,6 +376,7 @@ impl TokenManager {
         st.blocked = Some(Blocked {
             code: code.clone(),
             reason: reason.clone(),
+            probe: None,
         });
         st.cached = None;
         st.cooldown = None;
@@ -528,6 +592,7 @@ impl Slot {
             key_seen,
             file_problem: None,
             margin: options.refresh_margin,
+            options: options.clone(),
         };
         st.apply_file(file.as_ref(), true);
         let slot = Slot {
@@ -536,7 +601,11 @@ impl Slot {
             state: Mutex::new(st),
             invalidations: AtomicU64::new(0),
         };
-        let authorized = slot.view.lock().map(|v| v.authorized).unwrap_or(false);
+        let authorized = slot
+            .view
+            .lock()
+            .map(|v| v.auth.is_authorized())
+            .unwrap_or(false);
         if let Some(m) = &options.metrics {
             m.init_account(&slot.name, authorized);
         }
@@ -655,6 +724,7 @@ impl State {
                     "no refresh token is stored in {}",
                     self.account.token_file.display()
                 ),
+                probe: None,
             })
         } else if file.needs_authorization && !(fresh_try && flagged_code != "invalid_grant") {
             let reason = file
@@ -662,9 +732,16 @@ impl State {
                 .as_ref()
                 .and_then(|r| r.error.clone())
                 .unwrap_or_else(|| format!("Google refused the credentials ({flagged_code})"));
+            let probe = may_heal(&flagged_code).then(|| {
+                self.blocked
+                    .as_ref()
+                    .and_then(|b| b.probe)
+                    .unwrap_or_else(|| Probe::next(None, &self.options))
+            });
             Some(Blocked {
                 code: flagged_code,
                 reason,
+                probe,
             })
         } else {
             None
@@ -677,16 +754,22 @@ impl State {
     fn view(&self) -> AccountStatus {
         let mut v = AccountStatus::base(&self.account);
         v.refresh_token_stored = self.refresh_token.is_some();
-        v.authorized = self.blocked.is_none();
-        v.needs_authorization = self.blocked.is_some();
         v.access_token_expires_at = self.cached.as_ref().map(|c| c.token.expires_at());
         v.last_refresh = self.last_refresh.clone();
-        if let Some(b) = &self.blocked {
-            v.problem = Some(b.reason.clone());
-            v.fix = Some(fix_for(&self.account, &b.code));
-        } else if let Some((_, reason)) = &self.cooldown {
-            v.problem = Some(format!("token refresh failing: {reason}"));
-        }
+        v.auth = match &self.blocked {
+            Some(b) => AuthState::NeedsAuthorization(Refusal {
+                code: b.code.clone(),
+                problem: b.reason.clone(),
+                fix: fix_for(&self.account, &b.code),
+                retry_at: b.probe.map(|p| p.wall),
+            }),
+            None => AuthState::Authorized {
+                trouble: self
+                    .cooldown
+                    .as_ref()
+                    .map(|(_, reason)| format!("token refresh failing: {reason}")),
+            },
+        };
         v
     }
 }
@@ -908,9 +991,24 @@ impl Inner {
             crate::explain::describe(&code, description.as_deref())
         };
         let reason = format!("the token endpoint refused (HTTP {status}): {reason}");
+        let probe = may_heal(&code).then(|| {
+            let previous = st.blocked.as_ref().and_then(|b| b.probe);
+            Probe::next(previous, &self.options)
+        });
+        if let Some(p) = probe {
+            tracing::warn!(
+                account = %slot.name,
+                code = %code,
+                retry_in = %humantime::format_duration(Duration::from_secs(
+                    p.wall.duration_since(SystemTime::now()).unwrap_or_default().as_secs()
+                )),
+                "the token endpoint refused the account; this may be temporary: asking again on the retry schedule"
+            );
+        }
         let blocked = Blocked {
             code: code.clone(),
             reason: reason.clone(),
+            probe,
         };
         st.blocked = Some(blocked.clone());
         st.cached = None;
@@ -948,6 +1046,13 @@ impl Inner {
         attempts: u32,
     ) -> Result<AccessToken, TokenError> {
         let reason = format!("{reason} (after {attempts} attempts)");
+        // A re-probe of a refusal that found the endpoint down: the next
+        // one follows the schedule, not every call.
+        if let Some(b) = st.blocked.as_mut()
+            && let Some(p) = b.probe
+        {
+            b.probe = Some(Probe::next(Some(p), &self.options));
+        }
         st.cooldown = Some((
             Instant::now() + self.options.failure_cooldown,
             reason.clone(),
@@ -1104,6 +1209,15 @@ async fn watch(inner: Weak<Inner>, every: Duration) {
             // Busy (a refresh in progress): look again next tick.
             if let Ok(mut st) = slot.state.try_lock() {
                 inner.check_files(&slot, &mut st, false);
+                let due = st
+                    .blocked
+                    .as_ref()
+                    .and_then(|b| b.probe)
+                    .is_some_and(|p| p.at <= Instant::now());
+                if due {
+                    tracing::info!(account = %slot.name, "asking the token endpoint again after a refusal that may have been temporary");
+                    let _ = inner.refresh(&slot, &mut st).await;
+                }
             }
         }
     }

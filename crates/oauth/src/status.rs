@@ -19,6 +19,80 @@ pub enum AccountKind {
     ServiceAccount,
 }
 
+/// Why an account cannot get access tokens until something changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// OAuth error code (`invalid_grant`, `invalid_client`...),
+    /// `not_authorized` when no refresh token is stored, or
+    /// `smtp_auth_rejected` when Gmail refused even a fresh token.
+    pub code: String,
+    /// What is wrong, in words.
+    pub problem: String,
+    /// What to run or change to fix it.
+    pub fix: String,
+    /// When the manager asks the token endpoint again by itself: for OAuth
+    /// errors that may be temporary (anything but `invalid_grant`,
+    /// `invalid_client`, `unauthorized_client` and a missing or refused
+    /// token). `None`: only `authorize`, `token import` or a reload help.
+    pub retry_at: Option<SystemTime>,
+}
+
+/// Whether an account can get tokens: the one source of "needs
+/// authorization" for delivery, `/readyz`, `token status` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthState {
+    /// It can (as far as is known). `trouble`: refreshes are failing for a
+    /// reason that heals by itself (the endpoint is down).
+    Authorized { trouble: Option<String> },
+    /// It cannot until the refusal is dealt with (or, with `retry_at`, the
+    /// endpoint answers again).
+    NeedsAuthorization(Refusal),
+}
+
+impl AuthState {
+    pub fn is_authorized(&self) -> bool {
+        matches!(self, AuthState::Authorized { .. })
+    }
+
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            AuthState::NeedsAuthorization(r) => Some(r),
+            AuthState::Authorized { .. } => None,
+        }
+    }
+
+    /// What is wrong, in words (when something is).
+    pub fn problem(&self) -> Option<&str> {
+        match self {
+            AuthState::Authorized { trouble } => trouble.as_deref(),
+            AuthState::NeedsAuthorization(r) => Some(&r.problem),
+        }
+    }
+
+    /// What fixes it.
+    pub fn fix(&self) -> Option<&str> {
+        self.refusal().map(|r| r.fix.as_str())
+    }
+}
+
+/// The JSON of `token status --json` keeps its keys: `authorized`,
+/// `needs_authorization`, `problem`, `fix` (and `retry_at` while the
+/// manager retries by itself).
+impl Serialize for AuthState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("AuthState", 5)?;
+        st.serialize_field("authorized", &self.is_authorized())?;
+        st.serialize_field("needs_authorization", &!self.is_authorized())?;
+        st.serialize_field("problem", &self.problem())?;
+        st.serialize_field("fix", &self.fix())?;
+        if let Some(at) = self.refusal().and_then(|r| r.retry_at) {
+            st.serialize_field("retry_at", &crate::timefmt::rfc3339(at))?;
+        }
+        st.end()
+    }
+}
+
 /// One account's state, for `token status` (text or `--json`) and
 /// `/readyz`. Serializes to JSON with RFC 3339 times.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,19 +104,14 @@ pub struct AccountStatus {
     /// A refresh token is stored (always `false` for service accounts,
     /// which need none).
     pub refresh_token_stored: bool,
-    /// The account can get access tokens, as far as is known.
-    pub authorized: bool,
-    /// The account waits for `authorize` / `token import` / a config fix.
-    pub needs_authorization: bool,
+    /// Whether the account can get tokens, and if not why.
+    #[serde(flatten)]
+    pub auth: AuthState,
     /// When the current access token expires.
     #[serde(with = "crate::timefmt::opt")]
     pub access_token_expires_at: Option<SystemTime>,
     /// The latest refresh: time, `ok`/`error`, error code and text.
     pub last_refresh: Option<RefreshRecord>,
-    /// What is wrong, in words (when something is).
-    pub problem: Option<String>,
-    /// What to run to fix it.
-    pub fix: Option<String>,
 }
 
 impl AccountStatus {
@@ -57,12 +126,9 @@ impl AccountStatus {
             },
             token_file: account.token_file.clone(),
             refresh_token_stored: false,
-            authorized: false,
-            needs_authorization: false,
+            auth: AuthState::Authorized { trouble: None },
             access_token_expires_at: None,
             last_refresh: None,
-            problem: None,
-            fix: None,
         }
     }
 }
@@ -79,8 +145,16 @@ fn file_status(account: &Account) -> AccountStatus {
     let file = match store::load(&account.token_file) {
         Ok(f) => f,
         Err(e) => {
-            st.needs_authorization = true;
-            st.problem = Some(e.to_string());
+            st.auth = AuthState::NeedsAuthorization(Refusal {
+                code: "token_file".into(),
+                problem: e.to_string(),
+                fix: format!(
+                    "fix or remove {}, then run: oauthrelay authorize --account {}",
+                    account.token_file.display(),
+                    account.name
+                ),
+                retry_at: None,
+            });
             return st;
         }
     };
@@ -89,27 +163,32 @@ fn file_status(account: &Account) -> AccountStatus {
     st.access_token_expires_at = file.access_token_expires_at;
     st.last_refresh = file.last_refresh.clone();
     let missing_token = !account.is_service_account() && file.refresh_token.is_none();
-    st.needs_authorization = missing_token || file.needs_authorization;
-    st.authorized = !st.needs_authorization;
     if missing_token {
-        st.problem = Some(format!(
-            "no refresh token stored in {}",
-            account.token_file.display()
-        ));
-        st.fix = Some(crate::manager::fix_for(account, "not_authorized"));
+        st.auth = AuthState::NeedsAuthorization(Refusal {
+            code: "not_authorized".into(),
+            problem: format!(
+                "no refresh token stored in {}",
+                account.token_file.display()
+            ),
+            fix: crate::manager::fix_for(account, "not_authorized"),
+            retry_at: None,
+        });
     } else if file.needs_authorization {
         let code = file
             .last_refresh
             .as_ref()
             .and_then(|r| r.error_code.clone())
             .unwrap_or_else(|| "invalid_grant".into());
-        st.problem = Some(
-            file.last_refresh
+        st.auth = AuthState::NeedsAuthorization(Refusal {
+            problem: file
+                .last_refresh
                 .as_ref()
                 .and_then(|r| r.error.clone())
                 .unwrap_or_else(|| format!("Google refused the credentials ({code})")),
-        );
-        st.fix = Some(crate::manager::fix_for(account, &code));
+            fix: crate::manager::fix_for(account, &code),
+            code,
+            retry_at: None,
+        });
     }
     st
 }

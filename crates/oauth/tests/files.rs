@@ -80,7 +80,7 @@ fn a_readable_token_file_is_refused() {
     assert_eq!(err.to_string(), too_open(&account.token_file, 0o644));
     // `token status` reports it instead of failing.
     let st = oauth::status(std::slice::from_ref(&account));
-    assert!(st[0].problem.as_deref().unwrap().contains("chmod 600"));
+    assert!(st[0].auth.problem().unwrap().contains("chmod 600"));
 }
 
 #[test]
@@ -245,7 +245,7 @@ fn import_validates_the_token() {
     let written = oauth::import_refresh_token(&account, "  1//0g-abc\r\n").unwrap();
     assert_eq!(written.refresh_token.unwrap().expose_secret(), "1//0g-abc");
     let st = &oauth::status(std::slice::from_ref(&account))[0];
-    assert!(st.refresh_token_stored && st.authorized && !st.needs_authorization);
+    assert!(st.refresh_token_stored && st.auth.is_authorized());
     assert_eq!(mode(&account.token_file), 0o600);
 }
 
@@ -256,10 +256,10 @@ fn status_of_an_account_never_authorized() {
     c.client_secret = Some("s".into());
     let account = Account::resolve(&c, &ctx(dir.path())).unwrap();
     let st = &oauth::status(std::slice::from_ref(&account))[0];
-    assert!(!st.refresh_token_stored && !st.authorized && st.needs_authorization);
+    assert!(!st.refresh_token_stored && !st.auth.is_authorized());
     assert!(
-        st.fix
-            .as_deref()
+        st.auth
+            .fix()
             .unwrap()
             .contains("oauthrelay authorize --account work")
     );
@@ -400,10 +400,14 @@ fn token_status_and_import_need_no_client_secret() {
         }
     ));
     assert!(!account.is_service_account());
-    assert!(!oauth::status(std::slice::from_ref(&account))[0].authorized);
+    assert!(
+        !oauth::status(std::slice::from_ref(&account))[0]
+            .auth
+            .is_authorized()
+    );
     oauth::import_refresh_token(&account, "1//0g-imported").unwrap();
     let st = &oauth::status(std::slice::from_ref(&account))[0];
-    assert!(st.refresh_token_stored && st.authorized, "{st:?}");
+    assert!(st.refresh_token_stored && st.auth.is_authorized(), "{st:?}");
     assert_eq!(mode(&account.token_file), 0o600);
 
     // Not readable either: an unreadable secret file is not opened.

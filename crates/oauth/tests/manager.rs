@@ -168,7 +168,7 @@ async fn retries_are_bounded_then_a_temporary_error_without_hammering() {
     assert_eq!(refreshes(&s), 4);
     let st = m.account_status(NAME).unwrap();
     assert!(
-        st.authorized,
+        st.auth.is_authorized(),
         "a temporary failure is not a lost authorization"
     );
     assert_eq!(
@@ -329,10 +329,10 @@ async fn invalid_grant_needs_authorization_until_a_token_import() {
 
     // Visible in status, the token file, `token status` and metrics.
     let st = m.account_status(NAME).unwrap();
-    assert!(st.needs_authorization && !st.authorized);
+    assert!(!st.auth.is_authorized());
     assert!(
-        st.fix
-            .as_deref()
+        st.auth
+            .fix()
             .unwrap()
             .contains("oauthrelay authorize --account work")
     );
@@ -345,7 +345,7 @@ async fn invalid_grant_needs_authorization_until_a_token_import() {
         Some("invalid_grant")
     );
     let cli = oauth::status(std::slice::from_ref(&account));
-    assert!(cli[0].needs_authorization);
+    assert!(!cli[0].auth.is_authorized());
     assert_eq!(metrics.authorized(NAME), 0);
 
     // A restart does not retry a dead refresh token either.
@@ -369,7 +369,7 @@ async fn invalid_grant_needs_authorization_until_a_token_import() {
         .expect("the watcher should notice the new token file")
         .unwrap();
     assert_eq!(event, AccountEvent::Authorized(NAME.into()));
-    assert!(m.account_status(NAME).unwrap().authorized);
+    assert!(m.account_status(NAME).unwrap().auth.is_authorized());
     assert_eq!(metrics.authorized(NAME), 1);
 
     let token = m.access_token(NAME).await.unwrap();
@@ -472,7 +472,7 @@ async fn a_token_imported_during_a_failing_refresh_is_not_overwritten() {
     let file = store::load(&account.token_file).unwrap().unwrap();
     assert!(!file.needs_authorization);
     assert_eq!(file.refresh_token.unwrap().expose_secret(), fresh);
-    assert!(m.account_status(NAME).unwrap().authorized);
+    assert!(m.account_status(NAME).unwrap().auth.is_authorized());
     m.access_token(NAME).await.unwrap();
 }
 
@@ -671,10 +671,10 @@ async fn a_token_gmail_refuses_after_a_refresh_needs_authorization_until_import(
     assert!(err.needs_authorization(), "{err:?}");
     assert!(err.to_string().contains("535 5.7.8"), "{err}");
     let st = m.account_status(NAME).unwrap();
-    assert!(st.needs_authorization && !st.authorized);
+    assert!(!st.auth.is_authorized());
     assert!(
-        st.fix
-            .as_deref()
+        st.auth
+            .fix()
             .unwrap()
             .contains("oauthrelay authorize --account work")
     );

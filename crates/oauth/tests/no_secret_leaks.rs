@@ -13,14 +13,13 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
 use common::*;
 use oauth::authorize::{self, Options};
-use oauth::xoauth2::{self, StreamTransport};
+use oauth::xoauth2;
 use oauth::{Account, AccountConfig, ManagerOptions, OAuthMetrics, TokenManager, store};
 use secrecy::{ExposeSecret, SecretString};
 use testkit::google::{Fault, SERVICE_ACCOUNT_TEST_KEY, browse};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -99,32 +98,9 @@ async fn secrets_never_appear_in_logs_debug_or_errors() {
     m.invalidate(NAME, &token).await;
     let token = m.access_token(NAME).await.unwrap();
 
-    // 3. the XOAUTH2 challenge dance with a real token.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (r, mut w) = stream.into_split();
-        let mut r = BufReader::new(r);
-        let mut line = String::new();
-        r.read_line(&mut line).await.unwrap();
-        let json = r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(json);
-        w.write_all(format!("334 {b64}\r\n").as_bytes())
-            .await
-            .unwrap();
-        line.clear();
-        r.read_line(&mut line).await.unwrap();
-        w.write_all(b"535 5.7.8 Username and Password not accepted.\r\n")
-            .await
-            .unwrap();
-    });
-    let mut conn = StreamTransport::new(tokio::net::TcpStream::connect(addr).await.unwrap());
-    let err = xoauth2::authenticate(&mut conn, EMAIL, &token, Duration::from_secs(5))
-        .await
-        .unwrap_err();
-    shown.push(format!("{err:?} {err}"));
-    peer.await.unwrap();
+    // 3. the XOAUTH2 initial response (the exchange itself is the
+    // delivery side's, tested there).
+    shown.push(format!("{:?}", xoauth2::initial_response(EMAIL, &token)));
 
     // 4. temporary failure after retries.
     s.google.fail_next(4, Fault::Status(500));
@@ -186,7 +162,6 @@ async fn secrets_never_appear_in_logs_debug_or_errors() {
         "retrying",
         "needs authorization",
         "oauthrelay authorize --account work",
-        "XOAUTH2 token refused",
         "invalid_client",
     ] {
         assert!(logs.contains(expected), "log lacks {expected:?}:\n{logs}");

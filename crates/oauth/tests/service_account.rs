@@ -69,7 +69,7 @@ async fn jwt_bearer_exchange_is_verified_by_the_fake() {
     );
     assert_eq!(google.token_requests(GrantType::JwtBearer), 1);
     let st = m.account_status("workspace").unwrap();
-    assert!(st.authorized);
+    assert!(st.auth.is_authorized());
     assert!(!st.refresh_token_stored);
 }
 

@@ -230,7 +230,7 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
                     print_status(s);
                 }
             }
-            let all_ok = resolved_all && status.iter().all(|s| s.authorized);
+            let all_ok = resolved_all && status.iter().all(|s| s.auth.is_authorized());
             Ok(if all_ok {
                 ExitCode::SUCCESS
             } else {
@@ -245,7 +245,7 @@ fn print_status(s: &oauth::AccountStatus) {
     outln!("{} <{}>", s.account, s.email);
     outln!(
         "  authorized:        {}",
-        if s.authorized { "yes" } else { "NO" }
+        if s.auth.is_authorized() { "yes" } else { "NO" }
     );
     outln!(
         "  refresh token:     {}",
@@ -266,11 +266,14 @@ fn print_status(s: &oauth::AccountStatus) {
             serde_json::to_string(r).unwrap_or_default()
         );
     }
-    if let Some(p) = &s.problem {
-        outln!("  problem:           {p}");
+    if let Some(p) = s.auth.problem() {
+        outln!("  problem:           {}", outbound::escape_controls(p));
     }
-    if let Some(f) = &s.fix {
+    if let Some(f) = s.auth.fix() {
         outln!("  fix:               {f}");
+    }
+    if let Some(at) = s.auth.refusal().and_then(|r| r.retry_at) {
+        outln!("  retried by itself: {}", fmt(at));
     }
 }
 

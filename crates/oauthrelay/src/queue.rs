@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use outbound::Outbound;
+use outbound::{DeliveryState, Outbound, escape_controls};
 use serde::{Deserialize, Serialize};
-use spool::{Envelope, MessageId, RcptState, Spool, SpoolError};
+use spool::{Envelope, MessageId, Queued, Spool, SpoolError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -56,7 +56,10 @@ pub struct Entry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Detail {
     pub entry: Entry,
+    /// As received.
     pub envelope: Envelope,
+    /// What delivery made of it so far.
+    pub delivery: DeliveryState,
     pub headers: String,
 }
 
@@ -64,19 +67,22 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-pub fn entry(id: MessageId, e: &Envelope) -> Entry {
-    let state = outbound::queue_state(e, SystemTime::now());
+pub fn entry(id: MessageId, q: &Queued, d: &DeliveryState) -> Entry {
+    let e = &q.envelope;
     Entry {
         id: id.to_string(),
         from: e.sender.clone(),
-        recipients: e.pending().map(|r| r.address.clone()).collect(),
-        size: e.size,
+        recipients: d
+            .pending()
+            .filter_map(|i| e.recipients.get(i).cloned())
+            .collect(),
+        size: q.size,
         created: rfc3339(e.received),
-        attempts: e.attempts,
-        next_attempt: e.next_attempt.map(rfc3339),
-        last_error: e.last_error.clone(),
-        state: state.into(),
-        held: e.held.clone(),
+        attempts: d.attempts,
+        next_attempt: d.next_attempt.map(rfc3339),
+        last_error: d.last_error.as_ref().map(ToString::to_string),
+        state: d.queue_state(SystemTime::now()).as_str().into(),
+        held: d.hold.as_ref().map(|h| h.reason.to_string()),
     }
 }
 
@@ -117,16 +123,22 @@ pub async fn handle(
     let not_queued = |id: MessageId| format!("no message {id} in the queue");
     let v = match req {
         Request::List => {
-            let list: Vec<Entry> = spool.list().iter().map(|(id, e)| entry(*id, e)).collect();
+            let list: Vec<Entry> = spool
+                .list()
+                .iter()
+                .map(|(id, q)| entry(*id, q, &DeliveryState::of(*id, q)))
+                .collect();
             serde_json::to_value(list)
         }
         Request::Show { id } => {
             let id = parse_id(&id)?;
-            let envelope = spool.envelope(id).ok_or_else(|| not_queued(id))?;
+            let q = spool.message(id).ok_or_else(|| not_queued(id))?;
+            let delivery = DeliveryState::of(id, &q);
             let headers = headers(spool, id).await.map_err(|e| e.to_string())?;
             serde_json::to_value(Detail {
-                entry: entry(id, &envelope),
-                envelope,
+                entry: entry(id, &q, &delivery),
+                envelope: (*q.envelope).clone(),
+                delivery,
                 headers,
             })
         }
@@ -139,9 +151,11 @@ pub async fn handle(
                     }
                 }
                 None => {
-                    let mut e = spool.envelope(id).ok_or_else(|| not_queued(id))?;
-                    e.next_attempt = None;
-                    spool.update(id, e).await.map_err(|e| e.to_string())?;
+                    let q = spool.message(id).ok_or_else(|| not_queued(id))?;
+                    spool
+                        .update(id, outbound::due_now(id, &q))
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
             }
             serde_json::to_value(serde_json::json!({ "retried": 1 }))
@@ -151,10 +165,12 @@ pub async fn handle(
                 Some(s) => s.retry_all().await,
                 None => {
                     let mut n = 0;
-                    for (id, mut e) in spool.list() {
-                        if e.next_attempt.is_some() {
-                            e.next_attempt = None;
-                            spool.update(id, e).await.map_err(|e| e.to_string())?;
+                    for (id, q) in spool.list() {
+                        if DeliveryState::of(id, &q).next_attempt.is_some() {
+                            spool
+                                .update(id, outbound::due_now(id, &q))
+                                .await
+                                .map_err(|e| e.to_string())?;
                             n += 1;
                         }
                     }
@@ -364,9 +380,9 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
             _ => " ",
         };
         let sender = if e.from.is_empty() {
-            "MAILER-DAEMON"
+            "MAILER-DAEMON".to_string()
         } else {
-            &e.from
+            escape_controls(&e.from)
         };
         writeln!(
             out,
@@ -374,12 +390,12 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
             e.id, e.size, e.created
         )?;
         if let Some(h) = &e.held {
-            writeln!(out, "{:>48}(held: {h})", "")?;
+            writeln!(out, "{:>48}(held: {})", "", escape_controls(h))?;
         } else if let Some(err) = &e.last_error {
-            writeln!(out, "{:>48}({err})", "")?;
+            writeln!(out, "{:>48}({})", "", escape_controls(err))?;
         }
         for r in &e.recipients {
-            writeln!(out, "{:>48}{r}", "")?;
+            writeln!(out, "{:>48}{}", "", escape_controls(r))?;
         }
         writeln!(out)?;
     }
@@ -393,9 +409,13 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
     out.flush()
 }
 
-/// Print `queue show`.
+/// Print `queue show`. Everything a client or a server chose (addresses,
+/// the EHLO name, headers, replies) has its control characters escaped, so
+/// printing a message can never drive the terminal.
 pub fn print_detail(d: &Detail, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let e = &d.envelope;
+    let s = &d.delivery;
+    let c = |t: &str| escape_controls(t);
     writeln!(out, "Queue ID:     {}", d.entry.id)?;
     writeln!(
         out,
@@ -404,48 +424,45 @@ pub fn print_detail(d: &Detail, out: &mut impl std::io::Write) -> std::io::Resul
         d.entry
             .held
             .as_deref()
-            .map(|h| format!(" ({h})"))
+            .map(|h| format!(" ({})", c(h)))
             .unwrap_or_default()
     )?;
-    writeln!(out, "From:         <{}>", e.sender)?;
-    writeln!(out, "Size:         {} bytes", e.size)?;
+    writeln!(out, "From:         <{}>", c(&e.sender))?;
+    writeln!(out, "Size:         {} bytes", d.entry.size)?;
     writeln!(out, "Received:     {}", d.entry.created)?;
-    if let Some(c) = &e.client {
-        writeln!(out, "Client:       {c} (helo {})", e.helo)?;
+    if let Some(client) = &e.client {
+        writeln!(out, "Client:       {} (helo {})", c(client), c(&e.helo))?;
     }
     if let Some(u) = &e.auth_user {
-        writeln!(out, "Auth user:    {u}")?;
+        writeln!(out, "Auth user:    {}", c(u))?;
     }
-    writeln!(out, "Attempts:     {}", e.attempts)?;
+    writeln!(out, "Attempts:     {}", s.attempts)?;
     if let Some(n) = &d.entry.next_attempt {
         writeln!(out, "Next attempt: {n}")?;
     }
-    if let Some(l) = &e.last_error {
-        writeln!(out, "Last error:   {l}")?;
+    if let Some(l) = &s.last_error {
+        writeln!(out, "Last error:   {}", c(&l.to_string()))?;
     }
-    if let Some(a) = &e.account {
+    if let Some(a) = &s.account {
         writeln!(out, "Account:      {a}")?;
     }
     writeln!(out, "Recipients:")?;
-    for r in &e.recipients {
-        let state = match r.state {
-            RcptState::Pending => "pending",
-            RcptState::Delivered => "delivered",
-            RcptState::Failed => "failed",
-        };
+    for (i, address) in e.recipients.iter().enumerate() {
+        let r = s.recipients.get(i).cloned().unwrap_or_default();
         writeln!(
             out,
-            "  <{}> {state}{}",
-            r.address,
-            r.reply
-                .as_deref()
-                .map(|x| format!(": {x}"))
+            "  <{}> {}{}",
+            c(address),
+            r.state.as_str(),
+            r.answer
+                .as_ref()
+                .map(|x| format!(": {}", c(&x.to_string())))
                 .unwrap_or_default()
         )?;
     }
     writeln!(out, "Headers:")?;
     for line in d.headers.lines() {
-        writeln!(out, "  {line}")?;
+        writeln!(out, "  {}", c(line))?;
     }
     out.flush()
 }

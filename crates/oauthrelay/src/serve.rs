@@ -227,6 +227,10 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         resolved,
         oauth::ManagerOptions {
             metrics: Some(oauth_metrics),
+            // Refusals that may be temporary are asked again on the
+            // delivery retry schedule (capped at an hour).
+            probe_initial: loaded.config.delivery.retry_initial,
+            probe_max: loaded.config.delivery.retry_max,
             ..Default::default()
         },
     )
@@ -412,15 +416,16 @@ fn readiness(tokens: oauth::TokenManager, outbound: outbound::Outbound) -> http:
             });
         }
         for s in status {
-            if !s.authorized {
+            if !s.auth.is_authorized() {
                 problems.push(Problem {
                     component: "account".into(),
                     account: Some(s.account.clone()),
                     problem: s
-                        .problem
-                        .clone()
-                        .unwrap_or_else(|| "cannot get an access token".into()),
-                    fix: s.fix.clone(),
+                        .auth
+                        .problem()
+                        .unwrap_or("cannot get an access token")
+                        .to_string(),
+                    fix: s.auth.fix().map(str::to_string),
                 });
             }
         }

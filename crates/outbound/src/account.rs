@@ -1,14 +1,16 @@
-//! Per-account delivery state shared by the scheduler and the workers:
-//! pauses (backoff, login throttling, daily limit) and holds (the account
-//! cannot authenticate).
+//! Per-account delivery state, owned by the scheduler alone: pauses
+//! (backoff, login throttling, daily limit, rate limits) and holds (the
+//! account cannot authenticate, or its provider refuses it). Workers only
+//! report [`AccountSignal`]s.
 
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use crate::DeliveryConfig;
 use crate::classify::AccountSignal;
+use crate::decide::backoff;
+use crate::hold::HoldReason;
 
 /// Gmail's daily limit is a rolling 24 hours: never pause longer.
 pub(crate) const DAILY_LIMIT_MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
@@ -22,6 +24,19 @@ pub enum PauseKind {
     LoginThrottled,
     /// `550 5.4.5 Daily user sending limit exceeded`.
     DailyLimit,
+    /// The provider asked to slow down.
+    RateLimited,
+}
+
+impl PauseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseKind::Unreachable => "unreachable",
+            PauseKind::LoginThrottled => "login_throttled",
+            PauseKind::DailyLimit => "daily_limit",
+            PauseKind::RateLimited => "rate_limited",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -32,97 +47,75 @@ pub(crate) struct Pause {
     pub reason: String,
 }
 
-#[derive(Debug, Default)]
+/// What the scheduler knows about one account.
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Runtime {
     pub pause: Option<Pause>,
-    pub held: Option<String>,
+    pub hold: Option<HoldReason>,
     /// Consecutive connection-level failures.
     pub failures: u32,
     /// Consecutive daily-limit hits.
     pub daily_hits: u32,
     /// After a pause or hold: one attempt at a time until one succeeds.
     pub probing: bool,
-    /// Messages waiting for this account (ready, deferred or held), and in
-    /// flight; kept by the scheduler for `account_states()`.
-    pub queued: usize,
-    pub in_flight: usize,
-}
-
-/// The shared cell.
-#[derive(Debug, Default)]
-pub(crate) struct AccountCell {
-    pub rt: Mutex<Runtime>,
-}
-
-impl AccountCell {
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Runtime> {
-        self.rt.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// What a signal did to the account.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Effect {
-    Paused { until: SystemTime },
-    Held { reason: String },
-}
-
-/// `initial * 2^(n-1)` capped at `max`, times a jitter factor in [1, 1.2)
-/// (capped again): never sooner than the schedule says, and concurrent
-/// retries spread out.
-pub(crate) fn backoff(initial: Duration, max: Duration, n: u32) -> Duration {
-    let n = n.max(1);
-    let factor = 2u32.saturating_pow((n - 1).min(30));
-    let base = initial.saturating_mul(factor).min(max);
-    let jittered = base.mul_f64(1.0 + fastrand::f64() * 0.2);
-    jittered.min(max.max(initial))
 }
 
 impl Runtime {
-    /// Apply a signal seen by a worker. Several workers failing at once
-    /// (the server is down) count as one failure.
-    pub(crate) fn apply(&mut self, sig: &AccountSignal, cfg: &DeliveryConfig) -> Effect {
-        let now = Instant::now();
-        let wall = SystemTime::now();
+    /// Apply a signal a worker reported, at `now` (`wall`: the same moment
+    /// on the wall clock). `hold` is the reason for signals that hold.
+    /// Several workers failing at once (the server is down) count as one
+    /// failure.
+    pub(crate) fn apply(
+        &mut self,
+        sig: &AccountSignal,
+        hold: Option<HoldReason>,
+        cfg: &DeliveryConfig,
+        now: Instant,
+        wall: SystemTime,
+        jitter: f64,
+    ) {
+        let ongoing = |rt: &Runtime, kind| {
+            rt.pause
+                .as_ref()
+                .is_some_and(|p| p.until > now && p.kind == kind)
+        };
         let (kind, d) = match sig {
-            AccountSignal::Held(reason) => {
-                self.held = Some(reason.clone());
+            AccountSignal::AuthFailed(_) | AccountSignal::Refused { .. } => {
+                if let Some(h) = hold {
+                    self.hold = Some(h);
+                }
                 self.probing = true;
-                return Effect::Held {
-                    reason: reason.clone(),
-                };
+                return;
             }
             AccountSignal::Unreachable(_) => {
-                let ongoing = self
-                    .pause
-                    .as_ref()
-                    .is_some_and(|p| p.until > now && p.kind == PauseKind::Unreachable);
-                if !ongoing {
+                if !ongoing(self, PauseKind::Unreachable) {
                     self.failures = self.failures.saturating_add(1);
                 }
                 (
                     PauseKind::Unreachable,
-                    backoff(cfg.retry_initial, cfg.retry_max, self.failures),
+                    backoff(cfg.retry_initial, cfg.retry_max, self.failures, jitter),
                 )
             }
             AccountSignal::LoginThrottled(_) => {
                 (PauseKind::LoginThrottled, cfg.login_throttle_pause)
             }
-            AccountSignal::DailyLimit(_) => {
-                let ongoing = self
-                    .pause
-                    .as_ref()
-                    .is_some_and(|p| p.until > now && p.kind == PauseKind::DailyLimit);
-                if !ongoing {
+            AccountSignal::DailyLimit { until, .. } => {
+                if !ongoing(self, PauseKind::DailyLimit) {
                     self.daily_hits = self.daily_hits.saturating_add(1);
                 }
                 let factor = 2u32.saturating_pow(self.daily_hits.saturating_sub(1).min(16));
-                (
-                    PauseKind::DailyLimit,
-                    cfg.daily_limit_pause
-                        .saturating_mul(factor)
-                        .min(DAILY_LIMIT_MAX_PAUSE),
-                )
+                let d = match until {
+                    Some(t) => t.duration_since(wall).unwrap_or_default(),
+                    None => cfg.daily_limit_pause.saturating_mul(factor),
+                };
+                (PauseKind::DailyLimit, d.min(DAILY_LIMIT_MAX_PAUSE))
+            }
+            AccountSignal::RateLimited { until, .. } => {
+                let d = match until {
+                    Some(t) => t.duration_since(wall).unwrap_or_default(),
+                    None => backoff(cfg.retry_initial, cfg.retry_max, 1, jitter),
+                };
+                (PauseKind::RateLimited, d)
             }
         };
         // Never shorten a longer pause already in force.
@@ -134,42 +127,42 @@ impl Runtime {
             until,
             until_wall,
             kind,
-            reason: sig.text().to_string(),
+            reason: sig.to_string(),
         });
         self.probing = true;
-        Effect::Paused { until: until_wall }
     }
 
     /// The session opened and authenticated. This alone does not end a
-    /// run of connection-level failures: a Gmail that takes the login and
-    /// then answers `421` to every transaction must keep the account backing
-    /// off (see [`Runtime::recovered`]).
+    /// run of connection-level failures: an upstream that takes the login
+    /// and then answers `421` to every transaction must keep the account
+    /// backing off (see [`Runtime::recovered`]).
     pub(crate) fn connected(&mut self) {
         self.probing = false;
     }
 
-    /// Gmail accepted a message.
+    /// The upstream accepted a message.
     pub(crate) fn delivered(&mut self) {
         self.daily_hits = 0;
         self.probing = false;
     }
 
-    /// An attempt reached Gmail and ended without account-level trouble
-    /// (no `421`, no connection failure, no pause or hold): the next
-    /// connection-level failure starts the backoff at `retry_initial` again.
+    /// An attempt reached the upstream and ended without account-level
+    /// trouble: the next connection-level failure starts the backoff at
+    /// `retry_initial` again.
     pub(crate) fn recovered(&mut self) {
         self.failures = 0;
     }
 
     /// Paused or held right now.
     pub(crate) fn blocked(&self, now: Instant) -> bool {
-        self.held.is_some() || self.pause.as_ref().is_some_and(|p| p.until > now)
+        self.hold.is_some() || self.pause.as_ref().is_some_and(|p| p.until > now)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reply::Answer;
 
     fn cfg() -> DeliveryConfig {
         DeliveryConfig {
@@ -179,49 +172,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn backoff_doubles_with_jitter_and_caps() {
-        let (i, m) = (Duration::from_secs(60), Duration::from_secs(3600));
-        for n in 1..8u32 {
-            let d = backoff(i, m, n);
-            let base = (i * 2u32.pow(n - 1)).min(m);
-            assert!(d >= base && d <= base.mul_f64(1.2).min(m), "n={n} d={d:?}");
-        }
-        assert_eq!(backoff(i, m, 40), m);
+    fn down() -> AccountSignal {
+        AccountSignal::Unreachable(Answer::error("down"))
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_failures_count_once() {
         let mut rt = Runtime::default();
-        let c = cfg();
-        rt.apply(&AccountSignal::Unreachable("down".into()), &c);
-        rt.apply(&AccountSignal::Unreachable("down".into()), &c);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        rt.apply(&down(), None, &cfg(), now, wall, 0.0);
+        rt.apply(&down(), None, &cfg(), now, wall, 0.0);
         assert_eq!(rt.failures, 1);
         assert!(rt.blocked(Instant::now()));
         rt.recovered();
         assert_eq!(rt.failures, 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_good_login_does_not_end_a_run_of_421s() {
         let mut rt = Runtime::default();
         let c = cfg();
         for n in 1..=4u32 {
-            // Each attempt logs in, then Gmail says 421; the previous pause
-            // is over by then.
-            rt.pause = None;
+            // Each attempt logs in, then the server says 421; the previous
+            // pause is over by then.
+            if let Some(p) = &rt.pause {
+                tokio::time::advance(p.until - Instant::now()).await;
+            }
             rt.connected();
-            let Effect::Paused { until } = rt.apply(&AccountSignal::Unreachable("421".into()), &c)
-            else {
-                panic!("not paused")
-            };
+            rt.apply(&down(), None, &c, Instant::now(), SystemTime::now(), 0.0);
             assert_eq!(rt.failures, n);
-            let d = until.duration_since(SystemTime::now()).unwrap();
-            let base = c.retry_initial * 2u32.pow(n - 1);
-            assert!(
-                d >= base - Duration::from_secs(1) && d <= base.mul_f64(1.2),
-                "n={n} {d:?}"
-            );
+            let p = rt.pause.as_ref().unwrap();
+            assert_eq!(p.until - Instant::now(), c.retry_initial * 2u32.pow(n - 1));
         }
         rt.delivered();
         assert_eq!(rt.failures, 4, "a delivery in an attempt that ended in 421");
@@ -229,39 +210,41 @@ mod tests {
         assert_eq!(rt.failures, 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn daily_limit_pauses_hours_up_to_a_day() {
         let mut rt = Runtime::default();
-        let c = cfg();
-        let t0 = SystemTime::now();
-        let Effect::Paused { until } = rt.apply(&AccountSignal::DailyLimit("550 5.4.5".into()), &c)
-        else {
-            panic!("not paused")
+        let limit = AccountSignal::DailyLimit {
+            answer: Answer::error("550 5.4.5"),
+            until: None,
         };
-        let d = until.duration_since(t0).unwrap();
-        assert!(
-            d >= Duration::from_secs(3599) && d <= Duration::from_secs(3601),
-            "{d:?}"
-        );
+        rt.apply(&limit, None, &cfg(), Instant::now(), SystemTime::now(), 0.0);
+        let p = rt.pause.clone().unwrap();
+        assert_eq!(p.until - Instant::now(), Duration::from_secs(3600));
+        assert_eq!(p.kind, PauseKind::DailyLimit);
         for _ in 0..10 {
-            rt.pause = None;
-            rt.apply(&AccountSignal::DailyLimit("550 5.4.5".into()), &c);
+            let until = rt.pause.as_ref().unwrap().until;
+            tokio::time::advance(until - Instant::now()).await;
+            rt.apply(&limit, None, &cfg(), Instant::now(), SystemTime::now(), 0.0);
         }
         let p = rt.pause.as_ref().unwrap();
-        let d = p.until_wall.duration_since(SystemTime::now()).unwrap();
-        assert!(d <= DAILY_LIMIT_MAX_PAUSE && d > Duration::from_secs(23 * 3600));
+        assert_eq!(p.until - Instant::now(), DAILY_LIMIT_MAX_PAUSE);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn held_until_released() {
         let mut rt = Runtime::default();
-        let e = rt.apply(&AccountSignal::Held("needs authorize".into()), &cfg());
-        assert_eq!(
-            e,
-            Effect::Held {
-                reason: "needs authorize".into()
-            }
+        let reason = HoldReason::NoRoute {
+            sender: "x@y".into(),
+        };
+        rt.apply(
+            &AccountSignal::AuthFailed(Answer::error("535")),
+            Some(reason.clone()),
+            &cfg(),
+            Instant::now(),
+            SystemTime::now(),
+            0.0,
         );
+        assert_eq!(rt.hold, Some(reason));
         assert!(rt.blocked(Instant::now()));
     }
 }

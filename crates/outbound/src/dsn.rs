@@ -11,7 +11,7 @@
 //! ```
 //!
 //! A recipient that expired (still undelivered after `max_age`, see
-//! `Recipient::expired`) is reported with `Status: 5.4.7` whatever its last
+//! `RcptStatus::expired`) is reported with `Status: 5.4.7` whatever its last
 //! reply was, and the text says so and quotes that reply.
 //!
 //! `From:` is the account's own address (with the display name "Mail
@@ -22,7 +22,10 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use spool::{Envelope, MessageId, RcptState};
+use spool::{Envelope, MessageId};
+
+use crate::reply::{Answer, Status};
+use crate::state::DeliveryState;
 
 /// What a DSN needs besides the failed message's envelope.
 pub(crate) struct DsnInput<'a> {
@@ -32,6 +35,9 @@ pub(crate) struct DsnInput<'a> {
     pub from: &'a str,
     pub queue_id: MessageId,
     pub envelope: &'a Envelope,
+    pub state: &'a DeliveryState,
+    /// The failed recipients (indices) this bounce reports.
+    pub report: &'a [usize],
     /// The upstream host (Remote-MTA).
     pub remote_mta: &'a str,
     /// The original header section, complete lines.
@@ -50,10 +56,10 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
         .map(|t| t.as_micros())
         .unwrap_or(0);
     let boundary = format!("{}.{micros}/{}", d.queue_id, d.hostname);
-    let failed: Vec<_> = env
-        .recipients
+    let failed: Vec<(&str, &crate::state::RcptStatus)> = d
+        .report
         .iter()
-        .filter(|r| r.state == RcptState::Failed)
+        .filter_map(|&i| Some((env.recipients.get(i)?.as_str(), d.state.recipients.get(i)?)))
         .collect();
 
     let mut m = String::with_capacity(4096 + d.headers.len());
@@ -95,21 +101,19 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
          \r\n",
         host = d.hostname
     );
-    for r in &failed {
-        let why = r.reply.as_deref().unwrap_or("delivery failed");
-        let said = if starts_with_code(why) {
-            format!("host {} said: {why}", d.remote_mta)
-        } else {
-            why.to_string()
+    for (address, r) in &failed {
+        let said = match &r.answer {
+            Some(Answer::Reply(reply)) => format!("host {} said: {reply}", d.remote_mta),
+            Some(Answer::Error(e)) => e.clone(),
+            None => "delivery failed".to_string(),
         };
         let line = if r.expired {
             format!(
-                "<{}>: the message expired after {} in the queue without being delivered; the last attempt got: {said}",
-                r.address,
+                "<{address}>: the message expired after {} in the queue without being delivered; the last attempt got: {said}",
                 humantime::format_duration(d.max_age)
             )
         } else {
-            format!("<{}>: {said}", r.address)
+            format!("<{address}>: {said}")
         };
         m.push_str(&fold_text(&line, 76));
         m.push_str("\r\n\r\n");
@@ -129,29 +133,31 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
         id = d.queue_id,
         arrival = rfc5322_date(env.received),
     );
-    for r in &failed {
-        let why = r.reply.as_deref().unwrap_or("");
+    for (address, r) in &failed {
         let _ = write!(
             m,
             "\r\n\
-             Final-Recipient: rfc822; {addr}\r\n\
+             Final-Recipient: rfc822; {address}\r\n\
              Action: failed\r\n\
              Status: {status}\r\n\
              Remote-MTA: dns; {remote}\r\n",
-            addr = r.address,
             status = if r.expired {
-                EXPIRED.to_string()
+                EXPIRED
             } else {
-                status_of(why)
+                status_of(r.answer.as_ref())
             },
             remote = d.remote_mta,
         );
-        if starts_with_code(why) {
-            m.push_str(&fold_field(&format!("Diagnostic-Code: smtp; {why}")));
-            m.push_str("\r\n");
-        } else if !why.is_empty() {
-            m.push_str(&fold_field(&format!("X-Oauthrelay-Diagnostic: {why}")));
-            m.push_str("\r\n");
+        match &r.answer {
+            Some(Answer::Reply(reply)) => {
+                m.push_str(&fold_field(&format!("Diagnostic-Code: smtp; {reply}")));
+                m.push_str("\r\n");
+            }
+            Some(Answer::Error(e)) if !e.is_empty() => {
+                m.push_str(&fold_field(&format!("X-Oauthrelay-Diagnostic: {e}")));
+                m.push_str("\r\n");
+            }
+            _ => {}
         }
         let _ = write!(m, "Last-Attempt-Date: {}\r\n", rfc5322_date(d.now));
     }
@@ -175,33 +181,16 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
 }
 
 /// RFC 3463 "delivery time expired".
-const EXPIRED: &str = "5.4.7";
+const EXPIRED: Status = Status::new(5, 4, 7);
 
-/// Whether `text` is an SMTP reply (`NNN ...`).
-fn starts_with_code(text: &str) -> bool {
-    let b = text.as_bytes();
-    b.len() >= 3 && b[..3].iter().all(u8::is_ascii_digit) && b.get(3).is_none_or(|&c| c == b' ')
-}
-
-/// The DSN status for a failed recipient's last reply: the reply's own
+/// The DSN status for a failed recipient's last answer: the reply's own
 /// `5.x.x`, `5.0.0` for a 5xx without one, and `5.4.7` (delivery time
 /// expired) when the last word was temporary or not from the server: the
 /// only way a recipient fails without a 5xx is by running out of time.
-pub(crate) fn status_of(reply: &str) -> String {
-    if !starts_with_code(reply) || !reply.starts_with('5') {
-        return EXPIRED.to_string();
-    }
-    let esc = reply[3..].split_whitespace().next().unwrap_or("");
-    let parts: Vec<&str> = esc.split('.').collect();
-    if parts.len() == 3
-        && parts[0] == "5"
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-    {
-        esc.to_string()
-    } else {
-        "5.0.0".to_string()
+pub(crate) fn status_of(answer: Option<&Answer>) -> Status {
+    match answer.and_then(Answer::reply) {
+        Some(r) if r.is_permanent() => r.dsn_status(),
+        _ => EXPIRED,
     }
 }
 
@@ -243,66 +232,71 @@ fn fold_text(text: &str, width: usize) -> String {
     out
 }
 
-/// `Tue, 25 Nov 2025 04:16:00 +0000`.
+/// `Tue, 25 Nov 2025 04:16:00 +0000` (RFC 5322 3.3, UTC), by the `time`
+/// crate.
 pub(crate) fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, mo, d) = civil_from_days(days);
-    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MON: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{}, {d} {} {y} {:02}:{:02}:{:02} +0000",
-        WD[days.rem_euclid(7) as usize],
-        MON[(mo - 1) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc2822)
+        .unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::RcptState;
     use std::time::Duration;
 
     #[test]
     fn dates() {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(rfc5322_date(t), "Tue, 14 Nov 2023 22:13:20 +0000");
-        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
     }
 
+    fn answer(text: &str) -> Answer {
+        Answer::parse_legacy(text)
+    }
+
     #[test]
     fn statuses() {
-        assert_eq!(
-            status_of("550 5.1.1 The email account does not exist"),
-            "5.1.1"
+        let st = |t: &str| status_of(Some(&answer(t))).to_string();
+        assert_eq!(st("550 5.1.1 The email account does not exist"), "5.1.1");
+        assert_eq!(st("554 rejected"), "5.0.0");
+        assert_eq!(st("451 4.3.0 try later"), "5.4.7");
+        assert_eq!(st("connect to x failed"), "5.4.7");
+    }
+
+    #[test]
+    fn control_characters_from_the_upstream_never_reach_the_bounce() {
+        let env = Envelope::new("app@example.com", ["a@example.org".to_string()]);
+        let mut state = DeliveryState::new(1);
+        state.recipients[0].state = RcptState::Failed;
+        state.recipients[0].answer = Some(Answer::Reply(crate::reply::Reply::new(
+            550,
+            Some(Status::new(5, 7, 1)),
+            "bad \x1b]52;c;cHduZWQ=\x07 \x1b[2J\x08",
+        )));
+        let dsn = build(&DsnInput {
+            hostname: "relay.example.net",
+            from: "me@gmail.com",
+            queue_id: MessageId::from_u64(0x77),
+            envelope: &env,
+            state: &state,
+            report: &[0],
+            remote_mta: "smtp.gmail.com",
+            headers: b"Subject: x\r\n",
+            max_age: Duration::from_secs(5 * 86_400),
+            now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        });
+        assert!(
+            !dsn.iter()
+                .any(|&b| b < 0x20 && b != b'\r' && b != b'\n' && b != b'\t'),
+            "{}",
+            String::from_utf8_lossy(&dsn)
         );
-        assert_eq!(status_of("554 rejected"), "5.0.0");
-        assert_eq!(status_of("451 4.3.0 try later"), "5.4.7");
-        assert_eq!(status_of("connect to x failed"), "5.4.7");
+        assert!(String::from_utf8_lossy(&dsn).contains("bad \\x1b]52;c;cHduZWQ=\\x07"));
     }
 
     #[test]
@@ -317,20 +311,23 @@ mod tests {
 
     #[test]
     fn builds_a_report() {
-        let mut env = Envelope::new(
+        let env = Envelope::new(
             "app@example.com",
             ["bad@example.org".to_string(), "ok@example.org".to_string()],
         );
-        env.recipients[0].state = RcptState::Failed;
-        env.recipients[0].reply = Some(
-            "550 5.1.1 The email account that you tried to reach does not exist. - gsmtp".into(),
-        );
-        env.recipients[1].state = RcptState::Delivered;
+        let mut state = DeliveryState::new(2);
+        state.recipients[0].state = RcptState::Failed;
+        state.recipients[0].answer = Some(answer(
+            "550 5.1.1 The email account that you tried to reach does not exist. - gsmtp",
+        ));
+        state.recipients[1].state = RcptState::Delivered;
         let dsn = build(&DsnInput {
             hostname: "relay.example.net",
             from: "me@gmail.com",
             queue_id: MessageId::from_u64(0x1234),
             envelope: &env,
+            state: &state,
+            report: &[0],
             remote_mta: "smtp.gmail.com",
             headers: b"Subject: hello\r\nFrom: app@example.com\r\n",
             max_age: Duration::from_secs(5 * 86_400),
@@ -351,22 +348,25 @@ mod tests {
 
     #[test]
     fn an_expired_recipient_is_5_4_7_with_its_last_reply() {
-        let mut env = Envelope::new(
+        let env = Envelope::new(
             "app@example.com",
             ["a@example.org".to_string(), "b@example.org".to_string()],
         );
+        let mut state = DeliveryState::new(2);
         // Even a 5xx-looking last reply (530: the session lost its login).
-        env.recipients[0].state = RcptState::Failed;
-        env.recipients[0].expired = true;
-        env.recipients[0].reply = Some("530 5.7.0 Authentication Required. - gsmtp".into());
-        env.recipients[1].state = RcptState::Failed;
-        env.recipients[1].expired = true;
-        env.recipients[1].reply = Some("connect to smtp.gmail.com failed: refused".into());
+        state.recipients[0].state = RcptState::Failed;
+        state.recipients[0].expired = true;
+        state.recipients[0].answer = Some(answer("530 5.7.0 Authentication Required. - gsmtp"));
+        state.recipients[1].state = RcptState::Failed;
+        state.recipients[1].expired = true;
+        state.recipients[1].answer = Some(answer("connect to smtp.gmail.com failed: refused"));
         let dsn = build(&DsnInput {
             hostname: "relay.example.net",
             from: "me@gmail.com",
             queue_id: MessageId::from_u64(0x99),
             envelope: &env,
+            state: &state,
+            report: &[0, 1],
             remote_mta: "smtp.gmail.com",
             headers: b"Subject: old\r\n",
             max_age: Duration::from_secs(5 * 86_400),

@@ -1,22 +1,30 @@
-//! oauthrelay's delivery workers: every queued message goes to Gmail over
-//! TLS with XOAUTH2, and is retried until it is delivered or fails for good.
+//! oauthrelay's delivery side: every queued message goes upstream through
+//! its account's transport (SMTP with XOAUTH2 today), and is retried until
+//! it is delivered or fails for good.
 //!
 //! ```text
 //! spool.subscribe() ──ids──▶ scheduler ──jobs──▶ workers (concurrency per account)
-//!                            ready queues         │ one warm, authenticated connection each
-//!                            timers               │ PIPELINING + BDAT, per-recipient outcomes
-//!                            pauses / holds ◀─────┘ update / bounce / remove (durable)
+//!                            ready queues         │ one transport each (warm channel)
+//!                            timers               │ typed replies -> RcptOutcome + AccountSignal
+//!                            pauses / holds ◀─────┘ facts          decide() -> record / bounce / remove
 //! ```
 //!
 //! - [`Outbound::start`] schedules every queued message and every new commit
 //!   at once (no polling).
-//! - Replies are classified as in `../shared/gmail.md`: per recipient
-//!   [`RcptOutcome`] (delivered / deferred / failed), and account-wide
-//!   [`AccountSignal`]s that pause (`421`s and connection failures on the
-//!   retry schedule, `454 4.7.0` login throttling, `550 5.4.5` daily limit)
-//!   or hold (authentication failing even with a fresh token) the account.
-//! - Permanent failures are bounced with an RFC 3464 report through the same
-//!   account, from the null sender; never for the null sender.
+//! - A [`Transport`] delivers one message over one authenticated channel
+//!   and reports typed facts: per recipient [`RcptOutcome`]s and an
+//!   account-wide [`AccountSignal`]. Replies are [`Reply`]s from the wire
+//!   to the queue (`docs/gmail-replies.md` says what each means).
+//! - What an attempt means for the message is a pure function
+//!   (`decide.rs`); what it means for the account, the scheduler decides
+//!   alone (pauses on the retry schedule, login throttling, the daily
+//!   limit; holds with a [`HoldReason`]). The token manager is the one
+//!   source of "needs authorization".
+//! - A message's delivery state ([`DeliveryState`]) is this crate's; the
+//!   spool stores it as an opaque record.
+//! - Permanent failures are bounced at the end of the attempt that failed
+//!   them, with an RFC 3464 report through the same account, from the null
+//!   sender; never for the null sender.
 //!
 //! Why not `mail-send`: its 0.7 client reads replies into a local 1 KiB
 //! buffer and drops whatever follows the first reply (unsafe with
@@ -29,15 +37,17 @@ pub mod config;
 mod account;
 mod body;
 mod classify;
-mod conn;
+mod clock;
+mod decide;
 mod dsn;
+mod hold;
 mod metrics;
 mod reply;
 mod scheduler;
 mod send_test;
-mod session;
-mod tls;
-mod transaction;
+mod smtp;
+mod state;
+mod transport;
 mod worker;
 
 use std::sync::{Arc, Mutex};
@@ -45,7 +55,7 @@ use std::time::SystemTime;
 
 use oauth::TokenManager;
 use oauth::config::AccountConfig;
-use spool::{Envelope, MessageId, RcptState, Spool};
+use spool::{MessageId, Spool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -53,17 +63,21 @@ use tokio_util::task::TaskTracker;
 pub use account::PauseKind;
 pub use classify::{AccountSignal, RcptOutcome};
 pub use config::DeliveryConfig;
-pub use conn::{Capabilities, ConnError};
+pub use decide::LogStatus;
+pub use hold::HoldReason;
 pub use metrics::{AttemptResult, Metrics};
-pub use reply::Reply;
+pub use reply::{Answer, Reply, Status, escape_controls};
 pub use scheduler::route;
 pub use send_test::{SendTestError, SendTestReport, send_test};
-pub use session::OpenError;
-pub use worker::Status;
+pub use smtp::conn::{Capabilities, ConnError};
+pub use smtp::session::OpenError;
+pub use state::{DeliveryState, FORMAT, Hold, QueueState, RcptState, RcptStatus};
+pub use transport::{Attempt, Outgoing, Transport};
+pub use worker::due_now;
 
-use scheduler::{Command, PublicAccount, Scheduler};
+use scheduler::{Command, PublicAccounts, Scheduler};
 
-/// An account's delivery state, for `/readyz` and `queue list`.
+/// An account's delivery state, for `/readyz`, metrics and `queue list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountState {
     pub name: String,
@@ -73,9 +87,8 @@ pub struct AccountState {
     pub pause_kind: Option<PauseKind>,
     /// The reply or error that caused the pause.
     pub pause_reason: Option<String>,
-    /// The account's mail is held, and why (with the command that fixes
-    /// it).
-    pub held: Option<String>,
+    /// The account's mail is held, and why (with what fixes it).
+    pub held: Option<HoldReason>,
     /// Messages routed to this account and not yet done.
     pub queued: usize,
     /// Messages being attempted right now.
@@ -90,24 +103,11 @@ impl AccountState {
     }
 }
 
-/// How `queue list` should call a message (see `../shared/interface.md`).
-pub fn queue_state(env: &Envelope, now: SystemTime) -> &'static str {
-    if env.held.is_some() {
-        "held"
-    } else if env.is_done() && env.recipients.iter().any(|r| r.state == RcptState::Failed) {
-        "failed"
-    } else if env.attempts > 0 || env.next_attempt.is_some_and(|t| t > now) {
-        "deferred"
-    } else {
-        "queued"
-    }
-}
-
 /// The running delivery side. Clones are handles to the same scheduler.
 #[derive(Clone)]
 pub struct Outbound {
     commands: mpsc::UnboundedSender<Command>,
-    public: Arc<Mutex<Vec<PublicAccount>>>,
+    public: PublicAccounts,
     tracker: TaskTracker,
 }
 
@@ -132,8 +132,9 @@ impl Outbound {
         let shared = Arc::new(worker::Shared {
             spool,
             tokens,
-            hostname,
+            hostname: hostname.into(),
             metrics,
+            clock: clock::Clock::new(),
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let public = Arc::new(Mutex::new(Vec::new()));
@@ -204,26 +205,10 @@ impl Outbound {
 
     /// Each configured account's state.
     pub fn account_states(&self) -> Vec<AccountState> {
-        let now = tokio::time::Instant::now();
         self.public
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|p| {
-                let rt = p.cell.lock();
-                let pause = rt.pause.as_ref().filter(|x| x.until > now);
-                AccountState {
-                    name: p.name.clone(),
-                    email: p.email.clone(),
-                    paused_until: pause.map(|x| x.until_wall),
-                    pause_kind: pause.map(|x| x.kind),
-                    pause_reason: pause.map(|x| x.reason.clone()),
-                    held: rt.held.clone(),
-                    queued: rt.queued,
-                    in_flight: rt.in_flight,
-                }
-            })
-            .collect()
+            .clone()
     }
 
     /// Wait until the scheduler and every worker have stopped (after

@@ -1,4 +1,4 @@
-//! Delivery metrics (names in `../shared/interface.md`).
+//! Delivery metrics (names in `docs/interface.md`).
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -45,13 +45,14 @@ struct AttemptLabels {
 pub struct Metrics {
     delivered: Counter,
     bounced: Counter,
+    failed: Counter,
     attempts: Family<AttemptLabels, Counter>,
     duration: Histogram,
 }
 
 impl Metrics {
     /// Register `oauthrelay_messages_delivered_total`,
-    /// `oauthrelay_messages_bounced_total`,
+    /// `oauthrelay_messages_bounced_total`, `oauthrelay_messages_failed_total`,
     /// `oauthrelay_delivery_attempts_total{result}` and
     /// `oauthrelay_delivery_duration_seconds` in `registry`.
     pub fn new(registry: &mut Registry) -> Metrics {
@@ -72,8 +73,13 @@ impl Metrics {
         );
         registry.register(
             "oauthrelay_messages_bounced",
-            "Messages with at least one recipient that failed permanently (a bounce was queued unless the sender was null)",
+            "Bounces (delivery status notifications) generated and queued for senders",
             m.bounced.clone(),
+        );
+        registry.register(
+            "oauthrelay_messages_failed",
+            "Messages that left the queue with at least one recipient that failed permanently",
+            m.failed.clone(),
         );
         registry.register(
             "oauthrelay_delivery_attempts",
@@ -93,6 +99,7 @@ impl Metrics {
         Metrics {
             delivered: Counter::default(),
             bounced: Counter::default(),
+            failed: Counter::default(),
             attempts: Family::default(),
             duration: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
         }
@@ -114,14 +121,24 @@ impl Metrics {
         self.bounced.inc();
     }
 
+    pub(crate) fn failed(&self) {
+        self.failed.inc();
+    }
+
     /// `oauthrelay_messages_delivered_total` so far.
     pub fn delivered_count(&self) -> u64 {
         self.delivered.get()
     }
 
-    /// `oauthrelay_messages_bounced_total` so far.
+    /// `oauthrelay_messages_bounced_total` so far: bounces generated.
     pub fn bounced_count(&self) -> u64 {
         self.bounced.get()
+    }
+
+    /// `oauthrelay_messages_failed_total` so far: messages that left the
+    /// queue with a failed recipient.
+    pub fn failed_count(&self) -> u64 {
+        self.failed.get()
     }
 
     /// `oauthrelay_delivery_attempts_total{result}` so far.

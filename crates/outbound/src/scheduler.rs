@@ -17,22 +17,24 @@
 //! it is in flight, and a marking task while it writes `held`. So no two
 //! writers ever race on one envelope.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use oauth::AccountEvent;
 use oauth::config::AccountConfig;
-use spool::{Envelope, MessageId};
+use spool::{MessageId, Queued};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::DeliveryConfig;
-use crate::account::AccountCell;
-use crate::session::AccountCtx;
-use crate::worker::{Job, Outcome, Report, Shared, Unrecorded, Worker};
+use crate::account::Runtime;
+use crate::hold::HoldReason;
+use crate::smtp::session::AccountCtx;
+use crate::state::DeliveryState;
+use crate::worker::{Done, Job, Outcome, Report, Shared, Worker};
+use crate::{AccountState, DeliveryConfig};
 
 pub(crate) enum Command {
     /// Make one message (or, with `None`, every deferred message) due now;
@@ -50,18 +52,15 @@ pub(crate) enum Command {
     Ping { reply: oneshot::Sender<()> },
 }
 
-/// What `account_states()` reads without asking the scheduler.
-pub(crate) struct PublicAccount {
-    pub name: String,
-    pub email: String,
-    pub cell: Arc<AccountCell>,
-}
+/// What `account_states()` reads without asking the scheduler: a view the
+/// scheduler publishes after every change.
+pub(crate) type PublicAccounts = Arc<Mutex<Vec<AccountState>>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
     Account(String),
-    /// No account takes it; the reason is what `held` says.
-    None(String),
+    /// No account takes it.
+    None(HoldReason),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,20 +78,12 @@ struct Msg {
     account: Option<String>,
     route: Route,
     next: Option<SystemTime>,
-    /// The `held` reason in the spool copy (its [`fingerprint`]), if any.
-    held_marked: Option<u64>,
+    /// The hold recorded in the spool copy, if any.
+    held_marked: Option<HoldReason>,
     at: Where,
-    /// Outcomes Gmail gave that the spool could not record yet (see
-    /// [`Unrecorded`]): given to the next attempt.
-    unrecorded: Option<Unrecorded>,
-}
-
-/// A short stand-in for a `held` reason, to notice when it changes.
-fn fingerprint(reason: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    reason.hash(&mut h);
-    h.finish()
+    /// A decided state the spool could not record yet (see
+    /// [`Job::unrecorded`]): given to the next attempt.
+    unrecorded: Option<DeliveryState>,
 }
 
 struct WorkerHandle {
@@ -111,7 +102,8 @@ struct Slot {
     /// reload that did not touch them.
     config: AccountConfig,
     ctx: Arc<AccountCtx>,
-    cell: Arc<AccountCell>,
+    /// The account's pauses and holds: written here only.
+    rt: Runtime,
     workers: Vec<WorkerHandle>,
     /// Indices of idle workers; the last one idled is used first.
     idle: Vec<usize>,
@@ -146,8 +138,8 @@ struct Marked {
     present: bool,
     /// The reason written (or, if the write failed, meant: the spool copy
     /// is informational, and retrying at once would spin while the disk is
-    /// full), as a [`fingerprint`].
-    held: u64,
+    /// full).
+    held: HoldReason,
 }
 
 enum Wake {
@@ -164,8 +156,8 @@ pub(crate) struct Scheduler {
     shared: Arc<Shared>,
     cfg: Arc<DeliveryConfig>,
     slots: Vec<Slot>,
-    cells: HashMap<String, Arc<AccountCell>>,
-    public: Arc<Mutex<Vec<PublicAccount>>>,
+    /// Account runtimes of accounts a reload removed and may bring back.
+    public: PublicAccounts,
     msgs: BTreeMap<MessageId, Msg>,
     timers: BTreeSet<(Instant, MessageId)>,
     reports_tx: mpsc::UnboundedSender<Report>,
@@ -196,14 +188,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn to_instant(t: SystemTime) -> Instant {
-    let now = Instant::now();
-    match t.duration_since(SystemTime::now()) {
-        Ok(d) => now + d,
-        Err(_) => now,
-    }
-}
-
 /// The first account whose `senders` take `sender`.
 pub fn route<'a>(accounts: &'a [AccountConfig], sender: &str) -> Option<&'a AccountConfig> {
     accounts.iter().find(|a| a.matches_sender(sender))
@@ -225,7 +209,7 @@ impl Scheduler {
         accounts: Vec<AccountConfig>,
         cfg: DeliveryConfig,
         commands: mpsc::UnboundedReceiver<Command>,
-        public: Arc<Mutex<Vec<PublicAccount>>>,
+        public: PublicAccounts,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Scheduler {
@@ -238,7 +222,6 @@ impl Scheduler {
             shared,
             cfg: Arc::new(cfg),
             slots: Vec::new(),
-            cells: HashMap::new(),
             public,
             msgs: BTreeMap::new(),
             timers: BTreeSet::new(),
@@ -259,8 +242,8 @@ impl Scheduler {
 
     pub(crate) async fn run(mut self) {
         let started = std::time::Instant::now();
-        for (id, env) in self.shared.spool.list() {
-            self.insert(id, &env);
+        for (id, q) in self.shared.spool.list() {
+            self.insert(id, &q);
         }
         let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
         for name in names {
@@ -291,8 +274,8 @@ impl Scheduler {
                 Wake::Report(r) => self.on_report(r),
                 Wake::Marked(m) => self.on_marked(m),
                 Wake::Committed(id) => {
-                    if let Some(env) = self.shared.spool.envelope(id) {
-                        self.insert(id, &env);
+                    if let Some(q) = self.shared.spool.message(id) {
+                        self.insert(id, &q);
                     }
                 }
                 Wake::Command(c) => self.on_command(c),
@@ -310,18 +293,11 @@ impl Scheduler {
 
     fn set_accounts(&mut self, accounts: Vec<AccountConfig>) {
         let mut old: Vec<Slot> = std::mem::take(&mut self.slots);
-        let mut public = Vec::new();
         for a in accounts {
             if self.slots.iter().any(|s| s.name == a.name) {
                 tracing::warn!(account = %a.name, "two [[accounts]] entries share this name; using the first");
                 continue;
             }
-            let cell = self.cells.entry(a.name.clone()).or_default().clone();
-            public.push(PublicAccount {
-                name: a.name.clone(),
-                email: a.email.clone(),
-                cell: cell.clone(),
-            });
             let mut slot = match old.iter().position(|s| s.name == a.name) {
                 Some(i) => {
                     let mut s = old.swap_remove(i);
@@ -336,7 +312,7 @@ impl Scheduler {
                     name: a.name.clone(),
                     ctx: Arc::new(AccountCtx::new(a.clone())),
                     config: a,
-                    cell,
+                    rt: Runtime::default(),
                     workers: Vec::new(),
                     idle: Vec::new(),
                     ready: VecDeque::new(),
@@ -353,39 +329,32 @@ impl Scheduler {
         }
         // Accounts that went away: their workers end after the current job.
         drop(old);
-        self.cells
-            .retain(|name, _| public.iter().any(|p| &p.name == name));
-        *self.public.lock().unwrap_or_else(|p| p.into_inner()) = public;
         // What the token manager already knows.
         for i in 0..self.slots.len() {
             let name = self.slots[i].name.clone();
-            match self.shared.tokens.account_status(&name) {
-                Some(st) if st.needs_authorization => {
-                    let reason = format!(
-                        "account {name:?} needs authorization: {}; {}",
-                        st.problem.unwrap_or_else(|| "no usable credentials".into()),
-                        st.fix.unwrap_or_else(|| format!(
-                            "run: oauthrelay authorize --account {name}"
-                        ))
-                    );
-                    let mut rt = self.slots[i].cell.lock();
-                    rt.held = Some(reason);
-                }
+            let hold = self.token_hold(&name);
+            let rt = &mut self.slots[i].rt;
+            match hold {
+                Some(h) => rt.hold = Some(h),
                 None => {
-                    let mut rt = self.slots[i].cell.lock();
-                    rt.held = Some(format!(
-                        "account {name} is not known to the token manager (reload the daemon)"
-                    ));
-                }
-                Some(_) => {
                     // A reload is the operator's "try again": lift holds
-                    // that came from Gmail refusing tokens.
-                    let mut rt = self.slots[i].cell.lock();
-                    if rt.held.take().is_some() {
+                    // that came from the upstream refusing the account.
+                    if rt.hold.take().is_some() {
                         rt.probing = true;
                     }
                 }
             }
+        }
+    }
+
+    /// The hold the token manager's state of `name` means, if any: the one
+    /// source of "needs authorization".
+    fn token_hold(&self, name: &str) -> Option<HoldReason> {
+        match self.shared.tokens.account_status(name) {
+            Some(st) => st.auth.refusal().map(|r| HoldReason::from_refusal(name, r)),
+            None => Some(HoldReason::UnknownToTokenManager {
+                account: name.to_string(),
+            }),
         }
     }
 
@@ -452,8 +421,8 @@ impl Scheduler {
     /// reload): one attempt at a time until one succeeds.
     fn release(&mut self, name: &str) {
         if let Some(i) = self.slot_index(name) {
-            let mut rt = self.slots[i].cell.lock();
-            if rt.held.take().is_some() {
+            let rt = &mut self.slots[i].rt;
+            if rt.hold.take().is_some() {
                 tracing::info!(account = %name, "account released; its held mail goes out again");
             }
             rt.probing = true;
@@ -466,13 +435,17 @@ impl Scheduler {
         let Some(i) = self.slot_index(name) else {
             return;
         };
-        let held = self.slots[i].cell.lock().held.is_some();
+        let held = self.slots[i].rt.hold.is_some();
         let slot = &mut self.slots[i];
         if held == slot.known_held {
             return;
         }
         slot.known_held = held;
-        slot.hold_probe = held.then(|| Instant::now() + self.cfg.retry_max);
+        // A held account is tried once more now and then (the token
+        // manager re-probes its own refusals; this covers the upstream's),
+        // on the retry schedule's cap, at most an hour.
+        let probe_after = self.cfg.retry_max.min(std::time::Duration::from_secs(3600));
+        slot.hold_probe = held.then(|| Instant::now() + probe_after);
         let route = Route::Account(name.to_string());
         let ids: Vec<MessageId> = self
             .msgs
@@ -498,23 +471,25 @@ impl Scheduler {
     fn route_of(&self, sender: &str, account: Option<&str>) -> Route {
         match account {
             Some(a) if self.slot_index(a).is_some() => Route::Account(a.to_string()),
-            Some(a) => Route::None(format!(
-                "account {a:?} (which this message must go through) is not configured"
-            )),
+            Some(a) => Route::None(HoldReason::AccountNotConfigured {
+                account: a.to_string(),
+            }),
             None => match self.slots.iter().find(|s| s.config.matches_sender(sender)) {
                 Some(s) => Route::Account(s.name.clone()),
-                None => Route::None(format!(
-                    "no [[accounts]] entry takes sender <{sender}> (check `senders`)"
-                )),
+                None => Route::None(HoldReason::NoRoute {
+                    sender: sender.to_string(),
+                }),
             },
         }
     }
 
-    fn insert(&mut self, id: MessageId, env: &Envelope) {
+    fn insert(&mut self, id: MessageId, q: &Queued) {
         if self.msgs.contains_key(&id) {
             return;
         }
-        let route = self.route_of(&env.sender, env.account.as_deref());
+        let state = DeliveryState::of(id, q);
+        let env = &q.envelope;
+        let route = self.route_of(&env.sender, state.account.as_deref());
         if let Route::Account(a) = &route
             && let Some(i) = self.slot_index(a)
         {
@@ -524,10 +499,10 @@ impl Scheduler {
             id,
             Msg {
                 sender: env.sender.clone(),
-                account: env.account.clone(),
+                account: state.account.clone(),
                 route,
-                next: env.next_attempt,
-                held_marked: env.held.as_deref().map(fingerprint),
+                next: state.next_attempt,
+                held_marked: state.hold.map(|h| h.reason),
                 at: Where::Held,
                 unrecorded: None,
             },
@@ -564,12 +539,15 @@ impl Scheduler {
         let (want_held, slot) = match &m.route {
             Route::None(reason) => (Some(reason.clone()), None),
             Route::Account(a) => match self.slot_index(a) {
-                Some(i) => (self.slots[i].cell.lock().held.clone(), Some(i)),
-                None => (Some(format!("account {a:?} is not configured")), None),
+                Some(i) => (self.slots[i].rt.hold.clone(), Some(i)),
+                None => (
+                    Some(HoldReason::AccountNotConfigured { account: a.clone() }),
+                    None,
+                ),
             },
         };
         match want_held {
-            Some(reason) if m.held_marked != Some(fingerprint(&reason)) => self.mark(id, reason),
+            Some(reason) if m.held_marked.as_ref() != Some(&reason) => self.mark(id, reason),
             Some(_) => {
                 if let Some(m) = self.msgs.get_mut(&id) {
                     m.at = Where::Held;
@@ -579,7 +557,7 @@ impl Scheduler {
             // worker attempts the message, so that releasing an account
             // for a probe that fails again costs no write per message.
             None => {
-                let now = SystemTime::now();
+                let now = self.shared.clock.now();
                 let due = m.next.is_none_or(|t| t <= now);
                 let Some(i) = slot else { return };
                 let Some(m) = self.msgs.get_mut(&id) else {
@@ -589,7 +567,7 @@ impl Scheduler {
                     m.at = Where::Ready;
                     self.slots[i].ready.push_back(id);
                 } else {
-                    let at = to_instant(m.next.unwrap_or(now));
+                    let at = self.shared.clock.instant_at(m.next.unwrap_or(now));
                     m.at = Where::Waiting(at);
                     self.timers.insert((at, id));
                 }
@@ -599,20 +577,29 @@ impl Scheduler {
 
     /// Write `held` in the spool copy, in a task; the message is `Busy`
     /// meanwhile. (Clearing it is the worker's job, at the next attempt.)
-    fn mark(&mut self, id: MessageId, reason: String) {
+    fn mark(&mut self, id: MessageId, reason: HoldReason) {
         if let Some(m) = self.msgs.get_mut(&id) {
             m.at = Where::Busy;
         }
         let spool = self.shared.spool.clone();
         let tx = self.marks_tx.clone();
-        let held = fingerprint(&reason);
+        let held = reason.clone();
+        let now = self.shared.clock.now();
         self.tracker.spawn(async move {
-            let present = match spool.envelope(id) {
+            let present = match spool.message(id) {
                 None => false,
-                Some(env) if env.held.as_deref() == Some(reason.as_str()) => true,
-                Some(mut env) => {
-                    env.set_held(Some(reason), std::time::SystemTime::now());
-                    match spool.update(id, env).await {
+                Some(q) => {
+                    let mut state = DeliveryState::of(id, &q);
+                    if state.hold.as_ref().map(|h| &h.reason) == Some(&reason) {
+                        let _ = tx.send(Marked {
+                            id,
+                            present: true,
+                            held,
+                        });
+                        return;
+                    }
+                    state.hold(reason, now);
+                    match spool.update(id, state.to_record()).await {
                         Ok(()) => true,
                         Err(spool::SpoolError::NotFound(_)) => false,
                         Err(e) => {
@@ -643,6 +630,18 @@ impl Scheduler {
     }
 
     fn on_report(&mut self, r: Report) {
+        let r = match r {
+            Report::Facts { account, facts } => {
+                self.account_facts(&account, &facts);
+                self.refresh_account(&account);
+                return;
+            }
+            Report::Done(done) => done,
+        };
+        self.on_done(r);
+    }
+
+    fn on_done(&mut self, r: Done) {
         if let Some(i) = self.slot_index(&r.account) {
             let slot = &mut self.slots[i];
             if let Some(wi) = slot.workers.iter().position(|w| w.id == r.worker) {
@@ -669,7 +668,7 @@ impl Scheduler {
             }
             Outcome::Held { reason } => {
                 if let Some(m) = self.msgs.get_mut(&r.id) {
-                    m.held_marked = Some(fingerprint(&reason));
+                    m.held_marked = Some(reason);
                     m.next = None;
                     m.at = Where::Held;
                 }
@@ -682,8 +681,29 @@ impl Scheduler {
                 self.place(r.id);
             }
         }
-        if r.account_changed {
-            self.refresh_account(&r.account);
+        self.refresh_account(&r.account);
+    }
+
+    /// What a worker's attempt says about its account: the scheduler alone
+    /// turns it into pauses and holds.
+    fn account_facts(&mut self, name: &str, f: &crate::worker::Facts) {
+        let Some(i) = self.slot_index(name) else {
+            return;
+        };
+        let cfg = self.cfg.clone();
+        let rt = &mut self.slots[i].rt;
+        if f.connected {
+            rt.connected();
+        }
+        if f.delivered {
+            rt.delivered();
+        }
+        match &f.signal {
+            // At the attempt's moment, with its jitter: the pause the
+            // worker already counted on for the message's next attempt.
+            Some(sig) => rt.apply(sig, f.hold.clone(), &cfg, f.at, f.wall, f.jitter),
+            None if f.connected || f.transacted => rt.recovered(),
+            None => {}
         }
     }
 
@@ -693,10 +713,7 @@ impl Scheduler {
         }
         let now = Instant::now();
         for slot in &mut self.slots {
-            let (blocked, probing) = {
-                let rt = slot.cell.lock();
-                (rt.blocked(now), rt.probing)
-            };
+            let (blocked, probing) = (slot.rt.blocked(now), slot.rt.probing);
             if blocked || slot.ready.is_empty() {
                 continue;
             }
@@ -727,8 +744,8 @@ impl Scheduler {
                 let job = Job {
                     id,
                     ctx: slot.ctx.clone(),
-                    cell: slot.cell.clone(),
                     cfg: self.cfg.clone(),
+                    account: slot.rt.clone(),
                     unrecorded,
                 };
                 match slot.workers[wi].tx.try_send(job) {
@@ -750,8 +767,7 @@ impl Scheduler {
     fn next_wake(&self) -> Option<Instant> {
         let mut at = self.timers.first().map(|(t, _)| *t);
         for slot in &self.slots {
-            let rt = slot.cell.lock();
-            for t in [rt.pause.as_ref().map(|p| p.until), slot.hold_probe]
+            for t in [slot.rt.pause.as_ref().map(|p| p.until), slot.hold_probe]
                 .into_iter()
                 .flatten()
             {
@@ -783,12 +799,10 @@ impl Scheduler {
         }
         let mut probes = Vec::new();
         for slot in &mut self.slots {
-            {
-                let mut rt = slot.cell.lock();
-                if rt.pause.as_ref().is_some_and(|p| p.until <= now) {
-                    rt.pause = None;
-                    rt.probing = true;
-                }
+            let rt = &mut slot.rt;
+            if rt.pause.as_ref().is_some_and(|p| p.until <= now) {
+                rt.pause = None;
+                rt.probing = true;
             }
             if slot.hold_probe.is_some_and(|t| t <= now) {
                 slot.hold_probe = None;
@@ -821,7 +835,7 @@ impl Scheduler {
     /// An operator asked to try now: lift the account's pause and hold.
     fn lift(&mut self, name: &str) {
         if let Some(i) = self.slot_index(name) {
-            let mut rt = self.slots[i].cell.lock();
+            let rt = &mut self.slots[i].rt;
             rt.pause = None;
             rt.probing = true;
         }
@@ -906,22 +920,12 @@ impl Scheduler {
         match ev {
             Ok(AccountEvent::Authorized(name)) => self.release(&name),
             Ok(AccountEvent::NeedsAuthorization(name)) => {
-                // Worded as `TokenError::NeedsAuthorization` (what a worker
-                // records for a held attempt), so the held messages' reason
-                // does not flip between two spellings of one problem.
-                let reason = match self.shared.tokens.account_status(&name) {
-                    Some(st) => format!(
-                        "account {name:?} needs authorization: {}; {}",
-                        st.problem
-                            .unwrap_or_else(|| "Google refused its credentials".into()),
-                        st.fix.unwrap_or_else(|| format!(
-                            "run: oauthrelay authorize --account {name}"
-                        ))
-                    ),
-                    None => format!("account {name:?} needs authorization"),
-                };
-                if let Some(i) = self.slot_index(&name) {
-                    self.slots[i].cell.lock().held = Some(reason);
+                // The token manager's words, the same a worker records for
+                // a held attempt.
+                if let Some(hold) = self.token_hold(&name)
+                    && let Some(i) = self.slot_index(&name)
+                {
+                    self.slots[i].rt.hold = Some(hold);
                 }
                 self.refresh_account(&name);
             }
@@ -933,7 +937,7 @@ impl Scheduler {
                         .shared
                         .tokens
                         .account_status(&name)
-                        .is_some_and(|s| !s.needs_authorization);
+                        .is_some_and(|s| s.auth.is_authorized());
                     if authorized {
                         self.release(&name);
                     }
@@ -943,12 +947,26 @@ impl Scheduler {
         }
     }
 
-    /// Counts for `account_states()`.
+    /// The view `account_states()` reads.
     fn publish(&self) {
-        for slot in &self.slots {
-            let mut rt = slot.cell.lock();
-            rt.queued = slot.queued;
-            rt.in_flight = slot.busy();
-        }
+        let now = Instant::now();
+        let view: Vec<AccountState> = self
+            .slots
+            .iter()
+            .map(|slot| {
+                let pause = slot.rt.pause.as_ref().filter(|p| p.until > now);
+                AccountState {
+                    name: slot.name.clone(),
+                    email: slot.config.email.clone(),
+                    paused_until: pause.map(|p| p.until_wall),
+                    pause_kind: pause.map(|p| p.kind),
+                    pause_reason: pause.map(|p| p.reason.clone()),
+                    held: slot.rt.hold.clone(),
+                    queued: slot.queued,
+                    in_flight: slot.busy(),
+                }
+            })
+            .collect();
+        *self.public.lock().unwrap_or_else(|p| p.into_inner()) = view;
     }
 }

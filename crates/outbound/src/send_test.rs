@@ -6,10 +6,10 @@ use oauth::TokenManager;
 use oauth::config::AccountConfig;
 
 use crate::DeliveryConfig;
-use crate::conn::ConnError;
 use crate::dsn::rfc5322_date;
 use crate::reply::Reply;
-use crate::session::{self, AccountCtx, OpenError, OpenParams};
+use crate::smtp::conn::ConnError;
+use crate::smtp::session::{self, AccountCtx, OpenError, OpenParams};
 
 /// What a successful test sent.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ pub async fn send_test(
             oauth::config::SmtpTls::Starttls => "STARTTLS",
         }
     ));
-    let mut conn = session::open(&ctx, tokens, &params, progress).await?;
+    let (mut conn, _token) = session::open(&ctx, tokens, &params, progress).await?;
     let now = SystemTime::now();
     let micros = now
         .duration_since(UNIX_EPOCH)

@@ -393,7 +393,8 @@ async fn no_bounce_for_the_null_sender() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(h.gmail.messages().is_empty(), "no bounce loops");
     assert!(h.spool.list().is_empty(), "nothing queued");
-    assert_eq!(h.metrics.bounced_count(), 1);
+    assert_eq!(h.metrics.bounced_count(), 0, "no bounce generated");
+    assert_eq!(h.metrics.failed_count(), 1, "one failed message");
 }
 
 #[tokio::test]
@@ -491,54 +492,72 @@ async fn max_age_fails_permanently_with_the_last_reply() {
     );
 }
 
+/// Issue 10: `535 5.7.8` to MAIL after a successful AUTH bounced 2 of 3
+/// messages. An authentication reply at any stage after AUTH is treated
+/// like a refused token: a fresh token on a fresh connection once, then
+/// the account is held (the token manager says it needs authorization);
+/// nothing bounces, and the held time does not age the mail.
 #[tokio::test]
-async fn an_expired_recipient_is_5_4_7_even_when_its_last_reply_was_a_530() {
-    let mut config = fast_config();
-    config.max_age = Duration::from_millis(400);
-    let h = Harness::with(Setup {
-        config,
-        ..Setup::default()
-    })
-    .await;
-    // The session "lost its login": 530 after a good AUTH is temporary.
-    // Attempts at about 0, 0.2 and 0.6 s; the third is past max_age.
-    const LOST_AUTH: &str = "530-5.7.0 Authentication Required. For more information, go to\r\n530 5.7.0  https://support.google.com/mail/?p=WantAuthError fake - gsmtp";
-    h.gmail.fail_next(testkit::gmail::Stage::Mail, 3, LOST_AUTH);
-    let id = h
-        .submit(
-            "app@example.com",
-            &["a@example.org", "b@example.org"],
-            &message("old530", "x\r\n"),
-        )
-        .await;
-    let msgs = h.wait_messages(1, T).await;
-    assert!(h.wait_gone(id, T).await);
-    assert_eq!(
-        h.gmail.stats().mail_commands,
-        4,
-        "three attempts, the bounce"
-    );
-    let (text, words, groups) = the_bounce(&msgs);
-    for r in ["a@example.org", "b@example.org"] {
+async fn an_authentication_reply_after_auth_holds_the_account_and_bounces_nothing() {
+    for (stage, reply) in [
+        (
+            testkit::gmail::Stage::Mail,
+            "535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials fake - gsmtp",
+        ),
+        (
+            testkit::gmail::Stage::Rcpt,
+            "530-5.7.0 Authentication Required. For more information, go to\r\n530 5.7.0  https://support.google.com/mail/?p=WantAuthError fake - gsmtp",
+        ),
+        (
+            testkit::gmail::Stage::DataEnd,
+            "535 5.7.8 Username and Password not accepted. fake - gsmtp",
+        ),
+    ] {
+        let h = Harness::new().await;
+        h.gmail.fail_next(stage, 100, reply);
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(
+                h.submit(
+                    "app@example.com",
+                    &["a@example.org", "b@example.org"],
+                    &message(&format!("auth{i}"), "x\r\n"),
+                )
+                .await,
+            );
+        }
         assert!(
-            words.contains(&format!(
-                "<{r}>: the message expired after 400ms in the queue without being delivered; the last attempt got: host 127.0.0.1 said: 530 5.7.0 Authentication Required."
-            )),
-            "{words}"
+            wait_until(T, || ids
+                .iter()
+                .all(|id| h.view(*id).is_some_and(|v| v.held.is_some())))
+            .await,
+            "{stage:?}: every message held"
         );
-    }
-    assert_eq!(groups.len(), 2, "{text}");
-    for g in &groups {
-        assert_eq!(field(g, "Action").as_deref(), Some("failed"));
-        assert_eq!(field(g, "Status").as_deref(), Some("5.4.7"), "{g}");
-        let diag = field(g, "Diagnostic-Code").expect("diagnostic code");
+        let held = h.view(ids[0]).unwrap().held.unwrap();
+        assert!(held.contains("needs authorization"), "{held}");
         assert!(
-            diag.starts_with("smtp; 530 5.7.0 Authentication Required."),
-            "{diag}"
+            held.contains("oauthrelay authorize --account default"),
+            "{held}"
         );
+        let status = h.tokens.account_status("default").unwrap();
+        assert!(!status.auth.is_authorized(), "the token manager holds it");
+        assert!(h.outbound().account_states()[0].held.is_some());
+        for id in &ids {
+            let v = h.view(*id).unwrap();
+            assert!(
+                v.recipients
+                    .iter()
+                    .all(|r| r.state == outbound::RcptState::Pending),
+                "{stage:?}: nothing failed: {v:?}"
+            );
+        }
+        assert!(
+            h.gmail.messages().is_empty(),
+            "{stage:?}: no bounce, nothing sent"
+        );
+        assert_eq!(h.metrics.bounced_count(), 0);
+        assert_eq!(h.metrics.attempts_count(AttemptResult::Failed), 0);
     }
-    assert!(!text.contains("Status: 5.7.0"));
-    assert_eq!(h.metrics.bounced_count(), 1);
 }
 
 #[tokio::test]
@@ -590,27 +609,26 @@ async fn a_held_accounts_message_past_max_age_is_not_bounced() {
             &message("scan", "a scanned page\r\n"),
         )
         .await;
-    assert!(wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.held.is_some())).await);
+    assert!(wait_until(T, || h.view(id).is_some_and(|e| e.held.is_some())).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Probe the held account (as its periodic probe or `queue retry` does)
     // well past max_age: it is still waiting for `authorize`.
     for _ in 0..2 {
-        let before = h.spool.envelope(id).expect("queued").attempts;
+        let before = h.view(id).expect("queued").attempts;
         assert!(h.outbound().retry(id).await);
         assert!(
             wait_until(T, || h
-                .spool
-                .envelope(id)
+                .view(id)
                 .is_none_or(|e| e.attempts > before && e.held.is_some()))
             .await,
             "probed"
         );
         assert!(
-            h.spool.envelope(id).is_some(),
+            h.view(id).is_some(),
             "still queued (not expired on the probe)"
         );
     }
-    let env = h.spool.envelope(id).expect("still queued");
+    let env = h.view(id).expect("still queued");
     assert!(env.recipients.iter().all(|r| !r.expired), "{env:?}");
     assert!(h.gmail.messages().is_empty(), "no bounce");
     assert_eq!(h.metrics.bounced_count(), 0);
@@ -643,10 +661,10 @@ async fn unroutable_mail_is_held_then_released_by_reload() {
         )
         .await;
     assert!(
-        wait_until(T, || h.spool.envelope(id).is_some_and(|e| e.held.is_some())).await,
+        wait_until(T, || h.view(id).is_some_and(|e| e.held.is_some())).await,
         "held durably"
     );
-    let held = h.spool.envelope(id).unwrap().held.unwrap();
+    let held = h.view(id).unwrap().held.unwrap();
     assert!(held.contains("senders"), "{held}");
     assert_eq!(h.gmail.stats().mail_commands, 0);
     let mut account = h.account.clone();
@@ -659,10 +677,15 @@ async fn unroutable_mail_is_held_then_released_by_reload() {
 #[tokio::test]
 async fn a_message_deleted_while_deferred_is_skipped() {
     let h = Harness::new().await;
-    let mut env = Envelope::new("app@example.com", ["r@example.org".to_string()]);
-    env.attempts = 1;
-    env.next_attempt = Some(std::time::SystemTime::now() + Duration::from_millis(300));
-    let gone = h.submit_env(env, &message("deleted", "x\r\n")).await;
+    let env = Envelope::new("app@example.com", ["r@example.org".to_string()]);
+    let state = deferred_state(
+        1,
+        1,
+        std::time::SystemTime::now() + Duration::from_millis(300),
+    );
+    let gone = h
+        .submit_state(env, Some(state), &message("deleted", "x\r\n"))
+        .await;
     h.spool.remove(gone).await.unwrap();
     let kept = h
         .submit(
@@ -692,14 +715,19 @@ async fn queued_messages_are_scheduled_at_start_and_retry_makes_them_due() {
             &message("before", "x\r\n"),
         )
         .await;
-    let mut env = Envelope::new("app@example.com", ["r@example.org".to_string()]);
-    env.attempts = 3;
-    env.next_attempt = Some(std::time::SystemTime::now() + Duration::from_secs(3600));
-    let b = h.submit_env(env, &message("later", "x\r\n")).await;
+    let env = Envelope::new("app@example.com", ["r@example.org".to_string()]);
+    let state = deferred_state(
+        1,
+        3,
+        std::time::SystemTime::now() + Duration::from_secs(3600),
+    );
+    let b = h
+        .submit_state(env, Some(state), &message("later", "x\r\n"))
+        .await;
     h.start();
     assert!(h.wait_gone(a, T).await, "queued before start: delivered");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(h.spool.envelope(b).is_some(), "deferred an hour: waits");
+    assert!(h.view(b).is_some(), "deferred an hour: waits");
     assert!(h.outbound().retry(b).await);
     assert!(h.wait_gone(b, T).await, "retry makes it due now");
 }
@@ -725,15 +753,12 @@ async fn commit_to_mail_latency() {
     let mut to_250 = Vec::with_capacity(n);
     for i in 0..n {
         let body = message(&format!("lat{i}"), "latency probe\r\n");
-        let mut w = h.spool.begin();
-        w.write(&body).await.unwrap();
-        let id = w
-            .commit(Envelope::new(
-                "app@example.com",
-                ["r@example.org".to_string()],
-            ))
-            .await
-            .unwrap();
+        let id = put(
+            &h.spool,
+            Envelope::new("app@example.com", ["r@example.org".to_string()]),
+            &body,
+        )
+        .await;
         let committed = Instant::now();
         let msgs = h.gmail.wait_for_messages(i + 2, T).await;
         let m = msgs.last().unwrap();
@@ -801,14 +826,12 @@ async fn delivery_throughput() {
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..n / 20 {
-                let mut w = spool.begin();
-                w.write(&body).await.unwrap();
-                w.commit(Envelope::new(
-                    format!("c{c}@example.com"),
-                    ["r@example.org".to_string()],
-                ))
-                .await
-                .unwrap();
+                put(
+                    &spool,
+                    Envelope::new(format!("c{c}@example.com"), ["r@example.org".to_string()]),
+                    &body,
+                )
+                .await;
             }
         }));
     }
@@ -973,16 +996,21 @@ async fn metrics_are_registered_under_the_interface_names() {
 #[test]
 fn queue_states_for_queue_list() {
     let now = std::time::SystemTime::now();
-    let mut env = Envelope::new("a@b.c", ["d@e.f".to_string()]);
-    assert_eq!(outbound::queue_state(&env, now), "queued");
-    env.attempts = 1;
-    env.next_attempt = Some(now + Duration::from_secs(60));
-    assert_eq!(outbound::queue_state(&env, now), "deferred");
-    env.held = Some("account default needs authorization".into());
-    assert_eq!(outbound::queue_state(&env, now), "held");
-    env.held = None;
-    env.recipients[0].state = spool::RcptState::Failed;
-    assert_eq!(outbound::queue_state(&env, now), "failed");
+    let mut s = outbound::DeliveryState::new(1);
+    assert_eq!(s.queue_state(now).as_str(), "queued");
+    s.attempts = 1;
+    s.next_attempt = Some(now + Duration::from_secs(60));
+    assert_eq!(s.queue_state(now).as_str(), "deferred");
+    s.hold(
+        outbound::HoldReason::NoRoute {
+            sender: "a@b.c".into(),
+        },
+        now,
+    );
+    assert_eq!(s.queue_state(now).as_str(), "held");
+    s.hold = None;
+    s.recipients[0].state = outbound::RcptState::Failed;
+    assert_eq!(s.queue_state(now).as_str(), "failed");
 }
 
 #[derive(Clone, Default)]

@@ -46,10 +46,7 @@ async fn shrinking_concurrency_retires_idle_workers_and_lets_busy_ones_finish() 
     config.concurrency = 1;
     h.outbound().reload(vec![h.account.clone()], config.clone());
     barrier(&h).await;
-    assert!(
-        h.spool.envelope(first).is_some(),
-        "still in flight at the reload"
-    );
+    assert!(h.view(first).is_some(), "still in flight at the reload");
     let mut later = Vec::new();
     for i in 0..3 {
         let subject = format!("after-{i}");
@@ -171,23 +168,22 @@ fn spool_bytes(h: &Harness) -> u64 {
 }
 
 fn total_attempts(h: &Harness) -> u32 {
-    h.spool.list().iter().map(|(_, e)| e.attempts).sum()
+    h.spool
+        .list()
+        .iter()
+        .map(|(id, q)| outbound::DeliveryState::of(*id, q).attempts)
+        .sum()
 }
 
-/// More than one update record of the largest envelope takes: frame, id
-/// and the JSON envelope, whose size is mostly its texts.
+/// More than one update record of the largest delivery record takes:
+/// frame, id and the record.
 fn one_update(h: &Harness) -> u64 {
-    let texts = |e: &spool::Envelope| {
-        e.sender.len()
-            + e.helo.len()
-            + e.held.as_deref().map_or(0, str::len)
-            + e.last_error.as_deref().map_or(0, str::len)
-            + e.recipients
-                .iter()
-                .map(|r| r.address.len() + r.reply.as_deref().map_or(0, str::len))
-                .sum::<usize>()
-    };
-    let largest = h.spool.list().iter().map(|(_, e)| texts(e)).max();
+    let largest = h
+        .spool
+        .list()
+        .iter()
+        .map(|(_, q)| q.delivery.data.len())
+        .max();
     largest.unwrap_or(0) as u64 + 512
 }
 
@@ -214,7 +210,7 @@ async fn probing_a_held_account_does_not_rewrite_every_held_message() {
     }
     let all_held = |h: &Harness| {
         ids.iter()
-            .all(|id| h.spool.envelope(*id).is_some_and(|e| e.held.is_some()))
+            .all(|id| h.view(*id).is_some_and(|e| e.held.is_some()))
     };
     assert!(wait_until(T, || all_held(&h)).await, "held durably");
     // Let the first round of marking settle.
@@ -329,15 +325,12 @@ async fn pad_segment_to_page(spool: &spool::Spool) {
             Some(o) if slack > o => slack - o,
             Some(o) => slack + PAGE - o,
         };
-        let mut w = spool.begin();
-        w.write(&vec![b'p'; b as usize]).await.unwrap();
-        let id = w
-            .commit(spool::Envelope::new(
-                "pad@example.com",
-                ["pad@example.com".to_string()],
-            ))
-            .await
-            .unwrap();
+        let id = put(
+            spool,
+            spool::Envelope::new("pad@example.com", ["pad@example.com".to_string()]),
+            &vec![b'p'; b as usize],
+        )
+        .await;
         spool.remove(id).await.unwrap();
         overhead = Some(len() - before - b);
     }
@@ -388,7 +381,7 @@ async fn removal_failing_after_gmails_250_does_not_send_the_message_again() {
     // (200 ms): the message must not go upstream again meanwhile.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
-        h.spool.envelope(id).is_some(),
+        h.view(id).is_some(),
         "the spool is full: the removal cannot have worked"
     );
     assert!(h.spool.health().is_err(), "the spool saw the write fail");
@@ -475,7 +468,7 @@ async fn a_bounce_that_cannot_be_recorded_is_sent_once_and_the_message_not_again
     // Recording the failure (before the bounce) fails again and again.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(h.gmail.messages().len(), 1, "sent again");
-    assert!(h.spool.envelope(id).is_some());
+    assert!(h.view(id).is_some());
 
     std::fs::remove_file(&filler).unwrap();
     assert!(h.wait_gone(id, T).await);

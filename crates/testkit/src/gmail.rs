@@ -108,6 +108,10 @@ pub enum Stage {
     Rcpt,
     /// The reply to the end of the message (final dot or `BDAT ... LAST`).
     DataEnd,
+    /// The reply to a `BDAT` command, given *without reading its chunk*: a
+    /// misbehaving server, which then reads the chunk's bytes as commands
+    /// and answers each line (stale `502`s for the next transaction).
+    BdatUnread,
 }
 
 /// How the fake is secured.
@@ -1200,6 +1204,11 @@ impl Session {
             ));
             return Ok(());
         };
+        if let Some(reply) = self.shared.take_fault(Stage::BdatUnread) {
+            self.tx = None;
+            self.reply(&reply);
+            return Ok(());
+        }
         let ok = match &self.tx {
             Some(tx) if tx.refused => false,
             _ => self.check_ready_for_data(),

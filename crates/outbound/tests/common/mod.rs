@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use oauth::config::{AccountConfig, SmtpTls};
 use oauth::{Account, AccountContext, ManagerOptions, TokenManager};
-use outbound::{DeliveryConfig, Metrics, Outbound};
+use outbound::{DeliveryConfig, DeliveryState, Metrics, Outbound, RcptState};
 use secrecy::SecretString;
-use spool::{Envelope, MessageId, Spool};
+use spool::{DeliveryRecord, Envelope, MessageId, Reserve, Spool};
 use tempfile::TempDir;
 use testkit::ca::TestCa;
 use testkit::gmail::{FakeGmail, FakeGmailBuilder, ReceivedMessage};
@@ -209,14 +209,30 @@ impl Harness {
     }
 
     pub async fn submit_env(&self, env: Envelope, body: &[u8]) -> MessageId {
-        let mut w = self.spool.begin();
+        self.submit_state(env, None, body).await
+    }
+
+    /// Queue a message with a delivery state (an earlier attempt's).
+    pub async fn submit_state(
+        &self,
+        env: Envelope,
+        state: Option<DeliveryState>,
+        body: &[u8],
+    ) -> MessageId {
+        let mut w = self.spool.begin(Reserve::Respect);
         w.write(body).await.expect("spool write");
-        w.commit(env).await.expect("spool commit")
+        let record = state.map(|s| s.to_record()).unwrap_or_default();
+        w.commit(env, record).await.expect("spool commit")
+    }
+
+    /// What the spool holds about `id`, as the delivery side reads it.
+    pub fn view(&self, id: MessageId) -> Option<View> {
+        view(&self.spool, id)
     }
 
     /// Wait until `id` has left the spool.
     pub async fn wait_gone(&self, id: MessageId, limit: Duration) -> bool {
-        wait_until(limit, || self.spool.envelope(id).is_none()).await
+        wait_until(limit, || self.spool.message(id).is_none()).await
     }
 
     pub async fn wait_messages(&self, n: usize, limit: Duration) -> Vec<ReceivedMessage> {
@@ -257,4 +273,68 @@ pub fn secs_from_now(t: SystemTime) -> f64 {
         Ok(d) => d.as_secs_f64(),
         Err(e) => -e.duration().as_secs_f64(),
     }
+}
+
+/// One recipient of a [`View`].
+#[derive(Debug, Clone)]
+pub struct RcptView {
+    pub address: String,
+    pub state: RcptState,
+    pub reply: Option<String>,
+    pub expired: bool,
+}
+
+/// A queued message's envelope and delivery state, flattened for asserts.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub envelope: Envelope,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub next_attempt: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub held: Option<String>,
+    pub recipients: Vec<RcptView>,
+}
+
+pub fn view(spool: &Spool, id: MessageId) -> Option<View> {
+    let q = spool.message(id)?;
+    let state = DeliveryState::of(id, &q);
+    Some(View {
+        envelope: (*q.envelope).clone(),
+        attempts: state.attempts,
+        next_attempt: state.next_attempt,
+        last_error: state.last_error.as_ref().map(ToString::to_string),
+        held: state.hold.as_ref().map(|h| h.reason.to_string()),
+        recipients: q
+            .envelope
+            .recipients
+            .iter()
+            .zip(&state.recipients)
+            .map(|(a, r)| RcptView {
+                address: a.clone(),
+                state: r.state,
+                reply: r.answer.as_ref().map(ToString::to_string),
+                expired: r.expired,
+            })
+            .collect(),
+        state,
+    })
+}
+
+/// A delivery state as an earlier attempt left it: `attempts` made, the
+/// next one at `next`.
+pub fn deferred_state(recipients: usize, attempts: u32, next: SystemTime) -> DeliveryState {
+    let mut s = DeliveryState::new(recipients);
+    s.attempts = attempts;
+    s.next_attempt = Some(next);
+    s
+}
+
+/// Commit a plain message into `spool`, as the inbound side does.
+pub async fn put(spool: &Spool, env: Envelope, body: &[u8]) -> MessageId {
+    let mut w = spool.begin(Reserve::Respect);
+    w.write(body).await.expect("spool write");
+    w.commit(env, DeliveryRecord::default())
+        .await
+        .expect("spool commit")
 }

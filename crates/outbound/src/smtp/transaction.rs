@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use spool::SpoolError;
 
+use super::conn::{ConnError, Connection};
 use crate::body::{Body, DotStuffer};
-use crate::conn::{ConnError, Connection};
+use crate::classify::TxReplies;
 use crate::reply::Reply;
 
 /// Messages up to this size go out in the same write as their commands.
@@ -23,29 +24,6 @@ pub(crate) struct TxRequest<'a> {
     /// Start with `RSET` (a reused connection).
     pub reset_first: bool,
     pub data_timeout: Duration,
-}
-
-/// The replies of one transaction. `None` where the command got no reply
-/// because an earlier one failed without pipelining.
-#[derive(Debug, Default)]
-pub(crate) struct TxReplies {
-    pub mail: Option<Reply>,
-    pub rcpts: Vec<Option<Reply>>,
-    /// The reply to the end of the message, when it was sent.
-    pub data: Option<Reply>,
-}
-
-impl TxReplies {
-    pub(crate) fn accepted(&self) -> usize {
-        self.rcpts
-            .iter()
-            .filter(|r| r.as_ref().is_some_and(Reply::is_positive))
-            .count()
-    }
-
-    fn mail_ok(&self) -> bool {
-        self.mail.as_ref().is_some_and(Reply::is_positive)
-    }
 }
 
 /// Why a transaction stopped short.
@@ -84,8 +62,28 @@ fn mail_command(req: &TxRequest<'_>, conn: &Connection, size: u64) -> String {
     s
 }
 
+/// Whether the connection can carry the next transaction after `replies`
+/// (and `sent_chunk`: a BDAT chunk went out). Any reply it did not expect
+/// makes the server's state unknown: a code outside 2xx-5xx (or a `354`
+/// out of place), a refused BDAT chunk (the server may not have read it,
+/// and would take the message bytes for commands), a `421`, a `530`/`535`,
+/// or bytes nobody asked for. Then the next message gets a fresh
+/// connection, never a reply that belonged to another command.
+pub(crate) fn reusable(conn: &Connection, replies: &TxReplies) -> bool {
+    let odd = |r: &Reply, expect_354: bool| {
+        !(200..600).contains(&r.code)
+            || (r.code == 354) != expect_354
+            || r.is_closing()
+            || r.is_auth_failure()
+    };
+    let bad_mail = replies.mail.as_ref().is_some_and(|r| odd(r, false));
+    let bad_rcpt = replies.rcpts.iter().flatten().any(|r| odd(r, false));
+    let bad_data = replies.data.as_ref().is_some_and(|r| odd(r, false));
+    !(bad_mail || bad_rcpt || bad_data || replies.chunk_refused || conn.has_unread())
+}
+
 /// Run one transaction. The connection is reusable afterwards if this
-/// returns `Ok` and no reply was a `421`.
+/// returns `Ok` and [`reusable`] says so.
 pub(crate) async fn run(
     conn: &mut Connection,
     req: &TxRequest<'_>,
@@ -148,7 +146,9 @@ pub(crate) async fn run(
             conn.read_reply(ct, "after RSET").await,
             TxReplies::default()
         );
-        if r.is_closing() {
+        if !r.is_positive() {
+            // A 421, or a reply that belonged to something else: nothing
+            // of this transaction may be judged on this connection.
             return Err(TxError::Stale(r.to_string()));
         }
     }
@@ -187,8 +187,12 @@ pub(crate) async fn run(
         let stage = "after the end of the message (BDAT)";
         match conn.read_reply(req.data_timeout, stage).await {
             // Without an accepted recipient the BDAT reply is an error that
-            // says nothing new.
-            Ok(r) => replies.data = go.then_some(r),
+            // says nothing new about the message, but it decides whether
+            // the server read the chunk (see `reusable`).
+            Ok(r) => {
+                replies.chunk_refused = !r.is_positive();
+                replies.data = go.then_some(r);
+            }
             Err(error) => {
                 return Err(TxError::Conn {
                     error,
@@ -206,7 +210,7 @@ pub(crate) async fn run(
         if !go {
             return Ok(replies);
         }
-        let r = send_bdat(conn, body, req.data_timeout).await;
+        let r = bdat(conn, body, req.data_timeout, &mut replies).await;
         return finish(r, replies);
     }
 
@@ -300,6 +304,20 @@ async fn send_bdat(
         .map_err(conn_err)
 }
 
+/// `send_bdat`, noting a refused chunk in `replies`.
+async fn bdat(
+    conn: &mut Connection,
+    body: Body,
+    limit: Duration,
+    replies: &mut TxReplies,
+) -> Result<Reply, TxError> {
+    let r = send_bdat(conn, body, limit).await;
+    if let Ok(reply) = &r {
+        replies.chunk_refused = !reply.is_positive();
+    }
+    r
+}
+
 /// The message dot-stuffed, then `.`.
 async fn send_data(
     conn: &mut Connection,
@@ -352,7 +370,7 @@ async fn run_lockstep(
             return Err(fail(e, replies, true));
         }
         match conn.read_reply(ct, "after RSET").await {
-            Ok(r) if r.is_closing() => return Err(TxError::Stale(r.to_string())),
+            Ok(r) if !r.is_positive() => return Err(TxError::Stale(r.to_string())),
             Ok(_) => {}
             Err(e) => return Err(fail(e, replies, true)),
         }
@@ -395,7 +413,7 @@ async fn run_lockstep(
         return Ok(replies);
     }
     let r = if conn.caps.chunking {
-        send_bdat(conn, body, req.data_timeout).await
+        bdat(conn, body, req.data_timeout, &mut replies).await
     } else {
         if let Err(e) = conn.send(b"DATA\r\n", "sending DATA").await {
             return Err(fail(e, replies, false));
