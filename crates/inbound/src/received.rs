@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use spool::MessageId;
 
@@ -72,46 +72,13 @@ fn push_clean(s: &mut String, text: &str) {
     }
 }
 
-/// `Tue, 1 Jul 2003 10:52:37 +0000` (RFC 5322 3.3), in UTC.
+/// `Tue, 01 Jul 2003 10:52:37 +0000` (RFC 5322 3.3), in UTC, by the `time`
+/// crate.
 pub(crate) fn rfc5322_date(t: SystemTime, out: &mut String) {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    let weekday = DAYS.get((days % 7) as usize).copied().unwrap_or("Thu");
-    let month = MONTHS
-        .get((m as usize).saturating_sub(1))
-        .copied()
-        .unwrap_or("Jan");
-    let _ = write!(
-        out,
-        "{weekday}, {d} {month} {y} {:02}:{:02}:{:02} +0000",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    );
-}
-
-/// Days since 1970-01-01 to (year, month 1-12, day 1-31); Howard Hinnant's
-/// algorithm for the proleptic Gregorian calendar.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    match time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc2822) {
+        Ok(d) => out.push_str(&d),
+        Err(_) => out.push_str("Thu, 01 Jan 1970 00:00:00 +0000"),
+    }
 }
 
 /// A `Message-ID:` value: `<ID.RANDOM@HOST>`.
@@ -242,19 +209,19 @@ fn classify(line: &[u8]) -> Line<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn dates_are_rfc5322() {
         let mut s = String::new();
         rfc5322_date(UNIX_EPOCH + Duration::from_secs(1_057_056_757), &mut s);
-        assert_eq!(s, "Tue, 1 Jul 2003 10:52:37 +0000");
+        assert_eq!(s, "Tue, 01 Jul 2003 10:52:37 +0000");
         s.clear();
         rfc5322_date(UNIX_EPOCH + Duration::from_secs(951_782_400), &mut s);
         assert_eq!(s, "Tue, 29 Feb 2000 00:00:00 +0000");
         s.clear();
         rfc5322_date(UNIX_EPOCH, &mut s);
-        assert_eq!(s, "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(s, "Thu, 01 Jan 1970 00:00:00 +0000");
     }
 
     #[test]
@@ -271,7 +238,7 @@ mod tests {
         assert_eq!(
             t.header(),
             "Received: from printer.lan ([192.0.2.7]) by relay.test (oauthrelay) with ESMTPSA \
-             id 00000000001234 for <bob@example.com>; Tue, 1 Jul 2003 10:52:37 +0000\r\n"
+             id 00000000001234 for <bob@example.com>; Tue, 01 Jul 2003 10:52:37 +0000\r\n"
         );
     }
 

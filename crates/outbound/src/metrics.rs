@@ -1,4 +1,4 @@
-//! Delivery metrics (names in `docs/interface.md`).
+//! Delivery metrics (names and meanings in `docs/configuration.md`).
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;

@@ -1,5 +1,5 @@
 //! How many messages a second the spool makes durable, from 1 and from 20
-//! concurrent writers, the way `../shared/disk.md` measured the raw disk.
+//! concurrent writers, the way `docs/disk.md` measured the raw disk.
 //!
 //! ```text
 //! cargo run --release -p spool --example spool_bench -- [DIR] [SIZE_BYTES] [SECONDS]

@@ -1,5 +1,5 @@
 //! A fake `smtp.gmail.com`: an in-process SMTP server on `127.0.0.1:0` that
-//! answers the way Gmail does (see `../shared/gmail.md`), with scripted
+//! answers the way Gmail does (see `docs/gmail-replies.md`), with scripted
 //! faults for tests and a fast path for benchmarks.
 //!
 //! ```no_run
@@ -33,15 +33,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -639,55 +637,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// A plain or TLS stream (STARTTLS switches from one to the other).
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    Closed,
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-}
+type Stream = netstream::Stream<TcpStream>;
 
 /// Why a session ends early.
 enum End {
@@ -755,13 +705,13 @@ impl Session {
     }
 
     async fn upgrade(&mut self) -> io::Result<()> {
-        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Closed) else {
+        let Some(tcp) = self.stream.take_plain() else {
             return Err(io::ErrorKind::InvalidInput.into());
         };
         let tls = tokio::time::timeout(Duration::from_secs(10), self.shared.acceptor.accept(tcp))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-        self.stream = Stream::Tls(Box::new(tls));
+        self.stream = Stream::from(tls);
         self.tls = true;
         Ok(())
     }

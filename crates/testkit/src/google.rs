@@ -1,6 +1,6 @@
 //! A fake Google OAuth2 server: the token endpoint and the consent
 //! (authorization) endpoint, in process on `127.0.0.1:0`, answering the way
-//! `../shared/gmail.md` says Google does, faults included.
+//! `docs/gmail-replies.md` says Google does, faults included.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {

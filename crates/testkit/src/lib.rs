@@ -2,7 +2,7 @@
 //!
 //! - [`ca`]: a generated certificate authority and loopback server certificates.
 //! - `google`: fake OAuth endpoints (token, consent) that behave as
-//!   `../shared/gmail.md` describes, faults included.
+//!   `docs/gmail-replies.md` describes, faults included.
 //! - `gmail`: a fake `smtp.gmail.com` (implicit TLS or STARTTLS, XOAUTH2 checked
 //!   against the fake token endpoint's tokens, scripted faults).
 

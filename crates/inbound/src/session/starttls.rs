@@ -46,7 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "TLS is not configured",
             )));
         };
-        let Conn::Plain(stream) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+        let Some(stream) = self.conn.take_plain() else {
             return Err(SessionEnd::Tls(std::io::Error::other("TLS already active")));
         };
         let deadline = later(Instant::now(), self.settings.config.command_timeout);
@@ -59,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
                     "TLS started"
                 );
-                self.conn = Conn::Tls(Box::new(tls));
+                self.conn = Conn::from(tls);
                 self.helo = None;
                 self.auth_user = None;
                 self.reset_transaction();

@@ -4,16 +4,14 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use oauth::config::SmtpTls;
 use rustls_pki_types::ServerName;
 use smtp_proto::Response;
 use smtp_proto::response::parser::ResponseReceiver;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_rustls::TlsConnector;
@@ -144,75 +142,7 @@ impl Capabilities {
 }
 
 /// The byte stream under a connection.
-pub(crate) enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    Closed,
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Stream::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-            Stream::Closed => false,
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-}
+type Stream = netstream::Stream<TcpStream>;
 
 /// Where to connect and how long each step may take.
 #[derive(Debug, Clone)]
@@ -358,7 +288,7 @@ impl Connection {
     }
 
     async fn start_tls(&mut self, t: &Target<'_>) -> Result<(), ConnError> {
-        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Closed) else {
+        let Some(tcp) = self.stream.take_plain() else {
             return Err(ConnError::TlsConfig("TLS is already active".into()));
         };
         let name = ServerName::try_from(t.host.to_string())
@@ -379,19 +309,8 @@ impl Connection {
                 });
             }
         };
-        let (_, session) = tls.get_ref();
-        self.tls_info = format!(
-            "{}, {}",
-            session
-                .protocol_version()
-                .and_then(|v| v.as_str())
-                .unwrap_or("?"),
-            session
-                .negotiated_cipher_suite()
-                .and_then(|c| c.suite().as_str())
-                .unwrap_or("?")
-        );
-        self.stream = Stream::Tls(Box::new(tls));
+        self.stream = Stream::from(tls);
+        self.tls_info = self.stream.tls_info().unwrap_or_default();
         Ok(())
     }
 
