@@ -3,32 +3,35 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use testkit::daemon::{Launch, Process, write_private};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::TcpStream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_oauthrelay");
 
-/// A running daemon and its private state directory.
+/// A running daemon and its private state directory (the process itself is
+/// `testkit::daemon::Process`, which the benchmark uses too).
 pub struct Daemon {
     pub dir: PathBuf,
     pub config: PathBuf,
-    child: Option<Child>,
-    logs: Arc<Mutex<Vec<String>>>,
+    process: Process,
     pub smtp: SocketAddr,
     pub metrics: Option<SocketAddr>,
     /// `RUST_LOG` for this daemon (default: `$E2E_LOG`, else `info`).
     log: Option<String>,
+    runs: u32,
     _tmp: Option<tempfile::TempDir>,
 }
 
-/// Config text with `{dir}` replaced by the state directory.
+/// Config text with `{dir}` replaced by the state directory (written 0600:
+/// the accounts carry an inline client_secret, which oauthrelay refuses in a
+/// file group or others can read).
 pub fn config_in(dir: &Path, body: &str) -> PathBuf {
     let text = format!(
         "state_dir = \"{}\"\n{}",
@@ -36,12 +39,7 @@ pub fn config_in(dir: &Path, body: &str) -> PathBuf {
         body.replace("{dir}", &dir.display().to_string())
     );
     let path = dir.join("oauthrelay.toml");
-    std::fs::write(&path, text).unwrap();
-    // The accounts in these configs carry an inline client_secret, which
-    // oauthrelay refuses in a file group or others can read (0644 from the
-    // umask): private, as the docs tell users.
-    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
-    std::fs::set_permissions(&path, private).unwrap();
+    write_private(&path, &text).unwrap();
     path
 }
 
@@ -61,7 +59,7 @@ impl Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let config = config_in(&dir, body);
-        let mut d = Daemon::spawn(dir, config, log.map(str::to_string));
+        let mut d = Daemon::spawn(dir, config, log.map(str::to_string), 1);
         d._tmp = Some(tmp);
         d
     }
@@ -69,145 +67,82 @@ impl Daemon {
     /// Start again on the same state directory and config.
     pub fn restart(mut self) -> Daemon {
         let tmp = self._tmp.take();
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let mut d = Daemon::spawn(self.dir.clone(), self.config.clone(), self.log.take());
+        self.process.kill9();
+        let mut d = Daemon::spawn(
+            self.dir.clone(),
+            self.config.clone(),
+            self.log.take(),
+            self.runs + 1,
+        );
         d._tmp = tmp;
         d
     }
 
-    fn spawn(dir: PathBuf, config: PathBuf, log: Option<String>) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .env(
-                "RUST_LOG",
-                log.clone()
-                    .unwrap_or_else(|| std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into())),
-            )
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn oauthrelay");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if std::env::var_os("E2E_ECHO").is_some() {
-                        eprintln!("[daemon] {line}");
-                    }
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
+    fn spawn(dir: PathBuf, config: PathBuf, log: Option<String>, runs: u32) -> Daemon {
+        let launch = Launch {
+            bin: BIN.into(),
+            config: config.clone(),
+            log: dir.join(format!("daemon-{runs}.log")),
+            rust_log: log
+                .clone()
+                .unwrap_or_else(|| std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into())),
+            env: Vec::new(),
+        };
+        let process = Process::spawn(&launch).expect("spawn oauthrelay");
         let mut d = Daemon {
             dir,
             config,
-            child: Some(child),
-            logs,
+            process,
             smtp: "0.0.0.0:0".parse().unwrap(),
             metrics: None,
             log,
+            runs,
             _tmp: None,
         };
         d.wait_log(" ready", Duration::from_secs(30));
-        let line = d.wait_log("SMTP listening on", Duration::from_secs(1));
-        d.smtp = addr_after(&line, "SMTP listening on ").expect("SMTP address in log");
-        d.metrics = d
-            .logs()
-            .lines()
-            .find_map(|l| addr_after(l, "metrics listening on http://"));
+        d.smtp = d.process.smtp_addr().expect("SMTP address in log");
+        d.metrics = d.process.metrics_addr();
         d
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.process.pid()
     }
 
     /// Everything the daemon logged so far.
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.process.logs()
     }
 
     /// Wait for a log line containing `needle`; panic with the logs after `limit`.
     pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(l) = self
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return l.clone();
-            }
-            if start.elapsed() > limit {
-                panic!(
-                    "no log line with {needle:?} after {limit:?}; logs:\n{}",
-                    self.logs()
-                );
-            }
-            if let Some(c) = self.child.as_ref()
-                && let Ok(Some(_)) = exited(c)
-            {
-                // Give the reader thread a moment to collect the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "oauthrelay exited while waiting for {needle:?}; logs:\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process
+            .wait_log_blocking(needle, limit)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// SIGKILL: the crash we must survive.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill9();
     }
 
     /// Send a signal by name (`TERM`, `HUP`, `INT`).
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let n = match sig {
+            "TERM" => libc::SIGTERM,
+            "HUP" => libc::SIGHUP,
+            "INT" => libc::SIGINT,
+            "KILL" => libc::SIGKILL,
+            other => panic!("unknown signal {other}"),
+        };
+        self.process.signal(n);
     }
 
     /// SIGTERM and wait for the exit status (bounded).
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
-        self.signal("TERM");
-        let mut c = self.child.take().expect("running");
-        let start = Instant::now();
-        loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                return s;
-            }
-            if start.elapsed() > limit {
-                let _ = c.kill();
-                panic!(
-                    "oauthrelay did not stop within {limit:?} of SIGTERM; logs:\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process
+            .terminate(limit)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Run another `oauthrelay` command with this daemon's config.
@@ -217,22 +152,12 @@ impl Daemon {
 
     /// Peak resident set size (VmHWM) and current RSS, in KiB.
     pub fn memory_kib(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmHWM:"), field("VmRSS:"))
+        self.process.memory_kib()
     }
 
     /// Reset the peak-RSS counter (Linux `clear_refs` 5).
     pub fn reset_peak_rss(&self) {
-        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+        self.process.reset_peak_rss();
     }
 
     /// GET a path on the metrics listener: (status, body).
@@ -241,56 +166,8 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn exited(c: &Child) -> std::io::Result<Option<()>> {
-    // `Child::try_wait` needs `&mut`; peek at /proc instead.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id()))?;
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|s| s.split_whitespace().next());
-    Ok((state == Some("Z")).then_some(()))
-}
-
-fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let token: String = rest
-        .chars()
-        .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | '"' | '/'))
-        .collect();
-    token.trim_end_matches('/').parse().ok()
-}
-
 pub fn run_cli(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn oauthrelay");
-    if let Some(input) = stdin {
-        let mut i = child.stdin.take().unwrap();
-        i.write_all(input).unwrap();
-    }
-    child.wait_with_output().unwrap()
+    testkit::daemon::run_cli(Path::new(BIN), config, args, stdin).expect("spawn oauthrelay")
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {

@@ -19,22 +19,14 @@ pub struct Memory {
 
 /// `VmHWM` and `VmRSS` of `pid`; zeros when the process is gone.
 pub fn memory(pid: u32) -> Memory {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    use testkit::daemon::{proc_status, status_kib};
+    let status = proc_status(pid);
     Memory {
-        peak_kib: status_field(&status, "VmHWM:"),
-        rss_kib: status_field(&status, "VmRSS:"),
-        anon_kib: status_field(&status, "RssAnon:"),
-        file_kib: status_field(&status, "RssFile:"),
+        peak_kib: status_kib(&status, "VmHWM:"),
+        rss_kib: status_kib(&status, "VmRSS:"),
+        anon_kib: status_kib(&status, "RssAnon:"),
+        file_kib: status_kib(&status, "RssFile:"),
     }
-}
-
-fn status_field(status: &str, name: &str) -> u64 {
-    status
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Reset `pid`'s peak RSS to its current RSS (Linux `clear_refs` 5).
@@ -147,7 +139,7 @@ pub fn tree_pss_kib(root: u32) -> u64 {
 /// `Pss` of one process from `smaps_rollup`, in KiB.
 pub fn pss_kib(pid: u32) -> u64 {
     let s = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    status_field(&s, "Pss:")
+    testkit::daemon::status_kib(&s, "Pss:")
 }
 
 /// The 1-minute load average.

@@ -702,3 +702,95 @@ async fn a_token_gmail_refuses_after_a_refresh_needs_authorization_until_import(
     assert!(m.access_token(NAME).await.is_ok());
     assert_eq!(metrics.authorized(NAME), 1);
 }
+
+/// An OAuth refusal that may be temporary (here `403 admin_policy_enforced`,
+/// which an administrator lifts elsewhere) holds the account like any
+/// refusal, but the manager asks again on the retry schedule (doubling,
+/// capped at an hour) and the hold lifts by itself when the endpoint
+/// answers; `invalid_grant` is never asked again until the token changes.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_that_may_be_temporary_is_probed_again_and_lifts_by_itself() {
+    let s = Setup::new().await;
+    let (account, _) = s.authorized_account();
+    let m = TokenManager::new(
+        vec![account],
+        ManagerOptions {
+            watch_interval: Some(Duration::from_secs(2)),
+            probe_initial: Duration::from_secs(60),
+            probe_max: Duration::from_secs(4 * 3600),
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    let mut events = m.subscribe();
+    let policy = || Fault::Error {
+        status: 403,
+        error: "admin_policy_enforced".into(),
+        description: "Access blocked by an administrator".into(),
+    };
+    s.google.fail_next(7, policy());
+    let err = m.access_token(NAME).await.unwrap_err();
+    assert!(err.needs_authorization(), "{err}");
+    assert_eq!(
+        events.recv().await.unwrap(),
+        AccountEvent::NeedsAuthorization(NAME.into())
+    );
+    let first = refreshes(&s);
+    // Held: callers get the refusal without a request until the probe.
+    assert!(m.access_token(NAME).await.is_err());
+    assert_eq!(refreshes(&s), first);
+    let st = m.account_status(NAME).unwrap();
+    let retry = st.auth.refusal().and_then(|r| r.retry_at).expect("retried");
+    let wait = retry.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(wait <= Duration::from_secs(60), "{wait:?}");
+    // Probes at 1, 2, 4, 8, 16, 32 minutes (each refused), then every hour
+    // at most: the 7th refusal is at 1 + 2 + ... + 32 = 63 minutes.
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        let n = refreshes(&s);
+        let t0 = tokio::time::Instant::now();
+        while refreshes(&s) == n {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        waits.push(t0.elapsed().as_secs());
+    }
+    for (w, expected) in waits.iter().zip([60u64, 120, 240, 480, 960, 1920]) {
+        assert!(*w >= expected && *w <= expected + 4, "{waits:?}");
+    }
+    let st = m.account_status(NAME).unwrap();
+    let retry = st.auth.refusal().and_then(|r| r.retry_at).expect("retried");
+    let wait = retry.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        wait <= Duration::from_secs(3600),
+        "capped at an hour: {wait:?}"
+    );
+    // The administrator fixed it: the next probe succeeds, the hold lifts.
+    let ev = tokio::time::timeout(Duration::from_secs(3700), async {
+        loop {
+            match events.recv().await.unwrap() {
+                AccountEvent::Authorized(n) => break n,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("authorized again by itself");
+    assert_eq!(ev, NAME);
+    assert!(m.account_status(NAME).unwrap().auth.is_authorized());
+    assert!(m.access_token(NAME).await.is_ok());
+
+    // invalid_grant waits for `authorize` / `token import`: no retry_at,
+    // no request however long.
+    for rt in s.google.issued_refresh_tokens() {
+        s.google.revoke_refresh_token(&rt);
+    }
+    let t = m.access_token(NAME).await.unwrap();
+    m.invalidate(NAME, &t).await;
+    let err = m.access_token(NAME).await.unwrap_err();
+    assert!(err.needs_authorization(), "{err}");
+    let st = m.account_status(NAME).unwrap();
+    assert_eq!(st.auth.refusal().map(|r| r.retry_at), Some(None));
+    let n = refreshes(&s);
+    tokio::time::sleep(Duration::from_secs(5 * 3600)).await;
+    assert_eq!(refreshes(&s), n, "never asked again by itself");
+}

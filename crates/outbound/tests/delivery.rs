@@ -1096,3 +1096,41 @@ async fn one_postfix_style_line_per_attempt_and_no_token_in_logs() {
         assert!(!logs.contains(t.as_str()), "a token appears in the logs");
     }
 }
+
+/// A recipient that fails for good is bounced at the end of the attempt
+/// that failed it, like Postfix, while another recipient of the same
+/// message stays deferred; when that one is delivered later, no second
+/// bounce (one DSN per attempt, each recipient reported once).
+#[tokio::test]
+async fn a_failed_recipient_is_bounced_at_once_while_another_stays_deferred() {
+    let h = Harness::new().await;
+    h.gmail
+        .reject_recipient("bad@example.org", replies::NO_SUCH_USER);
+    h.gmail
+        .reject_recipient("later@example.org", replies::TRY_AGAIN_451);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["bad@example.org", "later@example.org"],
+            &message("partial", "x\r\n"),
+        )
+        .await;
+    let msgs = h.wait_messages(1, T).await;
+    let (text, _, groups) = the_bounce(&msgs);
+    assert_eq!(groups.len(), 1, "only the failed recipient: {text}");
+    assert!(text.contains("Final-Recipient: rfc822; bad@example.org"));
+    assert!(!text.contains("later@example.org"));
+    let v = h.view(id).expect("still queued for the deferred recipient");
+    assert_eq!(v.recipients[0].state, outbound::RcptState::Failed);
+    assert_eq!(v.recipients[1].state, outbound::RcptState::Pending);
+    assert_eq!(h.metrics.bounced_count(), 1);
+    // The deferred recipient goes through later: no second bounce.
+    h.gmail.clear_faults();
+    assert!(h.outbound().retry(id).await);
+    assert!(h.wait_gone(id, T).await);
+    let msgs = h.gmail.messages();
+    assert_eq!(msgs.len(), 2, "the bounce and the delivery");
+    assert_eq!(msgs.iter().filter(|m| m.mail_from.is_empty()).count(), 1);
+    assert_eq!(h.metrics.bounced_count(), 1);
+    assert_eq!(h.metrics.failed_count(), 1);
+}

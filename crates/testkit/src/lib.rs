@@ -5,7 +5,10 @@
 //!   `docs/gmail-replies.md` describes, faults included.
 //! - `gmail`: a fake `smtp.gmail.com` (implicit TLS or STARTTLS, XOAUTH2 checked
 //!   against the fake token endpoint's tokens, scripted faults).
+//! - [`daemon`]: the real `oauthrelay` binary under test (end-to-end tests
+//!   and the benchmark).
 
 pub mod ca;
+pub mod daemon;
 pub mod gmail;
 pub mod google;
