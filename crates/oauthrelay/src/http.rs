@@ -63,17 +63,14 @@ struct PauseLabels {
 
 /// The `reason` of `oauthrelay_account_paused`.
 fn pause_reason(kind: outbound::PauseKind) -> &'static str {
-    match kind {
-        outbound::PauseKind::DailyLimit => "daily_limit",
-        outbound::PauseKind::LoginThrottled => "login_throttled",
-        outbound::PauseKind::Unreachable => "unreachable",
-    }
+    kind.as_str()
 }
 
-const PAUSE_KINDS: [outbound::PauseKind; 3] = [
+const PAUSE_KINDS: [outbound::PauseKind; 4] = [
     outbound::PauseKind::DailyLimit,
     outbound::PauseKind::LoginThrottled,
     outbound::PauseKind::Unreachable,
+    outbound::PauseKind::RateLimited,
 ];
 
 impl QueueGauges {

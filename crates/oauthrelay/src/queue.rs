@@ -182,7 +182,7 @@ pub async fn handle(
         Request::Info => return Err("only a running daemon can answer this".into()),
         Request::Delete { id } => {
             let id = parse_id(&id)?;
-            let envelope = spool.envelope(id);
+            let queued = spool.message(id);
             match spool.remove(id).await {
                 Ok(()) => {}
                 Err(SpoolError::NotFound(_)) => return Err(not_queued(id)),
@@ -190,14 +190,14 @@ pub async fn handle(
             }
             // Postfix's postsuper logs `ID: removed`; so do we, with what
             // the message was, since it is gone for good.
-            let (from, left) = envelope
-                .map(|e| {
-                    let left = e
+            let (from, left) = queued
+                .map(|q| {
+                    let left = DeliveryState::of(id, &q)
                         .recipients
                         .iter()
-                        .filter(|r| r.state != RcptState::Delivered)
+                        .filter(|r| r.state != outbound::RcptState::Delivered)
                         .count();
-                    (e.sender, left)
+                    (escape_controls(&q.envelope.sender), left)
                 })
                 .unwrap_or_default();
             info!(
