@@ -26,3 +26,4 @@ mod metrics;
 mod served;
 mod systemd;
 mod torture;
+mod upgrade;

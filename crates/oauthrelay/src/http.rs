@@ -88,7 +88,7 @@ impl QueueGauges {
         );
         registry.register(
             "oauthrelay_account_paused",
-            "1 while delivery for the account is paused, by reason (daily_limit, login_throttled, unreachable); it resumes by itself",
+            "1 while delivery for the account is paused, by reason (daily_limit, login_throttled, unreachable, rate_limited); it resumes by itself",
             g.paused.clone(),
         );
         registry.register(

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use outbound::{DeliveryState, Outbound, escape_controls};
+use outbound::{DeliveryState, Outbound, QueueState, escape_controls};
 use serde::{Deserialize, Serialize};
 use spool::{Envelope, MessageId, Queued, Spool, SpoolError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -47,7 +47,7 @@ pub struct Entry {
     pub next_attempt: Option<String>,
     pub last_error: Option<String>,
     /// `queued`, `deferred`, `held` or `failed`.
-    pub state: String,
+    pub state: QueueState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
 }
@@ -81,7 +81,7 @@ pub fn entry(id: MessageId, q: &Queued, d: &DeliveryState) -> Entry {
         attempts: d.attempts,
         next_attempt: d.next_attempt.map(rfc3339),
         last_error: d.last_error.as_ref().map(ToString::to_string),
-        state: d.queue_state(SystemTime::now()).as_str().into(),
+        state: d.queue_state(SystemTime::now()),
         held: d.hold.as_ref().map(|h| h.reason.to_string()),
     }
 }
@@ -374,10 +374,10 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
     let mut bytes = 0;
     for e in entries {
         bytes += e.size;
-        let flag = match e.state.as_str() {
-            "held" => "!",
-            "deferred" => "*",
-            _ => " ",
+        let flag = match e.state {
+            QueueState::Held => "!",
+            QueueState::Deferred => "*",
+            QueueState::Queued | QueueState::Failed => " ",
         };
         let sender = if e.from.is_empty() {
             "MAILER-DAEMON".to_string()
@@ -420,7 +420,7 @@ pub fn print_detail(d: &Detail, out: &mut impl std::io::Write) -> std::io::Resul
     writeln!(
         out,
         "State:        {}{}",
-        d.entry.state,
+        d.entry.state.as_str(),
         d.entry
             .held
             .as_deref()
