@@ -227,16 +227,8 @@ impl Process {
 
     /// Peak resident set size (`VmHWM`) and current RSS, in KiB.
     pub fn memory_kib(&self) -> (u64, u64) {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmHWM:"), field("VmRSS:"))
+        let status = proc_status(self.pid());
+        (status_kib(&status, "VmHWM:"), status_kib(&status, "VmRSS:"))
     }
 
     /// Reset the peak-RSS counter (Linux `clear_refs` 5).
