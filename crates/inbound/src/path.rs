@@ -59,6 +59,13 @@ pub(crate) fn with_placeholder(line: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The ESMTP parameters of a MAIL or RCPT line: what follows its path.
+/// `None` if the path is not valid.
+pub(crate) fn params(line: &[u8]) -> Option<&[u8]> {
+    let (_, span) = parse_span(line)?;
+    line.get(span.end..)
+}
+
 /// The path and where it is in `line` (`<` to `>`, both included).
 fn parse_span(line: &[u8]) -> Option<(Path, std::ops::Range<usize>)> {
     let start = memchr::memchr(b'<', line)?;

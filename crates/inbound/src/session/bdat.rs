@@ -53,6 +53,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Step::Again
     }
 
+    /// A chunk size no integer holds: no chunk can be read for it, so the
+    /// command is refused at once (`501`), and the transaction, which
+    /// cannot go on without this chunk, ends (RFC 3030 4.1).
+    pub(super) fn bdat_too_big(&mut self) -> Step {
+        self.reset_transaction();
+        self.reply(Reply::Syntax(
+            "BDAT chunk-size [LAST], chunk-size below 2^64",
+        ))
+    }
+
     /// Store buffered chunk bytes; answer when the chunk is complete.
     pub(super) async fn bdat_step(&mut self) -> Result<Step, SessionEnd> {
         let State::Bdat {

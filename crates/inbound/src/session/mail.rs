@@ -22,19 +22,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.reply(Reply::Sequence("nested MAIL command"));
         }
         self.bdat_failed = None;
-        if from.size as u64 > self.settings.config.max_message_size.0 {
+        let params = path::params(line).unwrap_or_default();
+        if let Some(p) = super::params::unadvertised_mail(params, self.auth_offered()) {
+            return self.reply(Reply::UnsupportedParameter(p));
+        }
+        // smtp-proto's `from.size` wraps an overlong number around.
+        let Ok(size) = super::params::declared_size(params) else {
+            self.shared.metrics.rejected(Rejection::Size);
+            return self.reply(Reply::SizeExceeded);
+        };
+        let size = size.unwrap_or(0);
+        if size > self.settings.config.max_message_size.0 {
             self.shared.metrics.rejected(Rejection::Size);
             return self.reply(Reply::SizeExceeded);
         }
         // A declared size that does not fit above the spool's reserve is
         // refused now (as Postfix does with queue_minfree), before the
         // client sends it.
-        if from.size > 0
+        if size > 0
             && let Some(room) = self.shared.spool.room_for_mail()
-            && from.size as u64 > room
+            && size > room
         {
             self.shared.metrics.rejected(Rejection::Storage);
-            info!(client = %self.peer, size = from.size, room, "MAIL refused: the declared SIZE does not fit in the spool's free space above [spool] min_free_space");
+            info!(client = %self.peer, size, room, "MAIL refused: the declared SIZE does not fit in the spool's free space above [spool] min_free_space");
             return self.reply(Reply::Storage(spool::SpoolError::DiskFull));
         }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {

@@ -11,6 +11,7 @@ mod conn;
 mod data;
 mod ehlo;
 mod mail;
+mod params;
 mod rcpt;
 pub(crate) mod reply;
 mod starttls;
@@ -426,18 +427,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let req = match parsed {
             Ok(req) => req,
+            // smtp-proto refuses some numbers too big for it as invalid:
+            // they are sizes over the limit.
+            Err(ParseError::InvalidParameter { param: "SIZE" }) if self.size_too_big(line) => {
+                self.shared.metrics.rejected(Rejection::Size);
+                return Ok(self.reply(Reply::SizeExceeded));
+            }
             Err(e) => return Ok(self.parse_error(&e)),
         };
+        // Commands that take no argument refuse one (RFC 5321 4.1.1).
+        let bare = match req {
+            Request::Data => Some("DATA"),
+            Request::Rset => Some("RSET"),
+            Request::Quit => Some("QUIT"),
+            Request::StartTls => Some("STARTTLS"),
+            _ => None,
+        };
+        if let Some(verb) = bare
+            && params::has_argument(line, verb.len())
+        {
+            return Ok(self.reply(Reply::Syntax(verb)));
+        }
         Ok(match req {
             Request::Ehlo { host } => self.ehlo(&host, true),
             Request::Helo { host } => self.ehlo(&host, false),
             Request::Mail { from } => self.mail(from, line),
-            Request::Rcpt { .. } => self.rcpt(line),
+            Request::Rcpt { .. } => {
+                let params = crate::path::params(line).unwrap_or_default();
+                match params::unadvertised_rcpt(params) {
+                    Some(p) => self.reply(Reply::UnsupportedParameter(p)),
+                    None => self.rcpt(line),
+                }
+            }
             Request::Data => self.data().await?,
-            Request::Bdat {
-                chunk_size,
-                is_last,
-            } => self.bdat(chunk_size as u64, is_last).await,
+            // smtp-proto's `chunk_size` wraps an overlong number around.
+            Request::Bdat { is_last, .. } => match params::bdat_size(line) {
+                Ok(size) => self.bdat(size, is_last).await,
+                Err(params::TooBig) => self.bdat_too_big(),
+            },
             Request::Auth {
                 mechanism,
                 initial_response,
@@ -460,6 +487,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Request::Burl { .. } => self.reply(Reply::NotImplemented("BURL")),
             Request::Lhlo { .. } => self.reply(Reply::Unknown),
         })
+    }
+
+    /// Whether a MAIL line declares a SIZE (a number, however long) over
+    /// the limit.
+    fn size_too_big(&self, line: &[u8]) -> bool {
+        let params = crate::path::params(line).unwrap_or_default();
+        match params::declared_size(params) {
+            Ok(size) => size.is_some_and(|n| n > self.settings.config.max_message_size.0),
+            Err(params::TooBig) => true,
+        }
     }
 
     fn parse_error(&mut self, e: &ParseError) -> Step {
