@@ -252,9 +252,21 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn save_aside(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let aside = dir.join("corrupt");
     let path = aside.join(name);
-    let r = std::fs::create_dir_all(&aside).and_then(|_| std::fs::write(&path, bytes));
+    // Mail, like the rest of the spool: the owner's alone.
+    let r = std::fs::create_dir_all(&aside)
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+        })
+        .and_then(|mut f| f.write_all(bytes));
     if let Err(e) = r {
         warn!(path = %path.display(), error = %e, "cannot save a damaged spool record for inspection");
     }

@@ -194,6 +194,19 @@ async fn a_corrupt_record_is_moved_aside_and_the_rest_recovered() {
         .unwrap()
         .collect();
     assert_eq!(aside.len(), 1, "the damaged record is kept for a human");
+    // It is mail: the owner's alone, like the rest of the spool.
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        aside[0]
+            .as_ref()
+            .unwrap()
+            .metadata()
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode, 0o600, "{mode:o}");
 }
 
 #[tokio::test]
