@@ -136,7 +136,7 @@ async fn dsn_parameters_are_refused_without_dsn() {
         c.send("Subject: x\r\n\r\nhi\r\n.\r\n").await;
         let id = c.expect(250).await.queue_id();
         assert_eq!(
-            srv.spool.envelope(id).unwrap().recipients[0].address,
+            srv.spool.message(id).unwrap().envelope.recipients[0],
             "b@example.net"
         );
     })
