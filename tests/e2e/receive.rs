@@ -212,3 +212,52 @@ async fn a_client_outside_allow_networks_cannot_relay() {
     // And nothing was queued from it.
     assert_eq!(queue_json(&d).as_array().unwrap().len(), 0);
 }
+
+/// Text from a client reaches an admin's terminal through `queue show` and
+/// `queue list`: its control characters are printed escaped, so a hostile
+/// EHLO name or header cannot clear the screen, set the clipboard (OSC 52)
+/// or retitle the window.
+#[tokio::test]
+async fn queue_show_and_list_escape_terminal_controls() {
+    let d = Daemon::start(BASE);
+    let mut s = Smtp::open(d.smtp).await;
+    // EHLO names end at a space: ESC, BEL and the C1 CSI fit in one.
+    s.cmd("EHLO evil\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\u{9b}31m.test")
+        .await;
+    let r = s
+        .mail(
+            "a@example.com",
+            &["b@example.com"],
+            b"Subject: hi \x1b]0;owned\x07 there\r\nX-Clear: \x1b[2J\x1b[H\rfake line\r\n\r\nbody\r\n",
+        )
+        .await;
+    let id = queued_id(&r);
+    let show = d.cli(&["queue", "show", &id], None);
+    assert!(show.status.success());
+    let list = d.cli(&["queue", "list"], None);
+    assert!(list.status.success());
+    for (what, out) in [("show", &show.stdout), ("list", &list.stdout)] {
+        let text = String::from_utf8_lossy(out);
+        let raw: Vec<char> = text
+            .chars()
+            .filter(|c| c.is_control() && !matches!(c, '\n' | '\t'))
+            .collect();
+        assert!(
+            raw.is_empty(),
+            "queue {what} printed raw controls {raw:?}:\n{text}"
+        );
+    }
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains(r"evil\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\u{9b}31m.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r"Subject: hi \x1b]0;owned\x07 there"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r"X-Clear: \x1b[2J\x1b[H\rfake line"),
+        "{text}"
+    );
+}

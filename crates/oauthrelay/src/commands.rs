@@ -241,8 +241,9 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
 }
 
 fn print_status(s: &oauth::AccountStatus) {
+    use outbound::escape_controls as safe;
     let fmt = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    outln!("{} <{}>", s.account, s.email);
+    outln!("{} <{}>", safe(&s.account), safe(&s.email));
     outln!(
         "  authorized:        {}",
         if s.auth.is_authorized() { "yes" } else { "NO" }
@@ -263,14 +264,14 @@ fn print_status(s: &oauth::AccountStatus) {
     if let Some(r) = &s.last_refresh {
         outln!(
             "  last refresh:      {}",
-            serde_json::to_string(r).unwrap_or_default()
+            safe(&serde_json::to_string(r).unwrap_or_default())
         );
     }
     if let Some(p) = s.auth.problem() {
-        outln!("  problem:           {}", outbound::escape_controls(p));
+        outln!("  problem:           {}", safe(p));
     }
     if let Some(f) = s.auth.fix() {
-        outln!("  fix:               {f}");
+        outln!("  fix:               {}", safe(f));
     }
     if let Some(at) = s.auth.refusal().and_then(|r| r.retry_at) {
         outln!("  retried by itself: {}", fmt(at));

@@ -235,28 +235,44 @@ impl fmt::Display for Answer {
     }
 }
 
-/// Control characters (ESC, BEL, NUL, CR, LF...) as visible escapes
-/// (`\x1b`), so text from a server can be quoted anywhere.
+/// Control characters (ESC, BEL, NUL, CR, LF, C1...) and the invisible
+/// Unicode characters that reorder or hide text or end lines (bidi
+/// overrides, zero-width joiners, line separators) as visible escapes
+/// (`\x1b`, `\u{202e}`), so text from a client or a server can be quoted
+/// in a bounce or printed on an admin's terminal without driving it
+/// (clearing the screen, setting the clipboard with OSC 52, retitling it).
+/// Tabs pass.
 pub fn escape_controls(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(needs_escape) {
         return s.to_string();
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         match c {
-            '\t' => out.push(' '),
-            c if c.is_control() => {
-                let n = c as u32;
-                if n <= 0xff {
-                    out.push_str(&format!("\\x{n:02x}"));
-                } else {
-                    out.push_str(&format!("\\u{{{n:x}}}"));
-                }
+            '\r' => out.push_str(r"\r"),
+            '\n' => out.push_str(r"\n"),
+            c if needs_escape(c) && (c as u32) < 0x80 => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
             }
+            c if needs_escape(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
             c => out.push(c),
         }
     }
     out
+}
+
+/// C0 (but tab), DEL, C1, and the Unicode format characters that reorder
+/// or hide text, or end lines.
+fn needs_escape(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}'
+        )
 }
 
 #[cfg(test)]
@@ -335,5 +351,19 @@ mod tests {
         );
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Reply>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn controls_are_escaped_and_text_kept() {
+        let e = escape_controls;
+        assert_eq!(
+            e("plain text, ünïcode ✓\tand a tab"),
+            "plain text, ünïcode ✓\tand a tab"
+        );
+        assert_eq!(e("a\x1b]52;c;cHduZWQ=\x07b"), r"a\x1b]52;c;cHduZWQ=\x07b");
+        assert_eq!(e("\x1b[2J\x1b[H\rfake"), r"\x1b[2J\x1b[H\rfake");
+        assert_eq!(e("x\u{9b}31m\u{7f}\0\n"), r"x\u{9b}31m\x7f\x00\n");
+        assert_eq!(e("evil\u{202e}txt.exe"), r"evil\u{202e}txt.exe");
+        assert_eq!(e(""), "");
     }
 }
