@@ -15,7 +15,7 @@ use crate::fakes::{
     CLIENT_SECRET, EMAIL, FAST_DELIVERY, T, Upstream, message, metric, metrics, queue, submit,
     until, wait_queue_empty, with_id,
 };
-use crate::harness::{BIN, Daemon, Smtp, config_in, run_cli};
+use crate::harness::{BASE, BIN, Daemon, Smtp, config_in, run_cli};
 
 /// `oauthrelay authorize --account NAME --no-browser`, its stdout read
 /// line by line as it runs.
@@ -431,6 +431,29 @@ async fn sighup_applies_new_senders_and_a_new_account() {
     .await;
     until("hup-kept delivered", T, async || {
         match with_id(&up.gmail.messages(), "hup-kept").len() {
+            1 => Ok(()),
+            n => Err(format!("{n} copies")),
+        }
+    })
+    .await;
+
+    // A file without its accounts, or emptied (an editor's half-done
+    // save), is refused the same way: it would drop every account.
+    config_in(&d.dir, BASE);
+    d.signal("HUP");
+    d.wait_log("no [[accounts]] any more", T);
+    std::fs::write(d.dir.join("oauthrelay.toml"), "").unwrap();
+    d.signal("HUP");
+    d.wait_log("the configuration file is empty", T);
+    submit(
+        &d,
+        "app@other.org",
+        &["r@example.org"],
+        &message("hup-empty", "still routed", "x\r\n"),
+    )
+    .await;
+    until("hup-empty delivered", T, async || {
+        match with_id(&up.gmail.messages(), "hup-empty").len() {
             1 => Ok(()),
             n => Err(format!("{n} copies")),
         }

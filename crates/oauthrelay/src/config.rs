@@ -202,6 +202,13 @@ impl Loaded {
         }
     }
 
+    /// Whether the file sets anything at all (an empty file, or one of
+    /// nothing but comments, runs on built-in defaults).
+    pub fn sets_anything(&self) -> bool {
+        self.path.is_none()
+            || toml::from_str::<toml::Table>(&self.source).map_or(true, |t| !t.is_empty())
+    }
+
     /// The directory relative paths in the file are resolved against.
     pub fn base_dir(&self) -> PathBuf {
         self.path

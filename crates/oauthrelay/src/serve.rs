@@ -449,6 +449,7 @@ fn readiness(tokens: oauth::TokenManager, outbound: outbound::Outbound) -> http:
 
 fn reload(current: &Loaded, paths: &Paths) -> anyhow::Result<Loaded> {
     let new = config::load(current.path.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    refuse_emptied(current, &new)?;
     let new_paths = Paths::resolve(&new);
     if new_paths.spool_dir != paths.spool_dir {
         warn!("[spool] dir changed; the new directory is used after a restart");
@@ -460,6 +461,41 @@ fn reload(current: &Loaded, paths: &Paths) -> anyhow::Result<Loaded> {
         warn!("[metrics] listen changed; the new address is used after a restart");
     }
     Ok(new)
+}
+
+/// A reload must not quietly drop everything: a file emptied by a
+/// half-finished edit, or one that lost its `[[accounts]]`, is refused like
+/// an invalid file (the running configuration stays). Removing every
+/// account on purpose takes a restart.
+fn refuse_emptied(current: &Loaded, new: &Loaded) -> anyhow::Result<()> {
+    if !new.sets_anything() {
+        anyhow::bail!(
+            "{}",
+            new.error_at(
+                &[],
+                "the configuration file is empty; reloading it would drop every account and setting (restart oauthrelay to run on the built-in defaults)"
+            )
+        );
+    }
+    if new.config.accounts.is_empty() && !current.config.accounts.is_empty() {
+        let names: Vec<&str> = current
+            .config
+            .accounts
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        anyhow::bail!(
+            "{}",
+            new.error_at(
+                &["accounts".into()],
+                format!(
+                    "the configuration has no [[accounts]] any more; reloading it would leave no account to deliver mail (running: {}). Restart oauthrelay to remove every account",
+                    names.join(", ")
+                )
+            )
+        );
+    }
+    Ok(())
 }
 
 async fn apply_reload(
@@ -573,5 +609,59 @@ pub async fn send_test(
             crate::out::outln!("FAILED: {e}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ACCOUNT: &str = "[[accounts]]\nname = \"default\"\nemail = \"me@example.com\"\nclient_id = \"id\"\nclient_secret_file = \"secret\"\n";
+
+    fn write(path: &std::path::Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A reload that would leave nothing (an empty file, or one without its
+    /// accounts) is refused like an invalid file, naming the file.
+    #[test]
+    fn a_reload_that_drops_everything_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("oauthrelay.toml");
+        write(
+            &path,
+            &format!("[server]\nmax_recipients = 50\n\n{ACCOUNT}"),
+        );
+        let current = config::load(Some(&path)).unwrap();
+        let paths = Paths::resolve(&current);
+
+        for empty in ["", "\n  \n", "# everything commented out\n# [server]\n"] {
+            write(&path, empty);
+            let e = reload(&current, &paths).unwrap_err().to_string();
+            assert!(e.contains("oauthrelay.toml:1:1: "), "{e}");
+            assert!(e.contains("the configuration file is empty"), "{e}");
+        }
+
+        write(&path, "[server]\nmax_recipients = 50\n");
+        let e = reload(&current, &paths).unwrap_err().to_string();
+        assert!(e.contains("oauthrelay.toml:"), "{e}");
+        assert!(
+            e.contains("no [[accounts]] any more") && e.contains("(running: default)"),
+            "{e}"
+        );
+
+        // Other changes are fine.
+        write(
+            &path,
+            &format!("[server]\nmax_recipients = 10\n\n{ACCOUNT}"),
+        );
+        let new = reload(&current, &paths).unwrap();
+        assert_eq!(new.config.server.max_recipients, 10);
+
+        // A daemon that runs without accounts may reload without them.
+        write(&path, "[server]\nmax_recipients = 50\n");
+        let none = config::load(Some(&path)).unwrap();
+        write(&path, "[server]\nmax_recipients = 20\n");
+        assert!(reload(&none, &paths).is_ok());
     }
 }
