@@ -30,6 +30,14 @@ pub struct ServerConfig {
     pub max_recipients: usize,
     /// Simultaneous SMTP sessions; more get `421 4.7.0`.
     pub max_connections: usize,
+    /// Simultaneous sessions of one client outside `allow_networks` (an
+    /// IPv4 address or an IPv6 /64); more get `421 4.7.0`.
+    pub max_connections_per_client: usize,
+    /// Of `max_connections`, slots only clients in `allow_networks` may
+    /// take, so strangers never lock out a printer. `None`: a fifth of
+    /// `max_connections`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_connections: Option<usize>,
     /// Longest command line, CRLF included; longer get `500 5.5.2`.
     pub max_line_length: usize,
     /// Protocol errors (5xx replies to the client's mistakes) a session may
@@ -46,6 +54,16 @@ pub struct ServerConfig {
     /// block), extended by one second per `min_data_rate` bytes received.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// The command deadline for clients outside `allow_networks` until they
+    /// authenticate (the shorter of this and `command_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub untrusted_command_timeout: Duration,
+    /// Commands that do nothing (NOOP, RSET, VRFY, EXPN, HELP, a repeated
+    /// HELO/EHLO, an AUTH refused with `454`) a client outside
+    /// `allow_networks` may send before it authenticates; the next one
+    /// gets `421 4.7.0` and the connection is closed (as Postfix's
+    /// `smtpd_junk_command_limit`).
+    pub untrusted_junk_command_limit: u32,
     /// Bytes per second that extend `data_timeout` (as Postfix's
     /// `smtpd_min_data_rate`): a slow but honest client is not cut off.
     pub min_data_rate: u64,
@@ -57,6 +75,10 @@ pub struct ServerConfig {
     pub auth_failure_limit: u32,
     #[serde(with = "humantime_serde")]
     pub auth_failure_window: Duration,
+    /// Password checks (argon2, about 19 MiB and a core each) that may run
+    /// at once; an AUTH that finds none free within 2 seconds gets
+    /// `454 4.7.0`.
+    pub max_password_checks: usize,
     /// Optional STARTTLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -77,15 +99,20 @@ impl Default for ServerConfig {
             max_message_size: ByteSize(36_700_160),
             max_recipients: 100,
             max_connections: 100,
+            max_connections_per_client: 10,
+            reserved_connections: None,
             max_line_length: 2048,
             max_errors: 20,
             require_tls_for_auth: true,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            untrusted_command_timeout: Duration::from_secs(10),
+            untrusted_junk_command_limit: 10,
             min_data_rate: 500,
             shutdown_grace: Duration::from_secs(30),
             auth_failure_limit: 5,
             auth_failure_window: Duration::from_secs(900),
+            max_password_checks: 2,
             tls: None,
             users: Vec::new(),
         }

@@ -28,6 +28,7 @@ mod received;
 mod server;
 mod session;
 mod settings;
+mod slots;
 
 pub use config::{ByteSize, Network, ServerConfig, TlsConfig, UserConfig};
 pub use metrics::Metrics;

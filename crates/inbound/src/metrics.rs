@@ -23,8 +23,11 @@ pub struct Metrics {
 /// `oauthrelay_smtp_connections_refused_total`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Refusal {
-    /// `max_connections` sessions were already open.
+    /// `max_connections` sessions were already open, or every slot not
+    /// reserved for `allow_networks` was.
     Limit,
+    /// This outside client had `max_connections_per_client` open.
+    ClientLimit,
     /// The client is outside `allow_networks` and no AUTH users exist.
     Network,
 }
@@ -49,6 +52,7 @@ impl Refusal {
     fn label(self) -> &'static str {
         match self {
             Refusal::Limit => "limit",
+            Refusal::ClientLimit => "client_limit",
             Refusal::Network => "network",
         }
     }
@@ -71,7 +75,7 @@ impl Metrics {
     /// `oauthrelay_messages_received_total`,
     /// `oauthrelay_messages_received_bytes_total`,
     /// `oauthrelay_smtp_connections_accepted_total`,
-    /// `oauthrelay_smtp_connections_refused_total{reason="limit"|"network"}`,
+    /// `oauthrelay_smtp_connections_refused_total{reason="limit"|"client_limit"|"network"}`,
     /// `oauthrelay_smtp_sessions` (gauge),
     /// `oauthrelay_smtp_auth_failures_total`,
     /// `oauthrelay_messages_rejected_total{reason="size"|"relay"|"sender"|"recipients"|"storage"}`.
@@ -79,7 +83,7 @@ impl Metrics {
         let m = Metrics::default();
         // Every reason is exported from the start (at 0), so `increase()`
         // alerts and dashboards see the first event.
-        for why in [Refusal::Limit, Refusal::Network] {
+        for why in [Refusal::Limit, Refusal::ClientLimit, Refusal::Network] {
             let _ = m.refused.get_or_create(&[("reason", why.label())]);
         }
         for why in [

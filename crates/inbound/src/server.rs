@@ -1,7 +1,9 @@
-//! The accept loop: connection limit, one task per session, shutdown.
+//! The accept loop: who gets a session ([`crate::slots`]), one task per
+//! session, shutdown. A client refused at connect is told why and the
+//! connection closed at once: it holds no slot.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,17 +15,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Metrics, Refusal};
-use crate::password::Verifier;
+use crate::password::{VERIFY_WAIT, Verifier};
 use crate::ratelimit::AuthLimiter;
 use crate::session::reply::{Reply, ReplyCtx};
 use crate::session::{Session, Shared};
 use crate::settings::Settings;
+use crate::slots::{Full, Slot, Slots};
 
-/// How long the `421` to a connection over the limit may take to write.
+/// How long the reply to a connection refused at connect may take to write.
 const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause after an accept error (out of file descriptors...).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-/// At most one "too many connections" warning per this many seconds.
+/// At most one "refusing connections" warning per this many seconds.
 const LIMIT_WARN_EVERY_SECS: u64 = 10;
 
 /// The SMTP listener. Cheap to clone; clones share sessions and settings.
@@ -35,23 +38,26 @@ pub struct Inbound {
 struct Inner {
     settings: RwLock<Arc<Settings>>,
     shared: Arc<Shared>,
-    active: AtomicUsize,
+    slots: Arc<Slots>,
     last_limit_warning: AtomicU64,
 }
 
-/// Counts a session as open until dropped.
-struct SessionGuard(Arc<Inner>);
+/// An open session: its slot, and the sessions gauge, until dropped.
+struct SessionGuard {
+    _slot: Slot,
+    metrics: Metrics,
+}
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-        self.0.shared.metrics.session_ended();
+        self.metrics.session_ended();
     }
 }
 
 impl Inbound {
     /// A listener that queues accepted mail into `spool`.
     pub fn new(settings: Settings, spool: Spool, metrics: Metrics) -> Inbound {
+        let checks = settings.config.max_password_checks;
         Inbound {
             inner: Arc::new(Inner {
                 settings: RwLock::new(Arc::new(settings)),
@@ -59,17 +65,22 @@ impl Inbound {
                     spool,
                     metrics,
                     limiter: AuthLimiter::default(),
-                    verifier: Verifier::default(),
+                    verifier: Verifier::new(checks, VERIFY_WAIT),
                 }),
-                active: AtomicUsize::new(0),
+                slots: Arc::new(Slots::default()),
                 last_limit_warning: AtomicU64::new(0),
             }),
         }
     }
 
     /// Use new settings (SIGHUP): sessions that start from now on get them;
-    /// open sessions keep theirs, and listeners are not changed.
+    /// open sessions keep theirs, and listeners are not changed. A new
+    /// `max_password_checks` applies to checks that start from now on.
     pub fn reload(&self, settings: Settings) {
+        self.inner
+            .shared
+            .verifier
+            .resize(settings.config.max_password_checks);
         *self
             .inner
             .settings
@@ -85,7 +96,7 @@ impl Inbound {
 
     /// Sessions now open.
     pub fn active_sessions(&self) -> usize {
-        self.inner.active.load(Ordering::Acquire)
+        self.inner.slots.open()
     }
 
     /// Accept SMTP connections on every listener until `shutdown` is
@@ -115,7 +126,7 @@ impl Inbound {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let guard = self.inner.open_session();
+        let guard = self.inner.open_session(self.inner.slots.force());
         let settings = self.inner.current();
         Session::new(stream, peer, settings, self.inner.shared.clone(), shutdown)
             .run()
@@ -132,10 +143,12 @@ impl Inner {
             .clone()
     }
 
-    fn open_session(self: &Arc<Self>) -> SessionGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
+    fn open_session(&self, slot: Slot) -> SessionGuard {
         self.shared.metrics.session_started();
-        SessionGuard(self.clone())
+        SessionGuard {
+            _slot: slot,
+            metrics: self.shared.metrics.clone(),
+        }
     }
 
     async fn accept_loop(
@@ -182,28 +195,34 @@ impl Inner {
     ) {
         let _ = stream.set_nodelay(true);
         let settings = self.current();
-        let guard = self.open_session();
-        if self.active.load(Ordering::Acquire) > settings.config.max_connections {
-            drop(guard);
-            self.shared.metrics.refused(Refusal::Limit);
-            self.warn_limit(peer, settings.config.max_connections);
-            let mut msg = Vec::with_capacity(64);
-            Reply::TooManyConnections.write(
-                &mut msg,
-                &ReplyCtx {
-                    host: &settings.hostname,
-                },
-            );
-            let mut stream = stream;
-            tracker.spawn(async move {
-                let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, async {
-                    stream.write_all(&msg).await?;
-                    stream.shutdown().await
-                })
-                .await;
-            });
+        let ip = peer.ip().to_canonical();
+        let trusted = settings.trusts(ip);
+        if !trusted && settings.users.is_empty() {
+            self.shared.metrics.refused(Refusal::Network);
+            info!(client = %peer, "refused: not in [server] allow_networks and no [[server.users]] to authenticate");
+            refuse(stream, Reply::NetworkRefused(ip), &settings, tracker);
             return;
         }
+        let slot = match self.slots.take(ip, trusted, settings.slot_limits()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                let reply = match full {
+                    Full::Total | Full::Outside => {
+                        self.shared.metrics.refused(Refusal::Limit);
+                        self.warn_limit(peer, full, &settings);
+                        Reply::TooManyConnections
+                    }
+                    Full::Client => {
+                        self.shared.metrics.refused(Refusal::ClientLimit);
+                        self.warn_limit(peer, full, &settings);
+                        Reply::TooManyFromClient(ip)
+                    }
+                };
+                refuse(stream, reply, &settings, tracker);
+                return;
+            }
+        };
+        let guard = self.open_session(slot);
         let shared = self.shared.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -214,7 +233,7 @@ impl Inner {
         });
     }
 
-    fn warn_limit(&self, peer: SocketAddr, max: usize) {
+    fn warn_limit(&self, peer: SocketAddr, full: Full, settings: &Settings) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -226,9 +245,41 @@ impl Inner {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            warn!(client = %peer, max_connections = max, "refusing connections: [server] max_connections sessions are open");
+            let limits = settings.slot_limits();
+            match full {
+                Full::Total => {
+                    warn!(client = %peer, max_connections = limits.total, "refusing connections: [server] max_connections sessions are open")
+                }
+                Full::Outside => {
+                    warn!(client = %peer, max_connections = limits.total, reserved_connections = limits.reserved, "refusing connections from outside allow_networks: every slot but the reserved_connections kept for allow_networks is taken")
+                }
+                Full::Client => {
+                    warn!(client = %peer, max_connections_per_client = limits.per_client, "refusing connections: this client has [server] max_connections_per_client sessions open")
+                }
+            }
         } else {
-            debug!(client = %peer, "refused: too many connections");
+            debug!(client = %peer, reason = ?full, "refused: too many connections");
         }
     }
+}
+
+/// Tell a client refused at connect why, and close the connection. The
+/// reply fits in the socket's send buffer, so this takes no time unless the
+/// connection is already broken; it never holds a slot.
+fn refuse(stream: TcpStream, reply: Reply<'_>, settings: &Settings, tracker: &TaskTracker) {
+    let mut msg = Vec::with_capacity(96);
+    reply.write(
+        &mut msg,
+        &ReplyCtx {
+            host: &settings.hostname,
+        },
+    );
+    let mut stream = stream;
+    tracker.spawn(async move {
+        let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, async {
+            stream.write_all(&msg).await?;
+            stream.shutdown().await
+        })
+        .await;
+    });
 }

@@ -101,6 +101,33 @@ impl Settings {
                 reason: "must be at least 1",
             });
         }
+        if config.max_connections_per_client == 0 {
+            return Err(SettingsError::Limit {
+                key: "max_connections_per_client",
+                reason: "must be at least 1",
+            });
+        }
+        if config
+            .reserved_connections
+            .is_some_and(|r| r >= config.max_connections)
+        {
+            return Err(SettingsError::Limit {
+                key: "reserved_connections",
+                reason: "must be less than max_connections (clients outside allow_networks need a slot to authenticate)",
+            });
+        }
+        if config.untrusted_command_timeout.is_zero() {
+            return Err(SettingsError::Limit {
+                key: "untrusted_command_timeout",
+                reason: "must be longer than zero",
+            });
+        }
+        if !(1..=64).contains(&config.max_password_checks) {
+            return Err(SettingsError::Limit {
+                key: "max_password_checks",
+                reason: "must be 1 to 64 (each check takes about 19 MiB while it runs)",
+            });
+        }
         if config.command_timeout.is_zero() {
             return Err(SettingsError::Limit {
                 key: "command_timeout",
@@ -146,6 +173,21 @@ impl Settings {
     /// The name in the greeting and `Received:` headers.
     pub fn hostname(&self) -> &str {
         &self.hostname
+    }
+
+    /// Whether `ip` is in `allow_networks` (may relay without AUTH).
+    pub(crate) fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.config.allow_networks.iter().any(|n| n.contains(ip))
+    }
+
+    /// The connection limits of [`crate::slots`].
+    pub(crate) fn slot_limits(&self) -> crate::slots::Limits {
+        let c = &self.config;
+        crate::slots::Limits {
+            total: c.max_connections,
+            reserved: c.reserved_connections.unwrap_or(c.max_connections / 5),
+            per_client: c.max_connections_per_client,
+        }
     }
 
     /// Whether STARTTLS is offered.

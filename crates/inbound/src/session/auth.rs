@@ -4,8 +4,8 @@
 //! address, IPv6 /64) when the password is about to be checked, and given
 //! back on success: past `auth_failure_limit` failures within
 //! `auth_failure_window` AUTH is refused with `454 4.7.0`. At most
-//! [`MAX_CONCURRENT_VERIFICATIONS`](crate::password::MAX_CONCURRENT_VERIFICATIONS)
-//! checks run at once; an attempt that finds no free slot within
+//! `max_password_checks` checks run at once; an attempt that finds no free
+//! slot within
 //! [`VERIFY_WAIT`](crate::password::VERIFY_WAIT) gets
 //! `454 4.7.0 Temporary authentication failure` and is not counted.
 

@@ -50,8 +50,6 @@ const BODY_BUF: usize = 64 << 10;
 const OUT_FLUSH_AT: usize = 16 << 10;
 /// Reply buffer capacity kept between writes.
 const OUT_KEEP: usize = 1 << 10;
-/// How long a client refused at connect may stay to send QUIT.
-const REFUSED_LINGER: Duration = Duration::from_secs(10);
 /// The most a slow body's deadline is extended by `min_data_rate`.
 const MAX_DATA_EXTENSION: Duration = Duration::from_secs(24 * 3600);
 /// Bound on the final close (TLS close_notify, FIN).
@@ -170,7 +168,13 @@ pub(crate) struct Session<S> {
     peer: SocketAddr,
     ip: IpAddr,
     trusted: bool,
+    /// Outside `allow_networks` and no `[[server.users]]`: told so, then
+    /// closed (only [`Inbound::handle`](crate::Inbound::handle) gets here;
+    /// the accept loop refuses such clients itself).
     refused: bool,
+    /// Commands that did nothing, while outside `allow_networks` and not
+    /// authenticated (`untrusted_junk_command_limit`).
+    junk: u32,
     helo: Option<Helo>,
     auth_user: Option<String>,
     txn: Option<Txn>,
@@ -204,11 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         shutdown: CancellationToken,
     ) -> Session<S> {
         let ip = peer.ip().to_canonical();
-        let trusted = settings
-            .config
-            .allow_networks
-            .iter()
-            .any(|n| n.contains(ip));
+        let trusted = settings.trusts(ip);
         let refused = !trusted && settings.users.is_empty();
         let now = Instant::now();
         Session {
@@ -218,7 +218,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             read_full: false,
             out: Vec::new(),
             scratch: Vec::new(),
-            cmd_deadline: later(now, settings.config.command_timeout),
+            cmd_deadline: later(
+                now,
+                if trusted {
+                    settings.config.command_timeout
+                } else {
+                    settings
+                        .config
+                        .command_timeout
+                        .min(settings.config.untrusted_command_timeout)
+                },
+            ),
             settings,
             shared,
             shutdown,
@@ -226,6 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ip,
             trusted,
             refused,
+            junk: 0,
             helo: None,
             auth_user: None,
             txn: None,
@@ -300,6 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             info!(client = %self.peer, "refused: not in [server] allow_networks and no [[server.users]] to authenticate");
             let ip = self.ip;
             let _ = self.reply(Reply::NetworkRefused(ip));
+            return self.flush().await;
         } else {
             self.shared.metrics.accepted();
             let _ = self.reply(Reply::Greeting);
@@ -416,15 +428,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             other => other,
         };
-        if self.refused {
-            return Ok(match parsed {
-                Ok(Request::Quit) => {
-                    let _ = self.reply(Reply::Bye);
-                    Step::Close
-                }
-                _ => self.reply(Reply::OnlyQuit),
-            });
-        }
         let req = match parsed {
             Ok(req) => req,
             // smtp-proto refuses some numbers too big for it as invalid:
@@ -447,6 +450,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && params::has_argument(line, verb.len())
         {
             return Ok(self.reply(Reply::Syntax(verb)));
+        }
+        let junk = match req {
+            Request::Noop { .. }
+            | Request::Rset
+            | Request::Vrfy { .. }
+            | Request::Expn { .. }
+            | Request::Help { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Lhlo { .. } => true,
+            Request::Ehlo { .. } | Request::Helo { .. } => self.helo.is_some(),
+            _ => false,
+        };
+        if junk && let Some(step) = self.junk_command() {
+            return Ok(step);
         }
         Ok(match req {
             Request::Ehlo { host } => self.ehlo(&host, true),
@@ -518,6 +537,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     // ---- replies ----------------------------------------------------------
 
+    /// Whether the session is held to the limits for strangers: outside
+    /// `allow_networks` and not authenticated.
+    fn untrusted(&self) -> bool {
+        !self.trusted && self.auth_user.is_none()
+    }
+
+    /// Count a command that did nothing (NOOP, RSET, a repeated EHLO...,
+    /// an AUTH refused with `454`) from an untrusted session. Past
+    /// `untrusted_junk_command_limit`, the step that closes the session
+    /// after a `421`.
+    fn junk_command(&mut self) -> Option<Step> {
+        if !self.untrusted() {
+            return None;
+        }
+        self.junk += 1;
+        if self.junk <= self.settings.config.untrusted_junk_command_limit {
+            return None;
+        }
+        let ip = self.ip;
+        info!(client = %self.peer, commands = self.junk, "too many commands without authentication from unknown[{ip}]; connection closed");
+        Some(self.reply(Reply::TooManyJunkCommands))
+    }
+
+    /// The deadline for the client's next command, counted from our reply:
+    /// `command_timeout`, or the shorter `untrusted_command_timeout` for a
+    /// client outside `allow_networks` that has not authenticated.
+    fn command_timeout(&self) -> Duration {
+        let cfg = &self.settings.config;
+        if self.untrusted() {
+            cfg.command_timeout.min(cfg.untrusted_command_timeout)
+        } else {
+            cfg.command_timeout
+        }
+    }
+
     /// Queue a reply. Client errors are counted; at `max_errors` the
     /// session says so and closes. A 421 closes too.
     fn reply(&mut self, r: Reply<'_>) -> Step {
@@ -532,6 +586,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if r.code() == 421 {
             // Every 421 closes the connection (RFC 5321 3.8).
             return Step::Close;
+        }
+        if matches!(r, Reply::AuthRateLimited | Reply::AuthBusy)
+            && let Some(step) = self.junk_command()
+        {
+            return step;
         }
         if r.is_client_error() && !matches!(r, Reply::AuthCancelled) {
             self.errors += 1;
@@ -552,12 +611,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// A reply was queued: the client's next command is due within the
     /// command timeout from now.
     fn touch(&mut self) {
-        let timeout = if self.refused {
-            self.settings.config.command_timeout.min(REFUSED_LINGER)
-        } else {
-            self.settings.config.command_timeout
-        };
-        self.cmd_deadline = later(Instant::now(), timeout);
+        self.cmd_deadline = later(Instant::now(), self.command_timeout());
     }
 
     /// Write the queued replies.

@@ -24,7 +24,9 @@ pub(crate) enum Reply<'a> {
     Greeting,
     NetworkRefused(IpAddr),
     TooManyConnections,
+    TooManyFromClient(IpAddr),
     Timeout,
+    TooManyJunkCommands,
     TooManyErrors,
     ShuttingDown,
     Bye,
@@ -61,7 +63,6 @@ pub(crate) enum Reply<'a> {
     InvalidParameter(&'static str),
     UnsupportedParameter(&'a str),
     Sequence(&'static str),
-    OnlyQuit,
 
     // STARTTLS.
     TlsGo,
@@ -99,7 +100,9 @@ impl Reply<'_> {
             Reply::AuthChallenge | Reply::AuthUsername | Reply::AuthPassword => 334,
             Reply::DataGo => 354,
             Reply::TooManyConnections
+            | Reply::TooManyFromClient(_)
             | Reply::Timeout
+            | Reply::TooManyJunkCommands
             | Reply::TooManyErrors
             | Reply::ShuttingDown => 421,
             Reply::TooManyRecipients => 452,
@@ -113,7 +116,7 @@ impl Reply<'_> {
             | Reply::AuthCancelled
             | Reply::AuthBadBase64 => 501,
             Reply::NotImplemented(_) | Reply::TlsUnavailable => 502,
-            Reply::Sequence(_) | Reply::OnlyQuit => 503,
+            Reply::Sequence(_) => 503,
             Reply::AuthUnknownMechanism => 504,
             Reply::AuthTlsRequired => 530,
             Reply::AuthFailed => 535,
@@ -146,7 +149,17 @@ impl Reply<'_> {
             Reply::TooManyConnections => {
                 write!(out, "421 4.7.0 {host} Error: too many connections\r\n")
             }
+            Reply::TooManyFromClient(ip) => {
+                write!(
+                    out,
+                    "421 4.7.0 {host} Error: too many connections from {ip}\r\n"
+                )
+            }
             Reply::Timeout => write!(out, "421 4.4.2 {host} Error: timeout exceeded\r\n"),
+            Reply::TooManyJunkCommands => write!(
+                out,
+                "421 4.7.0 {host} Error: too many commands without authentication\r\n"
+            ),
             Reply::TooManyErrors => write!(out, "421 4.7.0 Too many errors\r\n"),
             Reply::ShuttingDown => write!(out, "421 4.3.2 Service shutting down\r\n"),
             Reply::Bye => write!(out, "221 2.0.0 Bye\r\n"),
@@ -200,10 +213,6 @@ impl Reply<'_> {
                 write!(out, "555 5.5.4 Unsupported parameter {}\r\n", Clean(p))
             }
             Reply::Sequence(why) => write!(out, "503 5.5.1 Error: {why}\r\n"),
-            Reply::OnlyQuit => write!(
-                out,
-                "503 5.7.1 Error: this client may not relay; only QUIT is accepted\r\n"
-            ),
             Reply::TlsGo => write!(out, "220 2.0.0 Ready to start TLS\r\n"),
             Reply::TlsUnavailable => write!(out, "502 5.5.1 Error: STARTTLS not available\r\n"),
             Reply::AuthChallenge => write!(out, "334 \r\n"),

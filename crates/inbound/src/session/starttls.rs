@@ -29,7 +29,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// The `220 2.0.0` is sent: do the handshake (bounded by the command
-    /// timeout) and start over, forgetting everything the client said in
+    /// timeout, the short one for an untrusted client) and start over, forgetting everything the client said in
     /// plain text.
     pub(super) async fn start_tls(&mut self) -> Result<(), SessionEnd> {
         let pending = self.rbuf.len().saturating_sub(self.pos);
@@ -49,7 +49,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(stream) = self.conn.take_plain() else {
             return Err(SessionEnd::Tls(std::io::Error::other("TLS already active")));
         };
-        let deadline = later(Instant::now(), self.settings.config.command_timeout);
+        let deadline = later(Instant::now(), self.command_timeout());
         match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 let (_, conn) = tls.get_ref();
