@@ -97,6 +97,34 @@ impl Conn {
         })
     }
 
+    /// Connect from a given local address (a loopback alias such as
+    /// 127.0.1.7, so the relay sees many clients) and read nothing yet.
+    pub async fn connect_from(
+        local: std::net::IpAddr,
+        addr: SocketAddr,
+    ) -> Result<Conn, SmtpError> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(local, 0))?;
+        let s = sock.connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        Ok(Conn {
+            r: BufReader::with_capacity(4096, r),
+            w,
+            line: String::new(),
+        })
+    }
+
+    /// Send a command line; returns the last line of its reply, whatever
+    /// the code.
+    pub async fn ask(&mut self, line: &str) -> Result<String, SmtpError> {
+        let mut buf = Vec::with_capacity(line.len() + 2);
+        buf.extend_from_slice(line.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+        self.w.write_all(&buf).await?;
+        self.reply().await
+    }
+
     /// Read one reply (all its lines); returns its last line.
     pub async fn reply(&mut self) -> Result<String, SmtpError> {
         loop {

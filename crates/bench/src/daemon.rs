@@ -7,6 +7,8 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -30,6 +32,10 @@ pub struct Spec {
     pub upstream_port: u16,
     pub ca_file: PathBuf,
     pub token_url: String,
+    /// More `[server]` lines (`key = value`, one per line).
+    pub server_extra: String,
+    /// `[[server.users]]`: name and PHC hash.
+    pub users: Vec<(String, String)>,
 }
 
 /// A state directory with its config; daemons run on it one at a time.
@@ -54,7 +60,7 @@ impl Instance {
 listen = ["{listen}"]
 hostname = "relay.bench.test"
 max_connections = {max_conn}
-
+{server_extra}
 [metrics]
 listen = "127.0.0.1:0"
 
@@ -79,7 +85,14 @@ token_url = "{token_url}"
             port = spec.upstream_port,
             ca = spec.ca_file.display(),
             token_url = spec.token_url,
+            server_extra = spec.server_extra,
         );
+        let mut text = text;
+        for (name, hash) in &spec.users {
+            text.push_str(&format!(
+                "\n[[server.users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n"
+            ));
+        }
         // It holds an inline client secret: the daemon refuses such a file
         // when others can read it.
         write_private(&config, &text).context("writing the config")?;
@@ -90,6 +103,31 @@ token_url = "{token_url}"
             env: Vec::new(),
             runs: 0,
         })
+    }
+
+    /// `oauthrelay hash-password` with `password` on stdin.
+    pub fn hash_password(bin: &Path, password: &str) -> anyhow::Result<String> {
+        let mut child = Command::new(bin)
+            .arg("hash-password")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", bin.display()))?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(format!("{password}\n").as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "hash-password failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// `oauthrelay token import --account bench` with `token` on stdin.

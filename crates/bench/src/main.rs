@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p oauthrelay -p bench
-//! target/release/oauthrelay-bench [--vs-postfix] [--workloads 1k,1m,idle,memory,startup]
+//! target/release/oauthrelay-bench [--vs-postfix] [--workloads 1k,1m,idle,memory,logins,startup]
 //! ```
 //!
 //! The fakes (`testkit`: token endpoint, fake Gmail over TLS + XOAUTH2) run
@@ -33,11 +33,12 @@ use clap::Parser;
     about = "Benchmark oauthrelay (and optionally Postfix) relaying to a fake Gmail"
 )]
 pub struct Args {
-    /// Workloads to run, comma-separated: 1k, 1m, idle, memory, startup.
+    /// Workloads to run, comma-separated: 1k, 1m, idle, memory, logins,
+    /// startup.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1k,1m,idle,memory,startup"
+        default_value = "1k,1m,idle,memory,logins,startup"
     )]
     pub workloads: Vec<String>,
     /// Also run a private Postfix instance through bench/postfix.sh and
@@ -76,6 +77,13 @@ pub struct Args {
     /// Idle SMTP sessions held open by the `memory` workload.
     #[arg(long, default_value_t = 1000)]
     pub idle_sessions: usize,
+    /// Sequential failed logins (one address each) of the `logins` workload.
+    #[arg(long, default_value_t = 100)]
+    pub sequential_logins: usize,
+    /// Parallel failed logins of the `logins` workload (from as many
+    /// addresses, then from one).
+    #[arg(long, default_value_t = 60)]
+    pub parallel_logins: usize,
     /// Worker threads of the load generator.
     #[arg(long, default_value_t = 1)]
     pub client_threads: usize,

@@ -1,5 +1,8 @@
 //! The workloads: `1k`, `1m` (throughput), `idle` (latency on an idle
-//! relay), `memory` and `startup`.
+//! relay), `memory`, `logins` (memory under password guessing) and
+//! `startup`.
+
+mod logins;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -119,8 +122,9 @@ pub async fn run_all(args: Args, upstream: Handle) -> anyhow::Result<()> {
             }
             "idle" => b.idle(&mut targets).await?,
             "memory" => b.memory(&mut targets).await?,
+            "logins" => b.logins(&mut targets).await?,
             "startup" => b.startup(&mut targets).await?,
-            other => bail!("unknown workload {other:?} (1k, 1m, idle, memory, startup)"),
+            other => bail!("unknown workload {other:?} (1k, 1m, idle, memory, logins, startup)"),
         }
     }
     print!("{}", report::targets(&targets));
@@ -326,6 +330,8 @@ impl Bench {
             upstream_port: self.up.gmail.port(),
             ca_file: self.up.ca_file.clone(),
             token_url: self.up.google.token_url(),
+            server_extra: String::new(),
+            users: Vec::new(),
         }
     }
 
