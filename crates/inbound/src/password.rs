@@ -92,13 +92,15 @@ impl Blocks {
         }
         let bytes = len.checked_mul(std::mem::size_of::<Block>())?.max(1);
         // SAFETY: an anonymous private mapping at an address of the
-        // kernel's choice; no existing memory is touched.
+        // kernel's choice; no existing memory is touched. Populated at once:
+        // one call instead of a page fault per 4 KiB (a check then costs
+        // within a few percent of one on reused heap memory).
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )
