@@ -16,7 +16,7 @@
 //!   - bit 5: tight limits (1 KiB messages, 2 recipients, 512-byte lines,
 //!     5 errors) instead of the defaults, to reach the refusal paths.
 //!   - bit 6: no `[[server.users]]` (an untrusted client is refused at
-//!     connect and may only QUIT).
+//!     connect and the connection closed).
 //! - byte 1: how the rest is cut into separate writes (0: one write;
 //!   otherwise pseudo-random pieces of 1..=2*byte bytes).
 //! - the rest: what the client sends. It is written piece by piece, letting
