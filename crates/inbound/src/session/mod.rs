@@ -211,24 +211,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let trusted = settings.trusts(ip);
         let refused = !trusted && settings.users.is_empty();
         let now = Instant::now();
-        Session {
+        let mut session = Session {
             conn: Conn::Plain(stream),
             rbuf: Vec::new(),
             pos: 0,
             read_full: false,
             out: Vec::new(),
             scratch: Vec::new(),
-            cmd_deadline: later(
-                now,
-                if trusted {
-                    settings.config.command_timeout
-                } else {
-                    settings
-                        .config
-                        .command_timeout
-                        .min(settings.config.untrusted_command_timeout)
-                },
-            ),
+            // Set from the command timeout below.
+            cmd_deadline: now,
             settings,
             shared,
             shutdown,
@@ -248,7 +239,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             grace_end: None,
             skipping_line: false,
             summary: Summary::default(),
-        }
+        };
+        session.touch();
+        session
     }
 
     /// Run the session to its end. It is logged the way Postfix's smtpd
