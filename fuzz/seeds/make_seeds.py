@@ -72,6 +72,12 @@ SESSIONS = {
         "RCPT TO:<b@example.net>\nDATA\n") + b"A" * 3000 + b"\r\n.\r\n" + crlf("QUIT\n"),
     "bare_lf_session": b"EHLO lf\nMAIL FROM:<a@example.com>\nRCPT TO:<b@example.net>\nDATA\nline\n..dot\n.\nQUIT\n",
     "no_quit_eof_in_data": crlf("EHLO e\nMAIL FROM:<a@example.com>\nRCPT TO:<b@example.net>\nDATA\npartial body"),
+    "strict_parameters": crlf("EHLO p\nMAIL FROM:<a@example.com> SIZE=99999999999999999999999\n"
+        "MAIL FROM:<a@example.com> RET=HDRS ENVID=x\nMAIL FROM:<a@example.com> AUTH=<>\n"
+        "MAIL FROM:<a@example.com> SIZE=0000000000000000000000010\n"
+        "RCPT TO:<b@example.net> NOTIFY=SUCCESS ORCPT=rfc822;b@example.net\nRCPT TO:<b@example.net>\n"
+        "BDAT 99999999999999999999999999 LAST\nDATA x\nRSET x\nSTARTTLS foo\nQUIT now\nQUIT\n"),
+    "junk_commands": crlf("EHLO j\n" + "NOOP\nRSET\nEHLO j\nHELP\nVRFY x\n" * 5 + "QUIT\n"),
 }
 
 # (name suffix, flags, cut byte) variants per session.
