@@ -90,6 +90,18 @@ async fn strangers_cannot_lock_out_a_trusted_client() {
         for _ in 0..200 {
             hostile.push(raw_from("127.0.0.2", addr).await.unwrap());
         }
+        // Only max_connections_per_client of them got a session.
+        let mut greeted = 0;
+        for s in &mut hostile {
+            let mut buf = [0u8; 3];
+            s.read_exact(&mut buf).await.unwrap();
+            match &buf {
+                b"220" => greeted += 1,
+                b"421" => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(greeted, 10);
         let stop = Arc::new(AtomicBool::new(false));
         let storm = reconnect_storm("127.0.0.3", addr, stop.clone());
         let idle: Vec<_> = (1..=100)
@@ -101,17 +113,17 @@ async fn strangers_cannot_lock_out_a_trusted_client() {
                 sessions.push(c);
             }
         }
-        for i in 0..20 {
+        for i in 0..50 {
             trusted_send(&srv, i).await;
         }
         stop.store(true, Ordering::Relaxed);
         assert!(storm.load(Ordering::Relaxed) > 0);
         eprintln!(
-            "{} idle outside sessions admitted, {} storm connections",
+            "{greeted} of 200 hostile sockets greeted, {} of 100 idle outside sessions admitted, {} storm connections; 50 of 50 loopback sends queued",
             sessions.len(),
             storm.load(Ordering::Relaxed)
         );
-        assert_eq!(srv.messages().await.len(), 20);
+        assert_eq!(srv.messages().await.len(), 50);
         drop(hostile);
     })
     .await;
