@@ -55,6 +55,19 @@ pub(crate) struct Line {
     pub text: String,
 }
 
+/// The `dsn=` of a deferral: the reply's own enhanced status, whatever its
+/// class (a daily limit's `550 5.4.5` defers, and says `5.4.5`), else one
+/// from the reply code's class; `4.0.0` when no reply came (a network
+/// error).
+fn deferral_status(answer: &Answer) -> Status {
+    match answer.reply() {
+        Some(r) => r
+            .status
+            .unwrap_or(Status::new(if r.code >= 500 { 5 } else { 4 }, 0, 0)),
+        None => Status::new(4, 0, 0),
+    }
+}
+
 /// What to do after an attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Decision {
@@ -247,11 +260,7 @@ pub(crate) fn decide(
             } else {
                 LogStatus::Deferred
             },
-            dsn: fallback
-                .reply()
-                .and_then(|r| r.status)
-                .filter(|s| s.class() == 4)
-                .unwrap_or(Status::new(4, 0, 0)),
+            dsn: deferral_status(&fallback),
             text: fallback.to_string(),
             rcpts: deferred.clone(),
         });
@@ -603,10 +612,26 @@ mod tests {
             );
             assert!(d.bounce.is_empty());
             assert!(d.state.next_attempt.unwrap() >= clock.now() + Duration::from_secs(3600));
+            // The log line says what Gmail said, not a made-up 4.0.0.
+            let line = &d.lines[0];
+            assert_eq!(
+                (line.status, line.dsn),
+                (LogStatus::Deferred, Status::new(5, 4, 5))
+            );
             state = d.state;
             tokio::time::advance(Duration::from_secs(86_400)).await;
         }
         let later = at_stage(0, "451 4.3.0 try later");
+        assert_eq!(
+            deferral_status(&Answer::Reply(
+                Reply::parse("421 Service not available").unwrap()
+            )),
+            Status::new(4, 0, 0)
+        );
+        assert_eq!(
+            deferral_status(&Answer::error("connect failed")),
+            Status::new(4, 0, 0)
+        );
         let d = decide(
             &e,
             &state,

@@ -40,6 +40,7 @@ mod classify;
 mod clock;
 mod decide;
 mod dsn;
+mod history;
 mod hold;
 mod metrics;
 mod reply;
@@ -64,6 +65,7 @@ pub use account::PauseKind;
 pub use classify::{AccountSignal, RcptOutcome};
 pub use config::DeliveryConfig;
 pub use decide::LogStatus;
+pub use history::{AttemptRecord, HISTORY_LEN};
 pub use hold::HoldReason;
 pub use metrics::{AttemptResult, Metrics};
 pub use reply::{Answer, Reply, Status, escape_controls};
@@ -108,6 +110,7 @@ impl AccountState {
 pub struct Outbound {
     commands: mpsc::UnboundedSender<Command>,
     public: PublicAccounts,
+    history: history::History,
     tracker: TaskTracker,
 }
 
@@ -129,12 +132,14 @@ impl Outbound {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Outbound {
+        let history = history::History::default();
         let shared = Arc::new(worker::Shared {
             spool,
             tokens,
             hostname: hostname.into(),
             metrics,
             clock: clock::Clock::new(),
+            history: history.clone(),
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let public = Arc::new(Mutex::new(Vec::new()));
@@ -152,6 +157,7 @@ impl Outbound {
         Outbound {
             commands,
             public,
+            history,
             tracker,
         }
     }
@@ -209,6 +215,12 @@ impl Outbound {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The last [`HISTORY_LEN`] delivery attempts (one entry per outcome,
+    /// as logged), newest first.
+    pub fn recent_attempts(&self) -> Vec<AttemptRecord> {
+        self.history.recent()
     }
 
     /// Wait until the scheduler and every worker have stopped (after

@@ -1,4 +1,5 @@
-//! Delivery metrics (names and meanings in `docs/configuration.md`).
+//! Delivery metrics (names and meanings in `docs/operations.md`). Every
+//! delivery counter carries the `account` that sent (or tried to send).
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -19,12 +20,26 @@ pub enum AttemptResult {
     Failed,
 }
 
+const RESULTS: [AttemptResult; 3] = [
+    AttemptResult::Sent,
+    AttemptResult::Deferred,
+    AttemptResult::Failed,
+];
+
 impl AttemptResult {
     pub fn as_str(self) -> &'static str {
         match self {
             AttemptResult::Sent => "sent",
             AttemptResult::Deferred => "deferred",
             AttemptResult::Failed => "failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            AttemptResult::Sent => 0,
+            AttemptResult::Deferred => 1,
+            AttemptResult::Failed => 2,
         }
     }
 }
@@ -36,36 +51,46 @@ impl EncodeLabelValue for AttemptResult {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabel {
+    account: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
+    account: String,
     result: AttemptResult,
+}
+
+/// Totals over every account (for tests and `send-test`; not exported).
+#[derive(Clone, Default)]
+struct Totals {
+    delivered: Counter,
+    bounced: Counter,
+    failed: Counter,
+    attempts: [Counter; 3],
 }
 
 /// The outbound side's metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
-    delivered: Counter,
-    bounced: Counter,
-    failed: Counter,
+    delivered: Family<AccountLabel, Counter>,
+    bounced: Family<AccountLabel, Counter>,
+    failed: Family<AccountLabel, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     duration: Histogram,
+    totals: Totals,
 }
 
 impl Metrics {
-    /// Register `oauthrelay_messages_delivered_total`,
-    /// `oauthrelay_messages_bounced_total`, `oauthrelay_messages_failed_total`,
-    /// `oauthrelay_delivery_attempts_total{result}` and
-    /// `oauthrelay_delivery_duration_seconds` in `registry`.
+    /// Register `oauthrelay_messages_delivered_total{account}`,
+    /// `oauthrelay_messages_bounced_total{account}`,
+    /// `oauthrelay_messages_failed_total{account}`,
+    /// `oauthrelay_delivery_attempts_total{account,result}` and
+    /// `oauthrelay_delivery_duration_seconds` in `registry`. The series of
+    /// each account appear at 0 when delivery starts with it (see
+    /// [`Metrics::accounts`]).
     pub fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics::unregistered();
-        // Every result is exported from the start (at 0), so dashboards and
-        // alerts see the series before the first attempt.
-        for result in [
-            AttemptResult::Sent,
-            AttemptResult::Deferred,
-            AttemptResult::Failed,
-        ] {
-            let _ = m.attempts.get_or_create(&AttemptLabels { result });
-        }
         registry.register(
             "oauthrelay_messages_delivered",
             "Messages handed to Gmail for at least one recipient, counted once when they leave the queue",
@@ -97,52 +122,130 @@ impl Metrics {
     /// Metrics that are counted but not exported (tests, `send-test`).
     pub fn unregistered() -> Metrics {
         Metrics {
-            delivered: Counter::default(),
-            bounced: Counter::default(),
-            failed: Counter::default(),
+            delivered: Family::default(),
+            bounced: Family::default(),
+            failed: Family::default(),
             attempts: Family::default(),
             duration: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
+            totals: Totals::default(),
         }
     }
 
-    pub(crate) fn attempt(&self, result: AttemptResult) {
-        self.attempts.get_or_create(&AttemptLabels { result }).inc();
+    /// Export every series of these accounts (at 0 until something
+    /// happens), so dashboards and `increase()` alerts see them before the
+    /// first attempt. Series of accounts a reload removed stay.
+    pub fn accounts<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            let label = AccountLabel {
+                account: name.to_string(),
+            };
+            let _ = self.delivered.get_or_create(&label);
+            let _ = self.bounced.get_or_create(&label);
+            let _ = self.failed.get_or_create(&label);
+            for result in RESULTS {
+                let _ = self.attempts.get_or_create(&AttemptLabels {
+                    account: name.to_string(),
+                    result,
+                });
+            }
+        }
     }
 
-    pub(crate) fn delivered(&self) {
-        self.delivered.inc();
+    fn label(account: &str) -> AccountLabel {
+        AccountLabel {
+            account: account.to_string(),
+        }
+    }
+
+    pub(crate) fn attempt(&self, account: &str, result: AttemptResult) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                account: account.to_string(),
+                result,
+            })
+            .inc();
+        self.totals.attempts[result.index()].inc();
+    }
+
+    pub(crate) fn delivered(&self, account: &str) {
+        self.delivered.get_or_create(&Self::label(account)).inc();
+        self.totals.delivered.inc();
     }
 
     pub(crate) fn observe_delivery(&self, seconds: f64) {
         self.duration.observe(seconds);
     }
 
-    pub(crate) fn bounced(&self) {
-        self.bounced.inc();
+    pub(crate) fn bounced(&self, account: &str) {
+        self.bounced.get_or_create(&Self::label(account)).inc();
+        self.totals.bounced.inc();
     }
 
-    pub(crate) fn failed(&self) {
-        self.failed.inc();
+    pub(crate) fn failed(&self, account: &str) {
+        self.failed.get_or_create(&Self::label(account)).inc();
+        self.totals.failed.inc();
     }
 
-    /// `oauthrelay_messages_delivered_total` so far.
+    /// `oauthrelay_messages_delivered_total` so far, all accounts.
     pub fn delivered_count(&self) -> u64 {
-        self.delivered.get()
+        self.totals.delivered.get()
     }
 
-    /// `oauthrelay_messages_bounced_total` so far: bounces generated.
+    /// `oauthrelay_messages_bounced_total` so far, all accounts: bounces
+    /// generated.
     pub fn bounced_count(&self) -> u64 {
-        self.bounced.get()
+        self.totals.bounced.get()
     }
 
-    /// `oauthrelay_messages_failed_total` so far: messages that left the
-    /// queue with a failed recipient.
+    /// `oauthrelay_messages_failed_total` so far, all accounts: messages
+    /// that left the queue with a failed recipient.
     pub fn failed_count(&self) -> u64 {
-        self.failed.get()
+        self.totals.failed.get()
     }
 
-    /// `oauthrelay_delivery_attempts_total{result}` so far.
+    /// `oauthrelay_delivery_attempts_total{result}` so far, all accounts.
     pub fn attempts_count(&self, result: AttemptResult) -> u64 {
-        self.attempts.get_or_create(&AttemptLabels { result }).get()
+        self.totals.attempts[result.index()].get()
+    }
+
+    /// `oauthrelay_delivery_attempts_total{account,result}` so far.
+    pub fn account_attempts_count(&self, account: &str, result: AttemptResult) -> u64 {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                account: account.to_string(),
+                result,
+            })
+            .get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_account_has_every_series_from_the_start() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.accounts(["a", "b"]);
+        m.attempt("b", AttemptResult::Sent);
+        m.delivered("b");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for series in [
+            "oauthrelay_delivery_attempts_total{account=\"a\",result=\"sent\"} 0",
+            "oauthrelay_delivery_attempts_total{account=\"a\",result=\"deferred\"} 0",
+            "oauthrelay_delivery_attempts_total{account=\"a\",result=\"failed\"} 0",
+            "oauthrelay_delivery_attempts_total{account=\"b\",result=\"sent\"} 1",
+            "oauthrelay_messages_delivered_total{account=\"a\"} 0",
+            "oauthrelay_messages_delivered_total{account=\"b\"} 1",
+            "oauthrelay_messages_bounced_total{account=\"a\"} 0",
+            "oauthrelay_messages_failed_total{account=\"b\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+        assert_eq!(m.attempts_count(AttemptResult::Sent), 1);
+        assert_eq!(m.account_attempts_count("a", AttemptResult::Sent), 0);
+        assert_eq!(m.delivered_count(), 1);
     }
 }

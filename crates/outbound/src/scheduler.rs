@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use oauth::AccountEvent;
 use oauth::config::AccountConfig;
@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::account::Runtime;
+use crate::account::{Pause, PauseKind, Runtime};
 use crate::hold::HoldReason;
 use crate::smtp::session::AccountCtx;
 use crate::state::DeliveryState;
@@ -188,6 +188,37 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// `account NAME paused until TIME (for 1h): REPLY; ...`: why the
+/// account's mail waits, until when, and what (if anything) to do.
+fn log_pause(name: &str, p: &Pause, at: Instant, failures: u32) {
+    let until = humantime::format_rfc3339_seconds(p.until_wall);
+    let left = Duration::from_secs(p.until.saturating_duration_since(at).as_secs());
+    let left = humantime::format_duration(left);
+    let reason = p.kind.as_str();
+    match p.kind {
+        PauseKind::DailyLimit => tracing::warn!(
+            account = %name, reason, paused_until = %until,
+            "account {name} paused until {until} (for {left}): daily sending limit reached ({}); its mail waits and goes out then, nothing is bounced (`oauthrelay queue retry --all` tries earlier)",
+            p.reason
+        ),
+        PauseKind::LoginThrottled => tracing::warn!(
+            account = %name, reason, paused_until = %until,
+            "account {name} paused until {until} (for {left}): the provider throttles logins ({}); its mail waits",
+            p.reason
+        ),
+        PauseKind::RateLimited => tracing::warn!(
+            account = %name, reason, paused_until = %until,
+            "account {name} paused until {until} (for {left}): the provider asks to slow down ({}); its mail waits",
+            p.reason
+        ),
+        PauseKind::Unreachable => tracing::warn!(
+            account = %name, reason, paused_until = %until,
+            "account {name} paused until {until} (for {left}, failure {failures} in a row): upstream unreachable ({}); its mail is retried then",
+            p.reason
+        ),
+    }
+}
+
 /// The first account whose `senders` take `sender`.
 pub fn route<'a>(accounts: &'a [AccountConfig], sender: &str) -> Option<&'a AccountConfig> {
     accounts.iter().find(|a| a.matches_sender(sender))
@@ -292,6 +323,10 @@ impl Scheduler {
     // ---- accounts -------------------------------------------------------
 
     fn set_accounts(&mut self, accounts: Vec<AccountConfig>) {
+        // Every account's delivery series, at 0 from the start.
+        self.shared
+            .metrics
+            .accounts(accounts.iter().map(|a| a.name.as_str()));
         let mut old: Vec<Slot> = std::mem::take(&mut self.slots);
         for a in accounts {
             if self.slots.iter().any(|s| s.name == a.name) {
@@ -701,7 +736,17 @@ impl Scheduler {
         match &f.signal {
             // At the attempt's moment, with its jitter: the pause the
             // worker already counted on for the message's next attempt.
-            Some(sig) => rt.apply(sig, f.hold.clone(), &cfg, f.at, f.wall, f.jitter),
+            Some(sig) => {
+                let before = rt.pause.as_ref().filter(|p| p.until > f.at).map(|p| p.kind);
+                rt.apply(sig, f.hold.clone(), &cfg, f.at, f.wall, f.jitter);
+                // One line when the account starts a pause (several
+                // workers failing together make one pause, one line).
+                if let Some(p) = &rt.pause
+                    && before != Some(p.kind)
+                {
+                    log_pause(name, p, f.at, rt.failures);
+                }
+            }
             None if f.connected || f.transacted => rt.recovered(),
             None => {}
         }
@@ -800,8 +845,8 @@ impl Scheduler {
         let mut probes = Vec::new();
         for slot in &mut self.slots {
             let rt = &mut slot.rt;
-            if rt.pause.as_ref().is_some_and(|p| p.until <= now) {
-                rt.pause = None;
+            if let Some(p) = rt.pause.take_if(|p| p.until <= now) {
+                tracing::info!(account = %slot.name, reason = p.kind.as_str(), "account {}: pause over ({}); trying one message", slot.name, p.kind.as_str());
                 rt.probing = true;
             }
             if slot.hold_probe.is_some_and(|t| t <= now) {

@@ -20,6 +20,7 @@ use crate::classify::AccountSignal;
 use crate::clock::Clock;
 use crate::decide::{self, AccountEffect, Decision, Line};
 use crate::dsn::{self, DsnInput};
+use crate::history::{AttemptRecord, History};
 use crate::hold::HoldReason;
 use crate::metrics::Metrics;
 use crate::smtp::SmtpTransport;
@@ -37,6 +38,8 @@ pub(crate) struct Shared {
     pub hostname: Arc<str>,
     pub metrics: Metrics,
     pub clock: Clock,
+    /// The last attempts, for the status page.
+    pub history: History,
 }
 
 /// One message to attempt now.
@@ -323,7 +326,7 @@ impl Worker {
             delivered: d.delivered > 0,
         };
         self.log_all(id, &env, &d, &attempt, now);
-        sh.metrics.attempt(d.result);
+        sh.metrics.attempt(&self.account, d.result);
         if d.delivered > 0 {
             let secs = now
                 .duration_since(env.received)
@@ -458,14 +461,14 @@ impl Worker {
             .iter()
             .any(|r| r.state == RcptState::Failed)
         {
-            m.failed();
+            m.failed(&self.account);
         }
         if state
             .recipients
             .iter()
             .any(|r| r.state == RcptState::Delivered)
         {
-            m.delivered();
+            m.delivered(&self.account);
         }
         *unrecorded = None;
         Outcome::Done
@@ -504,7 +507,7 @@ impl Worker {
         match self.queue_bounce(id, env, state, rcpts, job).await {
             Ok(bid) => {
                 tracing::info!(queue_id = %id, "{id}: sender non-delivery notification: {bid}");
-                self.shared.metrics.bounced();
+                self.shared.metrics.bounced(&self.account);
                 for &i in rcpts {
                     state.recipients[i].reported = true;
                 }
@@ -564,7 +567,10 @@ impl Worker {
     }
 
     /// One Postfix-style line:
-    /// `ID: to=<a>,<b>, account=NAME, relay=HOST[IP]:PORT, delay=1.2, attempt=N, dsn=X.Y.Z, status=sent (REPLY)`.
+    /// `ID: to=<a>,<b>, account=NAME, relay=HOST[IP]:PORT, delay=1.2, attempt=N, dsn=X.Y.Z, status=sent (REPLY)`,
+    /// with `queue_id`, `account`, `status` and `dsn` as fields too (the
+    /// JSON log carries them; the text form does not repeat them). The
+    /// status page's history gets the same facts.
     fn log(
         &self,
         id: MessageId,
@@ -574,22 +580,24 @@ impl Worker {
         line: &Line,
         now: SystemTime,
     ) {
-        let to = line
+        let rcpts: Vec<String> = line
             .rcpts
             .iter()
             .filter_map(|&i| env.recipients.get(i))
+            .cloned()
+            .collect();
+        let to = rcpts
+            .iter()
             .map(|r| format!("<{r}>"))
             .collect::<Vec<_>>()
             .join(",");
-        let delay = now
-            .duration_since(env.received)
-            .unwrap_or_default()
-            .as_secs_f64();
+        let delay = now.duration_since(env.received).unwrap_or_default();
+        let attempt = attempts.max(1);
         let mut text = format!(
-            "{id}: to={to}, account={}, relay={}, delay={delay:.2}, attempt={}, dsn={}, status={} ({})",
+            "{id}: to={to}, account={}, relay={}, delay={:.2}, attempt={attempt}, dsn={}, status={} ({})",
             self.account,
             a.relay.as_deref().unwrap_or("none"),
-            attempts.max(1),
+            delay.as_secs_f64(),
             line.dsn,
             line.status.as_str(),
             line.text,
@@ -597,10 +605,31 @@ impl Worker {
         if let Some(rid) = &a.remote_id {
             text.push_str(&format!(", remote_id={rid}"));
         }
+        let status = line.status.as_str();
         match line.status {
-            decide::LogStatus::Sent => tracing::info!(target: "oauthrelay::delivery", "{text}"),
-            _ => tracing::warn!(target: "oauthrelay::delivery", "{text}"),
+            decide::LogStatus::Sent => tracing::info!(
+                target: "oauthrelay::delivery",
+                queue_id = %id, account = %self.account, status, dsn = %line.dsn,
+                "{text}"
+            ),
+            _ => tracing::warn!(
+                target: "oauthrelay::delivery",
+                queue_id = %id, account = %self.account, status, dsn = %line.dsn,
+                "{text}"
+            ),
         }
+        self.shared.history.push(AttemptRecord {
+            at: now,
+            queue_id: id,
+            account: self.account.clone(),
+            recipients: rcpts,
+            status: line.status,
+            dsn: line.dsn,
+            delay,
+            attempt,
+            relay: a.relay.clone(),
+            reply: line.text.clone(),
+        });
     }
 }
 

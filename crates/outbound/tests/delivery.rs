@@ -980,13 +980,15 @@ async fn delivery_duration_runs_from_arrival_to_gmails_250() {
 async fn metrics_are_registered_under_the_interface_names() {
     let mut registry = prometheus_client::registry::Registry::default();
     let m = outbound::Metrics::new(&mut registry);
+    m.accounts(["default"]);
     let _ = m.attempts_count(AttemptResult::Sent);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     for name in [
-        "oauthrelay_messages_delivered_total 0",
-        "oauthrelay_messages_bounced_total 0",
-        "oauthrelay_delivery_attempts_total{result=\"sent\"} 0",
+        "oauthrelay_messages_delivered_total{account=\"default\"} 0",
+        "oauthrelay_messages_bounced_total{account=\"default\"} 0",
+        "oauthrelay_messages_failed_total{account=\"default\"} 0",
+        "oauthrelay_delivery_attempts_total{account=\"default\",result=\"sent\"} 0",
         "oauthrelay_delivery_duration_seconds_count 0",
     ] {
         assert!(text.contains(name), "missing {name:?} in:\n{text}");
@@ -1090,6 +1092,50 @@ async fn one_postfix_style_line_per_attempt_and_no_token_in_logs() {
         bounced[0]
     );
     assert!(logs.contains(&format!("{b}: sender non-delivery notification: ")));
+
+    // The status page's history: the same outcomes, newest first (the
+    // bounce, sent from the null sender, is an attempt too).
+    let recent = h.outbound().recent_attempts();
+    let of = |id| {
+        recent
+            .iter()
+            .filter(|r| r.queue_id == id)
+            .map(|r| {
+                (
+                    r.status.as_str(),
+                    r.dsn.to_string(),
+                    r.recipients.join(","),
+                    r.attempt,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        of(a),
+        [
+            ("sent", "2.0.0".to_string(), "r@example.org".to_string(), 2),
+            (
+                "deferred",
+                "4.3.0".to_string(),
+                "r@example.org".to_string(),
+                1
+            ),
+        ]
+    );
+    assert_eq!(
+        of(b),
+        [(
+            "bounced",
+            "5.1.1".to_string(),
+            "nobody@example.org".to_string(),
+            1
+        )]
+    );
+    assert_eq!(recent.len(), 4, "{recent:#?}");
+    let bounced = recent.iter().find(|r| r.queue_id == b).unwrap();
+    assert!(bounced.reply.starts_with("550 5.1.1 The email account"));
+    assert_eq!(bounced.account, "default");
+    assert_eq!(bounced.relay.as_deref(), Some(&relay["relay=".len()..]));
     let tokens = h.google.issued_access_tokens();
     assert!(!tokens.is_empty());
     for t in tokens.iter().chain([&h.refresh_token]) {

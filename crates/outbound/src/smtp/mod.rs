@@ -290,7 +290,16 @@ impl SmtpTransport {
                 Step::Done
             }
             Err(TxError::Stale(why)) => {
-                tracing::debug!(account = %self.ctx.config.name, "pooled connection was dead ({why}); retrying on a fresh one");
+                // A 421 (or a close) on a connection kept from an earlier
+                // message: nothing was attempted, so it is tried again at
+                // once on a new connection. Worth a line: an upstream that
+                // does this often is closing idle connections early.
+                let id = msg.id;
+                tracing::info!(
+                    queue_id = %id, account = %self.ctx.config.name, relay = %p.conn.relay,
+                    "{id}: pooled connection to {} closed by the server ({why}); retrying on a new connection",
+                    p.conn.relay
+                );
                 self.pool = None;
                 Step::Stale
             }
