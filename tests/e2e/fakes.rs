@@ -253,17 +253,57 @@ pub async fn metrics(d: &Daemon) -> String {
     body
 }
 
-/// The value of one series, e.g. `oauthrelay_messages_delivered_total` or
-/// `oauthrelay_delivery_attempts_total{result="sent"}`; `None` if absent.
-pub fn series(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
+/// The value of a series, e.g. `oauthrelay_queue_messages` or
+/// `oauthrelay_delivery_attempts_total{result="sent"}`, summed over the
+/// labels not named (so `oauthrelay_messages_delivered_total` is every
+/// account's); `None` if no series matches.
+pub fn series(text: &str, query: &str) -> Option<f64> {
+    let (name, want) = split_series(query);
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((s, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = split_series(s);
+        if n == name
+            && want.iter().all(|w| labels.contains(w))
+            && let Ok(v) = value.parse::<f64>()
+        {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// `name{a="1",b="2"}` as its name and label pairs.
+fn split_series(s: &str) -> (&str, Vec<(String, String)>) {
+    let Some((name, rest)) = s.split_once('{') else {
+        return (s, Vec::new());
+    };
+    let mut labels = Vec::new();
+    let mut rest = rest.trim_end_matches('}');
+    while let Some((k, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, e)) = chars.next() {
+                        value.push(e);
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.push((k.trim_start_matches(',').to_string(), value));
+        rest = &after[end..];
+    }
+    (name, labels)
 }
 
 /// Like [`series`], panicking when the series is missing.

@@ -24,6 +24,7 @@ mod load;
 mod logs;
 mod metrics;
 mod served;
+mod status;
 mod systemd;
 mod torture;
 mod upgrade;

@@ -1,4 +1,5 @@
-//! `/metrics`, `/healthz` and `/readyz` on `[metrics] listen`.
+//! `/metrics`, `/healthz`, `/readyz`, and the status page (`/`,
+//! `/status.json`) on `[metrics] listen`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -175,6 +176,7 @@ struct AppState {
 }
 
 /// Serve until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
@@ -182,6 +184,7 @@ pub async fn serve(
     outbound: outbound::Outbound,
     gauges: QueueGauges,
     readiness: Readiness,
+    status: crate::status::Sources,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = Arc::new(AppState {
@@ -195,7 +198,8 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state);
+        .with_state(state)
+        .merge(status_routes(status));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -303,6 +307,50 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
             axum::Json(serde_json::json!({ "status": "not ready", "problems": problems })),
         )
             .into_response()
+    }
+}
+
+/// `/` (HTML) and `/status.json`: the same snapshot.
+fn status_routes(sources: crate::status::Sources) -> Router {
+    Router::new()
+        .route("/", get(status_page))
+        .route("/status.json", get(status_json))
+        .with_state(Arc::new(sources))
+}
+
+/// The snapshot reads the whole queue index: off the async threads.
+async fn snapshot(s: Arc<crate::status::Sources>) -> Option<crate::status::Snapshot> {
+    tokio::task::spawn_blocking(move || s.snapshot()).await.ok()
+}
+
+/// No script may run and nothing may load from elsewhere, whatever the
+/// page contains; it is never cached or framed.
+const STATUS_HEADERS: [(header::HeaderName, &str); 4] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::CACHE_CONTROL, "no-store"),
+    (header::REFERRER_POLICY, "no-referrer"),
+];
+
+async fn status_page(State(s): State<Arc<crate::status::Sources>>) -> Response {
+    match snapshot(s).await {
+        Some(snap) => (
+            STATUS_HEADERS,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            crate::status::render(&snap),
+        )
+            .into_response(),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn status_json(State(s): State<Arc<crate::status::Sources>>) -> Response {
+    match snapshot(s).await {
+        Some(snap) => (STATUS_HEADERS, axum::Json(snap)).into_response(),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 

@@ -14,6 +14,7 @@ mod process;
 mod queue;
 mod sendmail;
 mod serve;
+mod status;
 mod watchdog;
 
 use std::path::Path;

@@ -307,6 +307,12 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
             outbound.clone(),
             gauges,
             readiness,
+            crate::status::Sources {
+                spool: spool.clone(),
+                outbound: outbound.clone(),
+                tokens: tokens.clone(),
+                hostname: hostname(&loaded),
+            },
             shutdown.clone(),
         ))
     });

@@ -133,8 +133,15 @@ impl Metrics {
 
     /// Export every series of these accounts (at 0 until something
     /// happens), so dashboards and `increase()` alerts see them before the
-    /// first attempt. Series of accounts a reload removed stay.
+    /// first attempt. Series of accounts a reload removed stay. With no
+    /// account at all, the families still appear, with `account=""` (no
+    /// account: in PromQL the same as no label), all at 0: scrapers and
+    /// `absent()` see them, and nothing is ever counted there.
     pub fn accounts<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut names: Vec<&str> = names.into_iter().collect();
+        if names.is_empty() {
+            names.push("");
+        }
         for name in names {
             let label = AccountLabel {
                 account: name.to_string(),
@@ -245,6 +252,21 @@ mod tests {
             assert!(text.contains(series), "{series} in\n{text}");
         }
         assert_eq!(m.attempts_count(AttemptResult::Sent), 1);
+
+        // No account configured: the families are there all the same.
+        let mut registry = Registry::default();
+        let none = Metrics::new(&mut registry);
+        none.accounts([]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for series in [
+            "oauthrelay_delivery_attempts_total{account=\"\",result=\"sent\"} 0",
+            "oauthrelay_messages_delivered_total{account=\"\"} 0",
+            "oauthrelay_messages_bounced_total{account=\"\"} 0",
+            "oauthrelay_messages_failed_total{account=\"\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
         assert_eq!(m.account_attempts_count("a", AttemptResult::Sent), 0);
         assert_eq!(m.delivered_count(), 1);
     }
