@@ -17,6 +17,7 @@ mod receive;
 
 mod accounts;
 mod delivery;
+mod delivery_log;
 mod fakes;
 
 mod faults;

@@ -192,7 +192,14 @@ async fn sleep_until(at: Option<Instant>) {
 /// account's mail waits, until when, and what (if anything) to do.
 fn log_pause(name: &str, p: &Pause, at: Instant, failures: u32) {
     let until = humantime::format_rfc3339_seconds(p.until_wall);
-    let left = Duration::from_secs(p.until.saturating_duration_since(at).as_secs());
+    // Whole seconds (milliseconds for the short pauses of a fast retry
+    // schedule).
+    let left = p.until.saturating_duration_since(at);
+    let left = if left < Duration::from_secs(10) {
+        Duration::from_millis(left.as_millis() as u64)
+    } else {
+        Duration::from_secs(left.as_secs())
+    };
     let left = humantime::format_duration(left);
     let reason = p.kind.as_str();
     match p.kind {
