@@ -238,3 +238,49 @@ async fn the_fail2ban_filter_bans_on_the_daemons_own_auth_failures() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_refused_connections_is_one_line_then_a_summary() {
+    use tokio::io::AsyncReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // Loopback is outside allow_networks and no user may log in: every
+    // connection is refused at once.
+    let cfg = config_in(
+        tmp.path(),
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nallow_networks = [\"192.0.2.0/24\"]\nshutdown_grace = \"5s\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let mut d = Served::start(&cfg, &[], &[], false);
+    d.wait_for(" ready", Duration::from_secs(30));
+    let smtp = d.addr("SMTP listening on ");
+    for _ in 0..200 {
+        let mut c = tokio::net::TcpStream::connect(smtp).await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut reply))
+            .await
+            .expect("refused at once")
+            .unwrap();
+        assert!(reply.starts_with("554 5.7.1 "), "{reply}");
+    }
+    // The minute is not over: the summary comes at shutdown.
+    assert!(d.stop().success());
+    let lines = d.lines();
+    let full: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("refused: not in [server] allow_networks"))
+        .collect();
+    assert_eq!(full.len(), 1, "one line for the first: {lines:#?}");
+    assert!(full[0].contains("client=127.0.0.1:"), "{}", full[0]);
+    let summary: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("more connection"))
+        .collect();
+    assert_eq!(summary.len(), 1, "{lines:#?}");
+    assert!(
+        summary[0]
+            .contains("INFO refused 199 more connections from outside [server] allow_networks in ")
+            && summary[0].contains(" s, from 1 address; most from unknown[127.0.0.1] (199)"),
+        "{}",
+        summary[0]
+    );
+    assert!(lines.len() < 30, "no flood in the log: {lines:#?}");
+}

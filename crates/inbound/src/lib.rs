@@ -25,6 +25,7 @@ mod password;
 mod path;
 mod ratelimit;
 mod received;
+mod refusals;
 mod server;
 mod session;
 mod settings;

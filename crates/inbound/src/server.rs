@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::{Metrics, Refusal};
 use crate::password::{VERIFY_WAIT, Verifier};
 use crate::ratelimit::AuthLimiter;
+use crate::refusals::RefusalLog;
 use crate::session::reply::{Reply, ReplyCtx};
 use crate::session::{Session, Shared};
 use crate::settings::Settings;
@@ -66,6 +67,7 @@ impl Inbound {
                     metrics,
                     limiter: AuthLimiter::default(),
                     verifier: Verifier::new(checks, VERIFY_WAIT),
+                    refusals: RefusalLog::default(),
                 }),
                 slots: Arc::new(Slots::default()),
                 last_limit_warning: AtomicU64::new(0),
@@ -199,7 +201,7 @@ impl Inner {
         let trusted = settings.trusts(ip);
         if !trusted && settings.users.is_empty() {
             self.shared.metrics.refused(Refusal::Network);
-            info!(client = %peer, "refused: not in [server] allow_networks and no [[server.users]] to authenticate");
+            self.shared.refusals.refused(peer, shutdown, Some(tracker));
             refuse(stream, Reply::NetworkRefused(ip), &settings, tracker);
             return;
         }

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     pub limiter: AuthLimiter,
     pub verifier: Verifier,
+    /// The log of connections refused at connect (rate-limited).
+    pub refusals: crate::refusals::RefusalLog,
 }
 
 /// The session's state: what the next bytes from the client are.
@@ -301,7 +303,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn serve(&mut self) -> Result<(), SessionEnd> {
         if self.refused {
             self.shared.metrics.refused(Refusal::Network);
-            info!(client = %self.peer, "refused: not in [server] allow_networks and no [[server.users]] to authenticate");
+            self.shared
+                .refusals
+                .refused(self.peer, &self.shutdown, None);
             let ip = self.ip;
             let _ = self.reply(Reply::NetworkRefused(ip));
             return self.flush().await;
@@ -969,6 +973,7 @@ mod tests {
             metrics: Metrics::default(),
             limiter: AuthLimiter::default(),
             verifier: Verifier::default(),
+            refusals: Default::default(),
         });
         let (_ours, theirs) = tokio::io::duplex(64);
         let session = Session::new(
