@@ -135,8 +135,10 @@ async fn under_the_journal_every_line_carries_its_priority() {
 }
 
 /// Run a daemon with `format` (`journal`: text under `$JOURNAL_STREAM`)
-/// and one user, fail AUTH four times (once with a user name that carries
-/// another address), succeed once; its log lines.
+/// and one user, loopback treated as outside `allow_networks`: fail AUTH
+/// four times (once with a user name that carries another address),
+/// succeed once; then, in a second session, send junk commands without
+/// authenticating until the daemon closes it. Its log lines.
 async fn auth_failures_logged(format: &str) -> Vec<String> {
     use base64::Engine as _;
     let tmp = tempfile::tempdir().unwrap();
@@ -150,7 +152,7 @@ async fn auth_failures_logged(format: &str) -> Vec<String> {
     let cfg = config_in(
         tmp.path(),
         &format!(
-            "{BASE}\n[log]\nformat = \"{log_format}\"\n\n[[server.users]]\nname = \"printer\"\npassword_hash = \"{}\"\n",
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nallow_networks = [\"192.0.2.0/24\"]\nuntrusted_junk_command_limit = 3\nshutdown_grace = \"5s\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[log]\nformat = \"{log_format}\"\n\n[[server.users]]\nname = \"printer\"\npassword_hash = \"{}\"\n",
             hash.trim()
         ),
     );
@@ -180,6 +182,15 @@ async fn auth_failures_logged(format: &str) -> Vec<String> {
     assert!(r.starts_with("235"), "a good login is not a failure: {r}");
     s.cmd("QUIT").await;
     d.wait_for("disconnect from", Duration::from_secs(10));
+    // A scanner: commands that do nothing, never logging in.
+    let mut s = Smtp::open(smtp).await;
+    s.cmd("EHLO scanner").await;
+    let mut last = String::new();
+    for _ in 0..4 {
+        last = s.cmd("NOOP").await;
+    }
+    assert!(last.starts_with("421 4.7.0 "), "{last}");
+    d.wait_for("too many commands without authentication", Duration::from_secs(10));
     assert!(d.stop().success());
     d.lines()
 }
@@ -231,9 +242,9 @@ async fn the_fail2ban_filter_bans_on_the_daemons_own_auth_failures() {
         let banned: Vec<&str> = text.lines().map(str::trim).collect();
         assert_eq!(
             banned,
-            ["127.0.0.1"; 4],
-            "{format}: the four failures, each for the client's own address \
-             (never the one in the user name); log:\n{}",
+            ["127.0.0.1"; 5],
+            "{format}: the four failures and the junk commands, each for the \
+             client's own address (never the one in the user name); log:\n{}",
             lines.join("\n")
         );
     }
