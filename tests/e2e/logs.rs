@@ -190,7 +190,10 @@ async fn auth_failures_logged(format: &str) -> Vec<String> {
         last = s.cmd("NOOP").await;
     }
     assert!(last.starts_with("421 4.7.0 "), "{last}");
-    d.wait_for("too many commands without authentication", Duration::from_secs(10));
+    d.wait_for(
+        "too many commands without authentication",
+        Duration::from_secs(10),
+    );
     assert!(d.stop().success());
     d.lines()
 }

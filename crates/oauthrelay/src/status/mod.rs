@@ -245,7 +245,7 @@ fn account_view(a: &AccountState, t: Option<&AccountStatus>, now: SystemTime) ->
         (None, Some(p)) => (
             "paused",
             Some(format!(
-                "nothing: delivery resumes by itself at {}; to try now: oauthrelay queue retry --all",
+                "nothing to do: delivery resumes by itself at {}; to try now: oauthrelay queue retry --all",
                 humantime::format_rfc3339_seconds(p.until)
             )),
         ),

@@ -40,6 +40,7 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margi
 dt { color: var(--muted); }
 dd { margin: 0; overflow-wrap: anywhere; }
 .why { margin: 8px 0 4px; }
+.note { margin: 4px 0 0; color: var(--muted); }
 .fix { margin: 4px 0 0; padding: 8px 10px; background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; }
 code { font: 13px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; overflow-wrap: anywhere; }
 .counts { display: flex; flex-wrap: wrap; gap: 10px; margin: 0 0 8px; }
@@ -194,8 +195,15 @@ fn account(a: &AccountView, now: SystemTime) -> Markup {
                     @if let Some(r) = &p.reply { ": " (r) }
                 }
             }
-            @if let Some(f) = &a.fix {
-                p.fix { "To fix: " code { (f) } }
+            @if a.held.is_some() {
+                @if let Some(f) = &a.fix {
+                    p.fix { "To fix: " code { (f) } }
+                }
+            } @else if a.paused.is_some() {
+                p.note {
+                    "Nothing to do: delivery resumes by itself. To try now: "
+                    code { "oauthrelay queue retry --all" }
+                }
             }
         }
     }
@@ -416,6 +424,31 @@ mod tests {
         );
         assert!(html.contains("To fix: <code>run: oauthrelay authorize --account default</code>"));
         assert!(html.contains("version 9.9.9 · up 1h 2m"), "{html}");
+    }
+
+    #[test]
+    fn a_paused_account_says_until_when_and_that_nothing_needs_doing() {
+        let mut s = snapshot();
+        s.status = "ok";
+        let a = &mut s.accounts[0];
+        a.state = "paused";
+        a.held = None;
+        a.paused = Some(PauseView {
+            until: s.now + Duration::from_secs(3600),
+            reason: "daily_limit",
+            reply: Some("550 5.4.5 Daily user sending limit exceeded.".into()),
+        });
+        a.fix = Some("nothing to do".into());
+        let html = render(&s);
+        assert!(
+            html.contains(
+                "All good: every account can send (1 paused for a while, resuming by itself)"
+            ),
+            "{html}"
+        );
+        assert!(html.contains("Paused (daily_limit) until 2027-01-15 09:00:00Z</strong> (in 1h 0m): 550 5.4.5 Daily user sending limit exceeded."), "{html}");
+        assert!(html.contains("Nothing to do: delivery resumes by itself. To try now: <code>oauthrelay queue retry --all</code>"), "{html}");
+        assert!(!html.contains("To fix"), "{html}");
     }
 
     #[test]
