@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 use testkit::gmail::{Stage, TlsMode, replies};
 
 use crate::fakes::{
-    EMAIL, FAST_DELIVERY, T, Upstream, message, metric, metrics, submit, wait_queue_empty,
+    EMAIL, FAST_DELIVERY, T, Upstream, message, metric, metrics, submit, wait_metric,
+    wait_queue_empty,
 };
 use crate::harness::Daemon;
 
@@ -117,8 +118,15 @@ async fn a_daily_limit_pause_is_one_warning_saying_until_when_and_the_deferral_s
     assert_eq!(sent["queue_id"], id.as_str());
     assert_eq!(sent["dsn"], "2.0.0");
 
-    // The counters say which account.
-    let m = metrics(&d).await;
+    // The counters say which account (a message counts as delivered once
+    // its removal is durable: wait for it).
+    let m = wait_metric(
+        &d,
+        "oauthrelay_messages_delivered_total{account=\"default\"}",
+        1.0,
+        T,
+    )
+    .await;
     for (series, value) in [
         (
             "oauthrelay_delivery_attempts_total{account=\"default\",result=\"deferred\"}",
