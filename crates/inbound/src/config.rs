@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// SMTP listeners.
+    #[serde(deserialize_with = "de_listen")]
     pub listen: Vec<SocketAddr>,
     /// Name used in the greeting, EHLO reply and `Received:` header.
     /// `None`: the system host name.
@@ -146,6 +147,45 @@ impl fmt::Debug for UserConfig {
             .field("password_hash", &"<redacted>")
             .finish()
     }
+}
+
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| parse_listen_address(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// A listen address as the config file gives it: `IP:PORT` (an IPv6
+/// address in brackets). The error says what is wrong and what is wanted.
+pub fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.trim().parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    const WANTED: &str = "expected IP:PORT like \"127.0.0.1:2525\" or \"[::1]:2525\", port 1-65535 (0: any free port), host names are not accepted";
+    let s = s.trim();
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.ends_with(':') => (h, Some(p)),
+        _ => (s, None),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let why = if s.is_empty() {
+        "it is empty".to_string()
+    } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        "it has no port; an IPv6 address with a port needs brackets".to_string()
+    } else if s.parse::<IpAddr>().is_ok() || host.parse::<IpAddr>().is_err() && port.is_none() {
+        "it has no port".to_string()
+    } else if host.parse::<IpAddr>().is_err() {
+        format!("{host:?} is not an IP address")
+    } else if host.contains(':') && !s.starts_with('[') {
+        "an IPv6 address needs brackets".to_string()
+    } else {
+        match port.map(str::parse::<u64>) {
+            Some(Ok(p)) => format!("port {p} is out of range"),
+            _ => format!("{:?} is not a port number", port.unwrap_or_default()),
+        }
+    };
+    Err(format!("invalid listen address {s:?} ({why}): {WANTED}"))
 }
 
 fn ser_redacted<S: Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -346,5 +386,36 @@ mod tests {
         assert_eq!("512k".parse::<ByteSize>().unwrap().0, 512 << 10);
         assert!("12 parsecs".parse::<ByteSize>().is_err());
         assert!("".parse::<ByteSize>().is_err());
+    }
+}
+
+#[cfg(test)]
+mod listen_address_tests {
+    use super::parse_listen_address;
+
+    #[test]
+    fn listen_addresses_say_what_is_wrong() {
+        assert!(parse_listen_address("127.0.0.1:25").is_ok());
+        assert!(parse_listen_address("[::1]:2525").is_ok());
+        assert!(parse_listen_address("0.0.0.0:0").is_ok());
+        for (bad, why) in [
+            ("localhost:25", "\"localhost\" is not an IP address"),
+            ("mail.example.com:25", "is not an IP address"),
+            ("127.0.0.1", "it has no port"),
+            ("localhost", "it has no port"),
+            ("127.0.0.1:99999", "port 99999 is out of range"),
+            ("127.0.0.1:smtp", "\"smtp\" is not a port number"),
+            ("::1:25", "needs brackets"),
+            ("", "it is empty"),
+        ] {
+            let e = parse_listen_address(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(
+                e.contains("IP:PORT")
+                    && e.contains("port 1-65535")
+                    && e.contains("host names are not accepted"),
+                "{e}"
+            );
+        }
     }
 }

@@ -31,7 +31,7 @@ mod session;
 mod settings;
 mod slots;
 
-pub use config::{ByteSize, Network, ServerConfig, TlsConfig, UserConfig};
+pub use config::{ByteSize, Network, ServerConfig, TlsConfig, UserConfig, parse_listen_address};
 pub use metrics::Metrics;
 pub use password::{hash_password, verify_password};
 pub use server::Inbound;

@@ -12,31 +12,40 @@ use crate::paths::Paths;
 use crate::queue::{self, Request};
 use crate::sendmail;
 
-/// `check-config`: everything `serve` would check before starting (every
-/// account, not just up to the first bad one).
-pub fn check_config(loaded: &Loaded, paths: &Paths) -> ExitCode {
-    let mut ok = true;
-    let ctx = account_context(paths, loaded, Secrets::Read);
-    for a in &loaded.config.accounts {
-        if let Err(e) = oauth::Account::resolve(a, &ctx) {
-            eprintln!("{}", crate::account_error(loaded, e));
-            ok = false;
+/// `check-config`: everything `serve` would check before starting, every
+/// problem at once (`errors`: what loading the file found), else the
+/// effective settings.
+pub fn check_config(loaded: &Loaded, errors: Vec<config::ConfigError>, paths: &Paths) -> ExitCode {
+    let mut errors = errors;
+    let syntax = loaded.syntax_errors.min(errors.len());
+    let more = crate::diagnose::problems(loaded, paths, &errors);
+    errors.extend(more);
+    errors[syntax..].sort_by_key(|e| (e.line, e.col));
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("{e}");
         }
-    }
-    if let Err(e) = crate::serve::inbound_settings(loaded, inbound::accept_all_senders()) {
-        eprintln!("{e}");
-        ok = false;
-    }
-    if !ok {
+        eprintln!(
+            "{} problem{} found",
+            errors.len(),
+            if errors.len() == 1 { "" } else { "s" }
+        );
         return ExitCode::FAILURE;
     }
     match &loaded.path {
         Some(p) => outln!("# {}: OK", p.display()),
         None => outln!("# no configuration file found: built-in defaults"),
     }
-    outln!("# state directory: {}", paths.state_dir.display());
-    outln!("# spool directory: {}", paths.spool_dir.display());
-    out!("{}", config::render(&loaded.config));
+    // Every setting as it takes effect, the defaults the file leaves out
+    // included.
+    let mut effective = loaded.config.clone();
+    effective.state_dir = Some(paths.state_dir.clone());
+    effective.spool.dir = Some(paths.spool_dir.clone());
+    effective.server.hostname = Some(crate::serve::hostname(loaded));
+    for a in &mut effective.accounts {
+        a.token_file = Some(crate::diagnose::token_file(loaded, paths, a));
+    }
+    out!("{}", config::render(&effective));
     ExitCode::SUCCESS
 }
 
@@ -150,7 +159,7 @@ fn find_account(
         }
     };
     oauth::Account::resolve(config, &account_context(paths, loaded, secrets))
-        .map_err(|e| crate::account_error(loaded, e))
+        .map_err(|e| crate::account_error(loaded, paths, name, e))
 }
 
 /// `authorize --account NAME`.
@@ -212,7 +221,10 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
                         match oauth::Account::resolve(a, &ctx) {
                             Ok(a) => accounts.push(a),
                             Err(e) => {
-                                eprintln!("oauthrelay: {}", crate::account_error(loaded, e));
+                                eprintln!(
+                                    "oauthrelay: {}",
+                                    crate::account_error(loaded, paths, &a.name, e)
+                                );
                                 resolved_all = false;
                             }
                         }

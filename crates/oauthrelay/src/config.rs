@@ -110,11 +110,9 @@ fn de_opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D:
     if s.trim().is_empty() {
         return Ok(None);
     }
-    s.parse().map(Some).map_err(|_| {
-        serde::de::Error::custom(format!(
-            "invalid address {s:?}: expected IP:PORT like \"127.0.0.1:9925\", or \"\" to turn the listener off"
-        ))
-    })
+    inbound::parse_listen_address(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{e}, or \"\" to turn the listener off")))
 }
 
 /// A configuration error with its place in the file.
@@ -177,6 +175,13 @@ pub struct Loaded {
     /// `None` when running on built-in defaults.
     pub path: Option<PathBuf>,
     source: String,
+    /// Entries left out because they could not be read (see [`parse_all`]),
+    /// in the order they were taken out: [`Loaded::error_at`] takes them out
+    /// again so indexes into arrays match `config`.
+    pruned: Vec<Vec<Step>>,
+    /// How many of the errors found in the file are TOML syntax errors
+    /// (they come first).
+    pub syntax_errors: usize,
 }
 
 impl Loaded {
@@ -186,13 +191,15 @@ impl Loaded {
             config: Config::default(),
             path: None,
             source: String::new(),
+            pruned: Vec::new(),
+            syntax_errors: 0,
         }
     }
 
     /// An error at the value of `key` (a path like `["accounts", 0,
     /// "client_secret_file"]`), or at the nearest table that exists.
     pub fn error_at(&self, key: &[Key<'_>], message: impl Into<String>) -> ConfigError {
-        let span = locate(&self.source, key).unwrap_or(0..0);
+        let span = locate(&self.source, &self.pruned, key).unwrap_or(0..0);
         let (line, col) = line_col(&self.source, span.start);
         ConfigError {
             file: self.path.clone(),
@@ -259,10 +266,23 @@ pub fn find(explicit: Option<&Path>) -> Option<PathBuf> {
 
 /// Read and parse `path` (or the defaults), then check what serde cannot.
 pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigErrors> {
+    let (loaded, errors) = load_all(path)?;
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Like [`load`], but a file that can be read always gives a
+/// configuration (what could be understood of it) with every problem found
+/// in it: `check-config` goes on to check the files it names. `Err` only
+/// when the file cannot be read at all.
+pub fn load_all(path: Option<&Path>) -> Result<(Loaded, Vec<ConfigError>), ConfigErrors> {
     let Some(path) = path else {
         let loaded = Loaded::defaults();
-        validate(&loaded)?;
-        return Ok(loaded);
+        let errors = validate(&loaded);
+        return Ok((loaded, errors));
     };
     let cannot_read = |e: std::io::Error| {
         ConfigErrors(vec![ConfigError {
@@ -276,21 +296,23 @@ pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigErrors> {
     let mode = file.metadata().map_err(cannot_read)?.mode();
     let mut source = String::new();
     std::io::Read::read_to_string(&mut file, &mut source).map_err(cannot_read)?;
-    let loaded = parse(&source, Some(path))?;
-    check_inline_secrets(&loaded, mode)?;
-    Ok(loaded)
+    let (loaded, mut errors) = parse_all(&source, Some(path));
+    errors.extend(check_inline_secrets(&loaded, mode));
+    Ok((loaded, errors))
 }
 
 /// A file with an inline `client_secret` is a secret file: like
 /// `client_secret_file`, group and others must not be able to read it
 /// (the rule ssh applies to keys). Refused with the fix, at the secret.
-fn check_inline_secrets(l: &Loaded, mode: u32) -> Result<(), ConfigErrors> {
+fn check_inline_secrets(l: &Loaded, mode: u32) -> Vec<ConfigError> {
     let mode = mode & 0o7777;
-    let Some(path) = &l.path else { return Ok(()) };
+    let Some(path) = &l.path else {
+        return Vec::new();
+    };
     if mode & 0o044 == 0 {
-        return Ok(());
+        return Vec::new();
     }
-    let errs: Vec<ConfigError> = l
+    l
         .config
         .accounts
         .iter()
@@ -311,37 +333,198 @@ fn check_inline_secrets(l: &Loaded, mode: u32) -> Result<(), ConfigErrors> {
                 ),
             )
         })
-        .collect();
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errs))
-    }
+        .collect()
 }
 
 /// Parse a configuration text (`path` is for messages only).
+#[cfg(test)]
 pub fn parse(source: &str, path: Option<&Path>) -> Result<Loaded, ConfigErrors> {
-    let config: Config = toml::from_str(source).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        let (line, col) = line_col(source, span.start);
-        ConfigErrors(vec![ConfigError {
+    let (loaded, errors) = parse_all(source, path);
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// One step of the path to an entry taken out of the document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Name(String),
+    Index(usize),
+}
+
+/// Parse a configuration text and report every problem in it: the TOML
+/// syntax errors first, then each value that cannot be used (a type error,
+/// an unknown key, a bad address...), then the checks across keys. serde
+/// stops at the first bad value, so each one is taken out of the document
+/// (the entry, or the `[[accounts]]` entry missing a required key) and the
+/// rest read again; what is left is the configuration returned.
+pub fn parse_all(source: &str, path: Option<&Path>) -> (Loaded, Vec<ConfigError>) {
+    let at = |span: Option<Range<usize>>, message: String| {
+        let (line, col) = line_col(source, span.unwrap_or(0..0).start);
+        ConfigError {
             file: path.map(Path::to_path_buf),
             line,
             col,
-            message: e.message().trim().to_string(),
-        }])
-    })?;
+            message,
+        }
+    };
+    let (mut doc, syntax) = toml::de::DeTable::parse_recoverable(source);
+    let mut errors: Vec<ConfigError> = syntax
+        .iter()
+        .map(|e| at(e.span(), e.message().trim().to_string()))
+        .collect();
+    let mut semantic = Vec::new();
+    let mut pruned = Vec::new();
+    let mut config = Config::default();
+    // Each round takes one entry out; a file has far fewer than this.
+    for _ in 0..256 {
+        let de = toml::de::Deserializer::from(doc.clone());
+        match <Config as Deserialize>::deserialize(de) {
+            Ok(c) => {
+                config = c;
+                break;
+            }
+            Err(e) => {
+                semantic.push(at(e.span(), explain(e.message().trim())));
+                let Some(step) = e.span().and_then(|s| prune(doc.get_mut(), s.start)) else {
+                    break;
+                };
+                pruned.push(step);
+            }
+        }
+    }
     let loaded = Loaded {
         config,
         path: path.map(Path::to_path_buf),
         source: source.to_string(),
+        pruned,
+        syntax_errors: syntax.len(),
     };
-    validate(&loaded)?;
-    Ok(loaded)
+    semantic.extend(validate(&loaded));
+    semantic.sort_by_key(|e| (e.line, e.col));
+    errors.extend(semantic);
+    (loaded, errors)
+}
+
+/// serde's message, with a "did you mean" for a misspelt key.
+fn explain(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((name, rest)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let known: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    let best = known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(name, k), *k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((_, k)) => format!("unknown key `{name}`; did you mean `{k}`?"),
+        None if known.is_empty() => format!("unknown key `{name}`: this table takes no keys"),
+        None => format!(
+            "unknown key `{name}`; the keys here are {}",
+            known
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Take the innermost entry (or array element) that holds byte `pos` out
+/// of `table`; the path to it, or `None` when nothing holds it.
+fn prune(table: &mut toml::de::DeTable<'_>, pos: usize) -> Option<Vec<Step>> {
+    use toml::de::DeValue;
+    fn in_table(t: &mut toml::de::DeTable<'_>, pos: usize) -> Option<Vec<Step>> {
+        let mut hit = None;
+        for (k, v) in t.iter_mut() {
+            let name = k.get_ref().to_string();
+            if let Some(mut inner) = in_value(v.get_mut(), pos) {
+                inner.insert(0, Step::Name(name));
+                return Some(inner);
+            }
+            if k.span().contains(&pos) || v.span().contains(&pos) {
+                hit = Some(name);
+            }
+        }
+        let name = hit?;
+        t.remove(name.as_str());
+        Some(vec![Step::Name(name)])
+    }
+    fn in_value(v: &mut DeValue<'_>, pos: usize) -> Option<Vec<Step>> {
+        match v {
+            DeValue::Table(t) => in_table(t, pos),
+            DeValue::Array(a) => {
+                for (i, item) in a.iter_mut().enumerate() {
+                    if let Some(mut inner) = in_value(item.get_mut(), pos) {
+                        inner.insert(0, Step::Index(i));
+                        return Some(inner);
+                    }
+                }
+                let i = a.iter().position(|item| item.span().contains(&pos))?;
+                remove_item(a, i);
+                Some(vec![Step::Index(i)])
+            }
+            _ => None,
+        }
+    }
+    in_table(table, pos)
+}
+
+/// `DeArray` has no `remove`: rebuild it without item `i`.
+fn remove_item(a: &mut toml::de::DeArray<'_>, i: usize) {
+    let old = std::mem::replace(a, toml::de::DeArray::new());
+    for (j, item) in old.iter().enumerate() {
+        if j != i {
+            a.push(item.clone());
+        }
+    }
+}
+
+/// Take the entry at `path` out of `table` (again).
+fn remove_at(table: &mut toml::de::DeTable<'_>, path: &[Step]) {
+    use toml::de::DeValue;
+    let Some((Step::Name(first), rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        table.remove(first.as_str());
+        return;
+    }
+    let Some(mut cur) = table.get_mut(first.as_str()).map(|v| v.get_mut()) else {
+        return;
+    };
+    for (i, step) in rest.iter().enumerate() {
+        let last = i + 1 == rest.len();
+        cur = match (step, cur) {
+            (Step::Name(n), DeValue::Table(t)) if last => {
+                t.remove(n.as_str());
+                return;
+            }
+            (Step::Index(n), DeValue::Array(a)) if last => {
+                remove_item(a, *n);
+                return;
+            }
+            (Step::Name(n), DeValue::Table(t)) => match t.get_mut(n.as_str()) {
+                Some(v) => v.get_mut(),
+                None => return,
+            },
+            (Step::Index(n), DeValue::Array(a)) => match a.get_mut(*n) {
+                Some(v) => v.get_mut(),
+                None => return,
+            },
+            _ => return,
+        };
+    }
 }
 
 /// Checks that need more than one value, each reported at its key.
-fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
+fn validate(l: &Loaded) -> Vec<ConfigError> {
     let c = &l.config;
     let mut errs = Vec::new();
     let s = &c.server;
@@ -473,18 +656,17 @@ fn validate(l: &Loaded) -> Result<(), ConfigErrors> {
             ));
         }
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errs))
-    }
+    errs
 }
 
 /// Byte span of the value at `key` in `source`, falling back to the
 /// deepest part of the path that exists.
-fn locate(source: &str, key: &[Key<'_>]) -> Option<Range<usize>> {
+fn locate(source: &str, pruned: &[Vec<Step>], key: &[Key<'_>]) -> Option<Range<usize>> {
     use toml::de::DeValue;
-    let doc = toml::de::DeTable::parse(source).ok()?;
+    let (mut doc, _) = toml::de::DeTable::parse_recoverable(source);
+    for path in pruned {
+        remove_at(doc.get_mut(), path);
+    }
     let mut best = None;
     let mut cur: Option<&DeValue<'_>> = None; // None: the root table
     for k in key {
@@ -537,7 +719,87 @@ mod tests {
     fn unknown_keys_are_errors_with_their_place() {
         let e = err("[server]\nlisten = [\"127.0.0.1:25\"]\nlisen = 3\n");
         assert!(
-            e.starts_with("/etc/oauthrelay/oauthrelay.toml:3:1: unknown field `lisen`"),
+            e.starts_with(
+                "/etc/oauthrelay/oauthrelay.toml:3:1: unknown key `lisen`; did you mean `listen`?"
+            ),
+            "{e}"
+        );
+        // Nothing close: the keys of the table are listed.
+        let e = err("[log]\nzzz = 1\n");
+        assert!(
+            e.contains("unknown key `zzz`; the keys here are `level`, `format`"),
+            "{e}"
+        );
+    }
+
+    /// serde stops at the first bad value; the file is read again without
+    /// it until every one is found, and the checks across keys still run
+    /// on what is left, with places that match the file.
+    #[test]
+    fn every_problem_is_reported_in_one_run() {
+        let src = "\
+[server]
+listen = [\"localhost:25\"]
+max_recipients = \"many\"
+hostnme = \"relay\"
+
+[delivery]
+retry_initial = \"2h\"
+retry_max = \"1h\"
+
+[[accounts]]
+name = \"first\"
+client_id = \"x\"
+
+[[accounts]]
+name = \"second\"
+email = \"nope\"
+client_id = \"x\"
+senders = [\"*\"]
+";
+        let e = err(src);
+        let lines: Vec<&str> = e.lines().collect();
+        let has = |at: &str, what: &str| {
+            lines.iter().any(|l| {
+                l.starts_with(&format!("/etc/oauthrelay/oauthrelay.toml:{at}: "))
+                    && l.contains(what)
+            })
+        };
+        assert!(has("2:10", "host names are not accepted"), "{e}");
+        assert!(has("3:18", "invalid type"), "{e}");
+        assert!(has("4:1", "did you mean `hostname`?"), "{e}");
+        assert!(has("8:13", "retry_max must not be shorter"), "{e}");
+        assert!(has("10:1", "missing field `email`"), "{e}");
+        // The second account is index 0 once the first is taken out; its
+        // problem is still placed at its own line.
+        assert!(has("16:9", "\"nope\" is not an email address"), "{e}");
+        assert_eq!(lines.len(), 6, "{e}");
+        // In the order of the file.
+        let mut sorted = lines.clone();
+        sorted.sort_by_key(|l| {
+            let n: Vec<usize> = l
+                .split(':')
+                .skip(1)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (n[0], n[1])
+        });
+        assert_eq!(sorted, lines);
+    }
+
+    #[test]
+    fn syntax_errors_come_first_then_the_rest() {
+        let e = err(
+            "[server]\nmax_recipients = \"many\"\nlisten = [\"127.0.0.1:25\"\n[log]\nlevel = \n",
+        );
+        let lines: Vec<&str> = e.lines().collect();
+        assert!(lines.len() >= 2, "{e}");
+        assert!(!lines[0].contains("invalid type"), "syntax first: {e}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(":2:") && l.contains("invalid type")),
             "{e}"
         );
     }

@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod config;
+mod diagnose;
 mod http;
 mod logging;
 mod out;
@@ -79,6 +80,18 @@ pub(crate) const EX_CONFIG: u8 = 78;
 
 async fn run(cli: Cli) -> ExitCode {
     let path = config::find(cli.config.as_deref());
+    if let Command::CheckConfig = cli.command {
+        return match config::load_all(path.as_deref()) {
+            Ok((loaded, errors)) => {
+                let paths = Paths::resolve(&loaded);
+                commands::check_config(&loaded, errors, &paths)
+            }
+            Err(errors) => {
+                logging::early_error(&errors.to_string());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let loaded = match config::load(path.as_deref()) {
         Ok(l) => l,
         Err(errors) => {
@@ -98,7 +111,7 @@ async fn run(cli: Cli) -> ExitCode {
 
     let result = match cli.command {
         Command::Serve => return serve::run(loaded, paths).await,
-        Command::CheckConfig => return commands::check_config(&loaded, &paths),
+        Command::CheckConfig => unreachable!("handled above"),
         Command::Sendmail { args } => return commands::sendmail(&loaded, &paths, &args).await,
         Command::Authorize {
             account,
@@ -139,43 +152,44 @@ fn is_config_error(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Used by commands that need the resolved accounts.
+/// Used by commands that need the resolved accounts: every account's
+/// problem, each at its key.
 pub(crate) fn resolve_accounts(
     loaded: &Loaded,
     paths: &Paths,
 ) -> anyhow::Result<Vec<oauth::Account>> {
-    let ctx = oauth::AccountContext::new(&paths.state_dir)
-        .with_config_dir(loaded.base_dir())
-        .with_credentials_dir(paths.credentials_dir.clone());
-    oauth::resolve_all(&loaded.config.accounts, &ctx).map_err(|e| account_error(loaded, e))
+    let ctx = diagnose::context(loaded, paths);
+    let mut accounts = Vec::new();
+    let mut errors = Vec::new();
+    for (i, a) in loaded.config.accounts.iter().enumerate() {
+        match oauth::Account::resolve(a, &ctx) {
+            Ok(a) => accounts.push(a),
+            Err(e) => errors.push(diagnose::account_error(loaded, paths, i, &e)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(config::ConfigErrors(errors).into());
+    }
+    // (Names are unique: loading the file checked that.)
+    Ok(accounts)
 }
 
-/// Point an account error at its place in the config file when it has one.
-pub(crate) fn account_error(loaded: &Loaded, e: oauth::AccountError) -> anyhow::Error {
-    match account_error_key(loaded, &e) {
-        Some(key) => anyhow::Error::new(loaded.error_at(&key, e.to_string())),
-        // The message already names the file (and the chmod that fixes it).
+/// Point an account error at its key in the config file (the key naming
+/// the file it is about, else the account's `name`).
+pub(crate) fn account_error(
+    loaded: &Loaded,
+    paths: &Paths,
+    name: &str,
+    e: oauth::AccountError,
+) -> anyhow::Error {
+    let name = match &e {
+        oauth::AccountError::Invalid { account, .. } => account.as_str(),
+        _ => name,
+    };
+    match loaded.config.accounts.iter().position(|a| a.name == name) {
+        Some(i) => anyhow::Error::new(diagnose::account_error(loaded, paths, i, &e)),
+        // The message names the file that is wrong (and the chmod that
+        // fixes it); that is where the user has to look.
         None => anyhow::Error::new(config::Misconfigured(e.to_string())),
     }
-}
-
-fn account_error_key<'a>(
-    loaded: &'a Loaded,
-    e: &oauth::AccountError,
-) -> Option<Vec<config::Key<'a>>> {
-    let oauth::AccountError::Invalid { account, .. } = e else {
-        // The other errors name the file that is wrong (and the chmod that
-        // fixes it); that is where the user has to look.
-        return None;
-    };
-    let i = loaded
-        .config
-        .accounts
-        .iter()
-        .position(|a| &a.name == account)?;
-    Some(vec![
-        config::Key::Name("accounts"),
-        config::Key::Index(i),
-        config::Key::Name("name"),
-    ])
 }

@@ -23,7 +23,11 @@ pub async fn run(loaded: Loaded, paths: Paths) -> ExitCode {
     match serve(loaded, paths).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            // One log line per configuration problem, each with its place.
+            match e.downcast_ref::<config::ConfigErrors>() {
+                Some(all) => all.0.iter().for_each(|c| error!("{c}")),
+                None => error!("{e:#}"),
+            }
             crate::exit_code(&e)
         }
     }
@@ -222,6 +226,12 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     let gauges = QueueGauges::register(&mut registry);
     crate::process::register(&mut registry);
 
+    // Every problem with the files the configuration names (secrets,
+    // tokens, certificates), in the words `check-config` uses.
+    let problems = crate::diagnose::problems(&loaded, &paths, &[]);
+    if !problems.is_empty() {
+        return Err(config::ConfigErrors(problems).into());
+    }
     let resolved = crate::resolve_accounts(&loaded, &paths)?;
     let tokens = oauth::TokenManager::new(
         resolved,
