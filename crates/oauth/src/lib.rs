@@ -65,6 +65,7 @@
 
 pub mod account;
 pub mod authorize;
+pub mod check;
 pub mod config;
 mod explain;
 mod http;

@@ -161,6 +161,10 @@ pub enum QueueCommand {
     Show {
         /// Queue id (from `queue list`).
         id: String,
+        /// Print one JSON object (`entry` as in `queue list --json`,
+        /// `envelope`, `delivery`, `headers`) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Make deferred messages due now: one (ID) or all (--all).
     #[command(override_usage = "oauthrelay queue retry <ID>\n       oauthrelay queue retry --all")]

@@ -188,11 +188,14 @@ pub async fn authorize(
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long `token import` waits for the token endpoint.
+const IMPORT_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// `token import` / `token status`.
 pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        TokenCommand::Import { account } => {
-            let account = find_account(loaded, paths, &account, Secrets::Skip)?;
+        TokenCommand::Import { account: name } => {
+            let account = find_account(loaded, paths, &name, Secrets::Skip)?;
             if account.is_service_account() {
                 bail!(
                     "account {:?} uses a service account (service_account_key_file); it has no refresh token to import",
@@ -202,11 +205,67 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
             let token = secrecy::SecretString::from(read_secret_line(
                 "Paste the refresh token (it is not shown) and press Enter: ",
             )?);
-            oauth::import_refresh_token(&account, secrecy::ExposeSecret::expose_secret(&token))?;
+            let raw = secrecy::ExposeSecret::expose_secret(&token);
+            // One refresh first: a revoked or mistyped token is refused
+            // here, not stored and found dead by the daemon a moment later.
+            // (A token import_refresh_token refuses anyway is not sent.)
+            let plausible = !raw.trim().is_empty()
+                && !raw.trim().starts_with("ya29.")
+                && !raw
+                    .trim()
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control());
+            let check = if plausible {
+                match find_account(loaded, paths, &name, Secrets::Read) {
+                    Ok(with_secret) => {
+                        oauth::check::check_refresh_token(&with_secret, raw, IMPORT_CHECK_TIMEOUT)
+                            .await
+                    }
+                    Err(e) => oauth::check::TokenCheck::NotTried(format!("{e:#}")),
+                }
+            } else {
+                oauth::check::TokenCheck::NotTried(String::new())
+            };
+            use oauth::check::TokenCheck;
+            let detail = |code: &str, d: &Option<String>| match d {
+                Some(d) => format!("{code}: {}", outbound::escape_controls(d)),
+                None => code.to_string(),
+            };
+            let warning = match &check {
+                TokenCheck::Refused { code, description } => bail!(
+                    "the token endpoint refused this refresh token ({}): it is revoked, expired, or was issued to another OAuth client than account '{}' uses; nothing was stored. Get a new one with: oauthrelay authorize --account {}",
+                    detail(code, description),
+                    account.name,
+                    account.name
+                ),
+                TokenCheck::Works => None,
+                TokenCheck::ClientRefused { code, description } => Some(format!(
+                    "the token endpoint refused the OAuth client ({}), so the token could not be tried; stored it anyway: fix client_id / the client secret, then check with `oauthrelay token status`",
+                    detail(code, description)
+                )),
+                TokenCheck::Unreachable(e) => Some(format!(
+                    "could not reach the token endpoint to try the token ({}); stored it untried: check with `oauthrelay token status` once the daemon has used it",
+                    outbound::escape_controls(e)
+                )),
+                TokenCheck::NotTried(why) if !why.is_empty() => Some(format!(
+                    "the token could not be tried here ({}); stored it untried: check with `oauthrelay token status` once the daemon has used it",
+                    outbound::escape_controls(why)
+                )),
+                TokenCheck::NotTried(_) => None,
+            };
+            oauth::import_refresh_token(&account, raw)?;
+            if let Some(w) = warning {
+                eprintln!("oauthrelay: warning: {w}");
+            }
             outln!(
-                "Stored the refresh token for account '{}' in {}.\nA running oauthrelay picks it up within seconds; check with `oauthrelay token status`.",
+                "Stored the refresh token for account '{}' in {}{}.\nA running oauthrelay picks it up within seconds; check with `oauthrelay token status`.",
                 account.name,
-                account.token_file.display()
+                account.token_file.display(),
+                if check == TokenCheck::Works {
+                    " (tried it: the token endpoint issued an access token)"
+                } else {
+                    ""
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -270,14 +329,24 @@ fn print_status(s: &oauth::AccountStatus) {
     );
     outln!("  token file:        {}", s.token_file.display());
     match s.access_token_expires_at {
-        Some(t) => outln!("  access token until {}", fmt(t)),
+        Some(t) => outln!("  access token:      valid until {}", fmt(t)),
         None => outln!("  access token:      none cached"),
     }
     if let Some(r) = &s.last_refresh {
-        outln!(
-            "  last refresh:      {}",
-            safe(&serde_json::to_string(r).unwrap_or_default())
-        );
+        let outcome = match r.result {
+            oauth::store::RefreshResult::Ok => "ok".to_string(),
+            oauth::store::RefreshResult::Error => {
+                let mut text = "failed".to_string();
+                if let Some(code) = &r.error_code {
+                    text.push_str(&format!(" ({})", safe(code)));
+                }
+                if let Some(e) = &r.error {
+                    text.push_str(&format!(": {}", safe(e)));
+                }
+                text
+            }
+        };
+        outln!("  last refresh:      {}, {outcome}", fmt(r.at));
     }
     if let Some(p) = s.auth.problem() {
         outln!("  problem:           {}", safe(p));
@@ -294,7 +363,7 @@ fn print_status(s: &oauth::AccountStatus) {
 pub async fn queue(paths: &Paths, cmd: QueueCommand) -> anyhow::Result<ExitCode> {
     let (req, json) = match cmd {
         QueueCommand::List { json } => (Request::List, json),
-        QueueCommand::Show { id } => (Request::Show { id }, false),
+        QueueCommand::Show { id, json } => (Request::Show { id }, json),
         QueueCommand::Retry { id: Some(id), .. } => (Request::Retry { id }, false),
         QueueCommand::Retry { id: None, .. } => (Request::RetryAll, false),
         QueueCommand::Delete { id } => (Request::Delete { id }, false),

@@ -361,7 +361,11 @@ pub async fn request(
     r.map_err(anyhow::Error::msg)
 }
 
-/// Print `queue list` the way `mailq` does.
+/// Print `queue list` the way `mailq` does: `*` after the id of mail
+/// being (or about to be) delivered, `!` after held mail, nothing after
+/// deferred mail. A hold reason (which names the account and the fix) is
+/// printed in full once; the other messages held for the same reason point
+/// at the first.
 pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::Result<()> {
     if entries.is_empty() {
         return writeln!(out, "Mail queue is empty");
@@ -372,12 +376,13 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
         "-Queue ID-", "--Size--", "----Arrival Time----"
     )?;
     let mut bytes = 0;
+    let mut reasons: Vec<(&str, &str)> = Vec::new();
     for e in entries {
         bytes += e.size;
         let flag = match e.state {
             QueueState::Held => "!",
-            QueueState::Deferred => "*",
-            QueueState::Queued | QueueState::Failed => " ",
+            QueueState::Queued => "*",
+            QueueState::Deferred | QueueState::Failed => " ",
         };
         let sender = if e.from.is_empty() {
             "MAILER-DAEMON".to_string()
@@ -390,7 +395,13 @@ pub fn print_list(entries: &[Entry], out: &mut impl std::io::Write) -> std::io::
             e.id, e.size, e.created
         )?;
         if let Some(h) = &e.held {
-            writeln!(out, "{:>48}(held: {})", "", escape_controls(h))?;
+            match reasons.iter().find(|(r, _)| r == h) {
+                Some((_, first)) => writeln!(out, "{:>48}(held: as {first} above)", "")?,
+                None => {
+                    writeln!(out, "{:>48}(held: {})", "", escape_controls(h))?;
+                    reasons.push((h, &e.id));
+                }
+            }
         } else if let Some(err) = &e.last_error {
             writeln!(out, "{:>48}({})", "", escape_controls(err))?;
         }
