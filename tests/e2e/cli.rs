@@ -26,7 +26,10 @@ fn check_config_reports_file_line_and_column() {
     let out = run_cli(&cfg, &["check-config"], None);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(":3:1: unknown field `concurency`"), "{err}");
+    assert!(
+        err.contains(":3:1: unknown key `concurency`; did you mean `concurrency`?"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -10,7 +10,9 @@
 mod harness;
 
 mod cli;
+mod cli_polish;
 mod crash;
+mod docs;
 mod interop;
 mod pipes;
 mod receive;

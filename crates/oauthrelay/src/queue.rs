@@ -477,3 +477,55 @@ pub fn print_detail(d: &Detail, out: &mut impl std::io::Write) -> std::io::Resul
     }
     out.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, state: QueueState, held: Option<&str>) -> Entry {
+        Entry {
+            id: id.into(),
+            from: "app@example.com".into(),
+            recipients: vec!["r@example.org".into()],
+            size: 100,
+            created: "2026-12-02T10:00:00Z".into(),
+            attempts: 0,
+            next_attempt: None,
+            last_error: None,
+            state,
+            held: held.map(str::to_string),
+        }
+    }
+
+    /// mailq's flags: `*` active, `!` held, nothing for deferred mail; a
+    /// hold reason once, the other messages held for it point at the first.
+    #[test]
+    fn list_flags_like_mailq_and_says_a_hold_reason_once() {
+        let why = "account \"default\" needs authorization: no refresh token; run oauthrelay authorize --account default";
+        let entries = [
+            entry("AAAAAAAAAAAAA1", QueueState::Queued, None),
+            entry("AAAAAAAAAAAAA2", QueueState::Deferred, None),
+            entry("AAAAAAAAAAAAA3", QueueState::Held, Some(why)),
+            entry("AAAAAAAAAAAAA4", QueueState::Held, Some(why)),
+            entry(
+                "AAAAAAAAAAAAA5",
+                QueueState::Held,
+                Some("no [[accounts]] entry takes sender <x@y> (check `senders`)"),
+            ),
+        ];
+        let mut out = Vec::new();
+        print_list(&entries, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let flag = |id: &str| {
+            let line = text.lines().find(|l| l.starts_with(id)).unwrap();
+            line[15..16].to_string()
+        };
+        assert_eq!(flag("AAAAAAAAAAAAA1"), "*", "{text}");
+        assert_eq!(flag("AAAAAAAAAAAAA2"), " ", "{text}");
+        assert_eq!(flag("AAAAAAAAAAAAA3"), "!", "{text}");
+        assert_eq!(flag("AAAAAAAAAAAAA4"), "!", "{text}");
+        assert_eq!(text.matches("needs authorization").count(), 1, "{text}");
+        assert!(text.contains("(held: as AAAAAAAAAAAAA3 above)"), "{text}");
+        assert!(text.contains("(held: no [[accounts]] entry"), "{text}");
+    }
+}
