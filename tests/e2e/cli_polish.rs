@@ -151,7 +151,8 @@ fn check_config_prints_every_effective_setting() {
         assert!(effective.contains(&line), "no {line:?} in:\n{effective}");
     }
     // What it prints is itself a valid configuration.
-    let again = config_in(tmp.path(), &effective);
+    let again = tmp.path().join("effective.toml");
+    testkit::daemon::write_private(&again, &effective).unwrap();
     let out = run_cli(&again, &["check-config"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }

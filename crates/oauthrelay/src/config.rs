@@ -387,10 +387,19 @@ pub fn parse_all(source: &str, path: Option<&Path>) -> (Loaded, Vec<ConfigError>
                 break;
             }
             Err(e) => {
-                semantic.push(at(e.span(), explain(e.message().trim())));
-                let Some(step) = e.span().and_then(|s| prune(doc.get_mut(), s.start)) else {
-                    break;
-                };
+                let step = e.span().and_then(|s| prune(doc.get_mut(), s.start));
+                // A table missing a key only because a bad value was taken
+                // out of it has been reported already.
+                let consequence = e.message().starts_with("missing field")
+                    && step.as_ref().is_some_and(|step| {
+                        pruned
+                            .iter()
+                            .any(|p: &Vec<Step>| p.len() > step.len() && p.starts_with(step))
+                    });
+                if !consequence {
+                    semantic.push(at(e.span(), explain(e.message().trim())));
+                }
+                let Some(step) = step else { break };
                 pruned.push(step);
             }
         }
