@@ -118,10 +118,11 @@ fn every_test_that_can_skip_shows_its_output_after_the_summary() {
             {
                 current = rest.split('(').next().map(str::to_string);
             }
-            if line.contains("have_tool(") && !t.starts_with("pub fn have_tool") {
-                if let Some(name) = &current {
-                    listed.insert(name.clone());
-                }
+            if line.contains("have_tool(")
+                && !t.starts_with("pub fn have_tool")
+                && let Some(name) = &current
+            {
+                listed.insert(name.clone());
             }
         }
         for name in listed {

@@ -182,19 +182,20 @@ fn check_file(key: &str, path: &Path, paths: &Paths) -> Option<String> {
     }
 }
 
-/// Open and read a byte of `path`; its mode when that works.
+/// Open `path` and read from it (an empty file is fine); its mode when
+/// that works.
 fn readable(path: &Path) -> std::io::Result<u32> {
     let mut f = std::fs::File::open(path)?;
-    let mode = f.metadata()?.permissions().mode();
-    if f.metadata()?.is_dir() {
+    let meta = f.metadata()?;
+    if meta.is_dir() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::IsADirectory,
             "it is a directory",
         ));
     }
     let mut byte = [0u8; 1];
-    f.read(&mut byte)?;
-    Ok(mode)
+    let _bytes_read: usize = f.read(&mut byte)?;
+    Ok(meta.permissions().mode())
 }
 
 /// An account error at its key: the key that names the file it is about,
