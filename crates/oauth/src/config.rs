@@ -54,6 +54,12 @@ pub struct AccountConfig {
     /// in `Reply-To:` when the message has none.
     #[serde(default)]
     pub rewrite_from: bool,
+    /// Send all of this account's mail with this envelope sender (the
+    /// null sender of bounces excepted), whatever the client gave. `None`:
+    /// senders in the local domain and unqualified ones become `email`,
+    /// others go as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope_from: Option<String>,
     /// Google Workspace: a service account's JSON key; tokens come from the
     /// JWT bearer grant with `sub = email` (domain-wide delegation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,6 +196,7 @@ impl AccountConfig {
             token_file: None,
             senders: default_senders(),
             rewrite_from: false,
+            envelope_from: None,
             service_account_key_file: None,
             smtp_host: default_smtp_host(),
             smtp_port: default_smtp_port(),

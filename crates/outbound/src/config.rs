@@ -48,6 +48,17 @@ pub struct DeliveryConfig {
     /// queued, never bounced.
     #[serde(with = "humantime_serde")]
     pub daily_limit_pause: Duration,
+    /// Who gets what nobody else can: a bounce that cannot be delivered
+    /// (its recipient refused for good, or a failing message whose sender
+    /// is the null sender) goes here with the report attached, as
+    /// Postfix's double bounces do. `None`: the first account's email.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postmaster: Option<String>,
+    /// The local domain (`[local] domain`, set by the daemon, not a key of
+    /// `[delivery]`): an envelope sender in it, or an unqualified one, goes
+    /// upstream as the account's address. `None`: only unqualified senders.
+    #[serde(skip)]
+    pub local_domain: Option<String>,
 }
 
 impl Default for DeliveryConfig {
@@ -64,6 +75,8 @@ impl Default for DeliveryConfig {
             shutdown_grace: Duration::from_secs(30),
             login_throttle_pause: Duration::from_secs(5 * 60),
             daily_limit_pause: Duration::from_secs(3600),
+            postmaster: None,
+            local_domain: None,
         }
     }
 }

@@ -68,14 +68,43 @@ fn deferral_status(answer: &Answer) -> Status {
     }
 }
 
+/// Who hears of a message's failed recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// A bounce (RFC 3464 report) to the envelope sender.
+    Sender,
+    /// The message is a bounce, or has the null sender: nobody would read
+    /// a bounce of it, so a copy goes to the postmaster with the failed
+    /// message attached (Postfix's double bounce).
+    Postmaster,
+    /// The message is the postmaster's copy: nobody is left to tell. It
+    /// is dropped, with an ERROR line and
+    /// `oauthrelay_messages_dropped_total{reason}`.
+    Drop,
+}
+
+/// Who is told of the failures of a message with `sender` and `state`.
+pub(crate) fn notice_for(sender: &str, state: &DeliveryState) -> Notice {
+    if state.postmaster_copy {
+        Notice::Drop
+    } else if sender.is_empty() || state.bounce_of.is_some() {
+        Notice::Postmaster
+    } else {
+        Notice::Sender
+    }
+}
+
 /// What to do after an attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Decision {
     /// The state to record.
     pub state: DeliveryState,
-    /// Recipients that failed in this attempt and are to be reported in
-    /// one bounce now (empty for the null sender and for bounces).
+    /// Recipients that failed in this attempt: reported in one notice now
+    /// (see `notice`), or, for [`Notice::Drop`], dropped (already marked
+    /// reported).
     pub bounce: Vec<usize>,
+    /// Who `bounce` is reported to.
+    pub notice: Notice,
     /// Every recipient has its final outcome: remove the message (after
     /// the bounce is queued).
     pub done: bool,
@@ -177,12 +206,13 @@ pub(crate) fn decide(
     }
 
     // One bounce per attempt, for what this attempt failed.
-    let newly_failed: Vec<usize> = failed.iter().chain(&expired).copied().collect();
-    let bounce_due = !env.sender.is_empty() && state.bounce_of.is_none();
-    for &i in &newly_failed {
-        state.recipients[i].reported = !bounce_due;
+    let bounce: Vec<usize> = failed.iter().chain(&expired).copied().collect();
+    let notice = notice_for(&env.sender, &state);
+    for &i in &bounce {
+        // A notice is queued before the recipient counts as reported; a
+        // drop reports nothing to anyone.
+        state.recipients[i].reported = notice == Notice::Drop;
     }
-    let bounce = if bounce_due { newly_failed } else { Vec::new() };
 
     state.last_error = first_deferred.clone().or_else(|| signal_answer.clone());
     let done = state.is_done();
@@ -275,6 +305,7 @@ pub(crate) fn decide(
     Decision {
         state,
         bounce,
+        notice,
         done,
         delivered: sent.len(),
         result,
@@ -568,8 +599,7 @@ mod tests {
         assert!(d.bounce.is_empty() && d.done);
         assert_eq!(d.result, AttemptResult::Sent);
 
-        // The null sender gets no bounce, and its failures count as
-        // reported.
+        // The null sender gets no bounce: the postmaster gets a copy.
         let mut null = e.clone();
         null.sender.clear();
         let a = Attempt {
@@ -588,7 +618,85 @@ mod tests {
             clock.now(),
             0.0,
         );
-        assert!(d.bounce.is_empty() && d.state.recipients[0].reported);
+        assert_eq!((d.bounce.clone(), d.notice), (vec![0], Notice::Postmaster));
+        assert!(!d.state.recipients[0].reported, "reported once queued");
+    }
+
+    /// A bounce that fails for good goes to the postmaster; the
+    /// postmaster's copy that fails for good is dropped (and counts as
+    /// reported, so nothing is queued for it); a sender bounce is the
+    /// rule. Refused at once or expired after `max_age`.
+    #[tokio::test(start_paused = true)]
+    async fn an_undeliverable_bounce_goes_to_the_postmaster_and_its_copy_is_dropped() {
+        let clock = Clock::new();
+        let refused = at_stage(
+            1,
+            "550 5.1.1 The email account that you tried to reach does not exist.",
+        );
+        let mut bounce = env(1, clock.now());
+        bounce.sender.clear();
+        let mut bounce_state = DeliveryState::new(1);
+        bounce_state.bounce_of = Some(spool::MessageId::from_u64(7));
+        bounce_state.reports = vec![0];
+        let mut copy_state = bounce_state.clone();
+        copy_state.postmaster_copy = true;
+        let cases = [
+            (env(1, clock.now()), DeliveryState::new(1), Notice::Sender),
+            (bounce.clone(), DeliveryState::new(1), Notice::Postmaster),
+            (bounce.clone(), bounce_state.clone(), Notice::Postmaster),
+            (bounce.clone(), copy_state.clone(), Notice::Drop),
+        ];
+        for (e, before, notice) in &cases {
+            assert_eq!(notice_for(&e.sender, before), *notice);
+            let d = decide(
+                e,
+                before,
+                &refused,
+                &AccountEffect::default(),
+                &cfg(),
+                clock.now(),
+                0.0,
+            );
+            assert_eq!(d.notice, *notice);
+            assert_eq!(d.bounce, vec![0], "{notice:?}");
+            assert!(d.done);
+            assert_eq!(d.state.recipients[0].reported, *notice == Notice::Drop);
+            assert_eq!(d.lines[0].status, LogStatus::Bounced);
+        }
+        // Expired: the postmaster's copy, six days undelivered.
+        let net = Attempt {
+            outcomes: vec![(
+                0,
+                RcptOutcome::Deferred(Answer::error("connect to smtp.gmail.com failed")),
+            )],
+            signal: Some(AccountSignal::Unreachable(Answer::error("connect failed"))),
+            ..Attempt::default()
+        };
+        let young = decide(
+            &bounce,
+            &copy_state,
+            &net,
+            &AccountEffect::default(),
+            &cfg(),
+            clock.now(),
+            0.0,
+        );
+        assert!(young.bounce.is_empty() && !young.done, "a young copy waits");
+        tokio::time::advance(Duration::from_secs(6 * 86_400)).await;
+        let d = decide(
+            &bounce,
+            &copy_state,
+            &net,
+            &AccountEffect::default(),
+            &cfg(),
+            clock.now(),
+            0.0,
+        );
+        assert_eq!(
+            (d.notice, d.bounce.clone(), d.done),
+            (Notice::Drop, vec![0], true)
+        );
+        assert!(d.state.recipients[0].expired && d.state.recipients[0].reported);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,5 +1,6 @@
 //! Delivery status notifications (RFC 3464): what the sender gets back when
-//! a recipient fails for good.
+//! a recipient fails for good, and what the postmaster gets when that
+//! bounce (or any failing mail from the null sender) cannot be delivered.
 //!
 //! ```text
 //! multipart/report; report-type=delivery-status
@@ -8,11 +9,18 @@
 //!                              recipient Final-Recipient, Action: failed,
 //!                              Status 5.x.x, Remote-MTA, Diagnostic-Code
 //!   text/rfc822-headers        the original message's header section
+//!   (or message/rfc822)        the whole failed message (postmaster copies)
 //! ```
 //!
 //! A recipient that expired (still undelivered after `max_age`, see
 //! `RcptStatus::expired`) is reported with `Status: 5.4.7` whatever its last
 //! reply was, and the text says so and quotes that reply.
+//!
+//! The postmaster's copy is Postfix's double bounce: subject `Postmaster
+//! Copy: Undelivered Mail`, `X-Oauthrelay-Sender:` naming the failed
+//! message's sender, and the failed message itself attached as
+//! `message/rfc822` (so a bounce that could not be delivered arrives whole,
+//! with its own report inside), or its header section when it is large.
 //!
 //! `From:` is the account's own address (with the display name "Mail
 //! Delivery System"): Gmail rewrites any other `From:` to the account
@@ -27,12 +35,31 @@ use spool::{Envelope, MessageId};
 use crate::reply::{Answer, Status};
 use crate::state::DeliveryState;
 
+/// What of the failed message a report carries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Original<'a> {
+    /// Its header section, complete lines (`text/rfc822-headers`).
+    Headers(&'a [u8]),
+    /// All of it (`message/rfc822`).
+    Message(&'a [u8]),
+}
+
+/// Who a report goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum To<'a> {
+    /// The failed message's envelope sender.
+    Sender,
+    /// The postmaster, at this address.
+    Postmaster(&'a str),
+}
+
 /// What a DSN needs besides the failed message's envelope.
 pub(crate) struct DsnInput<'a> {
     /// Our host name (Reporting-MTA, Message-ID).
     pub hostname: &'a str,
     /// The account's address: the bounce's `From:`.
     pub from: &'a str,
+    pub to: To<'a>,
     pub queue_id: MessageId,
     pub envelope: &'a Envelope,
     pub state: &'a DeliveryState,
@@ -40,8 +67,8 @@ pub(crate) struct DsnInput<'a> {
     pub report: &'a [usize],
     /// The upstream host (Remote-MTA).
     pub remote_mta: &'a str,
-    /// The original header section, complete lines.
-    pub headers: &'a [u8],
+    /// The failed message, or its header section.
+    pub original: Original<'a>,
     /// `[delivery] max_age`, for the words about expired recipients.
     pub max_age: Duration,
     pub now: SystemTime,
@@ -62,12 +89,19 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
         .filter_map(|&i| Some((env.recipients.get(i)?.as_str(), d.state.recipients.get(i)?)))
         .collect();
 
-    let mut m = String::with_capacity(4096 + d.headers.len());
+    let (to, subject) = match d.to {
+        To::Sender => (env.sender.as_str(), "Undelivered Mail Returned to Sender"),
+        To::Postmaster(p) => (p, "Postmaster Copy: Undelivered Mail"),
+    };
+    let original = match d.original {
+        Original::Headers(b) | Original::Message(b) => b,
+    };
+    let mut m = String::with_capacity(4096 + original.len());
     let _ = write!(
         m,
         "From: Mail Delivery System <{from}>\r\n\
          To: <{to}>\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
+         Subject: {subject}\r\n\
          Date: {date}\r\n\
          Message-ID: <{id}.{micros}.dsn@{host}>\r\n\
          Auto-Submitted: auto-replied\r\n\
@@ -78,7 +112,6 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
          This is a MIME-encapsulated message.\r\n\
          \r\n",
         from = d.from,
-        to = env.sender,
         date = rfc5322_date(d.now),
         id = d.queue_id,
         host = d.hostname,
@@ -93,14 +126,34 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
          Content-Transfer-Encoding: 8bit\r\n\
          \r\n\
          This is the mail system at host {host}.\r\n\
-         \r\n\
-         I'm sorry to have to inform you that your message could not\r\n\
-         be delivered to one or more recipients. It's attached below.\r\n\
-         \r\n\
-         For further assistance, please send mail to your postmaster.\r\n\
          \r\n",
         host = d.hostname
     );
+    match d.to {
+        To::Sender => m.push_str(
+            "I'm sorry to have to inform you that your message could not\r\n\
+             be delivered to one or more recipients. It's attached below.\r\n\
+             \r\n\
+             For further assistance, please send mail to your postmaster.\r\n\
+             \r\n",
+        ),
+        To::Postmaster(_) => {
+            let what = if env.sender.is_empty() && d.state.bounce_of.is_some() {
+                format!(
+                    "A non-delivery notification (queue ID {id}) about message {of} could not be delivered. Nobody else can receive it, so this copy goes to the postmaster; it is attached below, with its report inside.",
+                    id = d.queue_id,
+                    of = d.state.bounce_of.map(|b| b.to_string()).unwrap_or_default(),
+                )
+            } else {
+                format!(
+                    "A message from the null sender (queue ID {id}), which gets no bounce, could not be delivered to one or more recipients. This copy goes to the postmaster; the message is attached below.",
+                    id = d.queue_id,
+                )
+            };
+            m.push_str(&fold_text(&what, 72));
+            m.push_str("\r\n\r\n");
+        }
+    }
     for (address, r) in &failed {
         let said = match &r.answer {
             Some(Answer::Reply(reply)) => format!("host {} said: {reply}", d.remote_mta),
@@ -127,12 +180,14 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
          Content-Type: message/delivery-status\r\n\
          \r\n\
          Reporting-MTA: dns; {host}\r\n\
-         X-Oauthrelay-Queue-ID: {id}\r\n\
-         Arrival-Date: {arrival}\r\n",
+         X-Oauthrelay-Queue-ID: {id}\r\n",
         host = d.hostname,
         id = d.queue_id,
-        arrival = rfc5322_date(env.received),
     );
+    if matches!(d.to, To::Postmaster(_)) {
+        let _ = write!(m, "X-Oauthrelay-Sender: rfc822; {}\r\n", env.sender);
+    }
+    let _ = write!(m, "Arrival-Date: {}\r\n", rfc5322_date(env.received));
     for (address, r) in &failed {
         let _ = write!(
             m,
@@ -163,17 +218,32 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
     }
     m.push_str("\r\n");
 
-    // Part 3: the original headers.
-    let _ = write!(
-        m,
-        "--{boundary}\r\n\
-         Content-Description: Undelivered Message Headers\r\n\
-         Content-Type: text/rfc822-headers\r\n\
-         \r\n"
-    );
+    // Part 3: the original headers, or the whole message.
+    match d.original {
+        Original::Headers(_) => {
+            let _ = write!(
+                m,
+                "--{boundary}\r\n\
+                 Content-Description: Undelivered Message Headers\r\n\
+                 Content-Type: text/rfc822-headers\r\n\
+                 \r\n"
+            );
+        }
+        Original::Message(b) => {
+            let _ = write!(
+                m,
+                "--{boundary}\r\n\
+                 Content-Description: Undelivered Message\r\n\
+                 Content-Type: message/rfc822\r\n\
+                 Content-Transfer-Encoding: {}\r\n\
+                 \r\n",
+                if b.is_ascii() { "7bit" } else { "8bit" }
+            );
+        }
+    }
     let mut out = m.into_bytes();
-    out.extend_from_slice(d.headers);
-    if !d.headers.is_empty() && !d.headers.ends_with(b"\n") {
+    out.extend_from_slice(original);
+    if !original.is_empty() && !original.ends_with(b"\n") {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
@@ -286,7 +356,8 @@ mod tests {
             state: &state,
             report: &[0],
             remote_mta: "smtp.gmail.com",
-            headers: b"Subject: x\r\n",
+            to: To::Sender,
+            original: Original::Headers(b"Subject: x\r\n"),
             max_age: Duration::from_secs(5 * 86_400),
             now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         });
@@ -329,7 +400,8 @@ mod tests {
             state: &state,
             report: &[0],
             remote_mta: "smtp.gmail.com",
-            headers: b"Subject: hello\r\nFrom: app@example.com\r\n",
+            to: To::Sender,
+            original: Original::Headers(b"Subject: hello\r\nFrom: app@example.com\r\n"),
             max_age: Duration::from_secs(5 * 86_400),
             now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         });
@@ -368,7 +440,8 @@ mod tests {
             state: &state,
             report: &[0, 1],
             remote_mta: "smtp.gmail.com",
-            headers: b"Subject: old\r\n",
+            to: To::Sender,
+            original: Original::Headers(b"Subject: old\r\n"),
             max_age: Duration::from_secs(5 * 86_400),
             now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         });
@@ -386,5 +459,48 @@ mod tests {
         assert!(!text.contains("Status: 5.7.0"));
         assert!(flat.contains("Diagnostic-Code: smtp; 530 5.7.0 Authentication Required."));
         assert!(flat.contains("X-Oauthrelay-Diagnostic: connect to smtp.gmail.com failed"));
+    }
+
+    #[test]
+    fn the_postmaster_copy_attaches_the_undeliverable_bounce_whole() {
+        let mut env = Envelope::new("", ["root@nowhere.invalid".to_string()]);
+        env.received = UNIX_EPOCH + Duration::from_secs(1_699_999_000);
+        let mut state = DeliveryState::new(1);
+        state.bounce_of = Some(MessageId::from_u64(0x42));
+        state.reports = vec![0];
+        state.recipients[0].state = RcptState::Failed;
+        state.recipients[0].answer = Some(answer(
+            "553 5.1.2 We weren't able to find the recipient domain.",
+        ));
+        let bounce = b"From: Mail Delivery System <me@gmail.com>\r\nSubject: Undelivered Mail Returned to Sender\r\n\r\nFinal-Recipient: rfc822; nobody@example.org\r\n";
+        let dsn = build(&DsnInput {
+            hostname: "relay.example.net",
+            from: "me@gmail.com",
+            to: To::Postmaster("admin@example.com"),
+            queue_id: MessageId::from_u64(0x43),
+            envelope: &env,
+            state: &state,
+            report: &[0],
+            remote_mta: "smtp.gmail.com",
+            original: Original::Message(bounce),
+            max_age: Duration::from_secs(5 * 86_400),
+            now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        });
+        let text = String::from_utf8(dsn).unwrap();
+        let flat = text.replace("\r\n    ", " ").replace("\r\n ", " ");
+        assert!(text.contains("To: <admin@example.com>\r\n"), "{text}");
+        assert!(text.contains("Subject: Postmaster Copy: Undelivered Mail\r\n"));
+        assert!(text.contains("report-type=delivery-status"));
+        assert!(flat.contains("A non-delivery notification (queue ID 00000000000043) about message 00000000000042 could not be delivered"), "{flat}");
+        assert!(text.contains("X-Oauthrelay-Sender: rfc822; \r\n"));
+        assert!(text.contains(
+            "Final-Recipient: rfc822; root@nowhere.invalid\r\nAction: failed\r\nStatus: 5.1.2\r\n"
+        ));
+        assert!(text.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 7bit\r\n\r\nFrom: Mail Delivery System"));
+        assert!(
+            text.contains("Final-Recipient: rfc822; nobody@example.org\r\n"),
+            "the bounce's own report inside"
+        );
+        assert!(!text.contains("text/rfc822-headers"));
     }
 }

@@ -50,6 +50,41 @@ impl EncodeLabelValue for AttemptResult {
     }
 }
 
+/// `reason` label of `oauthrelay_messages_dropped_total`: why the last
+/// copy of a failure report could not be delivered, so nobody was told.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum DropReason {
+    /// `postmaster_refused`: the upstream refused the postmaster's copy
+    /// for good (its address is wrong, or refused as a recipient).
+    PostmasterRefused,
+    /// `postmaster_expired`: the postmaster's copy was still undelivered
+    /// after `[delivery] max_age`.
+    PostmasterExpired,
+}
+
+const DROP_REASONS: [DropReason; 2] =
+    [DropReason::PostmasterRefused, DropReason::PostmasterExpired];
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::PostmasterRefused => "postmaster_refused",
+            DropReason::PostmasterExpired => "postmaster_expired",
+        }
+    }
+}
+
+impl EncodeLabelValue for DropReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabel {
+    reason: DropReason,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AccountLabel {
     account: String,
@@ -67,6 +102,7 @@ struct Totals {
     delivered: Counter,
     bounced: Counter,
     failed: Counter,
+    dropped: Counter,
     attempts: [Counter; 3],
 }
 
@@ -77,6 +113,7 @@ pub struct Metrics {
     bounced: Family<AccountLabel, Counter>,
     failed: Family<AccountLabel, Counter>,
     attempts: Family<AttemptLabels, Counter>,
+    dropped: Family<DropLabel, Counter>,
     duration: Histogram,
     totals: Totals,
 }
@@ -85,10 +122,11 @@ impl Metrics {
     /// Register `oauthrelay_messages_delivered_total{account}`,
     /// `oauthrelay_messages_bounced_total{account}`,
     /// `oauthrelay_messages_failed_total{account}`,
-    /// `oauthrelay_delivery_attempts_total{account,result}` and
-    /// `oauthrelay_delivery_duration_seconds` in `registry`. The series of
-    /// each account appear at 0 when delivery starts with it (see
-    /// [`Metrics::accounts`]).
+    /// `oauthrelay_delivery_attempts_total{account,result}`,
+    /// `oauthrelay_messages_dropped_total{reason}` (every reason at 0 from
+    /// the start) and `oauthrelay_delivery_duration_seconds` in `registry`.
+    /// The series of each account appear at 0 when delivery starts with it
+    /// (see [`Metrics::accounts`]).
     pub fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics::unregistered();
         registry.register(
@@ -98,7 +136,7 @@ impl Metrics {
         );
         registry.register(
             "oauthrelay_messages_bounced",
-            "Bounces (delivery status notifications) generated and queued for senders",
+            "Bounces (delivery status notifications) generated and queued, for senders or, when a bounce cannot be delivered, for the postmaster",
             m.bounced.clone(),
         );
         registry.register(
@@ -112,6 +150,11 @@ impl Metrics {
             m.attempts.clone(),
         );
         registry.register(
+            "oauthrelay_messages_dropped",
+            "Failure reports nobody could receive: the postmaster's copy of an undeliverable bounce failed for good, so the mail was dropped (see the ERROR log line)",
+            m.dropped.clone(),
+        );
+        registry.register(
             "oauthrelay_delivery_duration_seconds",
             "Time from a message's arrival to Gmail's 250 for it",
             m.duration.clone(),
@@ -121,14 +164,19 @@ impl Metrics {
 
     /// Metrics that are counted but not exported (tests, `send-test`).
     pub fn unregistered() -> Metrics {
-        Metrics {
+        let m = Metrics {
             delivered: Family::default(),
             bounced: Family::default(),
             failed: Family::default(),
             attempts: Family::default(),
+            dropped: Family::default(),
             duration: Histogram::new(exponential_buckets(0.001, 4.0, 14)),
             totals: Totals::default(),
+        };
+        for reason in DROP_REASONS {
+            let _ = m.dropped.get_or_create(&DropLabel { reason });
         }
+        m
     }
 
     /// Export every series of these accounts (at 0 until something
@@ -193,6 +241,16 @@ impl Metrics {
         self.totals.failed.inc();
     }
 
+    pub(crate) fn dropped(&self, reason: DropReason) {
+        self.dropped.get_or_create(&DropLabel { reason }).inc();
+        self.totals.dropped.inc();
+    }
+
+    /// `oauthrelay_messages_dropped_total` so far, all reasons.
+    pub fn dropped_count(&self) -> u64 {
+        self.totals.dropped.get()
+    }
+
     /// `oauthrelay_messages_delivered_total` so far, all accounts.
     pub fn delivered_count(&self) -> u64 {
         self.totals.delivered.get()
@@ -248,6 +306,8 @@ mod tests {
             "oauthrelay_messages_delivered_total{account=\"b\"} 1",
             "oauthrelay_messages_bounced_total{account=\"a\"} 0",
             "oauthrelay_messages_failed_total{account=\"b\"} 0",
+            "oauthrelay_messages_dropped_total{reason=\"postmaster_refused\"} 0",
+            "oauthrelay_messages_dropped_total{reason=\"postmaster_expired\"} 0",
         ] {
             assert!(text.contains(series), "{series} in\n{text}");
         }

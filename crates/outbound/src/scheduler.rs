@@ -231,6 +231,18 @@ pub fn route<'a>(accounts: &'a [AccountConfig], sender: &str) -> Option<&'a Acco
     accounts.iter().find(|a| a.matches_sender(sender))
 }
 
+/// `[delivery] postmaster`, defaulting to the first account's email.
+fn with_postmaster(mut cfg: DeliveryConfig, accounts: &[AccountConfig]) -> DeliveryConfig {
+    if cfg
+        .postmaster
+        .as_deref()
+        .is_none_or(|p| p.trim().is_empty())
+    {
+        cfg.postmaster = accounts.first().map(|a| a.email.clone());
+    }
+    cfg
+}
+
 fn same_delivery_settings(a: &AccountConfig, b: &AccountConfig) -> bool {
     a.email == b.email
         && a.smtp_host == b.smtp_host
@@ -238,6 +250,7 @@ fn same_delivery_settings(a: &AccountConfig, b: &AccountConfig) -> bool {
         && a.smtp_tls == b.smtp_tls
         && a.ca_file == b.ca_file
         && a.rewrite_from == b.rewrite_from
+        && a.envelope_from == b.envelope_from
 }
 
 impl Scheduler {
@@ -258,7 +271,7 @@ impl Scheduler {
         let token_events = Some(shared.tokens.subscribe());
         let mut s = Scheduler {
             shared,
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(with_postmaster(cfg, &accounts)),
             slots: Vec::new(),
             public,
             msgs: BTreeMap::new(),
@@ -928,7 +941,7 @@ impl Scheduler {
                 let _ = reply.send(n);
             }
             Command::Reload { accounts, config } => {
-                self.cfg = Arc::new(config);
+                self.cfg = Arc::new(with_postmaster(config, &accounts));
                 self.set_accounts(accounts);
                 for s in &mut self.slots {
                     s.ready.clear();

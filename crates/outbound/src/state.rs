@@ -125,6 +125,11 @@ pub struct DeliveryState {
     /// For a bounce: the recipients (indices) of `bounce_of` it reports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reports: Vec<usize>,
+    /// For a bounce: it goes to the postmaster (the message it reports on
+    /// was a bounce or had the null sender). If it fails, nobody is left
+    /// to tell.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postmaster_copy: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -308,6 +313,7 @@ fn legacy(json: &[u8]) -> Result<DeliveryState, String> {
             since: l.held_since.unwrap_or(SystemTime::UNIX_EPOCH),
         }),
         paused_since: None,
+        postmaster_copy: false,
         held_ms: l.held_ms,
         account: l.account,
         bounce_of: l.bounce_of,

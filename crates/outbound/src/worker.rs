@@ -18,11 +18,12 @@ use crate::account::Runtime;
 use crate::body;
 use crate::classify::AccountSignal;
 use crate::clock::Clock;
-use crate::decide::{self, AccountEffect, Decision, Line};
-use crate::dsn::{self, DsnInput};
+use crate::decide::{self, AccountEffect, Decision, Line, Notice};
+use crate::dsn::{self, DsnInput, Original, To};
 use crate::history::{AttemptRecord, History};
 use crate::hold::HoldReason;
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
+use crate::sender;
 use crate::smtp::SmtpTransport;
 use crate::smtp::session::AccountCtx;
 use crate::state::{DeliveryState, RcptState};
@@ -30,6 +31,10 @@ use crate::transport::{Attempt, Outgoing, Transport};
 
 /// How much of the original header section a bounce quotes.
 const BOUNCE_HEADER_LIMIT: usize = 64 * 1024;
+
+/// A failed message up to this size is attached whole to the postmaster's
+/// copy (`message/rfc822`); a larger one by its header section.
+const POSTMASTER_ATTACH_LIMIT: u64 = 1 << 20;
 
 /// What a worker needs from the rest of the daemon.
 pub(crate) struct Shared {
@@ -274,11 +279,14 @@ impl Worker {
         let pending: Vec<usize> = state.pending().collect();
         let acct = &job.ctx.config;
         let rewrite = acct.rewrite_from && state.bounce_of.is_none();
-        let sender = if rewrite && !env.sender.is_empty() {
-            acct.email.as_str()
-        } else {
-            env.sender.as_str()
-        };
+        let (sender, why) = sender::upstream(&env.sender, acct, job.cfg.local_domain.as_deref());
+        if let Some(why) = why {
+            tracing::info!(
+                queue_id = %id, account = %self.account,
+                "{id}: from=<{}> goes upstream as <{sender}> ({})",
+                env.sender, why.as_str()
+            );
+        }
         let out = Outgoing {
             id,
             envelope: &env,
@@ -380,7 +388,9 @@ impl Worker {
         unrecorded: &mut Option<DeliveryState>,
     ) -> Outcome {
         let mut state = d.state;
-        if !d.bounce.is_empty() {
+        if d.notice == Notice::Drop && !d.bounce.is_empty() {
+            self.dropped(id, env, &state, &d.bounce);
+        } else if !d.bounce.is_empty() {
             // Failures first, so that a crash after the bounce is queued
             // finds it (the bounce scan) instead of bouncing again.
             if let Err(o) = self.record(id, &state, job, unrecorded).await {
@@ -495,7 +505,34 @@ impl Worker {
         found
     }
 
-    /// Queue one bounce reporting `rcpts`, then mark them reported.
+    /// The postmaster's copy of a report failed for good: nobody is left
+    /// to tell. Dropped, loudly.
+    fn dropped(&self, id: MessageId, env: &Envelope, state: &DeliveryState, rcpts: &[usize]) {
+        let reason = if rcpts.iter().any(|&i| state.recipients[i].expired) {
+            DropReason::PostmasterExpired
+        } else {
+            DropReason::PostmasterRefused
+        };
+        let to = rcpts
+            .iter()
+            .filter_map(|&i| env.recipients.get(i))
+            .map(|r| format!("<{r}>"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let of = state
+            .bounce_of
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "?".into());
+        tracing::error!(
+            queue_id = %id, account = %self.account, reason = reason.as_str(),
+            "{id}: postmaster notification to={to} failed for good ({}): the failure report about message {of} is dropped, nobody received it; check [delivery] postmaster and the log lines of {of}",
+            reason.as_str()
+        );
+        self.shared.metrics.dropped(reason);
+    }
+
+    /// Queue one report of `rcpts` (to the sender, or to the postmaster:
+    /// see [`decide::notice_for`]), then mark them reported.
     async fn bounce(
         &self,
         id: MessageId,
@@ -504,9 +541,24 @@ impl Worker {
         rcpts: &[usize],
         job: &Job,
     ) -> Result<(), Outcome> {
-        match self.queue_bounce(id, env, state, rcpts, job).await {
+        let notice = decide::notice_for(&env.sender, state);
+        if notice == Notice::Drop {
+            self.dropped(id, env, state, rcpts);
+            for &i in rcpts {
+                state.recipients[i].reported = true;
+            }
+            return Ok(());
+        }
+        match self.queue_bounce(id, env, state, rcpts, notice, job).await {
             Ok(bid) => {
-                tracing::info!(queue_id = %id, "{id}: sender non-delivery notification: {bid}");
+                match notice {
+                    Notice::Postmaster => {
+                        tracing::info!(queue_id = %id, "{id}: postmaster non-delivery notification: {bid}")
+                    }
+                    _ => {
+                        tracing::info!(queue_id = %id, "{id}: sender non-delivery notification: {bid}")
+                    }
+                }
                 self.shared.metrics.bounced(&self.account);
                 for &i in rcpts {
                     state.recipients[i].reported = true;
@@ -527,32 +579,52 @@ impl Worker {
         env: &Envelope,
         state: &DeliveryState,
         rcpts: &[usize],
+        notice: Notice,
         job: &Job,
     ) -> Result<MessageId, SpoolError> {
         let sh = &self.shared;
         let acct = &job.ctx.config;
-        let headers = body::read_headers(&sh.spool, id, BOUNCE_HEADER_LIMIT).await?;
+        let postmaster = job.cfg.postmaster.as_deref().unwrap_or(&acct.email);
+        let (to, rcpt) = match notice {
+            Notice::Postmaster => (To::Postmaster(postmaster), postmaster),
+            _ => (To::Sender, env.sender.as_str()),
+        };
+        let whole = to != To::Sender && sh.spool.read_body(id)?.len() <= POSTMASTER_ATTACH_LIMIT;
+        let original = if whole {
+            body::Body::open(&sh.spool, id, None)
+                .await?
+                .read_all()
+                .await?
+        } else {
+            body::read_headers(&sh.spool, id, BOUNCE_HEADER_LIMIT).await?
+        };
         let dsn = dsn::build(&DsnInput {
             hostname: &sh.hostname,
             from: &acct.email,
+            to,
             queue_id: id,
             envelope: env,
             state,
             report: rcpts,
             remote_mta: &acct.smtp_host,
-            headers: &headers,
+            original: if whole {
+                Original::Message(&original)
+            } else {
+                Original::Headers(&original)
+            },
             max_age: job.cfg.max_age,
             now: sh.clock.now(),
         });
-        let mut benv = Envelope::new("", [env.sender.clone()]);
+        let mut benv = Envelope::new("", [rcpt.to_string()]);
         benv.received = sh.clock.now();
         benv.eight_bit = !dsn.is_ascii();
-        benv.smtputf8 = env.smtputf8 && !env.sender.is_ascii();
+        benv.smtputf8 = env.smtputf8 && !rcpt.is_ascii();
         benv.helo = sh.hostname.to_string();
         let mut bstate = DeliveryState::new(1);
         bstate.account = Some(acct.name.clone());
         bstate.bounce_of = Some(id);
         bstate.reports = rcpts.to_vec();
+        bstate.postmaster_copy = notice == Notice::Postmaster;
         // A bounce lets the message it reports on go: it may use the
         // spool's reserve.
         let mut w = sh.spool.begin(Reserve::MayUse);

@@ -38,6 +38,7 @@ pub fn fast_config() -> DeliveryConfig {
         shutdown_grace: Duration::from_secs(5),
         login_throttle_pause: Duration::from_millis(500),
         daily_limit_pause: Duration::from_millis(800),
+        ..DeliveryConfig::default()
     }
 }
 
@@ -123,6 +124,7 @@ impl Harness {
             token_file: None,
             senders: setup.senders.clone(),
             rewrite_from: setup.rewrite_from,
+            envelope_from: None,
             service_account_key_file: None,
             smtp_host: "127.0.0.1".into(),
             smtp_port: gmail.port(),
