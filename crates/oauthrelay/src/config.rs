@@ -25,6 +25,8 @@ pub struct Config {
     #[serde(default)]
     pub delivery: outbound::DeliveryConfig,
     #[serde(default)]
+    pub local: LocalConfig,
+    #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -53,6 +55,18 @@ impl Default for SpoolConfig {
             min_free_space: inbound::ByteSize(64 << 20),
         }
     }
+}
+
+/// `[local]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// The local domain: envelope senders in it, and unqualified ones, go
+    /// upstream as the account's address. Default: the host's fully
+    /// qualified name, else the first account's email domain (see
+    /// `local::domain`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// `[metrics]`.
@@ -619,6 +633,24 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             "retry_max must not be shorter than retry_initial",
         ));
     }
+    if let Some(p) = &d.postmaster
+        && !is_address(p)
+    {
+        errs.push(l.error_at(
+            &["delivery".into(), "postmaster".into()],
+            format!("postmaster {p:?} is not an email address (local-part@domain)"),
+        ));
+    }
+    if let Some(dom) = &c.local.domain
+        && (dom.trim().is_empty()
+            || dom.contains('@')
+            || dom.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        errs.push(l.error_at(
+            &["local".into(), "domain".into()],
+            format!("invalid domain {dom:?}: a domain name like \"host.example.org\""),
+        ));
+    }
     let mut names = std::collections::HashSet::new();
     for (i, a) in c.accounts.iter().enumerate() {
         let at = |key: &'static str| [Key::Name("accounts"), Key::Index(i), Key::Name(key)];
@@ -658,6 +690,14 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
                 ));
             }
         }
+        if let Some(f) = &a.envelope_from
+            && !is_address(f)
+        {
+            errs.push(l.error_at(
+                &at("envelope_from"),
+                format!("envelope_from {f:?} is not an email address (local-part@domain)"),
+            ));
+        }
         if a.senders.is_empty() {
             errs.push(l.error_at(
                 &at("senders"),
@@ -666,6 +706,15 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
         }
     }
     errs
+}
+
+/// `local-part@domain`, both non-empty, no spaces or angle brackets.
+fn is_address(s: &str) -> bool {
+    s.rsplit_once('@')
+        .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>'))
 }
 
 /// Byte span of the value at `key` in `source`, falling back to the

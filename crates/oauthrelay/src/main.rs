@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod diagnose;
 mod http;
+mod local;
 mod logging;
 mod out;
 mod paths;

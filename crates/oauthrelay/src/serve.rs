@@ -42,6 +42,14 @@ pub(crate) fn hostname(loaded: &Loaded) -> String {
         .unwrap_or_else(inbound::system_hostname)
 }
 
+/// `[delivery]` with the local domain (`[local] domain`, else its default)
+/// filled in.
+pub(crate) fn delivery(loaded: &Loaded) -> outbound::DeliveryConfig {
+    let mut d = loaded.config.delivery.clone();
+    d.local_domain = crate::local::domain(&loaded.config);
+    d
+}
+
 /// Accounts with relative paths resolved against the config file.
 fn accounts(loaded: &Loaded) -> Vec<oauth::AccountConfig> {
     let base = loaded.base_dir();
@@ -290,7 +298,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         spool.clone(),
         tokens.clone(),
         accounts(&loaded),
-        loaded.config.delivery.clone(),
+        delivery(&loaded),
         hostname(&loaded),
         outbound_metrics,
         delivery_stop.clone(),
@@ -544,7 +552,7 @@ async fn apply_reload(
     }
     *route_accounts.write().unwrap_or_else(|p| p.into_inner()) = accounts(new);
     inbound.reload(settings);
-    outbound.reload(accounts(new), new.config.delivery.clone());
+    outbound.reload(accounts(new), delivery(new));
     spool.set_min_free_space(new.config.spool.min_free_space.0);
     info!("configuration reloaded");
 }
