@@ -26,6 +26,7 @@ mod faults;
 mod load;
 mod logs;
 mod metrics;
+mod postmaster;
 mod served;
 mod status;
 mod systemd;

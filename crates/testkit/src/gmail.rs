@@ -82,6 +82,11 @@ pub mod replies {
     pub const TOO_BIG: &str = "552-5.3.4 Your message exceeded Google's message size limits. For more information, visit\r\n552 5.3.4  https://support.google.com/mail/?p=MaxSizeError fake - gsmtp";
     /// `552 5.7.0`: content blocked. A bounce.
     pub const BLOCKED_CONTENT: &str = "552-5.7.0 This message was blocked because its content presents a potential\r\n552-5.7.0 security issue. For more information, go to\r\n552 5.7.0  https://support.google.com/mail/?p=BlockedMessage fake - gsmtp";
+    /// `553 5.1.7`: an envelope sender Gmail does not take (`root@myhost`,
+    /// an unqualified name). A bounce.
+    pub const INVALID_SENDER: &str = "553-5.1.7 The sender address is not a valid RFC 5321 address. For more\r\n553 5.1.7  information, go to https://support.google.com/a/answer/3221692 fake - gsmtp";
+    /// `553 5.1.2`: the recipient's domain does not exist. A bounce.
+    pub const NO_SUCH_DOMAIN: &str = "553-5.1.2 We weren't able to find the recipient domain. Please check for any\r\n553-5.1.2 spelling errors, and make sure you didn't enter any spaces, periods,\r\n553 5.1.2 or other punctuation after the recipient's email address. fake - gsmtp";
     /// `454 4.7.0` at AUTH: login throttling; back off the whole account.
     pub const TOO_MANY_LOGINS: &str = "454-4.7.0 Too many login attempts, please try again later. For more information, go to\r\n454 4.7.0  https://support.google.com/mail/answer/7126229 fake - gsmtp";
     /// `454 4.7.0` at AUTH: a temporary authentication problem.
@@ -198,6 +203,7 @@ struct State {
     messages: Vec<ReceivedMessage>,
     faults: Vec<Fault>,
     rcpt_rules: HashMap<String, String>,
+    sender_rules: HashMap<String, String>,
     reject_tokens: usize,
     drop_after_data: usize,
     close_after_messages: Option<usize>,
@@ -354,6 +360,7 @@ impl FakeGmailBuilder {
                 messages: Vec::new(),
                 faults: Vec::new(),
                 rcpt_rules: HashMap::new(),
+                sender_rules: HashMap::new(),
                 reject_tokens: 0,
                 drop_after_data: 0,
                 close_after_messages: None,
@@ -506,6 +513,15 @@ impl FakeGmail {
             .insert(address.to_ascii_lowercase(), reply.to_string());
     }
 
+    /// Answer `MAIL FROM:<address>` with `reply` until cleared (`""`: the
+    /// null sender).
+    pub fn reject_sender(&self, address: &str, reply: &str) {
+        self.shared
+            .state()
+            .sender_rules
+            .insert(address.to_ascii_lowercase(), reply.to_string());
+    }
+
     /// The next `count` AUTHs get `454 4.7.0 Too many login attempts`.
     pub fn throttle_logins(&self, count: usize) {
         self.fail_next(Stage::Auth, count, replies::TOO_MANY_LOGINS);
@@ -558,6 +574,7 @@ impl FakeGmail {
         let mut st = self.shared.state();
         st.faults.clear();
         st.rcpt_rules.clear();
+        st.sender_rules.clear();
         st.reject_tokens = 0;
         st.drop_after_data = 0;
         st.close_after_messages = None;
@@ -1026,6 +1043,16 @@ impl Session {
                 self.reply(replies::TOO_BIG);
                 return Ok(());
             }
+        }
+        let rule = self
+            .shared
+            .state()
+            .sender_rules
+            .get(&from.to_ascii_lowercase())
+            .cloned();
+        if let Some(reply) = rule {
+            self.reply(&reply);
+            return Ok(());
         }
         if let Some(reply) = self.shared.take_fault(Stage::Mail) {
             self.reply(&reply);
