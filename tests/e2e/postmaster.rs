@@ -131,6 +131,9 @@ async fn a_bounce_gmail_refuses_reaches_the_postmaster_and_nothing_is_dropped() 
     }
     let m = metrics(&d).await;
     assert_eq!(metric(&m, DROPPED), 0.0, "nothing dropped");
+    let (_, json) = d.http_get("/status.json").await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["queue"]["dropped"], 0, "{json}");
     assert_eq!(
         metric(&m, BOUNCED),
         4.0,
@@ -183,6 +186,12 @@ async fn a_postmaster_copy_that_fails_for_good_is_dropped_loudly() {
     assert_eq!(metric(&m, REFUSED), 1.0);
     assert_eq!(metric(&m, EXPIRED), 0.0);
     assert!(up.gmail.messages().is_empty(), "nothing was delivered");
+    let (status, json) = d.http_get("/status.json").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["queue"]["dropped"], 1, "{json}");
+    let (_, page) = d.http_get("/").await;
+    assert!(page.contains("dropped since start"), "{page}");
     let logs = d.logs();
     let errors: Vec<&str> = logs
         .lines()

@@ -112,6 +112,7 @@ pub struct Outbound {
     commands: mpsc::UnboundedSender<Command>,
     public: PublicAccounts,
     history: history::History,
+    metrics: Metrics,
     tracker: TaskTracker,
 }
 
@@ -138,7 +139,7 @@ impl Outbound {
             spool,
             tokens,
             hostname: hostname.into(),
-            metrics,
+            metrics: metrics.clone(),
             clock: clock::Clock::new(),
             history: history.clone(),
         });
@@ -159,6 +160,7 @@ impl Outbound {
             commands,
             public,
             history,
+            metrics,
             tracker,
         }
     }
@@ -222,6 +224,12 @@ impl Outbound {
     /// as logged), newest first.
     pub fn recent_attempts(&self) -> Vec<AttemptRecord> {
         self.history.recent()
+    }
+
+    /// Failure reports dropped since start because even the postmaster's
+    /// copy failed (`oauthrelay_messages_dropped_total`, all reasons).
+    pub fn dropped(&self) -> u64 {
+        self.metrics.dropped_count()
     }
 
     /// Wait until the scheduler and every worker have stopped (after

@@ -120,6 +120,9 @@ pub struct QueueView {
     pub failed: usize,
     /// Being attempted right now.
     pub in_flight: usize,
+    /// Failure reports dropped since the relay started: even the
+    /// postmaster's copy failed (`oauthrelay_messages_dropped_total`).
+    pub dropped: u64,
     pub oldest: Option<OldestView>,
     pub next_retry: Option<NextRetryView>,
     /// Held messages by reason, the largest groups first.
@@ -189,6 +192,7 @@ impl Sources {
             .collect();
         let mut queue = queue_view(&self.spool, now);
         queue.in_flight = states.iter().map(|a| a.in_flight).sum();
+        queue.dropped = self.outbound.dropped();
         let spool = match self.spool.health() {
             Ok(()) => SpoolView {
                 accepting: true,

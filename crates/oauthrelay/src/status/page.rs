@@ -218,6 +218,9 @@ fn queue(q: &QueueView, now: SystemTime) -> Markup {
             (count(q.held, "held"))
             (count(q.failed, "failed"))
             (count(q.in_flight, "being sent"))
+            @if q.dropped > 0 {
+                (count(q.dropped as usize, "dropped since start: nobody could be told (see the ERROR lines)"))
+            }
         }
         div.card {
             dl {
