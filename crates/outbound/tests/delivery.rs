@@ -383,7 +383,7 @@ async fn permanent_failure_gives_exactly_one_dsn_and_removes_the_message() {
 }
 
 #[tokio::test]
-async fn no_bounce_for_the_null_sender() {
+async fn the_null_sender_gets_no_bounce_the_postmaster_gets_a_copy_once() {
     let h = Harness::new().await;
     h.gmail
         .reject_recipient("nobody@example.org", replies::NO_SUCH_USER);
@@ -391,11 +391,58 @@ async fn no_bounce_for_the_null_sender() {
         .submit("", &["nobody@example.org"], &message("nb", "x\r\n"))
         .await;
     assert!(h.wait_gone(id, T).await, "failed message removed");
+    h.wait_messages(1, T).await;
+    assert!(
+        wait_until(T, || h.spool.list().is_empty()).await,
+        "nothing left queued"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(h.gmail.messages().is_empty(), "no bounce loops");
-    assert!(h.spool.list().is_empty(), "nothing queued");
-    assert_eq!(h.metrics.bounced_count(), 0, "no bounce generated");
+    let msgs = h.gmail.messages();
+    assert_eq!(msgs.len(), 1, "one copy, no loops: {msgs:#?}");
+    let copy = &msgs[0];
+    assert_eq!(copy.mail_from, "");
+    assert_eq!(copy.rcpt_to, [EMAIL], "the default postmaster: the account");
+    let text = copy.text();
+    assert!(text.contains("Subject: Postmaster Copy: Undelivered Mail\r\n"));
+    assert!(text.contains("Content-Type: message/rfc822\r\n"));
+    assert!(text.contains("Final-Recipient: rfc822; nobody@example.org\r\n"));
+    assert!(text.contains("\r\n\r\nx\r\n"), "the message whole: {text}");
+    assert_eq!(h.metrics.bounced_count(), 1, "one report generated");
     assert_eq!(h.metrics.failed_count(), 1, "one failed message");
+    assert_eq!(h.metrics.dropped_count(), 0);
+}
+
+#[tokio::test]
+async fn a_refused_postmaster_copy_is_dropped_and_counted_once() {
+    let mut config = fast_config();
+    config.postmaster = Some("postmaster@gone.example".into());
+    let h = Harness::with(Setup {
+        config,
+        ..Setup::default()
+    })
+    .await;
+    h.gmail
+        .reject_recipient("nobody@example.org", replies::NO_SUCH_USER);
+    h.gmail
+        .reject_recipient("postmaster@gone.example", replies::NO_SUCH_USER);
+    let id = h
+        .submit("", &["nobody@example.org"], &message("nb", "x\r\n"))
+        .await;
+    assert!(h.wait_gone(id, T).await);
+    assert!(
+        wait_until(T, || h.metrics.dropped_count() == 1).await,
+        "the copy's failure is counted"
+    );
+    assert!(wait_until(T, || h.spool.list().is_empty()).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.gmail.messages().is_empty());
+    assert!(h.spool.list().is_empty(), "nothing more queued");
+    assert_eq!(h.metrics.dropped_count(), 1);
+    assert_eq!(
+        h.metrics.bounced_count(),
+        1,
+        "the copy, and nothing after it"
+    );
 }
 
 #[tokio::test]
