@@ -904,6 +904,43 @@ senders = [\"*\"]
     }
 
     #[test]
+    fn postmaster_envelope_from_and_local_domain_are_checked_at_their_key() {
+        let e = err(
+            "[delivery]\npostmaster = \"root\"\n\n[local]\ndomain = \"a b\"\n\n[[accounts]]\nname = \"a\"\nemail = \"a@gmail.com\"\nclient_id = \"x\"\nenvelope_from = \"<x@example.com>\"\n",
+        );
+        let lines: Vec<&str> = e.lines().collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(":2:")
+                    && l.contains("postmaster \"root\" is not an email address")),
+            "{e}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(":5:") && l.contains("invalid domain")),
+            "{e}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(":11:") && l.contains("envelope_from")),
+            "{e}"
+        );
+        let ok = parse(
+            "[delivery]\npostmaster = \"admin@example.com\"\n\n[local]\ndomain = \"host.example.org\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.config.delivery.postmaster.as_deref(),
+            Some("admin@example.com")
+        );
+        assert!(render(&ok.config).contains("postmaster = \"admin@example.com\""));
+    }
+
+    #[test]
     fn metrics_listener_can_be_turned_off() {
         let l = parse("[metrics]\nlisten = \"\"\n", None).unwrap();
         assert!(l.config.metrics.listen.is_none());
