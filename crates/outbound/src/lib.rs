@@ -169,7 +169,10 @@ impl Outbound {
     /// again; connections whose account settings changed are replaced;
     /// holds are lifted for one more try.
     pub fn reload(&self, accounts: Vec<AccountConfig>, config: DeliveryConfig) {
-        let _ = self.commands.send(Command::Reload { accounts, config });
+        let _ = self.commands.send(Command::Reload {
+            accounts,
+            config: Box::new(config),
+        });
     }
 
     /// `queue retry ID`: make the message due now (and give its account,

@@ -46,7 +46,7 @@ pub(crate) enum Command {
     },
     Reload {
         accounts: Vec<AccountConfig>,
-        config: DeliveryConfig,
+        config: Box<DeliveryConfig>,
     },
     /// Liveness: answered when the loop gets to it.
     Ping { reply: oneshot::Sender<()> },
@@ -709,7 +709,7 @@ impl Scheduler {
             }
         }
         if let Some(m) = self.msgs.get_mut(&r.id) {
-            m.unrecorded = r.unrecorded;
+            m.unrecorded = r.unrecorded.map(|b| *b);
         }
         match r.outcome {
             Outcome::Gone | Outcome::Done => self.remove(r.id),
@@ -941,7 +941,7 @@ impl Scheduler {
                 let _ = reply.send(n);
             }
             Command::Reload { accounts, config } => {
-                self.cfg = Arc::new(with_postmaster(config, &accounts));
+                self.cfg = Arc::new(with_postmaster(*config, &accounts));
                 self.set_accounts(accounts);
                 for s in &mut self.slots {
                     s.ready.clear();

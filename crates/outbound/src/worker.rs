@@ -111,8 +111,9 @@ pub(crate) struct Done {
     pub account: String,
     pub id: MessageId,
     pub outcome: Outcome,
-    /// What the scheduler keeps for the next attempt.
-    pub unrecorded: Option<DeliveryState>,
+    /// What the scheduler keeps for the next attempt (boxed: rare, and
+    /// reports stay small).
+    pub unrecorded: Option<Box<DeliveryState>>,
 }
 
 enum Wake {
@@ -206,7 +207,7 @@ impl Worker {
                         account: self.account.clone(),
                         id,
                         outcome,
-                        unrecorded,
+                        unrecorded: unrecorded.map(Box::new),
                     }));
                 }
             }
