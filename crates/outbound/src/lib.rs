@@ -24,7 +24,12 @@
 //!   spool stores it as an opaque record.
 //! - Permanent failures are bounced at the end of the attempt that failed
 //!   them, with an RFC 3464 report through the same account, from the null
-//!   sender; never for the null sender.
+//!   sender; never to the null sender: the failures of a bounce, or of mail
+//!   from the null sender, go to the postmaster (`[delivery] postmaster`),
+//!   and a failing postmaster copy is dropped loudly (ERROR line,
+//!   `oauthrelay_messages_dropped_total`).
+//! - Senders in the local domain, or unqualified, go upstream as the
+//!   account's address (`sender.rs`); routing and the queue keep them.
 //!
 //! Why not `mail-send`: its 0.7 client reads replies into a local 1 KiB
 //! buffer and drops whatever follows the first reply (unsafe with
