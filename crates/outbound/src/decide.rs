@@ -494,6 +494,11 @@ mod tests {
                 Bounced,
                 Bounced,
             ),
+            (
+                "553 5.1.7 The sender address is not a valid RFC 5321 address.",
+                Bounced,
+                Bounced,
+            ),
             ("530 5.7.0 Authentication Required.", Held, Held),
             ("535 5.7.8 Username and Password not accepted.", Held, Held),
         ];
