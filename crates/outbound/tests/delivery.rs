@@ -1232,3 +1232,48 @@ async fn a_failed_recipient_is_bounced_at_once_while_another_stays_deferred() {
         "one failed message"
     );
 }
+
+/// A bounce failed for good and the relay stopped before its postmaster
+/// copy was queued: the next start finds the unreported failure and sends
+/// the copy (nothing is lost between the two writes).
+#[tokio::test]
+async fn an_unreported_bounce_failure_reaches_the_postmaster_after_a_restart() {
+    let h = Harness::new().await;
+    let mut state = outbound::DeliveryState::new(1);
+    state.recipients[0].state = outbound::RcptState::Failed;
+    state.recipients[0].answer = Some(outbound::Answer::Reply(
+        outbound::Reply::parse("553 5.1.2 We weren't able to find the recipient domain.").unwrap(),
+    ));
+    state.attempts = 1;
+    state.bounce_of = Some(spool::MessageId::from_u64(0x1234));
+    state.reports = vec![0];
+    let bounce = b"From: Mail Delivery System <a@b>\r\nSubject: Undelivered Mail Returned to Sender\r\n\r\nreport\r\n";
+    let id = h
+        .submit_state(
+            Envelope::new("", ["root@nowhere.invalid".to_string()]),
+            Some(state),
+            bounce,
+        )
+        .await;
+    assert!(h.wait_gone(id, T).await);
+    let msgs = h.wait_messages(1, T).await;
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    assert_eq!(
+        (msgs[0].mail_from.as_str(), msgs[0].rcpt_to.as_slice()),
+        ("", [EMAIL.to_string()].as_slice())
+    );
+    let text = msgs[0].text();
+    assert!(
+        text.contains("Subject: Postmaster Copy: Undelivered Mail\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "Final-Recipient: rfc822; root@nowhere.invalid\r\nAction: failed\r\nStatus: 5.1.2\r\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 7bit\r\n\r\nFrom: Mail Delivery System <a@b>\r\n"), "{text}");
+    assert!(wait_until(T, || h.spool.list().is_empty()).await);
+    assert_eq!(h.metrics.dropped_count(), 0);
+}
