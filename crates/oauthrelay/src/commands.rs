@@ -45,6 +45,15 @@ pub fn check_config(loaded: &Loaded, errors: Vec<config::ConfigError>, paths: &P
     for a in &mut effective.accounts {
         a.token_file = Some(crate::diagnose::token_file(loaded, paths, a));
     }
+    // The local domain and the postmaster in effect (their defaults come
+    // from the host and the first account).
+    effective.local.domain = crate::local::domain(&loaded.config);
+    effective.delivery.postmaster = loaded
+        .config
+        .delivery
+        .postmaster
+        .clone()
+        .or_else(|| loaded.config.accounts.first().map(|a| a.email.clone()));
     out!("{}", config::render(&effective));
     ExitCode::SUCCESS
 }

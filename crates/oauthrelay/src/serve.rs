@@ -294,11 +294,21 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         spool.clone(),
         inbound_metrics,
     ));
+    let delivery_config = delivery(&loaded);
+    info!(
+        "local domain: {} (senders in it, and unqualified ones, go upstream as their account's address); postmaster: {}",
+        delivery_config.local_domain.as_deref().unwrap_or("none"),
+        delivery_config
+            .postmaster
+            .clone()
+            .or_else(|| loaded.config.accounts.first().map(|a| a.email.clone()))
+            .unwrap_or_else(|| "none (no account)".into())
+    );
     let outbound = outbound::Outbound::start(
         spool.clone(),
         tokens.clone(),
         accounts(&loaded),
-        delivery(&loaded),
+        delivery_config,
         hostname(&loaded),
         outbound_metrics,
         delivery_stop.clone(),
