@@ -284,8 +284,10 @@ impl Worker {
         if let Some(why) = why {
             tracing::info!(
                 queue_id = %id, account = %self.account,
-                "{id}: from=<{}> goes upstream as <{sender}> ({})",
-                env.sender, why.as_str()
+                "{id}: from=<{}> goes upstream as <{}> ({})",
+                crate::reply::escape_controls(&env.sender),
+                crate::reply::escape_controls(sender),
+                why.as_str()
             );
         }
         let out = Outgoing {
