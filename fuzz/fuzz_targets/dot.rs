@@ -17,11 +17,15 @@
 
 #![no_main]
 
-use inbound::dot::{DotDecoder, stuff};
+use inbound::dot::{DotDecoder, EndOfData, stuff};
 use libfuzzer_sys::fuzz_target;
 
 fn decode(trusted: bool, pieces: &[&[u8]]) -> (Vec<u8>, usize, bool) {
-    let mut d = DotDecoder::new(trusted);
+    let mut d = DotDecoder::new(if trusted {
+        EndOfData::AnyLineEnding
+    } else {
+        EndOfData::CrlfDotCrlf
+    });
     let mut out = Vec::new();
     let mut used = 0;
     for p in pieces {

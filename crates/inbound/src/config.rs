@@ -19,12 +19,22 @@ pub struct ServerConfig {
     /// SMTP listeners.
     #[serde(deserialize_with = "de_listen")]
     pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listeners (SMTPS, RFC 8314: TLS from the first byte,
+    /// usually port 465). Needs `[server.tls]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listen_tls: Vec<SocketAddr>,
     /// Name used in the greeting, EHLO reply and `Received:` header.
     /// `None`: the system host name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// Clients that may relay without AUTH.
     pub allow_networks: Vec<Network>,
+    /// Clients whose DATA may end with a lone dot next to a bare LF
+    /// (`LF.LF`, `CRLF.LF`, `LF.CRLF`); everyone else must send `CRLF.CRLF`
+    /// (as Postfix's `smtpd_forbid_bare_newline_exclusions`). `None`:
+    /// `allow_networks`; `[]`: nobody.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bare_lf_end_networks: Option<Vec<Network>>,
     /// Largest message accepted, in bytes; advertised in the EHLO `SIZE`.
     pub max_message_size: ByteSize,
     /// Recipients per message; more get `452 4.5.3`.
@@ -92,11 +102,13 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            listen_tls: Vec::new(),
             hostname: None,
             allow_networks: vec![
                 Network::new(IpAddr::from([127, 0, 0, 0]), 8),
                 Network::new(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 128),
             ],
+            bare_lf_end_networks: None,
             max_message_size: ByteSize(36_700_160),
             max_recipients: 100,
             max_connections: 100,

@@ -1,19 +1,24 @@
 //! The DATA decoder: finds the end of the message and removes dot-stuffing
 //! (RFC 5321 4.5.2), and its inverse for senders.
 //!
-//! The rules, exactly:
+//! The rules, exactly (Postfix's `smtpd_forbid_bare_newline = normalize`):
 //!
-//! - A line starts at the beginning of the data and after a CRLF. From a
-//!   *trusted* client (`[server] allow_networks`) a bare LF also ends a line.
-//! - Every bare LF is written out as CRLF, from anyone. A bare CR is kept as
-//!   it is.
-//! - A line that starts with a dot loses that dot.
-//! - The data ends with a line that is a lone dot: `CRLF . CRLF`, and from a
-//!   trusted client also `LF . LF`, `CRLF . LF` and `LF . CRLF`. From anyone
-//!   else a bare LF never ends a line, so none of those ends the data: this is
-//!   what stops SMTP smuggling (CVE-2023-51764), where a message hides a
-//!   second SMTP transaction behind an end-of-data sequence that this server
-//!   and the next one read differently. `CR . CR` never ends anything.
+//! - A line starts at the beginning of the data, after a CRLF, and after a
+//!   bare LF: from every client a bare LF ends a content line, and is
+//!   written out as CRLF. A bare CR is kept as it is and ends nothing.
+//! - A line that starts with a dot loses that dot (so the dot-stuffing of
+//!   a client that ends its lines with bare LF, such as Python's `smtplib`
+//!   given bytes, is removed too).
+//! - The data ends with a line that is a lone dot. With
+//!   [`EndOfData::CrlfDotCrlf`] (clients outside `[server]
+//!   bare_lf_end_networks`) only `CRLF . CRLF` ends it: the dot's line must
+//!   have started after a CRLF (or at the beginning) and end with CRLF. A
+//!   lone dot next to a bare LF (`LF . LF`, `CRLF . LF`, `LF . CRLF`) is an
+//!   empty content line. This is what stops SMTP smuggling
+//!   (CVE-2023-51764), where a message hides a second SMTP transaction
+//!   behind an end-of-data sequence that this server and the previous one
+//!   read differently. With [`EndOfData::AnyLineEnding`] those three end
+//!   the data too. `CR . CR` never ends anything.
 //!
 //! The decoder keeps its state between calls, so input may be split anywhere.
 
@@ -37,18 +42,29 @@ impl Sink for Discard {
     fn put(&mut self, _: &[u8]) {}
 }
 
+/// Which lone-dot lines end the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndOfData {
+    /// Only `CRLF . CRLF` (clients outside `bare_lf_end_networks`).
+    CrlfDotCrlf,
+    /// A lone dot between any two line endings, CRLF or bare LF
+    /// (`bare_lf_end_networks`).
+    AnyLineEnding,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum St {
-    /// At the start of a line.
-    LineStart,
+    /// At the start of a line; `bare`: the line before it ended with a
+    /// bare LF.
+    LineStart { bare: bool },
     /// Inside a line.
     Mid,
     /// Inside a line, just after a CR that is not yet written out.
     Cr,
     /// A dot at the start of a line (not written out: removed or the end).
-    Dot,
+    Dot { bare: bool },
     /// A dot at the start of a line, then a CR.
-    DotCr,
+    DotCr { bare: bool },
     /// The end of the data was found.
     Done,
 }
@@ -57,22 +73,27 @@ enum St {
 #[derive(Debug, Clone)]
 pub struct DotDecoder {
     st: St,
-    bare_lf_ends_lines: bool,
+    end: EndOfData,
 }
 
 impl DotDecoder {
-    /// A decoder for one message. `trusted`: a bare LF ends a line (and so
-    /// may end the data), for clients from `allow_networks` only.
-    pub fn new(trusted: bool) -> DotDecoder {
+    /// A decoder for one message, ending it as `end` says.
+    pub fn new(end: EndOfData) -> DotDecoder {
         DotDecoder {
-            st: St::LineStart,
-            bare_lf_ends_lines: trusted,
+            st: St::LineStart { bare: false },
+            end,
         }
     }
 
     /// Whether the end of the data has been seen.
     pub fn is_done(&self) -> bool {
         self.st == St::Done
+    }
+
+    /// Whether a lone dot whose line started after a bare LF (`bare`), or
+    /// ends with one (`lf_end`), ends the data.
+    fn ends(&self, bare: bool, lf_end: bool) -> bool {
+        !(bare || lf_end) || self.end == EndOfData::AnyLineEnding
     }
 
     /// Decode `input`, writing message bytes to `out`. Returns how many
@@ -102,10 +123,10 @@ impl DotDecoder {
                         }
                     }
                 }
-                St::LineStart => {
+                St::LineStart { bare } => {
                     i += 1;
                     match b {
-                        b'.' => self.st = St::Dot,
+                        b'.' => self.st = St::Dot { bare },
                         b'\r' => self.st = St::Cr,
                         b'\n' => self.bare_lf(out),
                         _ => {
@@ -118,7 +139,7 @@ impl DotDecoder {
                     b'\n' => {
                         i += 1;
                         out.put(b"\r\n");
-                        self.st = St::LineStart;
+                        self.st = St::LineStart { bare: false };
                     }
                     b'\r' => {
                         i += 1;
@@ -130,29 +151,36 @@ impl DotDecoder {
                         self.st = St::Mid;
                     }
                 },
-                St::Dot => match b {
+                St::Dot { bare } => match b {
                     b'\r' => {
                         i += 1;
-                        self.st = St::DotCr;
+                        self.st = St::DotCr { bare };
                     }
-                    b'\n' if self.bare_lf_ends_lines => {
+                    b'\n' if self.ends(bare, true) => {
                         self.st = St::Done;
                         return (i + 1, true);
                     }
                     b'\n' => {
-                        // A lone dot ended by a bare LF from an untrusted
-                        // client: not the end; the stuffed dot goes, the LF
-                        // is normalised and starts no line.
+                        // A lone dot ended by a bare LF, from a client that
+                        // must send CRLF.CRLF: not the end but an empty
+                        // line (the stuffed dot goes).
                         i += 1;
-                        out.put(b"\r\n");
-                        self.st = St::Mid;
+                        self.bare_lf(out);
                     }
+                    // The stuffed dot goes; the byte after it is ordinary.
                     _ => self.st = St::Mid,
                 },
-                St::DotCr => match b {
-                    b'\n' => {
+                St::DotCr { bare } => match b {
+                    b'\n' if self.ends(bare, false) => {
                         self.st = St::Done;
                         return (i + 1, true);
+                    }
+                    b'\n' => {
+                        // `LF . CRLF` from a client that must send
+                        // CRLF.CRLF: an empty line.
+                        i += 1;
+                        out.put(b"\r\n");
+                        self.st = St::LineStart { bare: false };
                     }
                     b'\r' => {
                         i += 1;
@@ -169,13 +197,10 @@ impl DotDecoder {
         (input.len(), self.st == St::Done)
     }
 
+    /// A bare LF: written as CRLF; it ends the line.
     fn bare_lf(&mut self, out: &mut impl Sink) {
         out.put(b"\r\n");
-        self.st = if self.bare_lf_ends_lines {
-            St::LineStart
-        } else {
-            St::Mid
-        };
+        self.st = St::LineStart { bare: true };
     }
 }
 
@@ -216,7 +241,11 @@ mod tests {
     use super::*;
 
     fn run(trusted: bool, input: &[u8]) -> (Vec<u8>, usize, bool) {
-        let mut d = DotDecoder::new(trusted);
+        let mut d = DotDecoder::new(if trusted {
+            EndOfData::AnyLineEnding
+        } else {
+            EndOfData::CrlfDotCrlf
+        });
         let mut out = Vec::new();
         let (n, done) = d.decode(input, &mut out);
         (out, n, done)
@@ -274,10 +303,24 @@ mod tests {
     }
 
     #[test]
+    fn bare_lf_ends_content_lines_from_everyone() {
+        // smtplib given bytes with LF endings: its stuffed dots go.
+        for trusted in [true, false] {
+            let (out, _, done) = run(trusted, b"a\n...two\n..one\n\r\n.\r\n");
+            assert!(done);
+            assert_eq!(out, b"a\r\n..two\r\n.one\r\n\r\n", "trusted: {trusted}");
+        }
+        // A lone dot next to a bare LF is an empty line for the others.
+        let (out, _, done) = run(false, b"a\n.\nb\r\n.\nc\n.\r\nd\r\n.\r\n");
+        assert!(done);
+        assert_eq!(out, b"a\r\n\r\nb\r\n\r\nc\r\n\r\nd\r\n");
+    }
+
+    #[test]
     fn split_anywhere() {
         let input = b"x\r\n..y\r\n\r\n.\r\n";
         for cut in 0..input.len() {
-            let mut d = DotDecoder::new(false);
+            let mut d = DotDecoder::new(EndOfData::CrlfDotCrlf);
             let mut out = Vec::new();
             let (a, done) = d.decode(&input[..cut], &mut out);
             assert_eq!(a, cut);

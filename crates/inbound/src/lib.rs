@@ -34,5 +34,5 @@ mod slots;
 pub use config::{ByteSize, Network, ServerConfig, TlsConfig, UserConfig, parse_listen_address};
 pub use metrics::Metrics;
 pub use password::{hash_password, verify_password};
-pub use server::Inbound;
+pub use server::{Inbound, Listener, ListenerKind};
 pub use settings::{SenderPolicy, Settings, SettingsError, accept_all_senders, system_hostname};

@@ -5,7 +5,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::server::ListenerKind;
+
 type Reason = [(&'static str, &'static str); 1];
+type ListenerResult = [(&'static str, &'static str); 2];
 
 /// The listener's metrics. Cheap to clone; clones share the values.
 #[derive(Clone, Debug, Default)]
@@ -17,6 +20,7 @@ pub struct Metrics {
     active: Gauge,
     auth_failures: Counter,
     rejected: Family<Reason, Counter>,
+    tls_handshakes: Family<ListenerResult, Counter>,
 }
 
 /// Why a connection was refused (`reason` label of
@@ -78,7 +82,10 @@ impl Metrics {
     /// `oauthrelay_smtp_connections_refused_total{reason="limit"|"client_limit"|"network"}`,
     /// `oauthrelay_smtp_sessions` (gauge),
     /// `oauthrelay_smtp_auth_failures_total`,
-    /// `oauthrelay_messages_rejected_total{reason="size"|"relay"|"sender"|"recipients"|"storage"}`.
+    /// `oauthrelay_messages_rejected_total{reason="size"|"relay"|"sender"|"recipients"|"storage"}`,
+    /// `oauthrelay_smtp_tls_handshakes_total{listener="smtp"|"smtps",result="ok"|"failed"}`
+    /// (`smtp`: STARTTLS on a `listen` port; `smtps`: an implicit-TLS
+    /// connection on a `listen_tls` port).
     pub fn new(registry: &mut Registry) -> Metrics {
         let m = Metrics::default();
         // Every reason is exported from the start (at 0), so `increase()`
@@ -94,6 +101,13 @@ impl Metrics {
             Rejection::Storage,
         ] {
             let _ = m.rejected.get_or_create(&[("reason", why.label())]);
+        }
+        for listener in [ListenerKind::Smtp, ListenerKind::Smtps] {
+            for result in ["ok", "failed"] {
+                let _ = m
+                    .tls_handshakes
+                    .get_or_create(&[("listener", listener.label()), ("result", result)]);
+            }
         }
         registry.register(
             "oauthrelay_messages_received",
@@ -130,7 +144,19 @@ impl Metrics {
             "Messages or recipients refused during SMTP, by reason",
             m.rejected.clone(),
         );
+        registry.register(
+            "oauthrelay_smtp_tls_handshakes",
+            "TLS handshakes with SMTP clients, by listener (smtp: STARTTLS, smtps: implicit TLS) and result",
+            m.tls_handshakes.clone(),
+        );
         m
+    }
+
+    pub(crate) fn tls_handshake(&self, listener: ListenerKind, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.tls_handshakes
+            .get_or_create(&[("listener", listener.label()), ("result", result)])
+            .inc();
     }
 
     pub(crate) fn message_received(&self, bytes: u64) {

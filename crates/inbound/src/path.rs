@@ -59,6 +59,39 @@ pub(crate) fn with_placeholder(line: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `MAIL FROM:addr` or `RCPT TO:addr`, without angle brackets as old
+/// printers and scanners send them, with the address put in brackets
+/// (`MAIL FROM:<addr>`, parameters kept). Spaces after the colon are
+/// allowed. `None` if the line is not such a command, or its path is
+/// already in brackets, or the address holds a bracket.
+pub(crate) fn bracket_bare(line: &[u8]) -> Option<Vec<u8>> {
+    let prefix = [&b"MAIL FROM:"[..], b"RCPT TO:"]
+        .into_iter()
+        .find(|p| {
+            line.get(..p.len())
+                .is_some_and(|l| l.eq_ignore_ascii_case(p))
+        })?
+        .len();
+    let rest = line.get(prefix..)?;
+    let start = prefix + rest.iter().position(|&b| b != b' ' && b != b'\t')?;
+    let arg = line.get(start..)?;
+    let len = arg
+        .iter()
+        .position(|&b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .unwrap_or(arg.len());
+    let addr = arg.get(..len)?;
+    if addr.is_empty() || addr.contains(&b'<') || addr.contains(&b'>') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(line.len() + 2);
+    out.extend_from_slice(line.get(..start)?);
+    out.push(b'<');
+    out.extend_from_slice(addr);
+    out.push(b'>');
+    out.extend_from_slice(arg.get(len..)?);
+    Some(out)
+}
+
 /// The ESMTP parameters of a MAIL or RCPT line: what follows its path.
 /// `None` if the path is not valid.
 pub(crate) fn params(line: &[u8]) -> Option<&[u8]> {
@@ -361,6 +394,44 @@ mod tests {
             assert_eq!(stored(&line), None, "{addr}");
             assert_eq!(with_placeholder(line.as_bytes()), None, "{addr}");
         }
+    }
+
+    #[test]
+    fn bare_paths_get_brackets() {
+        let cases = [
+            (
+                "MAIL FROM:scanner@example.com\r\n",
+                "MAIL FROM:<scanner@example.com>\r\n",
+            ),
+            (
+                "mail from: scanner@example.com SIZE=10\r\n",
+                "mail from: <scanner@example.com> SIZE=10\r\n",
+            ),
+            (
+                "RCPT TO:office@example.net\n",
+                "RCPT TO:<office@example.net>\n",
+            ),
+            ("RCPT TO:scanner\r\n", "RCPT TO:<scanner>\r\n"),
+        ];
+        for (line, want) in cases {
+            let got = bracket_bare(line.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+            assert_eq!(got.as_deref(), Some(want), "{line:?}");
+        }
+        for line in [
+            "MAIL FROM:<a@b>\r\n",
+            "MAIL FROM: <a@b>\r\n",
+            "MAIL FROM:\r\n",
+            "MAIL FROM:a<b@c>\r\n",
+            "RCPT TO:a@b>\r\n",
+            "EHLO a@b\r\n",
+            "MAIL TO:a@b\r\n",
+        ] {
+            assert_eq!(bracket_bare(line.as_bytes()), None, "{line:?}");
+        }
+        assert_eq!(
+            stored("MAIL FROM:<scanner@example.com>\r\n").as_deref(),
+            Some("scanner@example.com")
+        );
     }
 
     #[test]

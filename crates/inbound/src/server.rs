@@ -30,6 +30,54 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one "refusing connections" warning per this many seconds.
 const LIMIT_WARN_EVERY_SECS: u64 = 10;
 
+/// What a listening socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Plain SMTP; STARTTLS is offered when `[server.tls]` is set
+    /// (`[server] listen`).
+    Smtp,
+    /// Implicit TLS: the TLS handshake comes first, then SMTP (RFC 8314,
+    /// port 465; `[server] listen_tls`).
+    Smtps,
+}
+
+impl ListenerKind {
+    /// The name in log lines and the `listener` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ListenerKind::Smtp => "smtp",
+            ListenerKind::Smtps => "smtps",
+        }
+    }
+}
+
+/// A listening socket and what it speaks. A plain [`TcpListener`] converts
+/// into an SMTP one.
+#[derive(Debug)]
+pub struct Listener {
+    pub socket: TcpListener,
+    pub kind: ListenerKind,
+}
+
+impl Listener {
+    /// An implicit-TLS listener (needs `[server.tls]`).
+    pub fn tls(socket: TcpListener) -> Listener {
+        Listener {
+            socket,
+            kind: ListenerKind::Smtps,
+        }
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(socket: TcpListener) -> Listener {
+        Listener {
+            socket,
+            kind: ListenerKind::Smtp,
+        }
+    }
+}
+
 /// The SMTP listener. Cheap to clone; clones share sessions and settings.
 #[derive(Clone)]
 pub struct Inbound {
@@ -105,11 +153,14 @@ impl Inbound {
     /// cancelled; then stop accepting, let sessions finish (those waiting
     /// for a command get `421 4.3.2` at once, those inside DATA/BDAT get up
     /// to `shutdown_grace`), and return when the last one has ended.
-    pub async fn serve(&self, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+    /// Implicit-TLS listeners ([`Listener::tls`]) hand every connection to
+    /// a TLS handshake first.
+    pub async fn serve<L: Into<Listener>>(&self, listeners: Vec<L>, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         for listener in listeners {
-            if let Ok(addr) = listener.local_addr() {
-                info!(listen = %addr, "SMTP listener ready");
+            let listener: Listener = listener.into();
+            if let Ok(addr) = listener.socket.local_addr() {
+                info!(listen = %addr, listener = listener.kind.label(), "SMTP listener ready");
             }
             let inner = self.inner.clone();
             let t = tracker.clone();
@@ -130,9 +181,16 @@ impl Inbound {
     {
         let guard = self.inner.open_session(self.inner.slots.force());
         let settings = self.inner.current();
-        Session::new(stream, peer, settings, self.inner.shared.clone(), shutdown)
-            .run()
-            .await;
+        Session::new(
+            stream,
+            peer,
+            ListenerKind::Smtp,
+            settings,
+            self.inner.shared.clone(),
+            shutdown,
+        )
+        .run()
+        .await;
         drop(guard);
     }
 }
@@ -155,10 +213,14 @@ impl Inner {
 
     async fn accept_loop(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: Listener,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
+        let Listener {
+            socket: listener,
+            kind,
+        } = listener;
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
@@ -169,7 +231,7 @@ impl Inner {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    self.start(stream, peer, &shutdown, &tracker);
+                    self.start(stream, peer, kind, &shutdown, &tracker);
                 }
                 Err(e) => {
                     use std::io::ErrorKind::*;
@@ -192,6 +254,7 @@ impl Inner {
         self: &Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
+        kind: ListenerKind,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) {
@@ -202,7 +265,7 @@ impl Inner {
         if !trusted && settings.users.is_empty() {
             self.shared.metrics.refused(Refusal::Network);
             self.shared.refusals.refused(peer, shutdown, Some(tracker));
-            refuse(stream, Reply::NetworkRefused(ip), &settings, tracker);
+            refuse(stream, kind, Reply::NetworkRefused(ip), &settings, tracker);
             return;
         }
         let slot = match self.slots.take(ip, trusted, settings.slot_limits()) {
@@ -220,7 +283,7 @@ impl Inner {
                         Reply::TooManyFromClient(ip)
                     }
                 };
-                refuse(stream, reply, &settings, tracker);
+                refuse(stream, kind, reply, &settings, tracker);
                 return;
             }
         };
@@ -228,7 +291,7 @@ impl Inner {
         let shared = self.shared.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            Session::new(stream, peer, settings, shared, shutdown)
+            Session::new(stream, peer, kind, settings, shared, shutdown)
                 .run()
                 .await;
             drop(guard);
@@ -267,8 +330,21 @@ impl Inner {
 
 /// Tell a client refused at connect why, and close the connection. The
 /// reply fits in the socket's send buffer, so this takes no time unless the
-/// connection is already broken; it never holds a slot.
-fn refuse(stream: TcpStream, reply: Reply<'_>, settings: &Settings, tracker: &TaskTracker) {
+/// connection is already broken; it never holds a slot. On an implicit-TLS
+/// listener the connection is closed at once: a reply would need a TLS
+/// handshake first, which strangers are not given (the log and the metrics
+/// say why).
+fn refuse(
+    stream: TcpStream,
+    kind: ListenerKind,
+    reply: Reply<'_>,
+    settings: &Settings,
+    tracker: &TaskTracker,
+) {
+    if kind == ListenerKind::Smtps {
+        drop(stream);
+        return;
+    }
     let mut msg = Vec::with_capacity(96);
     reply.write(
         &mut msg,

@@ -36,6 +36,10 @@ pub enum SettingsError {
     PasswordHash { name: String },
     #[error("[[server.users]]: user name {0:?} appears more than once")]
     DuplicateUser(String),
+    #[error(
+        "[server] listen_tls: implicit-TLS listeners need [server.tls] (cert_file and key_file)"
+    )]
+    ListenTlsWithoutTls,
     #[error("[server] {key}: {reason}")]
     Limit {
         key: &'static str,
@@ -140,6 +144,9 @@ impl Settings {
                 reason: "must be longer than zero",
             });
         }
+        if !config.listen_tls.is_empty() && config.tls.is_none() {
+            return Err(SettingsError::ListenTlsWithoutTls);
+        }
         let mut users: Vec<(String, String)> = Vec::with_capacity(config.users.len());
         for u in &config.users {
             if argon2::PasswordHash::new(&u.password_hash).is_err() {
@@ -178,6 +185,22 @@ impl Settings {
     /// Whether `ip` is in `allow_networks` (may relay without AUTH).
     pub(crate) fn trusts(&self, ip: std::net::IpAddr) -> bool {
         self.config.allow_networks.iter().any(|n| n.contains(ip))
+    }
+
+    /// How DATA from `ip` may end: a lone dot next to a bare LF too, from
+    /// `bare_lf_end_networks` (default: `allow_networks`); else only
+    /// `CRLF.CRLF`.
+    pub(crate) fn end_of_data(&self, ip: std::net::IpAddr) -> crate::dot::EndOfData {
+        let networks = self
+            .config
+            .bare_lf_end_networks
+            .as_ref()
+            .unwrap_or(&self.config.allow_networks);
+        if networks.iter().any(|n| n.contains(ip)) {
+            crate::dot::EndOfData::AnyLineEnding
+        } else {
+            crate::dot::EndOfData::CrlfDotCrlf
+        }
     }
 
     /// The connection limits of [`crate::slots`].

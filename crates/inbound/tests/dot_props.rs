@@ -1,14 +1,19 @@
 //! Property tests of the DATA decoder: stuffing and unstuffing round trip
-//! however the input is split, and the end of data is found exactly where
-//! the rules put it (trusted: LF or CRLF line endings; untrusted: only
-//! CRLF.CRLF).
+//! however the input is split, bare LF ends content lines from everyone, and
+//! the end of data is found exactly where the rules put it (trusted, i.e.
+//! `bare_lf_end_networks`: a lone dot between any line endings; untrusted:
+//! only CRLF.CRLF).
 
-use inbound::dot::{DotDecoder, stuff};
+use inbound::dot::{DotDecoder, EndOfData, stuff};
 use proptest::prelude::*;
 
 /// Decode `input` split at `cuts`; returns (output, consumed, done).
 fn decode_split(trusted: bool, input: &[u8], cuts: &[usize]) -> (Vec<u8>, usize, bool) {
-    let mut d = DotDecoder::new(trusted);
+    let mut d = DotDecoder::new(if trusted {
+        EndOfData::AnyLineEnding
+    } else {
+        EndOfData::CrlfDotCrlf
+    });
     let mut out = Vec::new();
     let mut consumed = 0;
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
@@ -95,6 +100,36 @@ proptest! {
         let mut wire = Vec::new();
         stuff(&content, &mut wire);
         let (out, consumed, done) = decode_split(true, &wire, &cuts);
+        prop_assert!(done);
+        prop_assert_eq!(consumed, wire.len());
+        prop_assert_eq!(out, normalised);
+    }
+
+    /// Bare LF ends content lines from untrusted clients too: their dot
+    /// stuffing is removed and the lines stored with CRLF, provided the
+    /// data ends with CRLF.CRLF (the last line before the dot ends in CRLF,
+    /// as smtplib makes it).
+    #[test]
+    fn untrusted_bare_lf_content_round_trips_normalised(
+        lines in prop::collection::vec((prop::collection::vec(prop_oneof![Just(b'.'), Just(b'x'), Just(b' ')], 0..6), any::<bool>()), 0..10),
+        last in prop::collection::vec(prop_oneof![Just(b'.'), Just(b'x')], 0..4),
+        cuts in prop::collection::vec(any::<usize>(), 0..5),
+    ) {
+        let mut content = Vec::new();
+        let mut normalised = Vec::new();
+        for (line, crlf) in lines {
+            content.extend_from_slice(&line);
+            content.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+            normalised.extend_from_slice(&line);
+            normalised.extend_from_slice(b"\r\n");
+        }
+        content.extend_from_slice(&last);
+        content.extend_from_slice(b"\r\n");
+        normalised.extend_from_slice(&last);
+        normalised.extend_from_slice(b"\r\n");
+        let mut wire = Vec::new();
+        stuff(&content, &mut wire);
+        let (out, consumed, done) = decode_split(false, &wire, &cuts);
         prop_assert!(done);
         prop_assert_eq!(consumed, wire.len());
         prop_assert_eq!(out, normalised);

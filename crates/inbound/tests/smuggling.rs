@@ -1,7 +1,8 @@
-//! SMTP smuggling (CVE-2023-51764 and kin): from an untrusted client only
-//! CRLF.CRLF ends DATA, so none of the known payloads can end a message and
-//! start a second one. From a trusted client bare LF is a line ending and is
-//! normalised to CRLF.
+//! SMTP smuggling (CVE-2023-51764 and kin): from a client outside
+//! `bare_lf_end_networks` (default: `allow_networks`) only CRLF.CRLF ends
+//! DATA, so none of the known payloads can end a message and start a second
+//! one. From every client a bare LF ends a content line and is normalised to
+//! CRLF (Postfix's `smtpd_forbid_bare_newline = normalize`).
 
 mod common;
 
@@ -79,15 +80,17 @@ async fn stored_bytes_for_each_payload_from_untrusted_clients() {
     bounded(60, async {
         let srv = start(server_config()).await;
         let mut c = untrusted(&srv).await;
-        // (sent, stored): bare LF becomes CRLF but starts no line, so no
-        // dot is removed after it; a dot after a real CRLF is unstuffed.
-        let cases: [(&[u8], &[u8]); 6] = [
-            (b"a\n.\nb", b"a\r\n.\r\nb"),
+        // (sent, stored): bare LF becomes CRLF and ends the line, so a
+        // lone dot next to it is an empty line (the stuffed dot goes), never
+        // the end; a bare CR is kept and ends nothing.
+        let cases: [(&[u8], &[u8]); 7] = [
+            (b"a\n.\nb", b"a\r\n\r\nb"),
             (b"a\r.\rb", b"a\r.\rb"),
             (b"a\r\n.\rb", b"a\r\n\rb"),
             (b"a\r.\r\nb", b"a\r.\r\nb"),
-            (b"a\n.\r\nb", b"a\r\n.\r\nb"),
+            (b"a\n.\r\nb", b"a\r\n\r\nb"),
             (b"a\r\n.\nb", b"a\r\n\r\nb"),
+            (b"a\n..b\n.", b"a\r\n.b\r\n"),
         ];
         for (sent, stored) in cases {
             c.cmd("MAIL FROM:<user@example.com>", 250).await;

@@ -23,7 +23,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.abort_message(&BodyError::Spool(e.clone()));
             return Ok(self.reply(Reply::Storage(e)));
         }
-        self.state = State::Data(DotDecoder::new(self.trusted));
+        self.state = State::Data(DotDecoder::new(self.settings.end_of_data(self.ip)));
         let step = self.reply(Reply::DataGo);
         self.body_start = Instant::now();
         self.body_bytes = 0;

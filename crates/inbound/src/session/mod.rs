@@ -34,6 +34,7 @@ use crate::message::{BodyError, Message};
 use crate::metrics::{Metrics, Refusal, Rejection};
 use crate::password::Verifier;
 use crate::ratelimit::AuthLimiter;
+use crate::server::ListenerKind;
 use crate::settings::Settings;
 
 pub(crate) use auth::AuthStep;
@@ -169,6 +170,8 @@ pub(crate) struct Session<S> {
     shutdown: CancellationToken,
     peer: SocketAddr,
     ip: IpAddr,
+    /// The listener the client came in on.
+    listener: ListenerKind,
     trusted: bool,
     /// Outside `allow_networks` and no `[[server.users]]`: told so, then
     /// closed (only [`Inbound::handle`](crate::Inbound::handle) gets here;
@@ -205,6 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) fn new(
         stream: S,
         peer: SocketAddr,
+        listener: ListenerKind,
         settings: Arc<Settings>,
         shared: Arc<Shared>,
         shutdown: CancellationToken,
@@ -227,6 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             shutdown,
             peer,
             ip,
+            listener,
             trusted,
             refused,
             junk: 0,
@@ -251,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// from` with the commands counted.
     pub(crate) async fn run(mut self) {
         let ip = self.ip;
-        info!(client = %self.peer, trusted = self.trusted, "connect from unknown[{ip}]");
+        info!(client = %self.peer, trusted = self.trusted, listener = self.listener.label(), "connect from unknown[{ip}]");
         let end = self.serve().await;
         self.log_end(&end);
         if !matches!(end, Err(SessionEnd::Io(_) | SessionEnd::Tls(_))) {
@@ -294,6 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(SessionEnd::Tls(e)) => warn!(
                 client = %self.peer,
+                listener = self.listener.label(),
                 "TLS handshake failed from unknown[{ip}]: {e}{}",
                 tls_hint(e)
             ),
@@ -309,10 +315,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let ip = self.ip;
             let _ = self.reply(Reply::NetworkRefused(ip));
             return self.flush().await;
-        } else {
-            self.shared.metrics.accepted();
-            let _ = self.reply(Reply::Greeting);
         }
+        if self.listener == ListenerKind::Smtps {
+            // Implicit TLS: the handshake comes before the greeting.
+            self.handshake().await?;
+        }
+        self.shared.metrics.accepted();
+        let _ = self.reply(Reply::Greeting);
         loop {
             match self.process().await? {
                 Step::Again | Step::NeedMore => self.fill().await?,
@@ -412,6 +421,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(self.reply(Reply::EmptyLine));
         }
+        // `MAIL FROM:addr` without angle brackets (old printers): from
+        // allow_networks and after AUTH it reads as `MAIL FROM:<addr>`,
+        // as Postfix reads it; strangers must send the brackets.
+        let bracketed;
+        let line = match crate::path::bracket_bare(line) {
+            Some(l) if !self.untrusted() => {
+                bracketed = l;
+                bracketed.as_slice()
+            }
+            Some(_) => {
+                let ip = self.ip;
+                info!(client = %self.peer, "address without angle brackets refused from unknown[{ip}]: accepted only from allow_networks or after AUTH");
+                line
+            }
+            None => line,
+        };
         let placeholder;
         let parsed = match Request::parse(&mut line.iter()) {
             // smtp-proto refuses address literals (`user@[192.0.2.1]`): if
@@ -979,6 +1004,7 @@ mod tests {
         let session = Session::new(
             theirs,
             "127.0.0.1:1".parse().unwrap(),
+            ListenerKind::Smtp,
             settings,
             shared,
             CancellationToken::new(),

@@ -266,7 +266,10 @@ impl EhloReply<'_> {
             out.extend_from_slice(b"250-STARTTLS\r\n");
         }
         if self.auth {
-            out.extend_from_slice(b"250-AUTH PLAIN LOGIN\r\n");
+            // The second line is the pre-RFC 2554 form some old clients
+            // (Outlook Express, older printers and scanners) look for
+            // instead; Postfix sends it with `broken_sasl_auth_clients`.
+            out.extend_from_slice(b"250-AUTH PLAIN LOGIN\r\n250-AUTH=LOGIN PLAIN\r\n");
         }
         out.extend_from_slice(b"250 CHUNKING\r\n");
     }

@@ -41,9 +41,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.rbuf.clear();
         self.pos = 0;
+        self.handshake().await?;
+        self.helo = None;
+        self.auth_user = None;
+        self.reset_transaction();
+        self.touch();
+        Ok(())
+    }
+
+    /// The server side of a TLS handshake on the plain stream (after
+    /// STARTTLS, or first thing on an implicit-TLS listener), bounded by the
+    /// command timeout (the short one for an untrusted client), and counted
+    /// in `oauthrelay_smtp_tls_handshakes_total`.
+    pub(super) async fn handshake(&mut self) -> Result<(), SessionEnd> {
+        let r = self.try_handshake().await;
+        self.shared.metrics.tls_handshake(self.listener, r.is_ok());
+        r
+    }
+
+    async fn try_handshake(&mut self) -> Result<(), SessionEnd> {
         let Some(acceptor) = self.settings.tls.clone() else {
             return Err(SessionEnd::Tls(std::io::Error::other(
-                "TLS is not configured",
+                "TLS is not configured: set [server.tls]",
             )));
         };
         let Some(stream) = self.conn.take_plain() else {
@@ -55,15 +74,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let (_, conn) = tls.get_ref();
                 debug!(
                     client = %self.peer,
+                    listener = self.listener.label(),
                     version = ?conn.protocol_version(),
                     cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
                     "TLS started"
                 );
                 self.conn = Conn::from(tls);
-                self.helo = None;
-                self.auth_user = None;
-                self.reset_transaction();
-                self.touch();
                 Ok(())
             }
             Ok(Err(e)) => Err(SessionEnd::Tls(e)),
