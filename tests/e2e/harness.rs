@@ -198,7 +198,11 @@ pub struct Smtp {
 
 impl Smtp {
     pub async fn connect(addr: SocketAddr) -> Smtp {
-        let s = TcpStream::connect(addr).await.unwrap();
+        Smtp::over(TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// A client on a connected stream (one bound to a chosen address).
+    pub fn over(s: TcpStream) -> Smtp {
         let (r, w) = s.into_split();
         Smtp {
             r: TokioBufReader::new(r),

@@ -15,6 +15,7 @@ mod crash;
 mod docs;
 mod interop;
 mod pipes;
+mod printers;
 mod receive;
 
 mod accounts;

@@ -557,6 +557,22 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             "at least one listen address is needed",
         ));
     }
+    if !s.listen_tls.is_empty() && s.tls.is_none() {
+        errs.push(l.error_at(
+            &["server".into(), "listen_tls".into()],
+            "listen_tls needs [server.tls] (cert_file and key_file): implicit TLS has no certificate to offer",
+        ));
+    }
+    if let Some(a) = s
+        .listen_tls
+        .iter()
+        .find(|a| a.port() != 0 && s.listen.contains(a))
+    {
+        errs.push(l.error_at(
+            &["server".into(), "listen_tls".into()],
+            format!("{a} is in both listen and listen_tls; one port speaks either plain SMTP or implicit TLS"),
+        ));
+    }
     for (key, v) in [
         ("max_recipients", s.max_recipients),
         ("max_connections", s.max_connections),
@@ -938,6 +954,39 @@ senders = [\"*\"]
             Some("admin@example.com")
         );
         assert!(render(&ok.config).contains("postmaster = \"admin@example.com\""));
+    }
+
+    #[test]
+    fn listen_tls_needs_server_tls() {
+        let e = err("[server]\nlisten_tls = [\"0.0.0.0:465\"]\n");
+        assert!(
+            e.starts_with("/etc/oauthrelay/oauthrelay.toml:2:")
+                && e.contains("listen_tls needs [server.tls]"),
+            "{e}"
+        );
+        let e = err(
+            "[server]\nlisten = [\"127.0.0.1:465\"]\nlisten_tls = [\"127.0.0.1:465\"]\n\n[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n",
+        );
+        assert!(
+            e.contains(":3:") && e.contains("both listen and listen_tls"),
+            "{e}"
+        );
+        let l = parse(
+            "[server]\nlisten_tls = [\"0.0.0.0:465\"]\n\n[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(l.config.server.listen_tls[0].to_string(), "0.0.0.0:465");
+    }
+
+    #[test]
+    fn bare_lf_end_networks_is_checked_like_allow_networks() {
+        let e = err("[server]\nbare_lf_end_networks = [\"10.0.0.0/40\"]\n");
+        assert!(e.contains(":2:") && e.contains("invalid network"), "{e}");
+        let l = parse("[server]\nbare_lf_end_networks = []\n", None).unwrap();
+        assert_eq!(l.config.server.bare_lf_end_networks, Some(Vec::new()));
+        let l = parse("", None).unwrap();
+        assert_eq!(l.config.server.bare_lf_end_networks, None);
     }
 
     #[test]

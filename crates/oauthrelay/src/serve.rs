@@ -105,6 +105,9 @@ pub(crate) fn inbound_settings(
             }
             inbound::SettingsError::Limit { key, .. } => vec!["server".into(), (*key).into()],
             inbound::SettingsError::Hostname(_) => vec!["server".into(), "hostname".into()],
+            inbound::SettingsError::ListenTlsWithoutTls => {
+                vec!["server".into(), "listen_tls".into()]
+            }
             inbound::SettingsError::PasswordHash { name } => user_key(loaded, name, false),
             inbound::SettingsError::DuplicateUser(name) => user_key(loaded, name, true),
         };
@@ -143,30 +146,51 @@ async fn open_spool(loaded: &Loaded, paths: &Paths) -> anyhow::Result<(Spool, sp
 }
 
 /// SMTP listeners: the sockets systemd passed (socket activation), else the
-/// configured addresses.
-fn bind_smtp(loaded: &Loaded) -> anyhow::Result<Vec<TcpListener>> {
+/// configured addresses (`listen`, then `listen_tls`). A passed socket
+/// named `smtps` or `submissions` (`FileDescriptorName=` of its .socket
+/// unit) speaks implicit TLS; every other one plain SMTP.
+fn bind_smtp(loaded: &Loaded) -> anyhow::Result<Vec<inbound::Listener>> {
     use std::os::fd::FromRawFd;
-    let fds: Vec<_> = sd_notify::listen_fds()
+    let fds: Vec<(i32, String)> = sd_notify::listen_fds_with_names()
         .map(|f| f.collect())
+        .or_else(|_| {
+            // LISTEN_FDNAMES that does not match LISTEN_FDS: plain SMTP.
+            sd_notify::listen_fds().map(|f| f.map(|fd| (fd, String::new())).collect())
+        })
         .unwrap_or_default();
     if !fds.is_empty() {
         info!(
             sockets = fds.len(),
-            "using the sockets systemd passed (socket activation); [server] listen is not used"
+            "using the sockets systemd passed (socket activation); [server] listen and listen_tls are not used"
         );
         let mut out = Vec::new();
-        for fd in fds {
+        for (fd, name) in fds {
             // SAFETY: systemd hands these descriptors to us, once.
             let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
             std.set_nonblocking(true)?;
-            out.push(TcpListener::from_std(std)?);
+            let socket = TcpListener::from_std(std)?;
+            out.push(if matches!(name.as_str(), "smtps" | "submissions") {
+                if loaded.config.server.tls.is_none() {
+                    return Err(anyhow::Error::new(loaded.error_at(
+                        &["server".into()],
+                        format!("systemd passed the implicit-TLS socket {name:?} (FileDescriptorName={name}), but [server.tls] is not set: add cert_file and key_file"),
+                    )));
+                }
+                inbound::Listener::tls(socket)
+            } else {
+                inbound::Listener::from(socket)
+            });
         }
         return Ok(out);
     }
     let mut out = Vec::new();
     for addr in &loaded.config.server.listen {
         let l = std_listener(*addr).map_err(|e| bind_error(e, *addr, "[server] listen"))?;
-        out.push(TcpListener::from_std(l)?);
+        out.push(inbound::Listener::from(TcpListener::from_std(l)?));
+    }
+    for addr in &loaded.config.server.listen_tls {
+        let l = std_listener(*addr).map_err(|e| bind_error(e, *addr, "[server] listen_tls"))?;
+        out.push(inbound::Listener::tls(TcpListener::from_std(l)?));
     }
     Ok(out)
 }
@@ -264,10 +288,21 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     let listeners = bind_smtp(&loaded)?;
     let smtp_addrs: Vec<SocketAddr> = listeners
         .iter()
-        .filter_map(|l| l.local_addr().ok())
+        .filter(|l| l.kind == inbound::ListenerKind::Smtp)
+        .filter_map(|l| l.socket.local_addr().ok())
         .collect();
-    for a in &smtp_addrs {
-        info!("SMTP listening on {a}");
+    let smtps = listeners
+        .iter()
+        .any(|l| l.kind == inbound::ListenerKind::Smtps);
+    for l in &listeners {
+        if let Ok(a) = l.socket.local_addr() {
+            match l.kind {
+                inbound::ListenerKind::Smtp => info!("SMTP listening on {a}"),
+                inbound::ListenerKind::Smtps => {
+                    info!("SMTP with implicit TLS (smtps) listening on {a}")
+                }
+            }
+        }
     }
     let metrics_listener = match loaded.config.metrics.listen {
         Some(addr) => {
@@ -377,6 +412,9 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 notify_reloading();
                 match reload(&loaded, &paths) {
+                    Ok(new) if smtps && new.config.server.tls.is_none() => error!(
+                        "configuration not reloaded, keeping the running one: [server.tls] is gone but implicit-TLS (smtps) listeners are open; restore it, or remove those sockets and restart"
+                    ),
                     Ok(new) => {
                         apply_reload(
                             &new, &route_accounts, &inbound, &tokens, &outbound, &spool, &paths).await;
@@ -490,6 +528,9 @@ fn reload(current: &Loaded, paths: &Paths) -> anyhow::Result<Loaded> {
     }
     if new.config.server.listen != current.config.server.listen {
         warn!("[server] listen changed; the new addresses are used after a restart");
+    }
+    if new.config.server.listen_tls != current.config.server.listen_tls {
+        warn!("[server] listen_tls changed; the new addresses are used after a restart");
     }
     if new.config.metrics.listen != current.config.metrics.listen {
         warn!("[metrics] listen changed; the new address is used after a restart");
