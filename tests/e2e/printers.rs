@@ -312,3 +312,94 @@ async fn bare_lf_end_networks_empty_requires_crlf_dot_crlf_from_loopback() {
     let r = s.reply().await;
     assert!(r.starts_with("250 2.0.0 Ok: queued"), "{r}");
 }
+
+/// Socket activation with two sockets: the one named `smtps`
+/// (`FileDescriptorName=smtps`) speaks implicit TLS, the other plain SMTP.
+#[tokio::test]
+async fn socket_activation_names_the_implicit_tls_socket() {
+    if !have_tool("systemd-socket-activate") || !have_tool("python3") {
+        return;
+    }
+    let ca = testkit::ca::TestCa::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let cert = tmp.path().join("cert.pem");
+    let key = tmp.path().join("key.pem");
+    write_private(&cert, ca.server_cert_pem()).unwrap();
+    write_private(&key, ca.server_key_pem()).unwrap();
+    let ca_file = ca.write_to(tmp.path());
+    let cfg = config_in(
+        tmp.path(),
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"5s\"\n\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let log = tmp.path().join("daemon.log");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (plain, tls) = (free(), free());
+    let mut activator = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{plain}")])
+        .args(["-l", &format!("127.0.0.1:{tls}")])
+        .arg("--fdname=smtp:smtps")
+        .args(["-E", "RUST_LOG=info", "-E", "PATH=/usr/bin:/bin"])
+        .arg("sh")
+        .arg("-c")
+        .arg("exec \"$0\" --config \"$1\" serve 2>\"$2\"")
+        .arg(crate::harness::BIN)
+        .arg(&cfg)
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the activator listens on the TLS port; the client's
+    // connection starts the daemon.
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", tls)).is_err() {
+        assert!(start.elapsed() < T, "activator never listened");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = python(&format!(
+        r#"
+import smtplib, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+with smtplib.SMTP_SSL("127.0.0.1", {tls}, context=ctx, timeout=30) as s:
+    code, text = s.ehlo("activated-465")
+    assert code == 250, (code, text)
+    print("tls ok", s.sock.version())
+with smtplib.SMTP("127.0.0.1", {plain}, timeout=30) as s:
+    code, text = s.ehlo("activated-25")
+    assert b"STARTTLS" in text, text
+    print("plain ok")
+"#,
+        ca = ca_file.display()
+    ));
+    assert!(
+        out.contains("tls ok TLSv1.") && out.contains("plain ok"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!(
+            "SMTP with implicit TLS (smtps) listening on 127.0.0.1:{tls}"
+        )) && text.contains(&format!("SMTP listening on 127.0.0.1:{plain}")),
+        "{text}"
+    );
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", activator.id()))
+        .unwrap_or_default();
+    for pid in children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let _ = activator.kill();
+    let _ = activator.wait();
+}
