@@ -185,10 +185,17 @@ impl Account {
                 reason: format!("email {:?} is not an email address", config.email),
             });
         }
-        if config.scopes.is_empty() || config.scopes.iter().any(|s| s.trim().is_empty()) {
+        if config.scopes.iter().any(|s| s.trim().is_empty()) {
             return Err(AccountError::Invalid {
                 account: name,
-                reason: "scopes must list at least one scope (Gmail SMTP needs \"https://mail.google.com/\")".into(),
+                reason: "scopes must not contain an empty scope (Gmail SMTP needs \"https://mail.google.com/\", the Gmail API \"https://www.googleapis.com/auth/gmail.send\")".into(),
+            });
+        }
+        let scopes = config.effective_scopes();
+        if let Some((problem, fix)) = config.scope_problem(&scopes) {
+            return Err(AccountError::Invalid {
+                account: name,
+                reason: format!("scopes: {problem}; {fix}"),
             });
         }
 
@@ -247,7 +254,7 @@ impl Account {
             credentials,
             auth_url: config.auth_url.clone(),
             token_url: config.token_url.clone(),
-            scopes: config.scopes.clone(),
+            scopes,
             ca_file,
             config: config.clone(),
             extra_roots,

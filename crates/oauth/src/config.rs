@@ -15,6 +15,10 @@ pub const GMAIL_SMTP_HOST: &str = "smtp.gmail.com";
 pub const GOOGLE_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
 pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
+/// The Gmail API's send-only scope: `users.messages.send` and nothing else.
+pub const GMAIL_SEND_SCOPE: &str = "https://www.googleapis.com/auth/gmail.send";
+/// The Gmail API's base URL.
+pub const GMAIL_API_URL: &str = "https://gmail.googleapis.com";
 
 /// One `[[accounts]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,8 +81,90 @@ pub struct AccountConfig {
     pub auth_url: Endpoint,
     #[serde(default = "default_token_url")]
     pub token_url: Endpoint,
-    #[serde(default = "default_scopes")]
+    /// OAuth scopes to request. Empty (the default): the transport's
+    /// ([`TransportKind::default_scopes`]).
+    #[serde(default)]
     pub scopes: Vec<String>,
+    /// How mail goes upstream: SMTP with XOAUTH2 (scope
+    /// `https://mail.google.com/`) or the Gmail API (scope `gmail.send`).
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// The Gmail API's base URL (`transport = "gmail-api"`).
+    #[serde(default = "default_api_url")]
+    pub api_url: Endpoint,
+    /// Sends per second for this account (a token bucket with a small
+    /// burst). Default: the transport's (2.5 for the Gmail API, unpaced
+    /// SMTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<f64>,
+}
+
+/// `transport`: how an account's mail goes upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// SMTP with SASL XOAUTH2 (`smtp_host`): needs the full-mailbox scope
+    /// `https://mail.google.com/`.
+    #[default]
+    Smtp,
+    /// The Gmail API's `users.messages.send` (`api_url`): needs only
+    /// `https://www.googleapis.com/auth/gmail.send`.
+    GmailApi,
+}
+
+impl TransportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Smtp => "smtp",
+            TransportKind::GmailApi => "gmail-api",
+        }
+    }
+
+    /// The scopes requested when the config lists none.
+    pub fn default_scopes(self) -> Vec<String> {
+        match self {
+            TransportKind::Smtp => vec![GMAIL_SCOPE.to_string()],
+            TransportKind::GmailApi => vec![GMAIL_SEND_SCOPE.to_string()],
+        }
+    }
+
+    /// Scopes, any one of which lets a token use this transport (Google's
+    /// documentation of `users.messages.send`; SMTP takes only the full
+    /// scope).
+    pub fn serving_scopes(self) -> &'static [&'static str] {
+        match self {
+            TransportKind::Smtp => &[GMAIL_SCOPE],
+            TransportKind::GmailApi => &[
+                GMAIL_SEND_SCOPE,
+                "https://www.googleapis.com/auth/gmail.compose",
+                "https://www.googleapis.com/auth/gmail.modify",
+                GMAIL_SCOPE,
+            ],
+        }
+    }
+
+    /// Whether a token granted `scopes` can use this transport.
+    pub fn served_by(self, scopes: &[String]) -> bool {
+        scopes
+            .iter()
+            .any(|s| self.serving_scopes().contains(&s.as_str()))
+    }
+
+    /// The default `max_rate` (sends per second): Gmail API quota is
+    /// 15,000 units per user per minute and a send costs 100, so 2.5 a
+    /// second; SMTP is not paced unless `max_rate` says so.
+    pub fn default_max_rate(self) -> Option<f64> {
+        match self {
+            TransportKind::Smtp => None,
+            TransportKind::GmailApi => Some(2.5),
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How the SMTP connection is secured.
@@ -179,8 +265,8 @@ fn default_auth_url() -> Endpoint {
 fn default_token_url() -> Endpoint {
     Endpoint(url::Url::parse(GOOGLE_TOKEN_URL).expect("constant URL"))
 }
-fn default_scopes() -> Vec<String> {
-    vec![GMAIL_SCOPE.to_string()]
+fn default_api_url() -> Endpoint {
+    Endpoint(url::Url::parse(GMAIL_API_URL).expect("constant URL"))
 }
 
 impl AccountConfig {
@@ -204,8 +290,66 @@ impl AccountConfig {
             ca_file: None,
             auth_url: default_auth_url(),
             token_url: default_token_url(),
-            scopes: default_scopes(),
+            scopes: Vec::new(),
+            transport: TransportKind::default(),
+            api_url: default_api_url(),
+            max_rate: None,
         }
+    }
+
+    /// The scopes to request: `scopes`, or the transport's default.
+    pub fn effective_scopes(&self) -> Vec<String> {
+        if self.scopes.is_empty() {
+            self.transport.default_scopes()
+        } else {
+            self.scopes.clone()
+        }
+    }
+
+    /// Sends per second for pacing: `max_rate`, else the transport's
+    /// default (`None`: unpaced).
+    pub fn effective_max_rate(&self) -> Option<f64> {
+        self.max_rate.or(self.transport.default_max_rate())
+    }
+
+    /// Why a token granted `granted` cannot serve this account's
+    /// transport, with the fix; `None` when it can (or nothing is known).
+    pub fn scope_problem(&self, granted: &[String]) -> Option<(String, String)> {
+        if granted.is_empty() || self.transport.served_by(granted) {
+            return None;
+        }
+        let t = self.transport;
+        let name = &self.name;
+        let problem = format!(
+            "the token's scope ({}) cannot be used with transport = \"{t}\", which needs {}",
+            granted.join(" "),
+            match t {
+                TransportKind::Smtp =>
+                    format!("{GMAIL_SCOPE} (Gmail's SMTP server takes no other)"),
+                TransportKind::GmailApi => format!("{GMAIL_SEND_SCOPE} (or a wider Gmail scope)"),
+            }
+        );
+        let other = match t {
+            TransportKind::Smtp => TransportKind::GmailApi,
+            TransportKind::GmailApi => TransportKind::Smtp,
+        };
+        let switch = if other.served_by(granted) {
+            format!("set transport = \"{other}\" (the token serves it), or ")
+        } else {
+            String::new()
+        };
+        let fix = if self.service_account_key_file.is_some() {
+            format!(
+                "{switch}grant the service account's client id the scope {} in the Admin console (Security > API controls > Domain-wide delegation), then reload the daemon",
+                t.default_scopes().join(" ")
+            )
+        } else {
+            format!(
+                "{switch}set scopes = [\"{}\"] (or remove `scopes`) and run: oauthrelay authorize --account {name}",
+                t.default_scopes().join("\", \"")
+            )
+        };
+        Some((problem, fix))
     }
 
     /// Whether this account's `senders` patterns accept `sender`

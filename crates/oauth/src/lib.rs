@@ -80,7 +80,7 @@ pub mod token;
 pub mod xoauth2;
 
 pub use account::{Account, AccountContext, AccountError, Credentials, SecretSource, resolve_all};
-pub use config::{AccountConfig, Endpoint, SmtpTls, sender_matches};
+pub use config::{AccountConfig, Endpoint, SmtpTls, TransportKind, sender_matches};
 pub use explain::explain;
 pub use manager::{AccountEvent, ManagerError, ManagerOptions, TokenError, TokenManager};
 pub use metrics::OAuthMetrics;

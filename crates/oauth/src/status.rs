@@ -112,6 +112,11 @@ pub struct AccountStatus {
     pub access_token_expires_at: Option<SystemTime>,
     /// The latest refresh: time, `ok`/`error`, error code and text.
     pub last_refresh: Option<RefreshRecord>,
+    /// How the account sends (`smtp` or `gmail-api`).
+    pub transport: crate::TransportKind,
+    /// The scopes the stored token was granted (Google's answer to the
+    /// last refresh; before one, what was requested). Empty when unknown.
+    pub scopes: Vec<String>,
 }
 
 impl AccountStatus {
@@ -129,6 +134,8 @@ impl AccountStatus {
             auth: AuthState::Authorized { trouble: None },
             access_token_expires_at: None,
             last_refresh: None,
+            transport: account.config.transport,
+            scopes: Vec::new(),
         }
     }
 }
@@ -162,6 +169,7 @@ fn file_status(account: &Account) -> AccountStatus {
     st.refresh_token_stored = file.refresh_token.is_some();
     st.access_token_expires_at = file.access_token_expires_at;
     st.last_refresh = file.last_refresh.clone();
+    st.scopes = file.scopes.clone();
     let missing_token = !account.is_service_account() && file.refresh_token.is_none();
     if missing_token {
         st.auth = AuthState::NeedsAuthorization(Refusal {
@@ -171,6 +179,13 @@ fn file_status(account: &Account) -> AccountStatus {
                 account.token_file.display()
             ),
             fix: crate::manager::fix_for(account, "not_authorized"),
+            retry_at: None,
+        });
+    } else if let Some((problem, _)) = account.config.scope_problem(&file.scopes) {
+        st.auth = AuthState::NeedsAuthorization(Refusal {
+            code: crate::manager::SCOPE_MISMATCH.into(),
+            problem,
+            fix: crate::manager::fix_for(account, crate::manager::SCOPE_MISMATCH),
             retry_at: None,
         });
     } else if file.needs_authorization {

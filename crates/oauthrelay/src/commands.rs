@@ -54,6 +54,26 @@ pub fn check_config(loaded: &Loaded, errors: Vec<config::ConfigError>, paths: &P
         .postmaster
         .clone()
         .or_else(|| loaded.config.accounts.first().map(|a| a.email.clone()));
+    // Each account's transport and the scope its stored token was granted.
+    let ctx = account_context(paths, loaded, Secrets::Skip);
+    for a in &loaded.config.accounts {
+        if let Ok(acct) = oauth::Account::resolve(a, &ctx) {
+            let scopes = oauth::status(std::slice::from_ref(&acct))
+                .first()
+                .map(|s| s.scopes.clone())
+                .unwrap_or_default();
+            outln!(
+                "# account {}: transport {}, token scope {}",
+                a.name,
+                a.transport,
+                if scopes.is_empty() {
+                    "unknown (not authorized yet)".to_string()
+                } else {
+                    outbound::escape_controls(&scopes.join(" "))
+                }
+            );
+        }
+    }
     out!("{}", config::render(&effective));
     ExitCode::SUCCESS
 }
@@ -337,6 +357,15 @@ fn print_status(s: &oauth::AccountStatus) {
         }
     );
     outln!("  token file:        {}", s.token_file.display());
+    outln!("  transport:         {}", s.transport);
+    outln!(
+        "  token scope:       {}",
+        if s.scopes.is_empty() {
+            "unknown (no token stored yet)".to_string()
+        } else {
+            safe(&s.scopes.join(" "))
+        }
+    );
     match s.access_token_expires_at {
         Some(t) => outln!("  access token:      valid until {}", fmt(t)),
         None => outln!("  access token:      none cached"),

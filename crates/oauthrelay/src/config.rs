@@ -714,6 +714,19 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
                 format!("envelope_from {f:?} is not an email address (local-part@domain)"),
             ));
         }
+        if let Some(r) = a.max_rate
+            && !(r.is_finite() && r > 0.0)
+        {
+            errs.push(l.error_at(
+                &at("max_rate"),
+                format!("max_rate must be a positive number of sends per second, not {r}"),
+            ));
+        }
+        if !a.scopes.is_empty()
+            && let Some((problem, fix)) = a.scope_problem(&a.scopes)
+        {
+            errs.push(l.error_at(&at("scopes"), format!("{problem}; {fix}")));
+        }
         if a.senders.is_empty() {
             errs.push(l.error_at(
                 &at("senders"),
@@ -767,7 +780,12 @@ fn line_col(source: &str, offset: usize) -> (usize, usize) {
 
 /// The effective configuration as TOML, secrets redacted (`check-config`).
 pub fn render(config: &Config) -> String {
-    toml::to_string_pretty(config).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    // The effective scopes, not "the transport's default".
+    let mut config = config.clone();
+    for a in &mut config.accounts {
+        a.scopes = a.effective_scopes();
+    }
+    toml::to_string_pretty(&config).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
 }
 
 #[cfg(test)]

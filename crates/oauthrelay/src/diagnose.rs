@@ -27,8 +27,21 @@ pub fn problems(loaded: &Loaded, paths: &Paths, reported: &[ConfigError]) -> Vec
     let ctx = context(loaded, paths);
     for (i, a) in loaded.config.accounts.iter().enumerate() {
         // What `serve` itself reports first, at its key...
-        if let Err(e) = oauth::Account::resolve(a, &ctx) {
-            push(account_error(loaded, paths, i, &e), &mut out);
+        match oauth::Account::resolve(a, &ctx) {
+            Err(e) => push(account_error(loaded, paths, i, &e), &mut out),
+            Ok(acct) => {
+                // The stored token's granted scope against the transport.
+                let scopes = oauth::status(std::slice::from_ref(&acct))
+                    .first()
+                    .map(|s| s.scopes.clone())
+                    .unwrap_or_default();
+                if let Some((problem, fix)) = a.scope_problem(&scopes) {
+                    push(
+                        loaded.error_at(&key_path(i, "transport"), format!("{problem}; {fix}")),
+                        &mut out,
+                    );
+                }
+            }
         }
         // ...then each file on its own, so one bad file does not hide the
         // next.
