@@ -239,6 +239,8 @@ struct RefreshGrant {
 
 struct AccessGrant {
     email: String,
+    /// Space-separated scopes granted.
+    scope: String,
     expires: Instant,
     revoked: bool,
 }
@@ -399,13 +401,24 @@ impl FakeGoogle {
     /// A refresh token for `email` issued to `client_id`, as if consent had
     /// happened (for `token import` tests).
     pub fn issue_refresh_token(&self, client_id: &str, email: &str) -> String {
+        self.issue_refresh_token_with_scope(client_id, email, GMAIL_SCOPE)
+    }
+
+    /// A refresh token granting `scope` (space-separated), as if consent
+    /// had happened with that scope.
+    pub fn issue_refresh_token_with_scope(
+        &self,
+        client_id: &str,
+        email: &str,
+        scope: &str,
+    ) -> String {
         let token = random_token("1//0g", 64);
         self.shared.lock().refresh_tokens.insert(
             token.clone(),
             RefreshGrant {
                 client_id: client_id.to_string(),
                 email: email.to_string(),
-                scope: GMAIL_SCOPE.into(),
+                scope: scope.to_string(),
                 revoked: false,
             },
         );
@@ -530,14 +543,50 @@ impl FakeGoogle {
         self.shared.email_for(token)
     }
 
-    /// `(user, token) -> bool`: the token is valid and was issued for
-    /// `user` (case-insensitive). Plug into the fake Gmail's validator.
+    /// The user and the granted scopes of a valid access token.
+    pub fn grant_for(&self, token: &str) -> Option<(String, Vec<String>)> {
+        let st = self.shared.lock();
+        let g = st.access_tokens.get(token)?;
+        (!g.revoked && Instant::now() < g.expires).then(|| {
+            (
+                g.email.clone(),
+                g.scope.split_whitespace().map(str::to_string).collect(),
+            )
+        })
+    }
+
+    /// `token -> Some((user, scopes))` for valid tokens: plug into the fake
+    /// Gmail API's bearer check.
+    pub fn bearer_validator(
+        &self,
+    ) -> impl Fn(&str) -> Option<(String, Vec<String>)> + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move |token: &str| {
+            let st = shared.lock();
+            let g = st.access_tokens.get(token)?;
+            (!g.revoked && Instant::now() < g.expires).then(|| {
+                (
+                    g.email.clone(),
+                    g.scope.split_whitespace().map(str::to_string).collect(),
+                )
+            })
+        }
+    }
+
+    /// `(user, token) -> bool`: the token is valid, was issued for `user`
+    /// (case-insensitive) and carries `https://mail.google.com/`, the only
+    /// scope Gmail's SMTP server takes. Plug into the fake Gmail's
+    /// validator.
     pub fn token_validator(&self) -> impl Fn(&str, &str) -> bool + Send + Sync + 'static {
         let shared = self.shared.clone();
         move |user: &str, token: &str| {
-            shared
-                .email_for(token)
-                .is_some_and(|email| email.eq_ignore_ascii_case(user))
+            let st = shared.lock();
+            st.access_tokens.get(token).is_some_and(|g| {
+                !g.revoked
+                    && Instant::now() < g.expires
+                    && g.email.eq_ignore_ascii_case(user)
+                    && g.scope.split_whitespace().any(|s| s == GMAIL_SCOPE)
+            })
         }
     }
 
@@ -780,12 +829,13 @@ impl FakeState {
         }
     }
 
-    fn issue_access_token(&mut self, email: &str) -> (String, u64) {
+    fn issue_access_token(&mut self, email: &str, scope: &str) -> (String, u64) {
         let token = random_token("ya29.a0", 120);
         self.access_tokens.insert(
             token.clone(),
             AccessGrant {
                 email: email.to_string(),
+                scope: scope.to_string(),
                 expires: Instant::now() + self.lifetime,
                 revoked: false,
             },
@@ -818,7 +868,7 @@ impl FakeState {
         if URL_SAFE_NO_PAD.encode(digest.as_ref()) != grant.challenge {
             return oauth_error(400, "invalid_grant", "Invalid code verifier.");
         }
-        let (access, expires_in) = self.issue_access_token(&grant.email);
+        let (access, expires_in) = self.issue_access_token(&grant.email, &grant.scope);
         let mut body = serde_json::json!({
             "access_token": access,
             "expires_in": expires_in,
@@ -852,7 +902,7 @@ impl FakeState {
                 return oauth_error(400, "invalid_grant", "Token has been expired or revoked.");
             }
         };
-        let (access, expires_in) = self.issue_access_token(&email);
+        let (access, expires_in) = self.issue_access_token(&email, &scope);
         let mut body = serde_json::json!({
             "access_token": access,
             "expires_in": expires_in,
@@ -956,7 +1006,7 @@ impl FakeState {
         let _ = &sa.client_id;
         self.last_jwt_header = Some(header);
         self.last_jwt_claims = Some(claims);
-        let (access, expires_in) = self.issue_access_token(&sub);
+        let (access, expires_in) = self.issue_access_token(&sub, &scope);
         json_ok(serde_json::json!({
             "access_token": access,
             "expires_in": expires_in,

@@ -11,4 +11,5 @@
 pub mod ca;
 pub mod daemon;
 pub mod gmail;
+pub mod gmail_api;
 pub mod google;
