@@ -24,9 +24,25 @@ impl Body {
         id: MessageId,
         rewrite_from: Option<&str>,
     ) -> Result<Body, SpoolError> {
+        match rewrite_from {
+            Some(email) => {
+                Body::open_with(spool, id, Some(&|h: &[u8]| rewrite_headers(h, email))).await
+            }
+            None => Body::open_with(spool, id, None).await,
+        }
+    }
+
+    /// Open message `id` with its header section (up to [`MAX_HEADER`],
+    /// with its blank line) replaced by `transform`'s output. A message
+    /// with a bigger header section is sent unchanged.
+    pub(crate) async fn open_with(
+        spool: &Spool,
+        id: MessageId,
+        transform: Option<&(dyn Fn(&[u8]) -> Vec<u8> + Send + Sync)>,
+    ) -> Result<Body, SpoolError> {
         let mut reader = spool.read_body(id)?;
         let total = reader.len();
-        let Some(email) = rewrite_from else {
+        let Some(transform) = transform else {
             return Ok(Body {
                 head: Vec::new(),
                 reader,
@@ -49,17 +65,33 @@ impl Body {
         let consumed = buf.len() as u64;
         let head = match end {
             Some(end) => {
-                let mut head = rewrite_headers(&buf[..end], email);
+                let mut head = transform(&buf[..end]);
                 head.extend_from_slice(&buf[end..]);
                 head
             }
             // A message that is all headers (no blank line) is rewritten
             // whole; one with a gigantic header section is sent as is.
-            None if buf.len() <= MAX_HEADER => rewrite_headers(&buf, email),
+            None if buf.len() <= MAX_HEADER => transform(&buf),
             None => buf,
         };
         let size = head.len() as u64 + (total - consumed);
         Ok(Body { head, reader, size })
+    }
+
+    /// Drop the first `n` bytes (resuming an upload).
+    pub(crate) async fn skip(&mut self, mut n: u64) -> Result<(), SpoolError> {
+        while n > 0 {
+            let Some(mut c) = self.next().await? else {
+                return Ok(());
+            };
+            if (c.len() as u64) <= n {
+                n -= c.len() as u64;
+                continue;
+            }
+            self.head = c.split_off(n as usize);
+            return Ok(());
+        }
+        Ok(())
     }
 
     /// The next piece, or `None` at the end.

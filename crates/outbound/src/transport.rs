@@ -55,6 +55,9 @@ pub struct Attempt {
     pub local: Vec<usize>,
     /// The message left the spool meanwhile (deleted).
     pub gone: bool,
+    /// What the transport changed to deliver it (the Gmail API's recipient
+    /// headers), for the log and `queue show`.
+    pub note: Option<String>,
 }
 
 /// A way to deliver mail for one account.

@@ -24,10 +24,10 @@ use crate::history::{AttemptRecord, History};
 use crate::hold::HoldReason;
 use crate::metrics::{DropReason, Metrics};
 use crate::sender;
-use crate::smtp::SmtpTransport;
 use crate::smtp::session::AccountCtx;
 use crate::state::{DeliveryState, RcptState};
 use crate::transport::{Attempt, Outgoing, Transport};
+use crate::transports::AnyTransport;
 
 /// How much of the original header section a bounce quotes.
 const BOUNCE_HEADER_LIMIT: usize = 64 * 1024;
@@ -138,8 +138,8 @@ async fn grace_expired(shutdown: &CancellationToken, grace: std::time::Duration)
 }
 
 impl Worker {
-    fn transport(&self, job: &Job) -> SmtpTransport {
-        SmtpTransport::new(
+    fn transport(&self, job: &Job) -> AnyTransport {
+        AnyTransport::new(
             job.ctx.clone(),
             self.shared.tokens.clone(),
             self.shared.hostname.clone(),
@@ -149,7 +149,7 @@ impl Worker {
     }
 
     pub(crate) async fn run(mut self, mut cfg: Arc<DeliveryConfig>) {
-        let mut transport: Option<SmtpTransport> = None;
+        let mut transport: Option<AnyTransport> = None;
         let mut idle_since = Instant::now();
         loop {
             let idle_at = idle_since + cfg.idle_timeout;
@@ -299,6 +299,12 @@ impl Worker {
             spool: &sh.spool,
             data_timeout: job.cfg.data_timeout,
         };
+        if let Some(p) = &job.ctx.pace {
+            let waited = p.acquire().await;
+            if !waited.is_zero() {
+                tracing::debug!(queue_id = %id, account = %acct.name, waited = ?waited, "paced (max_rate {}/s, burst {})", p.rate(), p.burst());
+            }
+        }
         let attempt = transport.deliver(&out).await;
         if attempt.gone {
             return Outcome::Gone;
@@ -609,7 +615,14 @@ impl Worker {
             envelope: env,
             state,
             report: rcpts,
-            remote_mta: &acct.smtp_host,
+            remote_mta: match acct.transport {
+                oauth::TransportKind::Smtp => acct.smtp_host.as_str(),
+                oauth::TransportKind::GmailApi => acct
+                    .api_url
+                    .url()
+                    .host_str()
+                    .unwrap_or("gmail.googleapis.com"),
+            },
             original: if whole {
                 Original::Message(&original)
             } else {
@@ -680,6 +693,9 @@ impl Worker {
         if let Some(rid) = &a.remote_id {
             text.push_str(&format!(", remote_id={rid}"));
         }
+        if let Some(note) = &a.note {
+            text.push_str(&format!(", note=({note})"));
+        }
         let status = line.status.as_str();
         match line.status {
             decide::LogStatus::Sent => tracing::info!(
@@ -708,7 +724,7 @@ impl Worker {
     }
 }
 
-async fn idle_closed(t: &mut Option<SmtpTransport>) {
+async fn idle_closed(t: &mut Option<AnyTransport>) {
     match t {
         Some(t) => t.idle_closed().await,
         None => std::future::pending().await,

@@ -926,7 +926,11 @@ async fn handle(
                     .and_then(|r| r.split_once('/'))
                     .and_then(|(ab, n)| {
                         let (a, b) = ab.split_once('-')?;
-                        Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?, n.parse::<u64>().ok()?))
+                        Some((
+                            a.parse::<u64>().ok()?,
+                            b.parse::<u64>().ok()?,
+                            n.parse::<u64>().ok()?,
+                        ))
                     });
                 match parsed {
                     Some((a, b, n))

@@ -19,12 +19,27 @@ use crate::reply::{Answer, Reply};
 pub(crate) struct AccountCtx {
     pub config: AccountConfig,
     pub tls: Result<Arc<rustls::ClientConfig>, String>,
+    /// The Gmail API's HTTP client (`transport = "gmail-api"`), shared by
+    /// the account's workers.
+    pub api: Option<Result<reqwest::Client, String>>,
+    /// The account's pacing (`max_rate` or the transport's default).
+    pub pace: Option<Arc<crate::pace::Pacer>>,
 }
 
 impl AccountCtx {
     pub(crate) fn new(config: AccountConfig) -> AccountCtx {
         let tls = super::tls::client_config(config.ca_file.as_deref());
-        AccountCtx { config, tls }
+        let api = (config.transport == oauth::TransportKind::GmailApi)
+            .then(|| crate::gmail_api::client(&tls, Duration::from_secs(30)));
+        let pace = config
+            .effective_max_rate()
+            .map(|r| Arc::new(crate::pace::Pacer::new(r)));
+        AccountCtx {
+            config,
+            tls,
+            api,
+            pace,
+        }
     }
 }
 

@@ -137,6 +137,7 @@ impl Harness {
             auth_url: google.auth_url().parse().expect("auth url"),
             token_url: google.token_url().parse().expect("token url"),
             scopes: vec!["https://mail.google.com/".into()],
+            ..AccountConfig::new("default", EMAIL)
         };
         let ctx = AccountContext::new(dir.path().join("state")).with_credentials_dir(None);
         let resolved = Account::resolve(&account, &ctx).expect("resolve account");
