@@ -126,7 +126,14 @@ impl Upstream {
     /// fake issues for `email`, using `config` (run before the daemon
     /// starts; the account must have its own token file). Returns the token.
     pub fn import(&self, config: &str, name: &str, email: &str) -> String {
-        let refresh = self.google.issue_refresh_token(CLIENT_ID, email);
+        self.import_scoped(config, name, email, testkit::google::GMAIL_SCOPE)
+    }
+
+    /// [`Upstream::import`] with a refresh token that grants `scope`.
+    pub fn import_scoped(&self, config: &str, name: &str, email: &str, scope: &str) -> String {
+        let refresh = self
+            .google
+            .issue_refresh_token_with_scope(CLIENT_ID, email, scope);
         let cfg = config_in(self.aux.path(), config);
         let out = run_cli(
             &cfg,

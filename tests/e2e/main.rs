@@ -22,6 +22,7 @@ mod accounts;
 mod delivery;
 mod delivery_log;
 mod fakes;
+mod gmail_api;
 
 mod faults;
 mod load;

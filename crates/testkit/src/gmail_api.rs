@@ -797,7 +797,18 @@ async fn handle(
         // call it.
         return Ok(Some(scope_insufficient()));
     }
-    let fault = shared.lock().faults.pop_front();
+    // Faults that cut a body wait for a request that has one.
+    let has_body = head
+        .header("content-length")
+        .is_some_and(|v| v.trim() != "0")
+        || head.header("transfer-encoding").is_some();
+    let fault = {
+        let mut st = shared.lock();
+        match st.faults.front() {
+            Some(ApiFault::DropAfterBytes(_) | ApiFault::DropResponse) if !has_body => None,
+            _ => st.faults.pop_front(),
+        }
+    };
     let cut = match &fault {
         Some(ApiFault::DropAfterBytes(n)) => Some(*n),
         _ => None,

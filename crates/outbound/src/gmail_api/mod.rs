@@ -258,6 +258,15 @@ impl Transport for GmailApiTransport {
                 }
                 Sent::Spool(e) => local(e, &mut a),
             }
+            if let Some(note) = &a.note {
+                // `queue show` and `queue list` show what was done to the
+                // recipient headers with the last answer.
+                for (_, o) in &mut a.outcomes {
+                    if let RcptOutcome::Deferred(ans) | RcptOutcome::Failed(ans) = o {
+                        *ans = with_note(ans, note);
+                    }
+                }
+            }
             return a;
         }
     }
@@ -274,6 +283,15 @@ impl Transport for GmailApiTransport {
     async fn close(&mut self) {}
 
     fn drop_channel(&mut self) {}
+}
+
+fn with_note(a: &Answer, note: &str) -> Answer {
+    match a {
+        Answer::Reply(r) => {
+            Answer::Reply(Reply::new(r.code, r.status, &format!("{} ({note})", r.text)))
+        }
+        Answer::Error(e) => Answer::error(format!("{e} ({note})")),
+    }
 }
 
 /// Opens the message as it goes to the API: `rewrite_from` and the
