@@ -282,10 +282,9 @@ async fn a_30_mb_resumable_upload_cut_half_way_resumes_without_a_second_copy() {
     while body.len() < 30 * 1024 * 1024 {
         body.extend_from_slice(&line);
     }
-    let id = submit(&d, "app@example.com", &["r@example.org"], &body).await;
-    let _ = id;
     a.api
         .fail_next(1, ApiFault::DropAfterBytes(15 * 1024 * 1024));
+    submit(&d, "app@example.com", &["r@example.org"], &body).await;
     d.reset_peak_rss();
     let (_, rss_before) = d.memory_kib();
     let m = a.wait_messages(1).await.remove(0);
@@ -356,10 +355,17 @@ async fn unauthenticated_refreshes_once_then_holds() {
     .await;
     let held = wait_state(&d, &id, "held").await;
     assert!(
-        held["last_error"]
+        held["held"]
             .as_str()
             .unwrap_or_default()
             .contains("authorize --account default"),
+        "{held}"
+    );
+    assert!(
+        held["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP 401 authError"),
         "{held}"
     );
     assert!(a.api.messages().is_empty());
@@ -371,14 +377,15 @@ async fn a_missing_scope_or_a_disabled_api_holds_with_the_fix() {
     let held = wait_state(&d, &id, "held").await;
     let err = held["last_error"].as_str().unwrap_or_default();
     assert!(err.contains("insufficientPermissions"), "{err}");
+    let why = held["held"].as_str().unwrap_or_default();
     assert!(
-        err.contains("gmail.send") && err.contains("authorize --account default"),
-        "{err}"
+        why.contains("gmail.send") && why.contains("authorize --account default"),
+        "{why}"
     );
 
     let (a, d, id) = with_fault(ApiFault::AccessNotConfigured, "").await;
     let held = wait_state(&d, &id, "held").await;
-    let err = held["last_error"].as_str().unwrap_or_default();
+    let err = held["held"].as_str().unwrap_or_default();
     assert!(err.contains("Gmail API is not enabled"), "{err}");
     assert!(err.contains("https://console.developers.google.com/apis/api/gmail.googleapis.com/overview?project=123456789012"), "{err}");
     // Fixed (the API enabled): queue retry sends it.

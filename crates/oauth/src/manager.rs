@@ -369,8 +369,14 @@ impl TokenManager {
             return;
         }
         let code = "smtp_auth_rejected".to_string();
+        let likely = match st.account.config.transport {
+            crate::TransportKind::Smtp => {
+                "without the https://mail.google.com/ scope, or SMTP access is disabled for this user"
+            }
+            crate::TransportKind::GmailApi => "or the Gmail API is not allowed for this user",
+        };
         let reason = format!(
-            "Gmail refused a freshly refreshed access token for {} ({reply}): it was probably authorized with another Google account, without the https://mail.google.com/ scope, or SMTP access is disabled for this user",
+            "Gmail refused a freshly refreshed access token for {} ({reply}): it was probably authorized with another Google account, {likely}",
             st.account.email
         );
         st.blocked = Some(Blocked {
@@ -650,12 +656,18 @@ pub const SCOPE_MISMATCH: &str = "scope_mismatch";
 /// What to tell the user to run for an account blocked with `code`.
 pub(crate) fn fix_for(account: &Account, code: &str) -> String {
     let name = &account.name;
-    if code == SCOPE_MISMATCH
-        && let Some((_, fix)) = account
-            .config
-            .scope_problem(&["(another scope)".to_string()])
-    {
-        return fix;
+    if code == SCOPE_MISMATCH {
+        // The scopes Google granted are in the token file (recorded when
+        // the mismatch was found): the fix can name a transport they serve.
+        let granted = crate::store::load(&account.token_file)
+            .ok()
+            .flatten()
+            .map(|f| f.scopes)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vec!["(another scope)".to_string()]);
+        if let Some((_, fix)) = account.config.scope_problem(&granted) {
+            return fix;
+        }
     }
     if account.is_service_account() {
         return "fix the service account key or its domain-wide delegation, then reload the daemon (systemctl reload oauthrelay)".into();

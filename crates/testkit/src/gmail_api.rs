@@ -814,6 +814,9 @@ async fn handle(
         _ => None,
     };
     if !read_body(s, head, &mut body, cut).await? {
+        // Google keeps what arrived of a resumable upload (in 256 KiB
+        // units) for the status query to report.
+        keep_partial(shared, head, &body);
         return Ok(None);
     }
     let user = match authenticate(shared, head) {
@@ -990,6 +993,29 @@ async fn handle(
         return Ok(None);
     }
     Ok(Some(reply))
+}
+
+/// What arrived of a `PUT` to a session before its connection was cut.
+fn keep_partial(shared: &Shared, head: &Head, body: &[u8]) {
+    if head.method != "PUT" {
+        return;
+    }
+    let Some(id) = head.query("upload_id") else {
+        return;
+    };
+    let start = head
+        .header("content-range")
+        .and_then(|r| r.strip_prefix("bytes "))
+        .and_then(|r| r.split('-').next())
+        .and_then(|a| a.parse::<u64>().ok());
+    let mut st = shared.lock();
+    if let Some(sess) = st.sessions.get_mut(&id)
+        && start == Some(sess.data.len() as u64)
+    {
+        let keep = body.len() / (256 * 1024) * (256 * 1024);
+        sess.data.extend_from_slice(&body[..keep]);
+        sess.puts += 1;
+    }
 }
 
 /// `308` with how much arrived.

@@ -287,9 +287,11 @@ impl Transport for GmailApiTransport {
 
 fn with_note(a: &Answer, note: &str) -> Answer {
     match a {
-        Answer::Reply(r) => {
-            Answer::Reply(Reply::new(r.code, r.status, &format!("{} ({note})", r.text)))
-        }
+        Answer::Reply(r) => Answer::Reply(Reply::new(
+            r.code,
+            r.status,
+            &format!("{} ({note})", r.text),
+        )),
         Answer::Error(e) => Answer::error(format!("{e} ({note})")),
     }
 }
