@@ -499,3 +499,58 @@ async fn pacing_keeps_a_burst_of_100_under_the_rate_limit() {
         "paced at 8/s: {span:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_over_the_api_prints_each_step() {
+    let a = Api::start().await;
+    let d = a.relay("", "");
+    let out = d.cli(
+        &[
+            "send-test",
+            "--account",
+            "default",
+            "--to",
+            "me@example.org",
+        ],
+        None,
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let m = a.wait_messages(1).await.remove(0);
+    assert_eq!(m.recipients, ["me@example.org"]);
+    assert!(text.contains("via the Gmail API at http://"), "{text}");
+    assert!(text.contains(&format!("scope: {SEND_SCOPE}")), "{text}");
+    assert!(text.contains("HTTP 200"), "{text}");
+    assert!(
+        text.contains(&format!("Gmail message id: {}", m.id)),
+        "{text}"
+    );
+    a.up.assert_no_secrets("send-test output", &text);
+
+    // The API not enabled: the fix and the console link.
+    a.api.fail_next(1, ApiFault::AccessNotConfigured);
+    let out = d.cli(
+        &[
+            "send-test",
+            "--account",
+            "default",
+            "--to",
+            "me@example.org",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("FAILED: Gmail API: HTTP 403 accessNotConfigured"),
+        "{text}"
+    );
+    assert!(
+        text.contains("enable the Gmail API at https://console.developers.google.com/"),
+        "{text}"
+    );
+}
