@@ -7,6 +7,10 @@ use spool::{BodyReader, MessageId, Spool, SpoolError};
 /// up to this size; beyond it the message is sent unchanged.
 pub(crate) const MAX_HEADER: usize = 1 << 20;
 
+/// A change to a message's header section (input: the header section with
+/// its blank line; output: the same shape).
+pub(crate) type HeaderTransform<'a> = dyn Fn(&[u8]) -> Vec<u8> + Send + Sync + 'a;
+
 /// The bytes of one message, ready to stream: `head` (in memory) then the
 /// rest of the spool copy.
 pub(crate) struct Body {
@@ -38,7 +42,7 @@ impl Body {
     pub(crate) async fn open_with(
         spool: &Spool,
         id: MessageId,
-        transform: Option<&(dyn Fn(&[u8]) -> Vec<u8> + Send + Sync)>,
+        transform: Option<&HeaderTransform<'_>>,
     ) -> Result<Body, SpoolError> {
         let mut reader = spool.read_body(id)?;
         let total = reader.len();

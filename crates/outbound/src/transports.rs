@@ -11,6 +11,8 @@ use crate::smtp::SmtpTransport;
 use crate::smtp::session::AccountCtx;
 use crate::transport::{Attempt, Outgoing, Transport};
 
+// One per worker, made once: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AnyTransport {
     Smtp(SmtpTransport),
     GmailApi(GmailApiTransport),
