@@ -417,3 +417,63 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    /// An entry from the JSON of its keys beyond name and email.
+    fn acct(extra: &str) -> AccountConfig {
+        serde_json::from_str(&format!("{{\"name\": \"a\", \"email\": \"a@b.c\"{extra}}}")).unwrap()
+    }
+
+    #[test]
+    fn each_transport_has_its_default_scope_and_rate() {
+        let smtp = acct("");
+        assert_eq!(smtp.transport, TransportKind::Smtp);
+        assert_eq!(smtp.effective_scopes(), [GMAIL_SCOPE]);
+        assert_eq!(smtp.effective_max_rate(), None);
+        let api = acct(", \"transport\": \"gmail-api\"");
+        assert_eq!(api.effective_scopes(), [GMAIL_SEND_SCOPE]);
+        assert_eq!(api.effective_max_rate(), Some(2.5));
+        assert_eq!(api.api_url.as_str(), "https://gmail.googleapis.com/");
+        let paced = acct(
+            ", \"transport\": \"gmail-api\", \"max_rate\": 10.0, \"api_url\": \"http://127.0.0.1:9/\"",
+        );
+        assert_eq!(paced.effective_max_rate(), Some(10.0));
+        assert!(
+            serde_json::from_str::<AccountConfig>(
+                r#"{"name": "a", "email": "a@b.c", "transport": "imap"}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_scope_that_cannot_serve_the_transport_is_explained() {
+        let send = vec![GMAIL_SEND_SCOPE.to_string()];
+        let full = vec![GMAIL_SCOPE.to_string()];
+        let smtp = acct("");
+        let (problem, fix) = smtp.scope_problem(&send).unwrap();
+        assert!(
+            problem.contains("cannot be used with transport = \"smtp\""),
+            "{problem}"
+        );
+        assert!(fix.contains("set transport = \"gmail-api\""), "{fix}");
+        assert!(fix.contains("oauthrelay authorize --account a"), "{fix}");
+        assert!(smtp.scope_problem(&full).is_none());
+        let api = acct(", \"transport\": \"gmail-api\"");
+        assert!(api.scope_problem(&send).is_none());
+        assert!(
+            api.scope_problem(&full).is_none(),
+            "the full scope can send through the API too"
+        );
+        let ro = vec!["https://www.googleapis.com/auth/gmail.readonly".to_string()];
+        let (_, fix) = api.scope_problem(&ro).unwrap();
+        assert!(!fix.contains("set transport"), "neither transport: {fix}");
+        assert!(
+            api.scope_problem(&[]).is_none(),
+            "unknown scope: no verdict"
+        );
+    }
+}

@@ -258,7 +258,11 @@ async fn access_denied_is_explained() {
 #[tokio::test]
 async fn invalid_scope_is_explained() {
     let mut s = Setup::new().await;
-    s.config.scopes = vec!["https://www.googleapis.com/auth/gmail.bogus".into()];
+    // A scope the transport can use, and one Google does not know.
+    s.config.scopes = vec![
+        "https://mail.google.com/".into(),
+        "https://www.googleapis.com/auth/gmail.bogus".into(),
+    ];
     let account = s.account();
     let flow = authorize::Flow::start(&account, &no_browser())
         .await
