@@ -278,7 +278,7 @@ async fn listen_tls_without_a_certificate_is_a_config_error_at_its_line() {
 #[tokio::test]
 async fn addresses_without_brackets_from_a_trusted_network_only() {
     let d = Daemon::start(&format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nallow_networks = [\"127.0.0.1/32\"]\nshutdown_grace = \"5s\"\n\n[[server.users]]\nname = \"scanner\"\npassword_hash = \"{}\"\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nallow_networks = [\"127.0.0.1/32\"]\nshutdown_grace = \"5s\"\n\n[[server.users]]\nname = \"scanner\"\npassword_hash = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         password_hash()
     ));
     let mut s = Smtp::open(d.smtp).await;
@@ -316,7 +316,7 @@ async fn addresses_without_brackets_from_a_trusted_network_only() {
 #[tokio::test]
 async fn bare_lf_end_networks_empty_requires_crlf_dot_crlf_from_loopback() {
     let d = Daemon::start(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nbare_lf_end_networks = []\nshutdown_grace = \"5s\"\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nbare_lf_end_networks = []\nshutdown_grace = \"5s\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
     let mut s = Smtp::open(d.smtp).await;
     s.cmd("EHLO cron").await;
@@ -371,7 +371,7 @@ async fn socket_activation_names_the_implicit_tls_socket() {
     let cfg = config_in(
         tmp.path(),
         &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"5s\"\n\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"5s\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
             cert.display(),
             key.display()
         ),
