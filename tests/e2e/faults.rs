@@ -484,6 +484,72 @@ async fn token_endpoint_hanging_holds_mail_back_until_it_answers() {
     eprintln!("token hang: delivered {arrived:.1?} after submission");
 }
 
+/// Issue 11 item 4: a `535` blip (Gmail refusing a token, then a fresh one)
+/// holds the account. Its hold probe (here at once, by `queue retry`) gets
+/// a fresh token and logs in without sending anything: refused once more,
+/// then taken; the hold lifts and the mail goes. The log says what was
+/// tried and what Gmail answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_535_blip_holds_the_account_until_a_probe_logs_in() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    up.gmail.reject_tokens(3);
+    let d = up.relay("");
+    let id = submit(
+        &d,
+        "a@example.com",
+        &["r@example.org"],
+        &message("blip", "held by a blip", "x\r\n"),
+    )
+    .await;
+    let held = async || {
+        let q = queue(&d);
+        match q.iter().find(|e| e["id"] == id.as_str()) {
+            Some(e) if e["state"] == "held" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    until("the message held", T, held).await;
+    assert_eq!(up.gmail.stats().auth_rejected, 2, "a refresh, one more try");
+    d.wait_log("held: probing its login in 5m", T);
+
+    // `queue retry ID` probes at once: refused again, still held, nothing
+    // sent.
+    let out = d.cli(&["queue", "retry", &id], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = d.wait_log("hold probe failed", T);
+    assert!(
+        failed.contains("AUTH XOAUTH2: token refused: 535 5.7.8"),
+        "{failed}"
+    );
+    let s = up.gmail.stats();
+    assert_eq!((s.auth_rejected, s.mail_commands), (3, 0), "{s:?}");
+    until("the message still held", T, held).await;
+
+    // `queue retry --all`: the next probe is taken; the mail goes.
+    let out = d.cli(&["queue", "retry", "--all"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_queue_empty(&d, T).await;
+    assert_eq!(up.gmail.messages().len(), 1);
+    let worked = d.wait_log("hold probe worked", T);
+    assert!(
+        worked.contains(&format!("AUTH XOAUTH2 as {EMAIL}: 235 accepted")),
+        "{worked}"
+    );
+    let st = d.cli(&["token", "status", "--json"], None);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st[0]["authorized"], true, "{st}");
+    assert_eq!(metric(&metrics(&d).await, BOUNCED), 0.0);
+    up.assert_no_secrets("the daemon's log", &d.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gmail_dropping_the_connection_after_the_final_dot_gets_the_message_again() {
     // DATA and its final dot (the fake offers no CHUNKING), then BDAT LAST.

@@ -230,6 +230,22 @@ pub(crate) fn may_heal(code: &str) -> bool {
     )
 }
 
+/// The code of a block from Gmail refusing even a freshly refreshed token.
+pub(crate) const SMTP_AUTH_REJECTED: &str = "smtp_auth_rejected";
+
+/// Whether only a person can lift a refusal with this code: a dead grant, a
+/// wrong client or missing delegation, no refresh token at all. A new
+/// refresh token, a fixed client or key does it (`authorize`, `token
+/// import`, a reload); asking again cannot. Every other refusal (an OAuth
+/// 4xx that may be temporary, Gmail refusing fresh tokens at AUTH) may be
+/// lifted by a delivery's hold probe ([`TokenManager::probe_token`]).
+pub(crate) fn needs_person(code: &str) -> bool {
+    matches!(
+        code,
+        "invalid_grant" | "invalid_client" | "unauthorized_client" | "not_authorized"
+    )
+}
+
 impl Probe {
     /// The probe after `previous` (or the first), on the retry schedule.
     fn next(previous: Option<Probe>, options: &ManagerOptions) -> Probe {
@@ -322,6 +338,57 @@ impl TokenManager {
         self.inner.refresh(&slot, &mut st).await
     }
 
+    /// A token for a hold probe (delivery checking whether a held account
+    /// works again): fresh from the token endpoint now, whatever the cache
+    /// and the refusal's own schedule, so the probe tries the credentials
+    /// for real. Refused without a request when only a person can lift the
+    /// account's refusal ([`Refusal::needs_person`]: `authorize`, `token
+    /// import`, a reload); a changed token file is picked up first.
+    ///
+    /// An OAuth refusal that may have been temporary lifts when the refresh
+    /// works, as it does by itself on its schedule. A block because Gmail
+    /// refused fresh tokens (`smtp_auth_rejected`) stays until the
+    /// upstream takes one: the caller says so with
+    /// [`auth_accepted`](TokenManager::auth_accepted).
+    pub async fn probe_token(&self, account: &str) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(account)?;
+        let mut st = slot.state.lock().await;
+        self.inner.check_files(&slot, &mut st, false);
+        let lift = match &st.blocked {
+            Some(b) if needs_person(&b.code) => return Err(b.error(&st.account)),
+            Some(b) => b.code != SMTP_AUTH_REJECTED,
+            None => true,
+        };
+        st.cooldown = None;
+        self.inner.refresh_with(&slot, &mut st, lift).await
+    }
+
+    /// The upstream accepted a token of `account` (a hold probe's AUTH
+    /// worked): lifts a block because Gmail had refused fresh tokens
+    /// (`smtp_auth_rejected`), with the log line, event, metrics and token
+    /// file of any account authorized again. Other blocks are left alone.
+    pub async fn auth_accepted(&self, account: &str) {
+        let Ok(slot) = self.slot(account) else {
+            return;
+        };
+        let mut st = slot.state.lock().await;
+        if st
+            .blocked
+            .as_ref()
+            .is_none_or(|b| b.code != SMTP_AUTH_REJECTED)
+        {
+            return;
+        }
+        st.blocked = None;
+        let used = st.refresh_token.clone();
+        self.inner
+            .persist(&slot, &mut st, used, move |f| {
+                f.needs_authorization = false;
+            })
+            .await;
+        self.inner.publish(&slot, &st, true);
+    }
+
     /// Gmail refused `rejected`, a token this account handed out
     /// (`535 5.7.8` after the XOAUTH2 challenge): the next [`access_token`]
     /// call refreshes.
@@ -368,7 +435,7 @@ impl TokenManager {
         if st.blocked.is_some() {
             return;
         }
-        let code = "smtp_auth_rejected".to_string();
+        let code = SMTP_AUTH_REJECTED.to_string();
         let likely = match st.account.config.transport {
             crate::TransportKind::Smtp => {
                 "without the https://mail.google.com/ scope, or SMTP access is disabled for this user"
@@ -687,6 +754,9 @@ pub(crate) fn fix_for(account: &Account, code: &str) -> String {
         "invalid_scope" => format!(
             "fix `scopes` in the config (SMTP needs https://mail.google.com/), then run: oauthrelay authorize --account {name}"
         ),
+        SMTP_AUTH_REJECTED => format!(
+            "run: {authorize}; if the account is right, its login is probed now and then and the hold lifts when Gmail takes it (`oauthrelay queue retry --all` probes at once)"
+        ),
         _ => format!("run: {authorize}"),
     }
 }
@@ -899,6 +969,17 @@ impl Inner {
     }
 
     async fn refresh(&self, slot: &Slot, st: &mut State) -> Result<AccessToken, TokenError> {
+        self.refresh_with(slot, st, true).await
+    }
+
+    /// Refresh; with `lift` false a success leaves the account's block (and
+    /// its record in the token file) as it is: only the token is new.
+    async fn refresh_with(
+        &self,
+        slot: &Slot,
+        st: &mut State,
+        lift: bool,
+    ) -> Result<AccessToken, TokenError> {
         let opts = &self.options;
         let mut delay = opts.backoff_initial;
         let mut attempt: u32 = 1;
@@ -909,7 +990,7 @@ impl Inner {
                 m.refresh(&slot.name, outcome.is_ok());
             }
             match outcome {
-                Ok(grant) => return self.on_success(slot, st, grant, used).await,
+                Ok(grant) => return self.on_success(slot, st, grant, used, lift).await,
                 Err(Failure::Rejected {
                     status,
                     code,
@@ -943,6 +1024,7 @@ impl Inner {
         st: &mut State,
         grant: Grant,
         used: Option<SecretString>,
+        lift: bool,
     ) -> Result<AccessToken, TokenError> {
         let was_blocked = st.blocked.is_some();
         let granted: Vec<String> = grant
@@ -972,14 +1054,16 @@ impl Inner {
             st.refresh_token = Some(rt);
         }
         st.cooldown = None;
-        st.blocked = None;
         let record = RefreshRecord {
             at: SystemTime::now(),
             result: RefreshResult::Ok,
             error_code: None,
             error: None,
         };
-        st.last_refresh = Some(record.clone());
+        if lift {
+            st.blocked = None;
+            st.last_refresh = Some(record.clone());
+        }
         tracing::info!(
             account = %slot.name,
             expires_in = %humantime::format_duration(lifetime),
@@ -1002,8 +1086,12 @@ impl Inner {
             if let Some(rt) = new_rt {
                 f.refresh_token = Some(rt);
             }
-            f.last_refresh = Some(record);
-            f.needs_authorization = false;
+            // Without `lift` the block and why it was set stay recorded
+            // (a restart then holds the account as before).
+            if lift {
+                f.last_refresh = Some(record);
+                f.needs_authorization = false;
+            }
         })
         .await;
         self.publish(slot, st, was_blocked);

@@ -37,6 +37,16 @@ pub struct Refusal {
     pub retry_at: Option<SystemTime>,
 }
 
+impl Refusal {
+    /// Only a person can lift this refusal (a dead grant, a wrong client
+    /// or missing delegation, no refresh token): `authorize`, `token
+    /// import` or a fixed config and a reload. Others may be lifted by a
+    /// hold probe ([`TokenManager::probe_token`](crate::TokenManager::probe_token)).
+    pub fn needs_person(&self) -> bool {
+        crate::manager::needs_person(&self.code)
+    }
+}
+
 /// Whether an account can get tokens: the one source of "needs
 /// authorization" for delivery, `/readyz`, `token status` and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]

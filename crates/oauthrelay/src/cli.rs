@@ -166,7 +166,8 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Make deferred messages due now: one (ID) or all (--all).
+    /// Make deferred messages due now and probe held accounts' logins at
+    /// once: one (ID) or all (--all).
     #[command(override_usage = "oauthrelay queue retry <ID>\n       oauthrelay queue retry --all")]
     Retry {
         /// Queue id (from `queue list`).

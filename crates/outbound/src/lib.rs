@@ -83,7 +83,7 @@ pub use send_test::{SendTestError, SendTestReport, send_test};
 pub use smtp::conn::{Capabilities, ConnError};
 pub use smtp::session::OpenError;
 pub use state::{DeliveryState, FORMAT, Hold, QueueState, RcptState, RcptStatus};
-pub use transport::{Attempt, Outgoing, Transport};
+pub use transport::{Attempt, Outgoing, ProbeReport, Transport};
 pub use worker::due_now;
 
 use scheduler::{Command, PublicAccounts, Scheduler};

@@ -8,6 +8,11 @@
 //! - New commits arrive from `spool.subscribe()` and are dispatched at once.
 //! - Messages of a held account (or with no account) are marked held in the
 //!   spool (durably) and released when the account is authorized again.
+//! - A held account that a probe may lift (see [`Lifter`]) is probed: a
+//!   fresh token and AUTH through its transport, nothing sent, 5 minutes
+//!   after the hold, then doubling to an hour, and at once on `queue
+//!   retry`; the hold lifts when the upstream takes them. A hold only a
+//!   person can lift (a dead refresh token) waits for `authorize`.
 //!   The mark is written once per reason: a release (authorization, hold
 //!   probe, `queue retry`, reload) does not clear it; the worker does, when
 //!   it really attempts the message. So a probe that fails again rewrites
@@ -30,9 +35,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::account::{Pause, PauseKind, Runtime};
-use crate::hold::HoldReason;
+use crate::hold::{HoldReason, Lifter, probe_wait};
 use crate::smtp::session::AccountCtx;
 use crate::state::DeliveryState;
+use crate::transport::{ProbeReport, Transport};
 use crate::worker::{Done, Job, Outcome, Report, Shared, Worker};
 use crate::{AccountState, DeliveryConfig};
 
@@ -111,8 +117,20 @@ struct Slot {
     queued: usize,
     /// The hold we acted on (to notice changes).
     known_held: bool,
-    /// When a held account gets one probing attempt anyway.
-    hold_probe: Option<Instant>,
+    /// Probing the hold.
+    probe: HoldProbe,
+}
+
+/// A held account's probes.
+#[derive(Debug, Default)]
+struct HoldProbe {
+    /// When the next one is due (none while one runs, or when only a
+    /// person can lift the hold).
+    at: Option<Instant>,
+    /// Probes so far during this hold (the wait doubles with each).
+    n: u32,
+    /// One is running.
+    running: bool,
 }
 
 impl Slot {
@@ -142,9 +160,16 @@ struct Marked {
     held: HoldReason,
 }
 
+/// What a hold probe found, for the scheduler.
+struct Probed {
+    account: String,
+    report: ProbeReport,
+}
+
 enum Wake {
     Stop,
     Report(Report),
+    Probed(Probed),
     Marked(Marked),
     Committed(MessageId),
     Command(Command),
@@ -164,6 +189,8 @@ pub(crate) struct Scheduler {
     reports_rx: mpsc::UnboundedReceiver<Report>,
     marks_tx: mpsc::UnboundedSender<Marked>,
     marks_rx: mpsc::UnboundedReceiver<Marked>,
+    probes_tx: mpsc::UnboundedSender<Probed>,
+    probes_rx: mpsc::UnboundedReceiver<Probed>,
     committed: mpsc::UnboundedReceiver<MessageId>,
     commands: mpsc::UnboundedReceiver<Command>,
     token_events: Option<broadcast::Receiver<AccountEvent>>,
@@ -266,6 +293,7 @@ impl Scheduler {
     ) -> Scheduler {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (marks_tx, marks_rx) = mpsc::unbounded_channel();
+        let (probes_tx, probes_rx) = mpsc::unbounded_channel();
         // Subscribe before listing, so no commit falls in between.
         let committed = shared.spool.subscribe();
         let token_events = Some(shared.tokens.subscribe());
@@ -280,6 +308,8 @@ impl Scheduler {
             reports_rx,
             marks_tx,
             marks_rx,
+            probes_tx,
+            probes_rx,
             committed,
             commands,
             token_events,
@@ -315,6 +345,7 @@ impl Scheduler {
                 _ = self.shutdown.cancelled() => Wake::Stop,
                 Some(r) = self.reports_rx.recv() => Wake::Report(r),
                 Some(m) = self.marks_rx.recv() => Wake::Marked(m),
+                Some(p) = self.probes_rx.recv() => Wake::Probed(p),
                 Some(id) = self.committed.recv() => Wake::Committed(id),
                 Some(c) = self.commands.recv() => Wake::Command(c),
                 ev = token_event(&mut self.token_events) => Wake::Token(ev),
@@ -324,6 +355,7 @@ impl Scheduler {
                 Wake::Stop => break,
                 Wake::Report(r) => self.on_report(r),
                 Wake::Marked(m) => self.on_marked(m),
+                Wake::Probed(p) => self.on_probed(p),
                 Wake::Committed(id) => {
                     if let Some(q) = self.shared.spool.message(id) {
                         self.insert(id, &q);
@@ -373,7 +405,7 @@ impl Scheduler {
                     ready: VecDeque::new(),
                     queued: 0,
                     known_held: false,
-                    hold_probe: None,
+                    probe: HoldProbe::default(),
                 },
             };
             if let Err(e) = &slot.ctx.tls {
@@ -496,11 +528,14 @@ impl Scheduler {
             return;
         }
         slot.known_held = held;
-        // A held account is tried once more now and then (the token
-        // manager re-probes its own refusals; this covers the upstream's),
-        // on the retry schedule's cap, at most an hour.
-        let probe_after = self.cfg.retry_max.min(std::time::Duration::from_secs(3600));
-        slot.hold_probe = held.then(|| Instant::now() + probe_after);
+        let running = slot.probe.running;
+        slot.probe = HoldProbe {
+            running,
+            ..HoldProbe::default()
+        };
+        if held {
+            self.schedule_probe(i);
+        }
         let route = Route::Account(name.to_string());
         let ids: Vec<MessageId> = self
             .msgs
@@ -832,7 +867,7 @@ impl Scheduler {
     fn next_wake(&self) -> Option<Instant> {
         let mut at = self.timers.first().map(|(t, _)| *t);
         for slot in &self.slots {
-            for t in [slot.rt.pause.as_ref().map(|p| p.until), slot.hold_probe]
+            for t in [slot.rt.pause.as_ref().map(|p| p.until), slot.probe.at]
                 .into_iter()
                 .flatten()
             {
@@ -869,14 +904,138 @@ impl Scheduler {
                 tracing::info!(account = %slot.name, reason = p.kind.as_str(), "account {}: pause over ({}); trying one message", slot.name, p.kind.as_str());
                 rt.probing = true;
             }
-            if slot.hold_probe.is_some_and(|t| t <= now) {
-                slot.hold_probe = None;
+            if slot.probe.at.is_some_and(|t| t <= now) {
+                slot.probe.at = None;
                 probes.push(slot.name.clone());
             }
         }
         for name in probes {
-            tracing::info!(account = %name, "held account: trying once more");
-            self.release(&name);
+            self.probe(&name);
+        }
+    }
+
+    // ---- hold probes ----------------------------------------------------
+
+    /// The token manager's refusal of `name`, if any.
+    fn refusal(&self, name: &str) -> Option<oauth::Refusal> {
+        self.shared
+            .tokens
+            .account_status(name)
+            .and_then(|s| s.auth.refusal().cloned())
+    }
+
+    /// Plan slot `i`'s next hold probe (if a probe may lift its hold): at
+    /// the token manager's own retry time for an OAuth refusal it re-asks
+    /// by itself, else on the probe schedule.
+    fn schedule_probe(&mut self, i: usize) {
+        let name = self.slots[i].name.clone();
+        let refusal = self.refusal(&name);
+        let slot = &mut self.slots[i];
+        let Some(hold) = &slot.rt.hold else {
+            return;
+        };
+        if slot.probe.running || hold.lifter(refusal.as_ref()) == Lifter::Person {
+            slot.probe.at = None;
+            return;
+        }
+        let now = Instant::now();
+        let at = match refusal.and_then(|r| r.retry_at) {
+            Some(t) => self.shared.clock.instant_at(t),
+            None => now + probe_wait(slot.probe.n + 1),
+        };
+        slot.probe.at = Some(at);
+        let wait = Duration::from_secs(at.saturating_duration_since(now).as_secs());
+        tracing::info!(
+            account = %name,
+            "account {name} held: probing its login in {} ({hold})",
+            humantime::format_duration(wait)
+        );
+    }
+
+    /// Probe a held account now (its schedule, or `queue retry`): a fresh
+    /// token and AUTH through a transport of its own; the answer comes back
+    /// as [`Wake::Probed`]. A hold only a person can lift is not probed:
+    /// the log says what lifts it.
+    fn probe(&mut self, name: &str) {
+        let Some(i) = self.slot_index(name) else {
+            return;
+        };
+        let refusal = self.refusal(name);
+        let slot = &mut self.slots[i];
+        let Some(hold) = slot.rt.hold.clone() else {
+            return;
+        };
+        if slot.probe.running {
+            return;
+        }
+        if hold.lifter(refusal.as_ref()) == Lifter::Person {
+            tracing::warn!(
+                account = %name,
+                "account {name} held: not probing, only a person can fix this: {hold}"
+            );
+            return;
+        }
+        slot.probe.at = None;
+        slot.probe.n = slot.probe.n.saturating_add(1);
+        slot.probe.running = true;
+        tracing::info!(
+            account = %name,
+            probe = slot.probe.n,
+            "account {name} held: probing its login (fresh access token, AUTH; nothing is sent)"
+        );
+        let ctx = slot.ctx.clone();
+        let mut transport = self.shared.transport(&ctx, &self.cfg);
+        let tx = self.probes_tx.clone();
+        let shutdown = self.shutdown.clone();
+        let account = name.to_string();
+        self.tracker.spawn(async move {
+            let report = tokio::select! {
+                r = transport.probe() => r,
+                _ = shutdown.cancelled() => return,
+            };
+            // The channel the probe opened is not kept: the released mail
+            // goes through the workers' own.
+            transport.close().await;
+            let _ = tx.send(Probed { account, report });
+        });
+    }
+
+    fn on_probed(&mut self, p: Probed) {
+        let name = p.account;
+        let Some(i) = self.slot_index(&name) else {
+            return;
+        };
+        self.slots[i].probe.running = false;
+        let steps = p.report.steps.join("; ");
+        match p.report.failed {
+            None => {
+                tracing::info!(
+                    account = %name,
+                    "account {name}: hold probe worked ({steps}); releasing its mail"
+                );
+                self.release(&name);
+            }
+            Some(signal) => {
+                if signal.holds() {
+                    let hold = HoldReason::after(&self.shared.tokens, &name, &signal);
+                    if self.slots[i].rt.hold.is_some() {
+                        self.slots[i].rt.hold = Some(hold);
+                    }
+                }
+                let held = self.slots[i].rt.hold.is_some();
+                tracing::warn!(
+                    account = %name,
+                    "account {name}: hold probe failed: {signal} (tried: {steps}); {}",
+                    if held {
+                        "its mail stays held"
+                    } else {
+                        "the hold was lifted meanwhile"
+                    }
+                );
+                if held {
+                    self.schedule_probe(i);
+                }
+            }
         }
     }
 
@@ -897,14 +1056,19 @@ impl Scheduler {
         true
     }
 
-    /// An operator asked to try now: lift the account's pause and hold.
+    /// An operator asked to try now: lift the account's pause; probe its
+    /// hold at once.
     fn lift(&mut self, name: &str) {
-        if let Some(i) = self.slot_index(name) {
-            let rt = &mut self.slots[i].rt;
-            rt.pause = None;
+        let Some(i) = self.slot_index(name) else {
+            return;
+        };
+        let rt = &mut self.slots[i].rt;
+        if rt.pause.take().is_some() {
             rt.probing = true;
         }
-        self.release(name);
+        if rt.hold.is_some() {
+            self.probe(name);
+        }
     }
 
     fn on_command(&mut self, c: Command) {
@@ -947,7 +1111,7 @@ impl Scheduler {
                     s.ready.clear();
                     s.queued = 0;
                     s.known_held = false;
-                    s.hold_probe = None;
+                    s.probe.at = None;
                 }
                 self.timers.clear();
                 let ids: Vec<MessageId> = self.msgs.keys().copied().collect();

@@ -60,12 +60,31 @@ pub struct Attempt {
     pub note: Option<String>,
 }
 
+/// What a hold probe found: whether the account can authenticate again,
+/// and, for the log, each step it took and what the upstream answered.
+#[derive(Debug)]
+pub struct ProbeReport {
+    /// `None`: an authenticated channel opened (the hold may lift); else
+    /// what stopped it, as a delivery would report it.
+    pub failed: Option<AccountSignal>,
+    /// The steps, in order (`access token for NAME: refreshed (...)`,
+    /// `connected to HOST[IP]:PORT`, `AUTH XOAUTH2 as ADDR: 235 accepted`,
+    /// `AUTH XOAUTH2: token refused: 535 5.7.8 ...`). Never a secret.
+    pub steps: Vec<String>,
+}
+
 /// A way to deliver mail for one account.
 pub trait Transport: Send + 'static {
     /// Deliver `msg` to its recipients, opening (or reusing) an
     /// authenticated channel. Never panics, never hangs: every step has a
     /// deadline, and every failure is an outcome or a signal.
     fn deliver(&mut self, msg: &Outgoing<'_>) -> impl Future<Output = Attempt> + Send;
+
+    /// A held account's probe: get a fresh token and authenticate to the
+    /// upstream without sending anything (any warm channel is replaced).
+    /// A working channel may stay open for the mail the probe releases.
+    /// Same guarantees as [`deliver`](Transport::deliver).
+    fn probe(&mut self) -> impl Future<Output = ProbeReport> + Send;
 
     /// Resolves when a warm channel becomes unusable while idle (the server
     /// closed it); never, when there is none. Cancel-safe.

@@ -9,7 +9,7 @@ use oauth::{TokenManager, TransportKind};
 use crate::gmail_api::GmailApiTransport;
 use crate::smtp::SmtpTransport;
 use crate::smtp::session::AccountCtx;
-use crate::transport::{Attempt, Outgoing, Transport};
+use crate::transport::{Attempt, Outgoing, ProbeReport, Transport};
 
 // One per worker, made once: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -52,6 +52,13 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Smtp(t) => t.deliver(msg).await,
             AnyTransport::GmailApi(t) => t.deliver(msg).await,
+        }
+    }
+
+    async fn probe(&mut self) -> ProbeReport {
+        match self {
+            AnyTransport::Smtp(t) => t.probe().await,
+            AnyTransport::GmailApi(t) => t.probe().await,
         }
     }
 

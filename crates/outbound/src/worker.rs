@@ -137,15 +137,22 @@ async fn grace_expired(shutdown: &CancellationToken, grace: std::time::Duration)
     tokio::time::sleep(grace).await;
 }
 
+impl Shared {
+    /// A transport for an account (a worker's, or a hold probe's).
+    pub(crate) fn transport(&self, ctx: &Arc<AccountCtx>, cfg: &DeliveryConfig) -> AnyTransport {
+        AnyTransport::new(
+            ctx.clone(),
+            self.tokens.clone(),
+            self.hostname.clone(),
+            cfg.connect_timeout,
+            cfg.command_timeout,
+        )
+    }
+}
+
 impl Worker {
     fn transport(&self, job: &Job) -> AnyTransport {
-        AnyTransport::new(
-            job.ctx.clone(),
-            self.shared.tokens.clone(),
-            self.shared.hostname.clone(),
-            job.cfg.connect_timeout,
-            job.cfg.command_timeout,
-        )
+        self.shared.transport(&job.ctx, &job.cfg)
     }
 
     pub(crate) async fn run(mut self, mut cfg: Arc<DeliveryConfig>) {
@@ -358,32 +365,8 @@ impl Worker {
         self.apply(id, &env, d, job, unrecorded).await
     }
 
-    /// Why the account's mail is held after `signal`: the token manager's
-    /// words when it refuses the account, else the upstream's.
     fn hold_reason(&self, signal: &AccountSignal) -> HoldReason {
-        let name = &self.account;
-        match signal {
-            AccountSignal::Refused { problem, fix, .. } => HoldReason::Refused {
-                account: name.clone(),
-                problem: problem.clone(),
-                fix: fix.clone(),
-            },
-            other => match self.shared.tokens.account_status(name) {
-                Some(st) => match st.auth.refusal() {
-                    Some(r) => HoldReason::from_refusal(name, r),
-                    None => HoldReason::Refused {
-                        account: name.clone(),
-                        problem: format!("authentication refused: {}", other.answer()),
-                        fix: format!(
-                            "check the account's permissions for SMTP, then run: oauthrelay queue retry --all (or: oauthrelay authorize --account {name})"
-                        ),
-                    },
-                },
-                None => HoldReason::UnknownToTokenManager {
-                    account: name.clone(),
-                },
-            },
-        }
+        HoldReason::after(&self.shared.tokens, &self.account, signal)
     }
 
     /// Record the decision: bounce what this attempt failed (one DSN),

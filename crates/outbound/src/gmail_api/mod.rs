@@ -34,7 +34,7 @@ use crate::body::{self, Body, MAX_HEADER, rewrite_headers};
 use crate::classify::{AccountSignal, RcptOutcome};
 use crate::reply::{Answer, Reply, Status};
 use crate::smtp::session::{AccountCtx, OpenError};
-use crate::transport::{Attempt, Outgoing, Transport};
+use crate::transport::{Attempt, Outgoing, ProbeReport, Transport};
 
 /// `users.messages.send`'s upload path.
 pub(crate) const SEND_PATH: &str = "/upload/gmail/v1/users/me/messages/send";
@@ -283,6 +283,38 @@ impl Transport for GmailApiTransport {
     async fn close(&mut self) {}
 
     fn drop_channel(&mut self) {}
+
+    /// The `gmail.send` scope allows no call but sending, so a probe can
+    /// only show that the token endpoint gives a fresh token again; the
+    /// first released message is then the real test (a refusal holds the
+    /// account again, and probing starts over).
+    async fn probe(&mut self) -> ProbeReport {
+        let name = self.ctx.config.name.clone();
+        match self.tokens.probe_token(&name).await {
+            Ok(token) => {
+                self.tokens.auth_accepted(&name).await;
+                ProbeReport {
+                    failed: None,
+                    steps: vec![
+                        format!(
+                            "access token for {name}: refreshed (expires in {})",
+                            humantime::format_duration(Duration::from_secs(
+                                token.expires_in().as_secs()
+                            ))
+                        ),
+                        "Gmail API: the gmail.send scope allows no call but sending, so the first released message is the test".to_string(),
+                    ],
+                }
+            }
+            Err(e) => {
+                let step = format!("access token: {e}");
+                ProbeReport {
+                    failed: Some(OpenError::Token(e).signal()),
+                    steps: vec![step],
+                }
+            }
+        }
+    }
 }
 
 fn with_note(a: &Answer, note: &str) -> Answer {

@@ -21,7 +21,7 @@ use self::transaction::{TxError, TxRequest};
 use crate::body::Body;
 use crate::classify::{AccountSignal, RcptOutcome, classify};
 use crate::reply::Answer;
-use crate::transport::{Attempt, Outgoing, Transport};
+use crate::transport::{Attempt, Outgoing, ProbeReport, Transport};
 
 /// Gmail takes at most 100 recipients per message over SMTP.
 pub(crate) const MAX_RCPTS_PER_TRANSACTION: usize = 100;
@@ -183,6 +183,41 @@ impl Transport for SmtpTransport {
             }
         }
         a
+    }
+
+    async fn probe(&mut self) -> ProbeReport {
+        self.close().await;
+        let params = OpenParams {
+            hostname: &self.hostname,
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+        };
+        let mut steps = Vec::new();
+        let opened = session::open_for(
+            session::Purpose::Probe,
+            &self.ctx,
+            &self.tokens,
+            &params,
+            &mut |s| steps.push(s.to_string()),
+        )
+        .await;
+        match opened {
+            Ok((conn, token)) => {
+                self.pool = Some(Pooled {
+                    conn,
+                    token,
+                    used: false,
+                });
+                ProbeReport {
+                    failed: None,
+                    steps,
+                }
+            }
+            Err(e) => ProbeReport {
+                failed: Some(e.signal()),
+                steps,
+            },
+        }
     }
 
     async fn idle_closed(&mut self) {

@@ -94,10 +94,33 @@ pub(crate) struct OpenParams<'a> {
     pub command_timeout: Duration,
 }
 
+/// What a session is opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Delivering mail: the cached token; a refused one is refreshed once,
+    /// and a second refusal holds the account.
+    Deliver,
+    /// A held account's probe: a token fresh from the token endpoint
+    /// ([`TokenManager::probe_token`]) and one AUTH; if the upstream takes
+    /// it, the token manager hears so ([`TokenManager::auth_accepted`]).
+    Probe,
+}
+
 /// Open an authenticated connection for `ctx`'s account; also returns the
 /// token it used (to invalidate if the server later says the session lost
 /// its authentication). `trace` gets a line per step (never a token).
 pub(crate) async fn open(
+    ctx: &AccountCtx,
+    tokens: &TokenManager,
+    p: &OpenParams<'_>,
+    trace: &mut (dyn FnMut(&str) + Send),
+) -> Result<(Connection, AccessToken), OpenError> {
+    open_for(Purpose::Deliver, ctx, tokens, p, trace).await
+}
+
+/// [`open`], for `purpose`.
+pub(crate) async fn open_for(
+    purpose: Purpose,
     ctx: &AccountCtx,
     tokens: &TokenManager,
     p: &OpenParams<'_>,
@@ -116,16 +139,29 @@ pub(crate) async fn open(
     };
     let mut refreshed = false;
     loop {
-        let token = tokens.access_token(&a.name).await?;
+        let token = match purpose {
+            Purpose::Deliver => tokens.access_token(&a.name).await,
+            Purpose::Probe => tokens.probe_token(&a.name).await,
+        };
+        let token = token.inspect_err(|e| trace(&format!("access token: {e}")))?;
         trace(&format!(
-            "access token for {}: ok (expires in {})",
+            "access token for {}: {} (expires in {})",
             a.name,
+            match purpose {
+                Purpose::Deliver => "ok",
+                Purpose::Probe => "refreshed",
+            },
             humantime::format_duration(Duration::from_secs(token.expires_in().as_secs()))
         ));
-        let mut conn = Connection::open(&target, trace).await?;
+        let mut conn = Connection::open(&target, trace)
+            .await
+            .inspect_err(|e| trace(&format!("connecting: {e}")))?;
         let refused = match xoauth2::authenticate(&mut conn, &a.email, &token).await {
             Ok(()) => {
                 trace(&format!("AUTH XOAUTH2 as {}: 235 accepted", a.email));
+                if purpose == Purpose::Probe {
+                    tokens.auth_accepted(&a.name).await;
+                }
                 return Ok((conn, token));
             }
             Err(AuthError::TokenRejected { reply }) => reply,
@@ -134,12 +170,20 @@ pub(crate) async fn open(
                 conn.quit().await;
                 return Err(OpenError::AuthRefused(reply));
             }
-            Err(AuthError::Conn(e)) => return Err(OpenError::Conn(e)),
+            Err(AuthError::Conn(e)) => {
+                trace(&format!("AUTH XOAUTH2: {e}"));
+                return Err(OpenError::Conn(e));
+            }
         };
         trace(&format!("AUTH XOAUTH2: token refused: {refused}"));
         let relay = conn.relay.clone();
         conn.quit().await;
-        match token_refused(tokens, ctx, &token, &refused, refreshed).await {
+        // A probe asks once: the account stays held as it was.
+        let again = match purpose {
+            Purpose::Deliver => token_refused(tokens, ctx, &token, &refused, refreshed).await,
+            Purpose::Probe => None,
+        };
+        match again {
             Some(()) => {
                 refreshed = true;
                 trace("refreshing the access token and reconnecting once");
