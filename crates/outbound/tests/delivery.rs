@@ -319,7 +319,9 @@ async fn permanent_failure_gives_exactly_one_dsn_and_removes_the_message() {
     // The original (to the good recipient) and the bounce.
     let msgs = h.wait_messages(2, T).await;
     assert!(h.wait_gone(id, T).await, "the message leaves the spool");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A bounce is queued before the message is removed: once the spool is
+    // empty, every bounce there was has gone out.
+    assert!(wait_until(T, || h.spool.list().is_empty()).await);
     let msgs_now = h.gmail.messages();
     assert_eq!(msgs_now.len(), 2, "exactly one bounce");
     let orig = msgs
@@ -396,7 +398,8 @@ async fn the_null_sender_gets_no_bounce_the_postmaster_gets_a_copy_once() {
         wait_until(T, || h.spool.list().is_empty()).await,
         "nothing left queued"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Anything else (a second copy) would have been queued before the
+    // removal: in the spool, or sent by now.
     let msgs = h.gmail.messages();
     assert_eq!(msgs.len(), 1, "one copy, no loops: {msgs:#?}");
     let copy = &msgs[0];
@@ -658,23 +661,23 @@ async fn a_held_accounts_message_past_max_age_is_not_bounced() {
         )
         .await;
     assert!(wait_until(T, || h.view(id).is_some_and(|e| e.held.is_some())).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Probe the held account (as its periodic probe or `queue retry` does)
-    // well past max_age: it is still waiting for `authorize`.
+    // Held until it is older than max_age (200 ms).
+    let received = h.view(id).expect("queued").envelope.received;
+    assert!(
+        wait_until(T, || received
+            .elapsed()
+            .is_ok_and(|age| age > Duration::from_millis(300)))
+        .await
+    );
+    // `queue retry` well past max_age: the account still waits for
+    // `authorize` (a dead refresh token: nothing to probe), and the
+    // message neither expires nor is attempted.
     for _ in 0..2 {
         let before = h.view(id).expect("queued").attempts;
         assert!(h.outbound().retry(id).await);
-        assert!(
-            wait_until(T, || h
-                .view(id)
-                .is_none_or(|e| e.attempts > before && e.held.is_some()))
-            .await,
-            "probed"
-        );
-        assert!(
-            h.view(id).is_some(),
-            "still queued (not expired on the probe)"
-        );
+        assert!(h.outbound().ping().await);
+        let e = h.view(id).expect("still queued (not expired on the retry)");
+        assert!(e.held.is_some() && e.attempts == before, "{e:?}");
     }
     let env = h.view(id).expect("still queued");
     assert!(env.recipients.iter().all(|r| !r.expired), "{env:?}");
@@ -743,7 +746,10 @@ async fn a_message_deleted_while_deferred_is_skipped() {
         )
         .await;
     assert!(h.wait_gone(kept, T).await);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The deleted one due now too: its attempt finds it gone.
+    h.outbound().retry_all().await;
+    assert!(h.outbound().ping().await);
+    assert!(wait_until(T, || h.outbound().account_states()[0].in_flight == 0).await);
     let msgs = h.gmail.messages();
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].message_id.as_deref(), Some("<kept@example.com>"));
@@ -774,8 +780,9 @@ async fn queued_messages_are_scheduled_at_start_and_retry_makes_them_due() {
         .await;
     h.start();
     assert!(h.wait_gone(a, T).await, "queued before start: delivered");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.outbound().ping().await);
     assert!(h.view(b).is_some(), "deferred an hour: waits");
+    assert_eq!(h.gmail.messages().len(), 1);
     assert!(h.outbound().retry(b).await);
     assert!(h.wait_gone(b, T).await, "retry makes it due now");
 }

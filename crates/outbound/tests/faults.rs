@@ -58,7 +58,10 @@ async fn pooled_connection_closed_by_the_server_is_noticed_while_idle() {
         )
         .await;
     assert!(h.wait_gone(a, T).await);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        h.gmail.wait_for_stats(T, |s| s.closed >= 1).await,
+        "the server closed the pooled connection"
+    );
     let b = h
         .submit(
             "app@example.com",
@@ -89,7 +92,10 @@ async fn server_idle_timeout_421_is_handled_and_our_idle_timeout_quits() {
         )
         .await;
     assert!(h.wait_gone(a, T).await);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        h.gmail.wait_for_stats(T, |s| s.closed >= 1).await,
+        "the server's idle timeout closed the pooled connection"
+    );
     let b = h
         .submit(
             "app@example.com",
@@ -376,7 +382,8 @@ async fn daily_limit_pauses_the_account_and_bounces_nothing() {
             &message("d2", "x\r\n"),
         )
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The scheduler has seen the commit (and would have dispatched it).
+    assert!(h.outbound().ping().await);
     assert_eq!(
         h.gmail.stats().mail_commands,
         mails,
@@ -452,7 +459,7 @@ async fn access_token_expiring_mid_run_is_refreshed() {
     // connection goes away, so the next message needs a new AUTH.
     h.google.expire_all_access_tokens();
     h.gmail.close_connections();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(h.gmail.wait_for_stats(T, |s| s.closed >= 1).await);
     let b = h
         .submit(
             "app@example.com",
@@ -547,7 +554,8 @@ async fn authentication_refused_even_after_refresh_holds_and_never_bounces() {
         2,
         "one refresh, one more try, then stop"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The next probe is minutes away (`hold.rs` tests the schedule).
+    assert!(h.outbound().ping().await);
     assert_eq!(h.gmail.stats().auth_rejected, 2, "no hammering while held");
     assert_eq!(h.metrics.bounced_count(), 0);
     // Fixed by a new authorization (`oauthrelay token import` here): the
@@ -558,6 +566,113 @@ async fn authentication_refused_even_after_refresh_holds_and_never_bounces() {
     oauth::import_refresh_token(&h.resolved, &fresh).expect("import");
     assert!(h.wait_gone(id, T).await);
     assert_eq!(h.gmail.messages().len(), 1);
+}
+
+/// `queue retry` until `id` is gone (each retry probes a held account at
+/// once; a probe still running ignores the next), polling with a deadline.
+async fn retry_until_gone(h: &Harness, id: spool::MessageId) -> bool {
+    let end = tokio::time::Instant::now() + T;
+    while tokio::time::Instant::now() < end {
+        if h.view(id).is_none() {
+            return true;
+        }
+        h.outbound().retry(id).await;
+        if h.wait_gone(id, Duration::from_millis(100)).await {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_refused_login_blip_holds_and_a_probe_lifts_the_hold() {
+    let h = Harness::new().await;
+    // Gmail refuses three logins in a row, then takes them again.
+    h.gmail.reject_tokens(3);
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("blip", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.view(id).is_some_and(|e| e.held.is_some())).await);
+    assert_eq!(
+        h.gmail.stats().auth_rejected,
+        2,
+        "refused, then refreshed once"
+    );
+    let refusal = h
+        .tokens
+        .account_status("default")
+        .and_then(|s| s.auth.refusal().cloned())
+        .expect("the token manager holds the account");
+    assert_eq!(refusal.code, "smtp_auth_rejected");
+    assert!(!refusal.needs_person(), "a probe may lift it");
+    let refreshes = h.google.token_requests(GrantType::RefreshToken);
+
+    // `queue retry ID`: a probe at once (a fresh token, one AUTH, nothing
+    // sent). The first is refused too: still held, no message attempted.
+    assert!(h.outbound().retry(id).await);
+    assert!(h.gmail.wait_for_stats(T, |s| s.auth_rejected >= 3).await);
+    assert!(
+        h.google.token_requests(GrantType::RefreshToken) > refreshes,
+        "the probe refreshed the token"
+    );
+    assert_eq!(h.gmail.stats().mail_commands, 0, "a probe sends nothing");
+    assert!(h.outbound().account_states()[0].held.is_some());
+    assert!(h.view(id).is_some_and(|e| e.held.is_some()));
+
+    // The next probe is accepted: the hold lifts and the mail goes.
+    assert!(
+        retry_until_gone(&h, id).await,
+        "released by a probe and delivered"
+    );
+    let s = h.gmail.stats();
+    assert_eq!(s.auth_rejected, 3, "{s:?}");
+    assert!(s.auth_ok >= 1, "{s:?}");
+    assert_eq!(h.gmail.messages().len(), 1);
+    assert!(h.outbound().account_states()[0].held.is_none());
+    let status = h.tokens.account_status("default").expect("status");
+    assert!(status.auth.is_authorized(), "{status:?}");
+    assert_eq!(h.metrics.bounced_count(), 0);
+}
+
+#[tokio::test]
+async fn a_hold_only_a_person_can_lift_is_not_probed() {
+    let mut h = Harness::with(Setup {
+        start: false,
+        ..Setup::default()
+    })
+    .await;
+    h.google.revoke_refresh_token(&h.refresh_token);
+    h.start();
+    let id = h
+        .submit(
+            "app@example.com",
+            &["r@example.org"],
+            &message("dead", "x\r\n"),
+        )
+        .await;
+    assert!(wait_until(T, || h.view(id).is_some_and(|e| e.held.is_some())).await);
+    let refreshes = h.google.token_requests(GrantType::RefreshToken);
+    // `queue retry` answers once the scheduler handled it: by then a probe
+    // would have started. Twice, in case of a race with the hold itself.
+    for _ in 0..2 {
+        assert!(h.outbound().retry(id).await);
+        h.outbound().ping().await;
+    }
+    assert_eq!(
+        h.google.token_requests(GrantType::RefreshToken),
+        refreshes,
+        "invalid_grant waits for authorize: no request"
+    );
+    assert_eq!(h.gmail.stats().connections, 0, "nothing tried upstream");
+    assert!(h.view(id).is_some_and(|e| e.held.is_some()));
+    // The person's fix (`token import`) releases it.
+    let fresh = h.google.issue_refresh_token(CLIENT_ID, EMAIL);
+    oauth::import_refresh_token(&h.resolved, &fresh).expect("import");
+    assert!(h.wait_gone(id, T).await);
 }
 
 // ---- shutdown ---------------------------------------------------------------------

@@ -190,6 +190,8 @@ pub struct Stats {
     pub dropped_after_data: u64,
     /// `QUIT` commands received.
     pub quits: u64,
+    /// Connections over (closed by either side, or cut by the fake).
+    pub closed: u64,
 }
 
 #[derive(Debug)]
@@ -217,6 +219,7 @@ struct State {
 #[derive(Default)]
 struct Counters {
     connections: AtomicU64,
+    closed: AtomicU64,
     auth_ok: AtomicU64,
     auth_rejected: AtomicU64,
     auth_scripted: AtomicU64,
@@ -490,6 +493,7 @@ impl FakeGmail {
             messages: c.messages.load(Ordering::Relaxed),
             dropped_after_data: c.dropped_after_data.load(Ordering::Relaxed),
             quits: c.quits.load(Ordering::Relaxed),
+            closed: c.closed.load(Ordering::Relaxed),
         }
     }
 
@@ -648,6 +652,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 _ = session.run() => {}
                 _ = epoch.changed() => {}
             }
+            shared.counters.closed.fetch_add(1, Ordering::Relaxed);
             shared.changed.notify_waiters();
         });
     }
