@@ -269,16 +269,33 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     let mut problems = (s.readiness)();
+    let mut spool_full = None;
     if let Err(e) = s.spool.health() {
+        let full = e.is_disk_full();
+        let free = s.spool.free_space();
+        let reserved = s.spool.min_free_space();
         problems.push(Problem {
             component: "spool".into(),
             account: None,
-            problem: format!("the spool cannot be written: {e}"),
+            problem: if full {
+                format!(
+                    "the spool is full: new mail gets 452 4.3.1 ({} bytes free, {reserved} kept back by [spool] min_free_space); queued mail still goes out",
+                    free.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into())
+                )
+            } else {
+                format!("the spool cannot be written: {e}")
+            },
             fix: Some(format!(
                 "free space on the file system of {}",
                 s.spool.dir().display()
             )),
         });
+        if full {
+            spool_full = Some(serde_json::json!({
+                "free_bytes": free,
+                "reserved_bytes": reserved,
+            }));
+        }
     }
     // A pause (daily limit, throttling, an upstream outage) is routine and
     // ends by itself: the relay is ready, but says so.
@@ -302,11 +319,13 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
         }
         (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({ "status": "not ready", "problems": problems })),
-        )
-            .into_response()
+        let mut body = serde_json::json!({ "status": "not ready", "problems": problems });
+        if let Some(full) = spool_full {
+            // Machine-readable: a load balancer or a check script keys on it.
+            body["reason"] = "spool_full".into();
+            body["spool"] = full;
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
 }
 

@@ -176,6 +176,14 @@ impl Shared {
         }
     }
 
+    /// Whether the last write failed because the file system was full.
+    pub(crate) fn write_failed_full(&self) -> bool {
+        matches!(
+            &*self.health.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(SpoolError::DiskFull)
+        )
+    }
+
     pub(crate) fn set_unhealthy(&self, e: &SpoolError) {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
     }
@@ -212,6 +220,13 @@ impl Shared {
         }
     }
 
+    /// New mail was stored: if it had been refused, it is taken again.
+    pub(crate) fn took_mail(&self) {
+        if self.below_reserve.swap(false, Ordering::Relaxed) {
+            tracing::info!("the spool takes new mail again");
+        }
+    }
+
     /// Bytes new mail may still use (`None`: the file system cannot tell).
     pub(crate) fn room_for_mail(&self) -> Option<u64> {
         let free = match space::available(&self.dir_file) {
@@ -221,7 +236,7 @@ impl Shared {
                 return None;
             }
         };
-        Some(free.saturating_sub(self.reserve()))
+        Some(free.saturating_sub(self.reserve().max(space::BOOKKEEPING_FLOOR)))
     }
 
     pub(crate) fn forget_segment(&self, seg: u64) {
@@ -277,10 +292,24 @@ impl Spool {
             .create(dir)
             .map_err(open_err)?;
         let lock = take_lock(dir)?;
-        let recovered = recover::recover(dir).map_err(open_err)?;
+        let recovered = recover::recover(dir)?;
         let active_no = recovered.last_segment + 1;
-        let (file, seed) = segment::create(dir, active_no).map_err(open_err)?;
         let mut index = recovered.index;
+        let created = match segment::create(dir, active_no) {
+            Err(e) if error::is_disk_full(&e) => {
+                // A full spool: delete the segments that hold only
+                // delivered mail (oldest first, as the writer would), then
+                // try again.
+                let _ = std::fs::remove_file(segment::path(dir, active_no));
+                reclaim_dead(dir, &mut index);
+                segment::create(dir, active_no)
+            }
+            r => r,
+        };
+        let (file, seed) = created.map_err(|e| SpoolError::Open {
+            path: segment::path(dir, active_no),
+            source: Arc::new(e),
+        })?;
         index.files.insert(active_no);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -298,13 +327,9 @@ impl Spool {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer::new(
             shared.clone(),
-            writer::Active {
-                no: active_no,
-                file,
-                len: segment::FILE_HEADER_LEN,
-                seed,
-            },
-            options.segment_size.max(1),
+            writer::Active::new(active_no, file, seed),
+            // The seal records lengths in 32 bits.
+            options.segment_size.clamp(1, MAX_SEGMENT_SIZE),
             lock,
         );
         std::thread::Builder::new()
@@ -393,6 +418,12 @@ impl Spool {
         self.shared.room_for_mail()
     }
 
+    /// Free bytes on the spool's file system (what an unprivileged writer
+    /// may use, reserve included); `None` when it cannot tell.
+    pub fn free_space(&self) -> Option<u64> {
+        space::available(&self.shared.dir_file).ok()
+    }
+
     /// Change the reserve new mail may not use (a reloaded configuration).
     pub fn set_min_free_space(&self, bytes: u64) {
         self.shared.reserve.store(bytes, Ordering::Relaxed);
@@ -415,6 +446,13 @@ impl Spool {
             }
         }
         match &*self.shared.health.lock().unwrap_or_else(|p| p.into_inner()) {
+            // The file system was full at the last write; space may have come
+            // back since (another program's files deleted) without a write
+            // to show it.
+            Some(SpoolError::DiskFull) => match self.shared.room_for_mail() {
+                Some(room) if room >= space::RESUME_ROOM => Ok(()),
+                _ => Err(SpoolError::DiskFull),
+            },
             Some(e) => Err(e.clone()),
             None => Ok(()),
         }
@@ -635,6 +673,26 @@ impl BodyReader {
             out.extend_from_slice(&piece);
         }
         Ok(out)
+    }
+}
+
+/// Largest `segment_size` honoured.
+const MAX_SEGMENT_SIZE: u64 = 1 << 30;
+
+/// Delete segments that hold no live message, oldest first, stopping at the
+/// first one that does (a `Remove` in a newer segment must never outlive
+/// the `Commit` it cancels).
+fn reclaim_dead(dir: &Path, index: &mut Index) {
+    while let Some(&no) = index.files.first() {
+        if index.segments.get(&no).copied().unwrap_or(0) > 0 {
+            return;
+        }
+        if let Err(e) = segment::remove(dir, no) {
+            warn!(file = %segment::path(dir, no).display(), error = %e, "cannot delete spool segment");
+            return;
+        }
+        index.files.remove(&no);
+        index.segments.remove(&no);
     }
 }
 

@@ -16,7 +16,7 @@ use crate::error::SpoolError;
 use crate::index::Entry;
 use crate::record::{self, Extent, Kind};
 use crate::segment;
-use crate::space::Room;
+use crate::space::{self, Room};
 use crate::{MessageId, Shared};
 
 /// Largest batch the writer takes before writing (bytes of payload).
@@ -24,9 +24,6 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Once this many segment files exist, the oldest one's survivors are copied
 /// forward so the file can be deleted.
 const COMPACT_AT_SEGMENTS: usize = 4;
-/// An emptied active segment at least this large is sealed (and so can be
-/// deleted) while the file system is down to its reserve.
-const SEAL_EMPTIED_AT: u64 = 256 << 10;
 
 pub(crate) type Reply = oneshot::Sender<Result<(), SpoolError>>;
 
@@ -77,6 +74,23 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// New mail: the records of a message being received that may not use
+    /// the reserve. Everything else (updates, removals, bounces) is the
+    /// spool's own bookkeeping and goes first in a batch, so that a batch
+    /// that does not fit can still write it.
+    fn is_inbound(&self) -> bool {
+        matches!(
+            self,
+            Op::Chunk {
+                reserve: Reserve::Respect,
+                ..
+            } | Op::Commit {
+                reserve: Reserve::Respect,
+                ..
+            } | Op::Abort { .. }
+        )
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Op::Chunk { data, .. } => data.len(),
@@ -100,6 +114,7 @@ enum Done {
     Commit {
         id: MessageId,
         entry: Box<Entry>,
+        reserve: Reserve,
         reply: Reply,
     },
     Update {
@@ -134,6 +149,23 @@ pub(crate) struct Active {
     pub len: u64,
     /// CRC seed from the segment's salt.
     pub seed: u32,
+    /// Length covered by the last successful `fdatasync`.
+    pub synced: u64,
+    /// `Commit` records made durable in this segment (for its seal).
+    pub commits: u32,
+}
+
+impl Active {
+    pub(crate) fn new(no: u64, file: File, seed: u32) -> Active {
+        Active {
+            no,
+            file,
+            len: segment::FILE_HEADER_LEN,
+            seed,
+            synced: segment::FILE_HEADER_LEN,
+            commits: 0,
+        }
+    }
 }
 
 pub(crate) struct Writer {
@@ -190,6 +222,11 @@ impl Writer {
             }
             if let Some(reply) = self.process(&mut batch) {
                 let r = self.active.file.sync_data().map_err(SpoolError::io);
+                // A clean stop: the segment's length and commits are final.
+                let r = r.and_then(|()| {
+                    segment::seal(&self.active.file, self.active.len, self.active.commits)
+                        .map_err(SpoolError::io)
+                });
                 // Release the lock before answering, so whoever waited for
                 // the close can open the spool at once.
                 drop(self);
@@ -197,10 +234,11 @@ impl Writer {
                 debug!("spool writer stopped");
                 return;
             }
-            if self.active.len >= self.segment_size || self.seal_emptied_segment() {
+            if self.active.len >= self.segment_size {
                 self.rotate(true);
             }
             self.reclaim();
+            self.give_back_active();
         }
         debug!("spool writer stopped");
     }
@@ -213,23 +251,28 @@ impl Writer {
         let mut done: Vec<Done> = Vec::new();
         let mut touched: BTreeSet<u64> = BTreeSet::new();
         let mut stop = None;
+        // Bookkeeping first (stable: each message's records keep their
+        // order), new mail after it, so a batch that does not fit can be
+        // cut back to the bookkeeping.
+        batch.sort_by_key(Op::is_inbound);
+        let mut split: Option<(usize, usize)> = None;
+        let mut inbound_touched: BTreeSet<u64> = BTreeSet::new();
         // New mail may not use the reserve; the file system is asked once,
         // at the batch's first inbound record.
         let mut room = Room::Unchecked;
-        let check = |shared: &Shared| {
-            if shared.reserve() == 0 {
-                return Room::Unlimited;
+        let check = |shared: &Shared| match shared.room_for_mail() {
+            Some(left) => {
+                shared.room_again(left);
+                Room::Left(left)
             }
-            match shared.room_for_mail() {
-                Some(left) => {
-                    shared.room_again(left);
-                    Room::Left(left)
-                }
-                None => Room::Unlimited,
-            }
+            None => Room::Unlimited,
         };
 
         for op in batch.drain(..) {
+            if split.is_none() && op.is_inbound() {
+                split = Some((self.buf.len(), done.len()));
+            }
+            let inbound = split.is_some();
             match op {
                 Op::Chunk {
                     id,
@@ -261,7 +304,11 @@ impl Writer {
                         len: data.len() as u32,
                     });
                     open.size += data.len() as u64;
-                    touched.insert(id);
+                    if inbound {
+                        inbound_touched.insert(id);
+                    } else {
+                        touched.insert(id);
+                    }
                 }
                 Op::Abort { id } => {
                     self.open.remove(&id);
@@ -321,6 +368,7 @@ impl Writer {
                             extents,
                             commit_seg: seg,
                         }),
+                        reserve,
                         reply,
                     });
                 }
@@ -367,25 +415,37 @@ impl Writer {
         }
 
         if !self.buf.is_empty() {
+            let mut written = self.buf.len();
             if let Err(e) = self.active.file.write_all_at(&self.buf, base) {
                 let err = SpoolError::io(e);
                 self.report(&err);
                 // Leave no partial record behind: cut the file back.
                 if let Err(t) = self.active.file.set_len(base) {
-                    warn!(error = %t, "cannot truncate spool segment after a failed write; continuing in a new segment");
+                    warn!(error = %t, file = %segment::path(&self.shared.dir, seg).display(), "cannot truncate spool segment after a failed write; continuing in a new segment");
+                    touched.extend(inbound_touched);
+                    self.fail_batch(&err, touched, done);
                     self.abandon_segment();
+                    return stop;
                 }
-                for id in touched {
-                    if let Some(o) = self.open.get_mut(&id) {
-                        o.failed = Some(err.clone());
-                    }
+                // New mail did not fit: the bookkeeping before it (removals
+                // that free space, delivery results, bounces) may still.
+                let (at, n) = split.unwrap_or((self.buf.len(), done.len()));
+                let retried = err.is_disk_full()
+                    && at > 0
+                    && at < self.buf.len()
+                    && self.active.file.write_all_at(&self.buf[..at], base).is_ok();
+                if !retried {
+                    self.cut_back(base);
+                    touched.extend(inbound_touched);
+                    self.fail_batch(&err, touched, done);
+                    return stop;
                 }
-                for d in done {
-                    d.fail(&err);
-                }
-                return stop;
+                self.fail_open_past(base + at as u64);
+                let refused = done.split_off(n);
+                self.fail_batch(&err, inbound_touched, refused);
+                written = at;
             }
-            self.active.len = base + self.buf.len() as u64;
+            self.active.len = base + written as u64;
         }
 
         if !done.is_empty() {
@@ -401,6 +461,7 @@ impl Writer {
                 self.abandon_segment();
                 return stop;
             }
+            self.active.synced = self.active.len;
             self.shared.set_healthy();
             self.shared.counted_sync(
                 done.iter()
@@ -412,15 +473,55 @@ impl Writer {
         stop
     }
 
-    /// While new mail is refused for want of space, an active segment whose
-    /// messages are all gone is sealed, so that it can be deleted like any
-    /// other instead of waiting to fill up to `segment_size` (which it
-    /// cannot: the file system is full). On a small file system the whole
-    /// queue may live in the active segment.
-    fn seal_emptied_segment(&self) -> bool {
-        if !self.shared.is_below_reserve() || self.active.len < SEAL_EMPTIED_AT {
-            return false;
+    /// Fail a batch's waiting callers and the unfinished messages it
+    /// carried pieces of.
+    fn fail_batch(&mut self, err: &SpoolError, touched: BTreeSet<u64>, done: Vec<Done>) {
+        for id in touched {
+            if let Some(o) = self.open.get_mut(&id) {
+                o.failed = Some(err.clone());
+            }
         }
+        for d in done {
+            d.fail(err);
+        }
+    }
+
+    /// Cut the active segment back to `len` after a failed append, so no
+    /// partial record stays behind, and fail the unfinished messages with
+    /// pieces past it. If even that fails the segment is given up.
+    /// Returns whether writing goes on in the same segment.
+    fn cut_back(&mut self, len: u64) -> bool {
+        match self.active.file.set_len(len) {
+            Ok(()) => {
+                self.active.len = len;
+                self.fail_open_past(len);
+                true
+            }
+            Err(t) => {
+                warn!(error = %t, file = %segment::path(&self.shared.dir, self.active.no).display(), "cannot truncate spool segment after a failed write; continuing in a new segment");
+                self.abandon_segment();
+                false
+            }
+        }
+    }
+
+    /// Unfinished messages with a piece in the active segment at or past
+    /// `len` fail (their pieces are gone or cannot be trusted).
+    fn fail_open_past(&mut self, len: u64) {
+        let seg = self.active.no;
+        let err = SpoolError::Io(Arc::new(io::Error::other(
+            "spool segment cut back after a write or sync failure",
+        )));
+        for o in self.open.values_mut() {
+            if o.extents.iter().any(|e| e.seg == seg && e.off >= len) {
+                o.failed.get_or_insert_with(|| err.clone());
+            }
+        }
+    }
+
+    /// Whether the active segment holds nothing anyone needs: no live
+    /// message and no piece of a message still arriving.
+    fn active_is_dead(&self) -> bool {
         let no = self.active.no;
         let live = self
             .shared
@@ -436,14 +537,94 @@ impl Writer {
                 .any(|o| o.extents.iter().any(|e| e.seg == no))
     }
 
+    /// Whether space is short: new mail was refused (the reserve, or the
+    /// file system really full), or the free room above the reserve is
+    /// smaller than what the active segment would give back.
+    fn short_of_space(&self) -> bool {
+        self.shared.is_below_reserve()
+            || self.shared.write_failed_full()
+            || self
+                .shared
+                .room_for_mail()
+                .is_some_and(|room| room < self.active.len.saturating_add(space::RESUME_ROOM))
+    }
+
+    /// While space is short, an active segment whose messages are all gone
+    /// is given back at once instead of waiting to fill up to
+    /// `segment_size` (which it cannot: the file system is full). On a
+    /// small file system the whole queue may live in the active segment.
+    /// When it is the only segment left, it is cut back to its header in
+    /// place (no new file needed, so this works on a file system with not a
+    /// byte free); otherwise it is sealed so it can be deleted after the
+    /// older ones, whose removals it may record.
+    fn give_back_active(&mut self) {
+        if self.active.len <= segment::FILE_HEADER_LEN
+            || !self.active_is_dead()
+            || !self.short_of_space()
+        {
+            return;
+        }
+        let only = {
+            let index = self.shared.lock_index();
+            index.files.len() == 1 && index.files.contains(&self.active.no)
+        };
+        if !only {
+            self.rotate(true);
+            self.reclaim();
+            if self.active.len <= segment::FILE_HEADER_LEN || !self.active_is_dead() {
+                return;
+            }
+            let index = self.shared.lock_index();
+            if index.files.len() != 1 {
+                return;
+            }
+        }
+        let freed = self.active.len - segment::FILE_HEADER_LEN;
+        let file = segment::path(&self.shared.dir, self.active.no);
+        let r = segment::unseal(&self.active.file)
+            .and_then(|()| self.active.file.set_len(segment::FILE_HEADER_LEN))
+            .and_then(|()| self.active.file.sync_data());
+        match r {
+            Ok(()) => {
+                self.active.len = segment::FILE_HEADER_LEN;
+                self.active.synced = segment::FILE_HEADER_LEN;
+                self.active.commits = 0;
+                info!(file = %file.display(), bytes = freed, "spool segment held only delivered mail: cut back to give the space back");
+                if let Some(room) = self.shared.room_for_mail() {
+                    self.shared.room_again(room);
+                }
+                if self.shared.write_failed_full() {
+                    self.shared.set_healthy();
+                }
+            }
+            Err(e) => {
+                warn!(file = %file.display(), error = %e, "cannot cut back an emptied spool segment");
+            }
+        }
+    }
+
     fn report(&self, err: &SpoolError) {
-        error!(error = %err, segment = self.active.no, "spool write failed; clients get a temporary error until it works again");
+        error!(error = %err, file = %segment::path(&self.shared.dir, self.active.no).display(), "spool write failed; clients get a temporary error until it works again");
         self.shared.set_unhealthy(err);
     }
 
     /// Publish durable changes and answer the callers.
     fn apply(&mut self, done: Vec<Done>) {
         let mut committed = Vec::new();
+        if done.iter().any(|d| {
+            matches!(
+                d,
+                Done::Commit {
+                    reserve: Reserve::Respect,
+                    ..
+                }
+            )
+        }) {
+            // New mail fits again: the refusal is over (it may come back
+            // with the next message that does not). Said before anyone is
+            // answered.
+            self.shared.took_mail();
+        }
         {
             let mut index = self.shared.lock_index();
             for d in &done {
@@ -457,7 +638,10 @@ impl Writer {
             }
             for d in done {
                 match d {
-                    Done::Commit { id, entry, reply } => {
+                    Done::Commit {
+                        id, entry, reply, ..
+                    } => {
+                        self.active.commits = self.active.commits.saturating_add(1);
                         index.insert(id, *entry);
                         committed.push(id);
                         let _ = reply.send(Ok(()));
@@ -491,17 +675,23 @@ impl Writer {
             self.abandon_segment();
             return;
         }
+        if sync {
+            self.active.synced = self.active.len;
+        }
         match segment::create(&self.shared.dir, self.active.no + 1) {
             Ok((file, seed)) => {
                 debug!(segment = self.active.no + 1, "spool segment started");
+                // Only a segment written to its end and synced is sealed:
+                // an abandoned one's tail is unknown.
+                if sync
+                    && let Err(e) =
+                        segment::seal(&self.active.file, self.active.len, self.active.commits)
+                {
+                    warn!(file = %segment::path(&self.shared.dir, self.active.no).display(), error = %e, "cannot record a spool segment's final length");
+                }
                 self.sealed.insert(self.active.no, self.active.len);
                 self.shared.lock_index().files.insert(self.active.no + 1);
-                self.active = Active {
-                    no: self.active.no + 1,
-                    file,
-                    len: segment::FILE_HEADER_LEN,
-                    seed,
-                };
+                self.active = Active::new(self.active.no + 1, file, seed);
             }
             Err(e) => {
                 let err = SpoolError::io(e);
@@ -524,6 +714,18 @@ impl Writer {
             }
         }
         self.rotate(false);
+        if self.active.no == seg {
+            // No new segment (the file system is full): go on in this one
+            // from the last length a sync covered, dropping the unknown
+            // tail, so bookkeeping can go on and space come back.
+            let synced = self.active.synced;
+            match self.active.file.set_len(synced) {
+                Ok(()) => self.active.len = synced,
+                Err(e) => {
+                    warn!(file = %segment::path(&self.shared.dir, seg).display(), error = %e, "cannot cut back a spool segment after a failure");
+                }
+            }
+        }
     }
 
     /// Delete segments nobody needs, oldest first; once enough segments
@@ -608,6 +810,7 @@ impl Writer {
             self.rotate(true);
         }
         let no = self.active.no;
+        let start = self.active.len;
         let mut moved = Vec::with_capacity(ids.len());
         for id in ids {
             let (envelope, delivery, extents) = {
@@ -639,7 +842,7 @@ impl Writer {
                     off: base + p as u64 + 8,
                     len: piece.len() as u32,
                 });
-                if !self.append_unsynced() {
+                if !self.append_unsynced(start) {
                     return false;
                 }
             }
@@ -647,7 +850,7 @@ impl Writer {
             let head = record::commit_head(id.as_u64(), &env, &delivery, &new_extents);
             self.buf.clear();
             record::encode(&mut self.buf, self.active.seed, Kind::Commit, &[&head]);
-            if !self.append_unsynced() {
+            if !self.append_unsynced(start) {
                 return false;
             }
             moved.push((id, new_extents));
@@ -658,6 +861,8 @@ impl Writer {
             self.abandon_segment();
             return false;
         }
+        self.active.synced = self.active.len;
+        self.active.commits = self.active.commits.saturating_add(moved.len() as u32);
         let mut index = self.shared.lock_index();
         for (id, extents) in moved {
             // Only this thread changes the index, so the message is still
@@ -678,9 +883,10 @@ impl Writer {
         index.segments.get(&seg).copied().unwrap_or(0) == 0
     }
 
-    /// Append `self.buf` to the active segment without syncing; on failure
-    /// the segment is abandoned (its tail can no longer be trusted).
-    fn append_unsynced(&mut self) -> bool {
+    /// Append `self.buf` to the active segment without syncing (copies
+    /// made by compaction); on failure the copies are cut off back to
+    /// `start` (the originals stay valid).
+    fn append_unsynced(&mut self, start: u64) -> bool {
         match self.active.file.write_all_at(&self.buf, self.active.len) {
             Ok(()) => {
                 self.active.len += self.buf.len() as u64;
@@ -688,8 +894,8 @@ impl Writer {
             }
             Err(e) => {
                 let err = SpoolError::io(e);
-                self.report(&err);
-                self.abandon_segment();
+                warn!(file = %segment::path(&self.shared.dir, self.active.no).display(), error = %err, "cannot copy long-queued messages forward; keeping the old segment");
+                self.cut_back(start);
                 false
             }
         }

@@ -186,14 +186,21 @@ async fn a_corrupt_record_is_moved_aside_and_the_rest_recovered() {
     std::fs::write(&seg, bytes).unwrap();
 
     let (spool, rec) = Spool::open(dir.path()).unwrap();
-    assert_eq!(rec.moved_aside, 1);
+    // The damaged record, and the segment (sealed with three commits, one
+    // of them now unreadable) kept whole.
+    assert_eq!(rec.moved_aside, 2, "{rec:?}");
+    assert_eq!(rec.lost, 1, "an acknowledged message is lost: {rec:?}");
     assert!(spool.message(b).is_none());
     assert_eq!(body(&spool, a).await, b"AAAA-first-message");
     assert_eq!(body(&spool, c).await, b"CCCC-third-message");
     let aside: Vec<_> = std::fs::read_dir(dir.path().join("corrupt"))
         .unwrap()
         .collect();
-    assert_eq!(aside.len(), 1, "the damaged record is kept for a human");
+    assert_eq!(
+        aside.len(),
+        2,
+        "the damaged record and its segment are kept for a human"
+    );
     // It is mail: the owner's alone, like the rest of the spool.
     let mode = {
         use std::os::unix::fs::PermissionsExt;
@@ -640,12 +647,35 @@ async fn a_queued_message_whose_chunks_are_gone_is_still_moved_aside() {
     std::fs::remove_file(&segments(dir.path())[0]).unwrap();
     let (spool, rec) = Spool::open(dir.path()).unwrap();
     assert_eq!(rec.moved_aside, 1, "{rec:?}");
+    assert_eq!(rec.lost_ids, vec![a], "{rec:?}");
     assert!(spool.message(a).is_none());
     assert_eq!(body(&spool, b).await, b"intact");
-    let aside: Vec<_> = std::fs::read_dir(dir.path().join("corrupt"))
+    let mut aside: Vec<String> = std::fs::read_dir(dir.path().join("corrupt"))
         .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(aside.len(), 1, "its envelope is kept for a human");
+    aside.sort();
+    // Its envelope, and every piece still found (at least the tail, stored
+    // with the commit; the chunks that were in the deleted segment are
+    // gone), for a person to rebuild what is left.
+    assert_eq!(aside[0], format!("{a}.envelope.json"));
+    assert_eq!(aside.last().unwrap(), &format!("{a}.part-0005-of-0005.bin"));
+    assert!(aside.len() < 6, "the first piece is gone: {aside:?}");
+    let whole = pattern(300_000, 2);
+    for name in &aside[1..] {
+        let k: usize = name[name.find(".part-").unwrap() + 6..][..4]
+            .parse()
+            .unwrap();
+        let piece = std::fs::read(dir.path().join("corrupt").join(name)).unwrap();
+        let from = (k - 1) << 16;
+        assert_eq!(
+            piece,
+            whole[from..whole.len().min(from + (64 << 10))],
+            "{name} holds the message's bytes"
+        );
+    }
+    let envelope = std::fs::read_to_string(dir.path().join("corrupt").join(&aside[0])).unwrap();
+    assert!(envelope.contains("b@example.com"), "{envelope}");
 }
 
 /// A record framed like ours, with a checksum anyone can compute: what a
@@ -708,7 +738,9 @@ async fn records_forged_inside_a_torn_message_body_are_not_replayed() {
         spool.list().iter().all(|(id, _)| id.as_u64() != forged_id),
         "a forged message was queued"
     );
-    assert_eq!(rec.moved_aside, 0);
+    // The cut took an acknowledged message (the attacker's own): that is
+    // reported as a loss, with the segment kept, never as a torn write.
+    assert_eq!(rec.lost, 1, "{rec:?}");
     assert!(rec.torn_bytes > 0);
 }
 

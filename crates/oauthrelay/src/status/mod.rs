@@ -201,7 +201,12 @@ impl Sources {
             Err(e) => SpoolView {
                 accepting: false,
                 problem: Some(format!(
-                    "new mail is refused: {e}; free space on the file system of {}",
+                    "new mail is refused: {e} ({} bytes free, {} kept back by [spool] min_free_space); free space on the file system of {}",
+                    self.spool
+                        .free_space()
+                        .map(|f| f.to_string())
+                        .unwrap_or_else(|| "unknown".into()),
+                    self.spool.min_free_space(),
                     self.spool.dir().display()
                 )),
             },
