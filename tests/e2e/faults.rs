@@ -20,13 +20,13 @@ use crate::harness::{Daemon, Smtp};
 
 /// A tmpfs of a few MiB, unmounted on drop (after the daemon using it is
 /// gone: declare it before the daemon).
-struct TinyFs {
+pub(crate) struct TinyFs {
     dir: tempfile::TempDir,
 }
 
 impl TinyFs {
     /// `None` (loudly, or a panic under `CI=true`) when it cannot be mounted.
-    fn mount(size: &str) -> Option<TinyFs> {
+    pub(crate) fn mount(size: &str) -> Option<TinyFs> {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new("mount")
             .args([
@@ -56,7 +56,7 @@ impl TinyFs {
         Some(TinyFs { dir })
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }
@@ -99,7 +99,7 @@ fn fill_up(path: &Path) {
 
 /// A message of about `len` bytes: headers with Date and Message-ID
 /// `<{id}@e2e.test>`, then 100-byte lines.
-fn sized_message(id: &str, len: usize) -> Vec<u8> {
+pub(crate) fn sized_message(id: &str, len: usize) -> Vec<u8> {
     let mut body = String::with_capacity(len + 128);
     let mut i = 0usize;
     while body.len() < len {
@@ -112,7 +112,7 @@ fn sized_message(id: &str, len: usize) -> Vec<u8> {
 }
 
 /// The `/readyz` status and body.
-async fn readyz(d: &Daemon) -> (u16, String) {
+pub(crate) async fn readyz(d: &Daemon) -> (u16, String) {
     d.http_get("/readyz").await
 }
 
@@ -261,7 +261,7 @@ async fn disk_full_while_receiving_answers_452_and_loses_nothing_once_space_retu
 }
 
 /// Bytes an unprivileged process may still write where `path` lives.
-fn free_space(path: &Path) -> u64 {
+pub(crate) fn free_space(path: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: a zeroed statvfs is valid to fill; the path is NUL-terminated.

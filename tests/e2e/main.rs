@@ -21,6 +21,7 @@ mod receive;
 mod accounts;
 mod delivery;
 mod delivery_log;
+mod disk;
 mod fakes;
 mod gmail_api;
 

@@ -250,6 +250,18 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
             String::new()
         },
     );
+    if recovery.lost > 0 || recovery.damaged_segments > 0 {
+        let ids: Vec<String> = recovery.lost_ids.iter().map(|i| i.to_string()).collect();
+        tracing::error!(
+            lost_messages = recovery.lost,
+            lost_ids = %ids.join(","),
+            corrupt = %paths.spool_dir.join("corrupt").display(),
+            damaged_segments = recovery.damaged_segments,
+            "the spool lost {} acknowledged message(s){} to damage on disk; what is left is in corrupt/ (see the errors above)",
+            recovery.lost,
+            if recovery.damaged_segments > 0 { format!(" and {} damaged segment(s)", recovery.damaged_segments) } else { String::new() }
+        );
+    }
 
     let mut registry = Registry::default();
     let inbound_metrics = inbound::Metrics::new(&mut registry);

@@ -324,6 +324,14 @@ impl Spool {
             syncs: AtomicU64::new(0),
             synced_ops: AtomicU64::new(0),
         });
+        // Opened on a full file system (a restart while mail is refused):
+        // say so from the start, not only once a message is refused.
+        if shared
+            .room_for_mail()
+            .is_some_and(|room| room < space::RESUME_ROOM)
+        {
+            shared.hit_reserve();
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer::new(
             shared.clone(),
@@ -422,6 +430,22 @@ impl Spool {
     /// may use, reserve included); `None` when it cannot tell.
     pub fn free_space(&self) -> Option<u64> {
         space::available(&self.shared.dir_file).ok()
+    }
+
+    /// The caller refused a message for want of room (a client's `SIZE=`
+    /// at `MAIL`, checked against [`room_for_mail`](Self::room_for_mail)):
+    /// when the room left is below what counts as accepting again (1 MiB),
+    /// the spool reports itself full ([`health`](Self::health)) as if the
+    /// writer had refused it. A single huge message refused while there is
+    /// room for others changes nothing.
+    pub fn refused_for_space(&self) {
+        if self
+            .shared
+            .room_for_mail()
+            .is_some_and(|room| room < space::RESUME_ROOM)
+        {
+            self.shared.hit_reserve();
+        }
     }
 
     /// Change the reserve new mail may not use (a reloaded configuration).

@@ -45,6 +45,10 @@ pub struct Recovery {
     /// from records about them in other segments); may be fewer than
     /// [`lost`](Self::lost).
     pub lost_ids: Vec<MessageId>,
+    /// Segments found damaged in a way that lost acknowledged records
+    /// (each logged at ERROR and kept in `corrupt/`); for an emptied or
+    /// unreadable one how many messages it held cannot be known.
+    pub damaged_segments: usize,
     /// Entries of the spool directory that are not ours (`seg-*` names we
     /// never write, directories), set aside in `corrupt/`.
     pub strays: usize,
@@ -78,13 +82,25 @@ struct Damaged {
 /// file is never written again), else a copy. The original stays where it
 /// is, so the records that could be read from it (removals above all) keep
 /// working until the writer reclaims it in order.
-fn keep_segment(dir: &Path, seg: u64, why: &str) -> PathBuf {
+/// With `copy` the evidence is a copy (the original's seal is rewritten
+/// afterwards), falling back to a link when there is no room for one.
+fn keep_segment(dir: &Path, seg: u64, why: &str, copy: bool) -> PathBuf {
     let src = segment::path(dir, seg);
     let aside = dir.join("corrupt");
     let dst = aside.join(format!("seg-{seg:016x}.{why}"));
+    let link = || std::fs::hard_link(&src, &dst);
+    let copy_it = || {
+        std::fs::copy(&src, &dst).map(|_| ()).inspect_err(|_| {
+            let _ = std::fs::remove_file(&dst);
+        })
+    };
     let r = ensure_aside(&aside).and_then(|()| {
         let _ = std::fs::remove_file(&dst);
-        std::fs::hard_link(&src, &dst).or_else(|_| std::fs::copy(&src, &dst).map(|_| ()))
+        if copy {
+            copy_it().or_else(|_| link())
+        } else {
+            link().or_else(|_| copy_it())
+        }
     });
     if let Err(e) = r {
         warn!(file = %src.display(), to = %dst.display(), error = %e, "cannot keep a damaged spool segment for inspection");
@@ -164,8 +180,9 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
     // Ids with records after their commit was lost, and ids removed.
     let mut updated_unknown: BTreeSet<MessageId> = BTreeSet::new();
     let mut removed: BTreeSet<MessageId> = BTreeSet::new();
-    // Segments that lost acknowledged records, with how many commits.
-    let mut losses: Vec<(u64, usize, PathBuf, String)> = Vec::new();
+    // Segments that lost acknowledged records, with how many commits
+    // (`None`: cannot be known).
+    let mut losses: Vec<(u64, Option<usize>, PathBuf, String)> = Vec::new();
 
     for (i, &seg) in segs.iter().enumerate() {
         let newest = i + 1 == segs.len();
@@ -184,11 +201,11 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
             // Not one of our segments, or its header is damaged, or it was
             // emptied while newer ones exist (a new segment is started only
             // once the one before is synced): what it held is lost.
-            let saved = keep_segment(dir, seg, "unreadable");
+            let saved = keep_segment(dir, seg, "unreadable", false);
             report.moved_aside += 1;
             losses.push((
                 seg,
-                0,
+                None,
                 saved,
                 if blank {
                     format!("{} bytes, none of them a segment header", data.len())
@@ -328,12 +345,24 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
             // Written to its end, synced and sealed: anything short of that
             // lost acknowledged records.
             Some((len, commits)) if (end as u64) < len || commits_found < commits => {
-                let saved = keep_segment(dir, seg, "truncated");
+                let saved = keep_segment(dir, seg, "truncated", true);
+                // Reported once: the segment's seal now says what it holds
+                // (the kept copy has the original seal).
+                let resealed = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| {
+                        f.set_len(end as u64)?;
+                        segment::seal(&f, end as u64, commits_found)
+                    });
+                if let Err(e) = resealed {
+                    warn!(file = %path.display(), error = %e, "cannot record what is left of a damaged spool segment");
+                }
                 report.moved_aside += 1;
                 report.torn_bytes += (data.len() - end) as u64;
                 losses.push((
                     seg,
-                    commits.saturating_sub(commits_found) as usize,
+                    Some(commits.saturating_sub(commits_found) as usize),
                     saved,
                     format!(
                         "{} of its {len} sealed bytes readable, {commits_found} of {commits} commits",
@@ -372,14 +401,16 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
     }
     for (seg, lost, saved, what) in &losses {
         let ids: Vec<String> = lost_ids.iter().map(|id| id.to_string()).collect();
+        let count = lost.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string());
         error!(
             file = %segment::path(dir, *seg).display(),
             kept = %saved.display(),
-            lost_messages = *lost,
+            lost_messages = %count,
             known_lost_ids = %ids.join(","),
-            "spool segment lost acknowledged records ({what}): the messages it held are gone; the segment is kept whole for inspection"
+            "spool segment lost acknowledged records ({what}): {count} acknowledged message(s) in it are gone; the segment is kept whole for inspection"
         );
-        report.lost += *lost;
+        report.lost += lost.unwrap_or(0);
+        report.damaged_segments += 1;
     }
     report.lost_ids.extend(lost_ids);
     report.lost_ids.sort_unstable();

@@ -44,6 +44,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && size > room
         {
             self.shared.metrics.rejected(Rejection::Storage);
+            // Readiness and the spool's log say new mail is refused.
+            self.shared.spool.refused_for_space();
             info!(client = %self.peer, size, room, "MAIL refused: the declared SIZE does not fit in the spool's free space above [spool] min_free_space");
             return self.reply(Reply::Storage(spool::SpoolError::DiskFull));
         }
