@@ -161,3 +161,86 @@ async fn a_full_spool_takes_mail_again_once_delivered_and_readiness_follows() {
     assert!(free_space(fs.path()) > 10 << 20, "the space is back");
     drop(d);
 }
+
+/// A byte flipped in a chunk of a queued message while the daemon was
+/// stopped: the start says so at ERROR, naming the message, and keeps its
+/// envelope and every part found in `corrupt/`; the other mail goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_found_at_start_is_an_error_naming_the_message_with_its_parts_kept() {
+    let up = Upstream::start(TlsMode::Implicit).await;
+    up.gmail.stop_listening();
+    let config = up.config(
+        "retry_initial = \"1h\"\nretry_max = \"1h\"\nconnect_timeout = \"5s\"\n",
+        &[up.account("default", EMAIL, &["*"], true)],
+    );
+    up.import(&config, "default", EMAIL);
+    let d = Daemon::start(&config);
+    let mut s = Smtp::open(d.smtp).await;
+    assert!(s.cmd("EHLO e2e.test").await.starts_with("250"));
+    let big = sized_message("big", 300 << 10);
+    let r = s.mail("a@example.com", &["r@example.org"], &big).await;
+    assert!(r.starts_with("250 "), "{r}");
+    let big_id = crate::harness::queued_id(&r);
+    let small = sized_message("small", 2 << 10);
+    assert!(
+        s.mail("a@example.com", &["r@example.org"], &small)
+            .await
+            .starts_with("250 ")
+    );
+    s.cmd("QUIT").await;
+    let mut d = d;
+    assert!(d.terminate(Duration::from_secs(20)).success());
+
+    let spool_dir = d.dir.join("spool");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&spool_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segs.sort();
+    let seg = segs
+        .iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 300 << 10)
+        .expect("the big message's segment")
+        .clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // A line of the big message's second chunk (lines are numbered).
+    let needle = b"00001000 ";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap();
+    bytes[at + 20] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let d = d.restart();
+    let line = d.wait_log("cannot be delivered", T);
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&big_id), "names the message: {line}");
+    let summary = d.wait_log("acknowledged message(s)", T);
+    assert!(
+        summary.contains("ERROR") && summary.contains(&big_id),
+        "{summary}"
+    );
+    let aside: Vec<String> = std::fs::read_dir(spool_dir.join("corrupt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        aside.contains(&format!("{big_id}.envelope.json")),
+        "{aside:?}"
+    );
+    assert!(
+        aside
+            .iter()
+            .filter(|n| n.starts_with(&format!("{big_id}.part-")))
+            .count()
+            >= 3,
+        "{aside:?}"
+    );
+    up.gmail.resume_listening().expect("listen again");
+    let out = d.cli(&["queue", "retry", "--all"], None);
+    assert!(out.status.success());
+    wait_queue_empty(&d, T).await;
+    assert_eq!(up.gmail.messages().len(), 1, "the intact message goes out");
+}

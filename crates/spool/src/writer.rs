@@ -25,6 +25,11 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// forward so the file can be deleted.
 const COMPACT_AT_SEGMENTS: usize = 4;
 
+/// While space is short, an emptied active segment at least this large is
+/// sealed so it can be deleted when older segments still exist (when it is
+/// the only one it is cut back at any size).
+const SEAL_EMPTIED_AT: u64 = 256 << 10;
+
 pub(crate) type Reply = oneshot::Sender<Result<(), SpoolError>>;
 
 pub(crate) enum Op {
@@ -569,6 +574,11 @@ impl Writer {
             index.files.len() == 1 && index.files.contains(&self.active.no)
         };
         if !only {
+            if self.active.len < SEAL_EMPTIED_AT {
+                // Little to give back: not worth a new file per batch while
+                // an old segment is pinned by long-deferred mail.
+                return;
+            }
             self.rotate(true);
             self.reclaim();
             if self.active.len <= segment::FILE_HEADER_LEN || !self.active_is_dead() {
