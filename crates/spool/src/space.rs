@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 /// New mail never takes the last bytes either, whatever the reserve: even
 /// with `min_free_space = 0` a full file system must leave room for the
 /// removals of delivered mail that give whole segments back.
-pub(crate) const BOOKKEEPING_FLOOR: u64 = 256 << 10;
+pub(crate) const BOOKKEEPING_FLOOR: u64 = 64 << 10;
 
 /// Once new mail was refused for want of space, it counts as accepted
 /// again (for [`Spool::health`](crate::Spool::health) and the log) only with
