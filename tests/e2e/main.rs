@@ -17,6 +17,7 @@ mod interop;
 mod pipes;
 mod printers;
 mod receive;
+mod sendmail;
 
 mod accounts;
 mod delivery;

@@ -35,4 +35,6 @@ pub use config::{ByteSize, Network, ServerConfig, TlsConfig, UserConfig, parse_l
 pub use metrics::Metrics;
 pub use password::{hash_password, verify_password};
 pub use server::{Inbound, Listener, ListenerKind};
-pub use settings::{SenderPolicy, Settings, SettingsError, accept_all_senders, system_hostname};
+pub use settings::{
+    LocalNames, SenderPolicy, Settings, SettingsError, accept_all_senders, system_hostname,
+};

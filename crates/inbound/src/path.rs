@@ -36,6 +36,9 @@ pub(crate) enum Path {
     Postmaster,
     /// A mailbox, ready to be stored and sent on.
     Mailbox(String),
+    /// A local name without a domain (`<root>`, a Dot-string): only
+    /// trusted clients get it qualified (see [`crate::LocalNames`]).
+    Unqualified(String),
 }
 
 /// The most octets a stored address may have (smtp-proto's limit).
@@ -122,7 +125,8 @@ fn path(p: &mut Cursor<'_>) -> Option<Path> {
         p.i += 11;
         return Some(Path::Postmaster);
     }
-    if p.peek() == Some(b'@') {
+    let routed = p.peek() == Some(b'@');
+    if routed {
         // A source route: `@one,@two:`; it is ignored.
         loop {
             if !p.eat(b'@') || domain(p).is_none() {
@@ -136,8 +140,13 @@ fn path(p: &mut Cursor<'_>) -> Option<Path> {
             }
         }
     }
+    let quoted = p.peek() == Some(b'"');
     let local = local_part(p)?;
     if !p.eat(b'@') {
+        // `<root>`: a bare Dot-string (never a quoted one, never routed).
+        if !routed && !quoted && p.eat(b'>') && local.len() <= MAX_ADDRESS {
+            return String::from_utf8(local).ok().map(Path::Unqualified);
+        }
         return None;
     }
     let domain = match p.peek() {
@@ -299,6 +308,32 @@ mod tests {
             Path::Null => Some(String::new()),
             Path::Postmaster => Some(postmaster("relay.test")),
             Path::Mailbox(a) => Some(a),
+            Path::Unqualified(_) => None,
+        }
+    }
+
+    #[test]
+    fn local_names_without_a_domain() {
+        for (line, want) in [
+            ("MAIL FROM:<scanner>\r\n", "scanner"),
+            ("RCPT TO:<root> NOTIFY=NEVER\r\n", "root"),
+            ("RCPT TO:<first.last>\r\n", "first.last"),
+            ("RCPT TO:<postmasters>\r\n", "postmasters"),
+        ] {
+            assert_eq!(
+                parse(line.as_bytes()),
+                Some(Path::Unqualified(want.into())),
+                "{line}"
+            );
+        }
+        for line in [
+            "RCPT TO:<\"root\">\r\n",
+            "RCPT TO:<@r:root>\r\n",
+            "RCPT TO:<ro ot>\r\n",
+            "RCPT TO:<root\r>\r\n",
+            "RCPT TO:<.root>\r\n",
+        ] {
+            assert_eq!(parse(line.as_bytes()), None, "{line:?}");
         }
     }
 
@@ -333,7 +368,6 @@ mod tests {
         );
         for line in [
             "RCPT TO:<\"postmaster\">\r\n",
-            "RCPT TO:<postmasters>\r\n",
             "RCPT TO:<@r:postmaster>\r\n",
         ] {
             assert_eq!(parse(line.as_bytes()), None, "{line}");

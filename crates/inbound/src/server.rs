@@ -193,6 +193,31 @@ impl Inbound {
         .await;
         drop(guard);
     }
+
+    /// Run one session for a local submitter (`sendmail -bs` on stdin and
+    /// stdout, a message from the maildrop): trusted like a client in
+    /// `allow_networks` whatever `allow_networks` says, and logged as
+    /// `127.0.0.1`. Returns when the session ends.
+    pub async fn handle_local<S>(&self, stream: S, shutdown: CancellationToken)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let guard = self.inner.open_session(self.inner.slots.force());
+        let settings = self.inner.current();
+        let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+        Session::new(
+            stream,
+            peer,
+            ListenerKind::Smtp,
+            settings,
+            self.inner.shared.clone(),
+            shutdown,
+        )
+        .local_client()
+        .run()
+        .await;
+        drop(guard);
+    }
 }
 
 impl Inner {

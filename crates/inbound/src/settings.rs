@@ -15,6 +15,19 @@ use crate::config::ServerConfig;
 /// sender (`""` is the null sender). `false` gets `550 5.7.1`.
 pub type SenderPolicy = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// Local names (Postfix's `myorigin`, `mydestination` and aliases): how a
+/// trusted client's unqualified addresses are completed, and where mail
+/// for local recipients goes. The binary implements it from its `[local]`
+/// table; without one, unqualified addresses are refused (`501`).
+pub trait LocalNames: Send + Sync {
+    /// `name@domain` for a name without a domain (`root`).
+    fn qualify(&self, name: &str) -> String;
+    /// Where mail for `rcpt` (qualified, or a bare name) goes: local names
+    /// through the aliases, unknown local names to the postmaster, every
+    /// other address unchanged. Never empty.
+    fn expand(&self, rcpt: &str) -> Vec<String>;
+}
+
 /// A `[server]` section that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -56,6 +69,7 @@ pub struct Settings {
     pub(crate) tls: Option<TlsAcceptor>,
     /// (name, PHC hash)
     pub(crate) users: Vec<(String, String)>,
+    pub(crate) local: Option<Arc<dyn LocalNames>>,
 }
 
 impl fmt::Debug for Settings {
@@ -65,6 +79,7 @@ impl fmt::Debug for Settings {
             .field("hostname", &self.hostname)
             .field("tls", &self.tls.is_some())
             .field("users", &self.users.len())
+            .field("local_names", &self.local.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -169,7 +184,15 @@ impl Settings {
             sender_allowed,
             tls,
             users,
+            local: None,
         })
+    }
+
+    /// Qualify trusted clients' bare names and expand local recipients
+    /// with `local` (see [`LocalNames`]).
+    pub fn with_local_names(mut self, local: Arc<dyn LocalNames>) -> Settings {
+        self.local = Some(local);
+        self
     }
 
     /// The `[server]` section these settings came from.

@@ -78,8 +78,9 @@ pub enum Command {
     },
     /// Read a password on stdin and print a hash for [[server.users]].
     HashPassword,
-    /// sendmail-compatible submission from stdin:
-    /// `sendmail [-t] [-i] [-oi] [-f ADDR] [-F NAME] [RCPT...]`.
+    /// sendmail-compatible submission from stdin, with Postfix's
+    /// options and modes (-bs, -bp, -bi, -bv, -q); see
+    /// oauthrelay-sendmail(8).
     #[command(disable_help_flag = true)]
     Sendmail {
         /// sendmail options and recipients, as Postfix's sendmail(1) takes them.

@@ -10,7 +10,6 @@ use crate::config::{self, Loaded};
 use crate::out::{Stdout, out, outln};
 use crate::paths::Paths;
 use crate::queue::{self, Request};
-use crate::sendmail;
 
 /// `check-config`: everything `serve` would check before starting, every
 /// problem at once (`errors`: what loading the file found), else the
@@ -72,6 +71,33 @@ pub fn check_config(loaded: &Loaded, errors: Vec<config::ConfigError>, paths: &P
                     outbound::escape_controls(&scopes.join(" "))
                 }
             );
+        }
+    }
+    outln!("# maildrop directory: {}", paths.maildrop_dir.display());
+    match crate::local::LocalNames::load(
+        &loaded.config,
+        &loaded.base_dir(),
+        &crate::serve::hostname(loaded),
+    ) {
+        Ok(local) => {
+            outln!(
+                "# local names: no domain, or {} (domain from {})",
+                local.local_domains.join(", "),
+                local.source.as_str()
+            );
+            match &local.aliases.file {
+                Some(f) => outln!(
+                    "# aliases: {}: {} alias(es)",
+                    f.display(),
+                    local.aliases.len()
+                ),
+                None => outln!("# aliases: none ([local] aliases not set)"),
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("1 problem found");
+            return ExitCode::FAILURE;
         }
     }
     out!("{}", config::render(&effective));
@@ -432,74 +458,6 @@ pub fn completions(shell: crate::cli::Shell) -> ExitCode {
     crate::cli::write_completions(shell, &mut out);
     let _ = out.flush();
     ExitCode::SUCCESS
-}
-
-/// `sendmail ...`: exit codes per sysexits (0 queued, 75 try again, 64/65).
-pub async fn sendmail(loaded: &Loaded, paths: &Paths, args: &[String]) -> ExitCode {
-    let args = match sendmail::parse_args(args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            return ExitCode::from(sendmail::EX_USAGE);
-        }
-    };
-    let limit = loaded.config.server.max_message_size.0;
-    let input = match sendmail::read_stdin(limit) {
-        Ok(Ok(b)) => b,
-        Ok(Err(limit)) => {
-            eprintln!(
-                "sendmail: message larger than the {limit}-byte limit ([server] max_message_size)"
-            );
-            return ExitCode::from(sendmail::EX_DATAERR);
-        }
-        Err(e) => {
-            eprintln!("sendmail: cannot read the message: {e}");
-            return ExitCode::from(sendmail::EX_TEMPFAIL);
-        }
-    };
-    let hostname = crate::serve::hostname(loaded);
-    let sender = args
-        .from
-        .clone()
-        .unwrap_or_else(|| sendmail::default_sender(&hostname));
-    let (message, extra) = sendmail::prepare(&input, &args, &sender);
-    let mut rcpts = args.recipients.clone();
-    rcpts.extend(extra);
-    rcpts.dedup();
-    if rcpts.is_empty() {
-        eprintln!("sendmail: no recipients (name them, or use -t to read To:/Cc:/Bcc:)");
-        return ExitCode::from(sendmail::EX_USAGE);
-    }
-    // Where the daemon really listens (the configured port may be 0, or
-    // the sockets may come from systemd); else where it is configured to.
-    let listening: Vec<std::net::SocketAddr> =
-        match queue::ask_daemon(&paths.control_socket, &Request::Info).await {
-            Some(Ok(v)) => serde_json::from_value(v["smtp"].clone()).unwrap_or_default(),
-            _ => loaded.config.server.listen.clone(),
-        };
-    let Some(addr) = sendmail::daemon_address(&listening) else {
-        eprintln!("sendmail: [server] listen is empty");
-        return ExitCode::from(sendmail::EX_TEMPFAIL);
-    };
-    match sendmail::submit(addr, &sender, &rcpts, &message).await {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(sendmail::SubmitError::Unreachable(e)) => {
-            // No daemon: queue it ourselves, as Postfix's maildrop would.
-            match crate::serve::submit_offline(loaded, paths, &sender, &rcpts, &message).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(off) => {
-                    eprintln!(
-                        "sendmail: oauthrelay is not running ({e}) and the queue cannot be written directly: {off:#}"
-                    );
-                    ExitCode::from(sendmail::EX_TEMPFAIL)
-                }
-            }
-        }
-        Err(e) => {
-            eprintln!("sendmail: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
 }
 
 /// `send-test --account NAME --to ADDR`.

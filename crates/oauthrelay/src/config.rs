@@ -67,6 +67,15 @@ pub struct LocalConfig {
     /// `local::domain`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// An aliases file in /etc/aliases format (local names resolved through
+    /// it: `root: you@gmail.com`); optional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aliases: Option<PathBuf>,
+    /// Where `sendmail` run by users other than root leaves mail while the
+    /// daemon is stopped. Default: /var/spool/oauthrelay-maildrop with the
+    /// system config, else `maildrop` in the state directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maildrop: Option<PathBuf>,
 }
 
 /// `[metrics]`.
@@ -1005,6 +1014,20 @@ senders = [\"*\"]
         assert_eq!(l.config.server.bare_lf_end_networks, Some(Vec::new()));
         let l = parse("", None).unwrap();
         assert_eq!(l.config.server.bare_lf_end_networks, None);
+    }
+
+    #[test]
+    fn the_local_table() {
+        let l = parse(
+            "[local]\ndomain = \"host.example.org\"\naliases = \"/etc/aliases\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(l.config.local.domain.as_deref(), Some("host.example.org"));
+        let e = err("[local]\ndomain = \"bad domain\"\n");
+        assert!(e.contains(":2:") && e.contains("invalid domain"), "{e}");
+        let e = err("[local]\nalias = \"/etc/aliases\"\n");
+        assert!(e.contains("unknown field `alias`"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod diagnose;
 mod http;
 mod local;
 mod logging;
+mod maildrop;
 mod out;
 mod paths;
 mod process;
@@ -29,17 +30,26 @@ use crate::config::Loaded;
 use crate::paths::Paths;
 
 fn main() -> ExitCode {
+    // Installed setgid oauthrelay-maildrop: give the group up at once.
+    maildrop::drop_group();
     process::mark_start();
-    // Invoked through a link named `sendmail` (or `mailq`-less setups that
-    // call /usr/sbin/sendmail): behave like sendmail.
+    // Invoked through a link named `sendmail`, `mailq` or `newaliases`:
+    // behave like sendmail in that mode.
     let argv0 = std::env::args_os().next().unwrap_or_default();
     let invoked_as = Path::new(&argv0)
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("")
         .to_string();
-    let cli = if invoked_as == "sendmail" {
-        let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut sendmail_mode = sendmail::args::Mode::Deliver;
+    let cli = if let Some(mode) = sendmail::invoked_mode(&invoked_as) {
+        sendmail_mode = mode;
+        // Arguments that are not UTF-8 are kept (lossily) so that they fail
+        // the address checks rather than the program.
+        let args: Vec<String> = std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         Cli {
             config: None,
             log_format: None,
@@ -64,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::from(sendmail::EX_SOFTWARE);
         }
     };
-    runtime.block_on(run(cli))
+    runtime.block_on(run(cli, sendmail_mode))
 }
 
 /// Two workers suit the small machines we run on; more cores get more.
@@ -79,8 +89,13 @@ fn worker_threads() -> usize {
 /// cannot help (the unit's `RestartPreventExitStatus=78`).
 pub(crate) const EX_CONFIG: u8 = 78;
 
-async fn run(cli: Cli) -> ExitCode {
-    let path = config::find(cli.config.as_deref());
+async fn run(cli: Cli, sendmail_mode: sendmail::args::Mode) -> ExitCode {
+    // sendmail's `-C FILE` names the configuration too.
+    let explicit = match &cli.command {
+        Command::Sendmail { args } if cli.config.is_none() => sendmail::config_option(args),
+        _ => cli.config.clone(),
+    };
+    let path = config::find(explicit.as_deref());
     if let Command::CheckConfig = cli.command {
         return match config::load_all(path.as_deref()) {
             Ok((loaded, errors)) => {
@@ -113,7 +128,9 @@ async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve => return serve::run(loaded, paths).await,
         Command::CheckConfig => unreachable!("handled above"),
-        Command::Sendmail { args } => return commands::sendmail(&loaded, &paths, &args).await,
+        Command::Sendmail { args } => {
+            return sendmail::run(&loaded, &paths, &args, sendmail_mode).await;
+        }
         Command::Authorize {
             account,
             no_browser,

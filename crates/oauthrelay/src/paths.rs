@@ -18,7 +18,13 @@ pub struct Paths {
     pub credentials_dir: Option<PathBuf>,
     /// Unix socket the `queue` commands use to talk to a running daemon.
     pub control_socket: PathBuf,
+    /// Where `sendmail` run by other users than root leaves mail while the
+    /// daemon is stopped (see crate::maildrop).
+    pub maildrop_dir: PathBuf,
 }
+
+/// The maildrop of the packaged layout.
+pub const SYSTEM_MAILDROP: &str = "/var/spool/oauthrelay-maildrop";
 
 impl Paths {
     pub fn resolve(loaded: &Loaded) -> Paths {
@@ -35,7 +41,15 @@ impl Paths {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
         let control_socket = spool_dir.join("control.sock");
+        let system = loaded.path.as_deref() == Some(Path::new(SYSTEM_CONFIG))
+            || std::env::var_os("STATE_DIRECTORY").is_some_and(|v| !v.is_empty());
+        let maildrop_dir = match &loaded.config.local.maildrop {
+            Some(d) => absolute(&base, d),
+            None if system => PathBuf::from(SYSTEM_MAILDROP),
+            None => state_dir.join("maildrop"),
+        };
         Paths {
+            maildrop_dir,
             state_dir,
             spool_dir,
             credentials_dir,

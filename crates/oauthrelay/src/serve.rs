@@ -95,7 +95,9 @@ pub(crate) fn inbound_settings(
         tls.cert_file = paths::absolute(&base, &tls.cert_file);
         tls.key_file = paths::absolute(&base, &tls.key_file);
     }
-    inbound::Settings::new(server, hostname(loaded), policy).map_err(|e| {
+    let local = crate::local::LocalNames::load(&loaded.config, &base, &hostname(loaded))
+        .map_err(|e| anyhow::Error::new(config::Misconfigured(e.to_string())))?;
+    let settings = inbound::Settings::new(server, hostname(loaded), policy).map_err(|e| {
         let key: Vec<config::Key<'_>> = match &e {
             inbound::SettingsError::Certificate { .. } => {
                 vec!["server".into(), "tls".into(), "cert_file".into()]
@@ -112,7 +114,8 @@ pub(crate) fn inbound_settings(
             inbound::SettingsError::DuplicateUser(name) => user_key(loaded, name, true),
         };
         anyhow::Error::new(loaded.error_at(&key, e.to_string()))
-    })
+    })?;
+    Ok(settings.with_local_names(Arc::new(local)))
 }
 
 /// The place of `[[server.users]]` entry `name` (its last one when
@@ -373,6 +376,12 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
         warn!(socket = %paths.control_socket.display(), error = %e, "queue commands will not reach this daemon");
     }
 
+    let maildrop = crate::maildrop::watch(crate::maildrop::Importer {
+        dir: paths.maildrop_dir.clone(),
+        inbound: (*inbound).clone(),
+        shutdown: shutdown.clone(),
+    });
+
     let http_task = metrics_listener.map(|l| {
         let readiness = readiness(tokens.clone(), outbound.clone());
         tokio::spawn(http::serve(
@@ -462,6 +471,7 @@ async fn serve(mut loaded: Loaded, paths: Paths) -> anyhow::Result<()> {
     if let Some(w) = watchdog {
         let _ = w.await;
     }
+    let _ = tokio::time::timeout(Duration::from_secs(5), maildrop).await;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
@@ -620,38 +630,75 @@ async fn apply_reload(
     info!("configuration reloaded");
 }
 
-/// `sendmail` with no daemon running: open the spool here and store the
-/// message through an in-process SMTP session, so it gets the same headers
-/// and checks as any other; it is delivered when the daemon starts.
-pub async fn submit_offline(
+/// The spool opened here, with an SMTP listener object on it, for
+/// `sendmail` when no daemon runs (root, or the service user).
+async fn offline_inbound(
     loaded: &Loaded,
     paths: &Paths,
-    sender: &str,
-    rcpts: &[String],
-    message: &[u8],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Spool, inbound::Inbound)> {
     let (spool, _) = open_spool(loaded, paths).await?;
     let mut registry = Registry::default();
-    let settings = inbound_settings(loaded, inbound::accept_all_senders())?;
-    let server = Arc::new(inbound::Inbound::new(
+    let settings = match inbound_settings(loaded, inbound::accept_all_senders()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = spool.close().await;
+            return Err(e);
+        }
+    };
+    let server = inbound::Inbound::new(
         settings,
         spool.clone(),
         inbound::Metrics::new(&mut registry),
-    ));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    );
+    Ok((spool, server))
+}
+
+/// `sendmail` with no daemon running: open the spool here and store the
+/// message through an in-process local session, so it gets the same
+/// headers, checks and aliases as any other; it is delivered when the
+/// daemon starts.
+pub async fn submit_offline(
+    loaded: &Loaded,
+    paths: &Paths,
+    env: &crate::sendmail::submit::Envelope,
+    message: &[u8],
+) -> anyhow::Result<()> {
+    let (spool, server) = offline_inbound(loaded, paths).await?;
+    let (client, ours) = tokio::io::duplex(64 << 10);
     let stop = CancellationToken::new();
     let task = {
         let server = server.clone();
         let stop = stop.clone();
-        tokio::spawn(async move { server.serve(vec![listener], stop).await })
+        tokio::spawn(async move { server.handle_local(ours, stop).await })
     };
-    let result = crate::sendmail::submit(addr, sender, rcpts, message).await;
-    stop.cancel();
+    let result = crate::sendmail::submit::stream_submit(client, env, message).await;
     let _ = task.await;
     spool.close().await?;
     crate::paths::hand_over(&paths.spool_dir);
-    result.map(|_| ()).map_err(|e| anyhow::anyhow!("{e}"))
+    result.map(|_| ()).map_err(anyhow::Error::new)
+}
+
+/// `sendmail -bs` with no daemon running: the session runs here, on the
+/// spool, over `stdio`. `Err` gives `stdio` back when the spool cannot be
+/// opened (not root).
+pub async fn smtp_offline<S>(
+    loaded: &Loaded,
+    paths: &Paths,
+    stdio: S,
+) -> Result<(), (S, anyhow::Error)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (spool, server) = match offline_inbound(loaded, paths).await {
+        Ok(x) => x,
+        Err(e) => return Err((stdio, e)),
+    };
+    server.handle_local(stdio, CancellationToken::new()).await;
+    if let Err(e) = spool.close().await {
+        error!("cannot flush the spool: {e}");
+    }
+    crate::paths::hand_over(&paths.spool_dir);
+    Ok(())
 }
 
 /// `send-test`: one message now, every step printed.

@@ -99,6 +99,14 @@ fn man_pages(out: &Path, nodes: &[Node], problems: &mut Vec<String>) -> anyhow::
         if !text.contains(&format!(".SH NAME\n{name} - ")) {
             problems.push(format!("{name}.8: no NAME line for {name}"));
         }
+        if name == crate::man::SENDMAIL_PAGE {
+            for o in crate::sendmail_args::OPTIONS {
+                let flag = format!("-{}", o.letter);
+                if !text.contains(&flag) {
+                    problems.push(format!("{name}.8 does not document {flag}"));
+                }
+            }
+        }
         for flag in long_flags(&node.cmd) {
             if !text.contains(&flag) {
                 problems.push(format!("{name}.8 does not document {flag}"));

@@ -18,6 +18,12 @@
 #[path = "../../oauthrelay/src/cli.rs"]
 mod cli;
 
+/// sendmail's option table and its clap description (std + clap only),
+/// for oauthrelay-sendmail(8).
+#[allow(dead_code)]
+#[path = "../../oauthrelay/src/sendmail/args.rs"]
+mod sendmail_args;
+
 mod check;
 mod man;
 

@@ -10,9 +10,12 @@ use clap_mangen::Man;
 use clap_mangen::roff::{Roff, bold, italic, roman};
 
 /// Subcommands whose page is not generated from the command line yet.
-/// `sendmail` takes Postfix's options, which clap does not describe; its
-/// page, oauthrelay-sendmail(8), comes with that option set.
-pub const PENDING: &[&str] = &["oauthrelay-sendmail"];
+pub const PENDING: &[&str] = &[];
+
+/// `sendmail` takes Postfix's options, which its clap subcommand (one
+/// trailing ARGS) does not describe: its page is made from
+/// `sendmail::args::command()`, built from the same table the parser uses.
+pub const SENDMAIL_PAGE: &str = "oauthrelay-sendmail";
 
 const SECTION: &str = "8";
 const MANUAL: &str = "oauthrelay manual";
@@ -68,6 +71,18 @@ fn page(
     if PENDING.contains(&name.as_str()) {
         return Ok(());
     }
+    let page_cmd = if name == SENDMAIL_PAGE {
+        let mut c = crate::sendmail_args::command()
+            .name(SENDMAIL_PAGE)
+            .display_name(SENDMAIL_PAGE)
+            .bin_name("sendmail")
+            .version(env!("CARGO_PKG_VERSION"));
+        c.build();
+        c
+    } else {
+        cmd.clone()
+    };
+    let cmd = &page_cmd;
     let mut man = Man::new(cmd.clone())
         .section(SECTION)
         .manual(MANUAL)
@@ -91,6 +106,7 @@ fn page(
     let mut extra = Roff::new();
     match parent {
         None => top_page_sections(&mut extra),
+        Some(_) if name == SENDMAIL_PAGE => sendmail_sections(&mut extra),
         Some(parent) => {
             extra.control("SH", ["SEE ALSO"]);
             let mut refs = vec![bold("oauthrelay"), roman("(8)")];
@@ -212,6 +228,75 @@ fn top_page_sections(r: &mut Roff) {
         roman("(1); "),
         italic("/usr/share/doc/oauthrelay/"),
         roman(" (install.md, gmail-setup.md, configuration.md)."),
+    ]);
+}
+
+/// FILES, EXIT STATUS and SEE ALSO of oauthrelay-sendmail(8).
+fn sendmail_sections(r: &mut Roff) {
+    let item = |r: &mut Roff, term: &str, text: &str| {
+        r.control("TP", []);
+        r.text([bold(term)]);
+        r.text([roman(text)]);
+    };
+    r.control("SH", ["EXAMPLES"]);
+    item(
+        r,
+        "sendmail -t -i < message",
+        "What PHP's mail() and many scripts run: recipients from To:, Cc: and Bcc:.",
+    );
+    item(
+        r,
+        "sendmail -FCronDaemon -i -B8BITMIME -oem root",
+        "What Debian's cron runs: root goes through [local] aliases, else to the postmaster.",
+    );
+    item(
+        r,
+        "sendmail -bs",
+        "What Symfony Mailer and Laravel run: an SMTP dialogue on stdin and stdout.",
+    );
+    item(
+        r,
+        "sendmail -bv root",
+        "Where mail for root would go (aliases, account), sending nothing.",
+    );
+    r.control("SH", ["FILES"]);
+    item(
+        r,
+        "/usr/sbin/sendmail, /usr/bin/mailq, /usr/bin/newaliases",
+        "Links to oauthrelay: sendmail, -bp and -bi.",
+    );
+    item(
+        r,
+        "/var/spool/oauthrelay-maildrop/",
+        "The maildrop ([local] maildrop): root:oauthrelay-maildrop, mode 0770. While the \
+         daemon is stopped, mail of users other than root is left here (the binary is \
+         installed setgid oauthrelay-maildrop and uses the group for nothing else); \
+         the daemon imports it when it starts.",
+    );
+    item(
+        r,
+        "/etc/aliases",
+        "The usual aliases file ([local] aliases): name: address, ... with comments and \
+         continuation lines; :include:, |command and /file are refused.",
+    );
+    r.control("SH", ["EXIT STATUS"]);
+    r.text([roman(
+        "sysexits(3): 0 queued; 64 usage error (a missing option value, no recipients); \
+         65 bad data (an address or -F name with control characters, an unusable To:, Cc: \
+         or Bcc: with -t: nothing is sent); 75 temporary failure (the daemon does not run \
+         and neither the queue nor the maildrop can be written: nothing was queued, try \
+         again); 78 configuration error.",
+    )]);
+    r.control("SH", ["SEE ALSO"]);
+    r.text([
+        bold("oauthrelay"),
+        roman("(8), "),
+        bold("oauthrelay.toml"),
+        roman("(5), "),
+        bold("aliases"),
+        roman("(5), "),
+        bold("sendmail"),
+        roman("(1) (Postfix)."),
     ]);
 }
 

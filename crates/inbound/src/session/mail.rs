@@ -56,6 +56,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(Path::Null) => String::new(),
             Some(Path::Postmaster) => path::postmaster(&self.settings.hostname),
             Some(Path::Mailbox(a)) => a,
+            // `MAIL FROM:<scanner>` from a printer: qualified for clients
+            // that may relay, as Postfix's append_at_myorigin does.
+            Some(Path::Unqualified(name)) => match self.local_names() {
+                Some(local) => local.qualify(&name),
+                None => return self.reply(Reply::BadSender),
+            },
             None => return self.reply(Reply::BadSender),
         };
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;

@@ -785,6 +785,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     // ---- transactions -------------------------------------------------------
 
+    /// The local names of clients that may relay (allow_networks, or
+    /// authenticated); others get bare names refused.
+    fn local_names(&self) -> Option<Arc<dyn crate::settings::LocalNames>> {
+        if self.trusted || self.auth_user.is_some() {
+            self.settings.local.clone()
+        } else {
+            None
+        }
+    }
+
+    /// A session for a local submitter (`sendmail -bs`, the maildrop): trusted
+    /// whatever its address, like Postfix's local submission.
+    pub(crate) fn local_client(mut self) -> Session<S> {
+        self.trusted = true;
+        self.refused = false;
+        self
+    }
+
     /// End any mail transaction (RSET, EHLO, a new TLS session).
     fn reset_transaction(&mut self) {
         self.txn = None;

@@ -23,10 +23,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let may_relay = self.trusted || self.auth_user.is_some();
         let to = match path::parse(line) {
             Some(Path::Mailbox(a)) => a,
+            // `RCPT TO:<root>`: a local name, for clients that may relay.
+            Some(Path::Unqualified(name)) if self.local_names().is_some() => name,
             // RFC 5321 4.5.1: always accepted; we have no mailboxes of our
             // own, so it is relayed like any address.
             Some(Path::Postmaster) => path::postmaster(&self.settings.hostname),
-            Some(Path::Null) | None => String::new(),
+            Some(Path::Null | Path::Unqualified(_)) | None => String::new(),
         };
         let verdict = match &self.txn {
             None => Verdict::Reject(Reply::Sequence("need MAIL command")),
@@ -51,9 +53,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(Reply::TooManyRecipients)
             }
             Verdict::Accept => {
-                if let Some(t) = self.txn.as_mut() {
-                    t.rcpts.push(to);
+                // Local names resolved here (aliases, the postmaster), so the
+                // queue holds where the mail really goes.
+                let targets = match self.local_names() {
+                    Some(local) => local.expand(&to),
+                    None => vec![to.clone()],
+                };
+                let Some(t) = self.txn.as_mut() else {
+                    return self.reply(Reply::Sequence("need MAIL command"));
+                };
+                let new: Vec<String> = targets.into_iter().fold(Vec::new(), |mut v, a| {
+                    if !v.contains(&a) {
+                        v.push(a);
+                    }
+                    v
+                });
+                if t.rcpts.len() + new.len() > max {
+                    self.shared.metrics.rejected(Rejection::Recipients);
+                    return self.reply(Reply::TooManyRecipients);
                 }
+                if new.len() != 1 || new.first() != Some(&to) {
+                    info!(client = %self.peer, to = %Clean(&to), "local recipient {} -> {}", Clean(&to), Clean(&new.join(", ")));
+                }
+                t.rcpts.extend(new);
                 self.reply(Reply::RcptOk)
             }
         }

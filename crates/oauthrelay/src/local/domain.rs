@@ -34,7 +34,7 @@ fn domain_with(config: &Config, fqdn: impl FnOnce() -> Option<String>) -> Option
 
 /// The host's fully qualified name: its host name when that has a dot,
 /// else the canonical name the resolver (`/etc/hosts` first) gives it.
-fn fqdn() -> Option<String> {
+pub(crate) fn fqdn() -> Option<String> {
     let host = inbound::system_hostname();
     if is_fqdn(&host) {
         return Some(host.to_ascii_lowercase());
