@@ -237,7 +237,8 @@ async fn each_callers_command_line_through_the_links() {
         assert!(text.contains("\r\n.leading dot\r\n"), "{subject}: {text}");
     }
     let cron = with_subject(&msgs, "debian-cron-unset")[0];
-    assert_eq!(cron.mail_from, format!("{}@{DOMAIN}", "root"));
+    // A local sender goes upstream as the account's address (issue 8 item 3).
+    assert_eq!(cron.mail_from, EMAIL);
     let cronie = with_subject(&msgs, "cronie-unset")[0];
     assert_eq!(
         cronie.header("From").as_deref(),
@@ -435,7 +436,14 @@ async fn a_user_submits_while_the_daemon_is_stopped() {
     let mut rcpts = msgs[0].rcpt_to.clone();
     rcpts.sort();
     assert_eq!(rcpts, [ADMIN, "late@example.org"]);
-    assert_eq!(msgs[0].mail_from, format!("nobody@{DOMAIN}"));
+    assert_eq!(
+        msgs[0].mail_from, EMAIL,
+        "a local sender goes as the account"
+    );
+    assert_eq!(
+        msgs[0].header("From").as_deref(),
+        Some(format!("nobody@{DOMAIN}").as_str())
+    );
     assert!(
         std::fs::read_dir(&maildrop).unwrap().next().is_none(),
         "imported files are removed"

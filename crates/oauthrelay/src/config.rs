@@ -1027,7 +1027,7 @@ senders = [\"*\"]
         let e = err("[local]\ndomain = \"bad domain\"\n");
         assert!(e.contains(":2:") && e.contains("invalid domain"), "{e}");
         let e = err("[local]\nalias = \"/etc/aliases\"\n");
-        assert!(e.contains("unknown field `alias`"), "{e}");
+        assert!(e.contains("unknown key `alias`"), "{e}");
     }
 
     #[test]
