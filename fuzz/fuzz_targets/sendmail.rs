@@ -24,20 +24,18 @@
 
 #![no_main]
 
-mod sendmail {
-    #[allow(dead_code)]
-    #[path = "../../../crates/oauthrelay/src/sendmail/address.rs"]
-    pub mod address;
-    #[allow(dead_code)]
-    #[path = "../../../crates/oauthrelay/src/sendmail/args.rs"]
-    pub mod args;
-    #[allow(dead_code)]
-    #[path = "../../../crates/oauthrelay/src/sendmail/message.rs"]
-    pub mod message;
-}
+// At the crate root: message.rs names `super::address`.
+#[allow(dead_code)]
+#[path = "../../crates/oauthrelay/src/sendmail/address.rs"]
+mod address;
+#[allow(dead_code)]
+#[path = "../../crates/oauthrelay/src/sendmail/args.rs"]
+mod args;
+#[allow(dead_code)]
+#[path = "../../crates/oauthrelay/src/sendmail/message.rs"]
+mod message;
 
 use libfuzzer_sys::fuzz_target;
-use sendmail::{address, args, message};
 
 fn assert_safe_address(a: &str) {
     assert!(!a.chars().any(char::is_control), "control in {a:?}");
