@@ -17,6 +17,11 @@
 #[path = "../../crates/oauthrelay/src/config.rs"]
 mod config;
 
+// config.rs re-exports `cli::LogFormat`; cli.rs uses nothing of the crate.
+#[allow(dead_code)]
+#[path = "../../crates/oauthrelay/src/cli.rs"]
+mod cli;
+
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;

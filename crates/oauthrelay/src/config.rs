@@ -359,8 +359,9 @@ fn check_inline_secrets(l: &Loaded, mode: u32) -> Vec<ConfigError> {
         .collect()
 }
 
-/// Parse a configuration text (`path` is for messages only).
-#[cfg(test)]
+/// Parse a configuration text (`path` is for messages only). Used by the
+/// tests and the `config` fuzz target (fuzz/), not by the daemon.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn parse(source: &str, path: Option<&Path>) -> Result<Loaded, ConfigErrors> {
     let (loaded, errors) = parse_all(source, path);
     if errors.is_empty() {
