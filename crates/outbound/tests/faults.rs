@@ -325,11 +325,36 @@ async fn upstream_down_then_up_delivers_everything_with_bounded_attempts() {
             .await,
         );
     }
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let during = deferred(&h);
-    // Backoff 0.2, 0.4, 0.8, 1 s with one probe at a time: a handful of
-    // attempts, not 5 messages hammering a dead server.
-    assert!((1..=7).contains(&during), "attempts while down: {during}");
+    // The account backs off as a whole, one probe at a time: after the
+    // first attempts (`concurrency` = 2 at once) it waits 0.2, then 0.4 s
+    // (plus up to 20% jitter) before each probe. Retrying each message on
+    // its own schedule would try all five at once. The attempts' times are
+    // the scheduler's own (when each ended); load only makes the gaps
+    // longer.
+    assert!(
+        wait_until(T, || deferred(&h) >= 4).await,
+        "attempts while down: {}",
+        deferred(&h)
+    );
+    let mut ends: Vec<_> = h.outbound().recent_attempts().iter().map(|a| a.at).collect();
+    ends.sort();
+    let gaps: Vec<Duration> = ends
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).unwrap_or_default())
+        .collect();
+    let burst = gaps
+        .iter()
+        .take_while(|g| **g < Duration::from_millis(100))
+        .count();
+    assert!(burst <= 1, "only the first two run side by side: {gaps:?}");
+    for (k, g) in gaps[burst..].iter().enumerate() {
+        let pause = (Duration::from_millis(200) * 2u32.pow(k as u32)).min(Duration::from_secs(1));
+        assert!(
+            *g >= pause.mul_f64(0.95),
+            "probe {} came {g:?} after the attempt before, the pause was {pause:?}: {gaps:?}",
+            k + 1
+        );
+    }
     let st = &h.outbound().account_states()[0];
     assert!(st.pause_reason.is_some() || st.in_flight > 0, "{st:?}");
     h.gmail.resume_listening().expect("listen again");

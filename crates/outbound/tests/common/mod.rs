@@ -250,13 +250,19 @@ impl Harness {
 }
 
 /// Poll `cond` every 10 ms until it holds or `limit` passes.
+///
+/// `limit` is real time even when the test runs with paused time: Tokio's
+/// paused clock jumps ahead whenever the runtime waits for something
+/// outside it (the spool's writer thread, the kernel), so a deadline on
+/// that clock could pass while the daemon is still busy. The polls
+/// themselves sleep on Tokio's clock and let paused time move.
 pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if cond() {
             return true;
         }
-        if tokio::time::Instant::now() >= deadline {
+        if std::time::Instant::now() >= deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
