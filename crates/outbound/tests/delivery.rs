@@ -1083,29 +1083,9 @@ fn queue_states_for_queue_list() {
     assert_eq!(s.queue_state(now).as_str(), "failed");
 }
 
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn one_postfix_style_line_per_attempt_and_no_token_in_logs() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Logs::capture("debug");
 
     let h = Harness::new().await;
     h.gmail
@@ -1133,7 +1113,7 @@ async fn one_postfix_style_line_per_attempt_and_no_token_in_logs() {
     // removed.
     assert!(wait_until(T, || h.spool.list().is_empty()).await);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let lines: Vec<&str> = logs.lines().filter(|l| l.contains(": to=<")).collect();
     let port = h.gmail.port();
     let relay = format!("relay=127.0.0.1[127.0.0.1]:{port}");

@@ -369,8 +369,13 @@ async fn harness_on_tiny_fs(to: &[&str], subject: &str) -> Option<(Harness, Tiny
     Some((h, fs, id))
 }
 
+/// What a worker logs when it takes up a message whose last spool write
+/// failed: it retries the write, sending nothing again.
+const RETRIED_WRITE: &str = "(their record failed) are not sent again";
+
 #[tokio::test]
 async fn removal_failing_after_gmails_250_does_not_send_the_message_again() {
+    let (logs, _guard) = Logs::capture("info");
     let Some((mut h, fs, id)) = harness_on_tiny_fs(&["r@example.org"], "once").await else {
         return;
     };
@@ -381,7 +386,11 @@ async fn removal_failing_after_gmails_250_does_not_send_the_message_again() {
 
     // The removal fails (ENOSPC) and is retried every retry_initial
     // (200 ms): the message must not go upstream again meanwhile.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        wait_until(T, || logs.count(RETRIED_WRITE) >= 3).await,
+        "the removal is retried:\n{}",
+        logs.text()
+    );
     assert!(
         h.view(id).is_some(),
         "the spool is full: the removal cannot have worked"
@@ -454,6 +463,7 @@ async fn delivered_recipients_are_not_sent_again_when_their_record_fails() {
 
 #[tokio::test]
 async fn a_bounce_that_cannot_be_recorded_is_sent_once_and_the_message_not_again() {
+    let (logs, _guard) = Logs::capture("info");
     let Some((mut h, fs, id)) =
         harness_on_tiny_fs(&["ok@example.org", "nobody@example.org"], "mixed").await
     else {
@@ -469,7 +479,11 @@ async fn a_bounce_that_cannot_be_recorded_is_sent_once_and_the_message_not_again
     assert_eq!(first[0].rcpt_to, vec!["ok@example.org".to_string()]);
 
     // Recording the failure (before the bounce) fails again and again.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        wait_until(T, || logs.count(RETRIED_WRITE) >= 3).await,
+        "the record is retried:\n{}",
+        logs.text()
+    );
     assert_eq!(h.gmail.messages().len(), 1, "sent again");
     assert!(h.view(id).is_some());
 
