@@ -152,11 +152,8 @@ async fn mail_421_defers_backs_off_the_account_then_delivers() {
             .starts_with("421 4.7.0 Try again later"),
         "{env:?}"
     );
-    let next = secs_from_now(env.next_attempt.expect("next attempt"));
-    assert!(
-        next > 0.0 && next <= 0.25,
-        "retry_initial with jitter: {next}"
-    );
+    let (_, next) = after_attempt(&h, Some(id), env.next_attempt.expect("next attempt"));
+    assert_jittered(next, Duration::from_millis(200), "retry_initial");
     let st = &h.outbound().account_states()[0];
     assert_eq!(st.pause_kind, Some(PauseKind::Unreachable), "{st:?}");
     assert!(h.wait_gone(id, T).await, "delivered after the pause");
@@ -190,9 +187,9 @@ async fn repeated_421s_after_a_good_login_double_the_account_pause() {
             &message("421x3", "x\r\n"),
         )
         .await;
-    // The pause left right after each attempt: retry_initial doubling
-    // (0.2, 0.4, 0.8 s, jitter up to +20 %), not 0.2 s every time.
-    let mut pauses = Vec::new();
+    // The pause after each attempt: retry_initial doubling (0.2, 0.4,
+    // 0.8 s, jitter up to +20 %), not 0.2 s every time.
+    let mut seen = Vec::new();
     for n in 1..=3u32 {
         assert!(
             wait_until(T, || h.view(id).is_some_and(|e| e.attempts >= n)).await,
@@ -204,11 +201,13 @@ async fn repeated_421s_after_a_good_login_double_the_account_pause() {
             st.pause_reason.as_deref().unwrap_or("").starts_with("421"),
             "{st:?}"
         );
-        pauses.push(secs_from_now(st.paused_until.expect("paused")));
+        // (A test slower than the pause sees the next attempt's.)
+        let (k, pause) = after_attempt(&h, Some(id), st.paused_until.expect("paused"));
+        let base = Duration::from_millis(200) * 2u32.pow(k - 1);
+        assert_jittered(pause, base, &format!("the pause after attempt {k}"));
+        seen.push(k);
     }
-    assert!(pauses[0] > 0.0 && pauses[0] <= 0.25, "{pauses:?}");
-    assert!(pauses[1] > 0.3 && pauses[1] <= 0.5, "{pauses:?}");
-    assert!(pauses[2] > 0.6 && pauses[2] <= 1.0, "{pauses:?}");
+    assert!(seen.contains(&3), "the third pause: {seen:?}");
     assert!(h.wait_gone(id, T).await, "delivered once Gmail takes it");
     let s = h.gmail.stats();
     assert_eq!((s.connections, s.auth_ok), (4, 4), "{s:?}");
@@ -227,8 +226,8 @@ async fn repeated_421s_after_a_good_login_double_the_account_pause() {
         .await;
     assert!(wait_until(T, || h.view(id).is_some_and(|e| e.attempts >= 1)).await);
     let st = h.outbound().account_states()[0].clone();
-    let left = secs_from_now(st.paused_until.expect("paused"));
-    assert!(left > 0.0 && left <= 0.25, "back to retry_initial: {left}");
+    let (_, pause) = after_attempt(&h, Some(id), st.paused_until.expect("paused"));
+    assert_jittered(pause, Duration::from_millis(200), "back to retry_initial");
     assert!(h.wait_gone(id, T).await);
     assert_eq!(h.metrics.bounced_count(), 0);
 }
@@ -285,11 +284,9 @@ async fn the_next_attempt_counts_from_the_end_of_a_slow_attempt() {
         .await;
     assert!(wait_until(T, || h.view(id).is_some_and(|e| e.attempts == 1)).await);
     let env = h.view(id).unwrap();
-    let left = secs_from_now(env.next_attempt.expect("next attempt"));
-    assert!(
-        left > 0.15 && left <= 0.36,
-        "retry_initial after the 451, not after the attempt began: {left}"
-    );
+    // Counted from the attempt's end (about a second after it began).
+    let (_, next) = after_attempt(&h, Some(id), env.next_attempt.expect("next attempt"));
+    assert_jittered(next, Duration::from_millis(300), "retry_initial after the 451");
     assert!(h.wait_gone(id, T).await);
 }
 
@@ -385,10 +382,11 @@ async fn daily_limit_pauses_the_account_and_bounces_nothing() {
     let st = h.outbound().account_states()[0].clone();
     assert_eq!(st.pause_kind, Some(PauseKind::DailyLimit), "{st:?}");
     let until = st.paused_until.expect("paused");
-    let left = secs_from_now(until);
-    assert!(
-        left > 0.4 && left <= 0.8,
-        "daily_limit_pause (0.8 s here, an hour by default): {left}"
+    let (_, pause) = after_attempt(&h, Some(a), until);
+    assert_eq!(
+        pause,
+        Duration::from_millis(800),
+        "daily_limit_pause (0.8 s here, an hour by default)"
     );
     assert!(st.pause_reason.unwrap().contains("5.4.5"));
     let env = h.view(a).unwrap();
@@ -437,8 +435,9 @@ async fn login_throttling_pauses_the_account_then_delivers() {
             == Some(PauseKind::LoginThrottled))
         .await
     );
-    let left = secs_from_now(h.outbound().account_states()[0].paused_until.unwrap());
-    assert!(left > 0.2 && left <= 0.5, "login_throttle_pause: {left}");
+    let until = h.outbound().account_states()[0].paused_until.unwrap();
+    let (_, pause) = after_attempt(&h, Some(id), until);
+    assert_eq!(pause, Duration::from_millis(500), "login_throttle_pause");
     assert!(h.wait_gone(id, T).await);
     let s = h.gmail.stats();
     assert_eq!((s.auth_scripted, s.auth_ok), (1, 1), "{s:?}");
@@ -1092,8 +1091,11 @@ async fn attempt_against_a_stall(stall: Stall, limit: Duration, expect: &[&str])
     for e in expect {
         assert!(err.contains(e), "{stall:?}: {err:?} lacks {e:?}");
     }
-    let next = secs_from_now(env.next_attempt.expect("deferred"));
-    assert!(next > 30.0, "{stall:?}: retried later, not at once: {next}");
+    let (_, next) = after_attempt(&h, Some(id), env.next_attempt.expect("deferred"));
+    assert!(
+        next > Duration::from_secs(30),
+        "{stall:?}: retried later, not at once: {next:?}"
+    );
     assert!(env.held.is_none());
     assert!(
         env.recipients

@@ -319,11 +319,27 @@ pub fn message(subject: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-pub fn secs_from_now(t: SystemTime) -> f64 {
-    match t.duration_since(SystemTime::now()) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
-    }
+/// How long after the end of the attempt that set it `t` (a pause's end,
+/// a message's next attempt) is, on the scheduler's own clock: the newest
+/// attempt (of `id`, or of any message) that ended before `t`. Exact
+/// however late the test looks (time left until `t` is not). Also returns
+/// which attempt of its message that was.
+pub fn after_attempt(h: &Harness, id: Option<MessageId>, t: SystemTime) -> (u32, Duration) {
+    let attempts = h.outbound().recent_attempts();
+    let a = attempts
+        .iter()
+        .find(|a| a.at < t && id.is_none_or(|id| a.queue_id == id))
+        .unwrap_or_else(|| panic!("no attempt ended before {t:?}: {attempts:#?}"));
+    (a.attempt, t.duration_since(a.at).unwrap_or_default())
+}
+
+/// `d` is `base` plus the scheduler's jitter (up to 20 %).
+#[track_caller]
+pub fn assert_jittered(d: Duration, base: Duration, what: &str) {
+    assert!(
+        d >= base && d <= base.mul_f64(1.2) + Duration::from_millis(1),
+        "{what}: {d:?}, not {base:?} plus up to 20 %"
+    );
 }
 
 /// One recipient of a [`View`].
