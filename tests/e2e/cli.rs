@@ -329,7 +329,7 @@ fn serve_without_config(
     let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let lines = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    {
+    let reader = {
         let lines = lines.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -341,16 +341,16 @@ fn serve_without_config(
                 g.push_str(&l);
                 g.push('\n');
             }
-        });
-    }
+        })
+    };
     let start = std::time::Instant::now();
     while !lines.lock().unwrap().contains("ready") && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let status = child.wait().unwrap();
-    // The reader thread may still be collecting the last lines.
-    std::thread::sleep(Duration::from_millis(100));
+    // The last lines: the reader ends at the end of the daemon's stderr.
+    reader.join().unwrap();
     let log = lines.lock().unwrap().clone();
     if log.contains("Address already in use") {
         // Something else (a real relay?) holds the default port.

@@ -397,12 +397,18 @@ async fn token_endpoint_returning_503_for_a_while_defers_mail_then_it_flows() {
     assert!(why.contains("503"), "the reason is recorded: {entry}");
     let tried = up.google.token_requests(GrantType::RefreshToken) - before;
     assert!(tried >= 2, "retried the token endpoint: {tried}");
-    // A short window: it keeps waiting, still nothing sent or bounced.
-    let window = Instant::now();
-    while window.elapsed() < Duration::from_secs(1) {
-        waiting(&d, &id).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The next attempt fails the same way: it keeps waiting (`waiting`
+    // fails the test on a hold or a failure), still nothing sent or
+    // bounced.
+    let first = entry["attempts"].as_u64().unwrap_or_default();
+    until("another attempt, deferred again", T, async || {
+        let e = waiting(&d, &id)?;
+        match e["attempts"].as_u64() {
+            Some(n) if n > first && e["state"] == "deferred" => Ok(()),
+            _ => Err(e.to_string()),
+        }
+    })
+    .await;
     assert!(up.gmail.messages().is_empty());
     assert_eq!(
         up.gmail.stats().mail_commands,
@@ -456,12 +462,21 @@ async fn token_endpoint_hanging_holds_mail_back_until_it_answers() {
         }
     })
     .await;
-    // While it hangs: waiting, not sent, not held, not bounced.
-    while submitted.elapsed() < HANG {
-        waiting(&d, &id).unwrap();
-        assert!(up.gmail.messages().is_empty(), "sent without a token");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // While the two requests hang: waiting, not sent, not held, not
+    // bounced. (The messages are read before the count of requests: while
+    // the third has not been made, there is no token to send with.)
+    until("the third token request", T, async || {
+        waiting(&d, &id)?;
+        let sent = up.gmail.messages().len();
+        match up.google.total_token_requests() - before {
+            n if n >= 3 => Ok(()),
+            n => {
+                assert_eq!(sent, 0, "sent without a token");
+                Err(format!("{n} token requests"))
+            }
+        }
+    })
+    .await;
     let msgs = up.gmail.wait_for_messages(1, T).await;
     let arrived = submitted.elapsed();
     let got = with_id(&msgs, "tokhang");

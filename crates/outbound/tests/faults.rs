@@ -810,6 +810,9 @@ async fn garbage_or_oversized_replies_are_temporary_errors_not_panics() {
         account.smtp_port = port;
         account.smtp_tls = oauth::config::SmtpTls::Starttls;
         h.outbound().reload(vec![account], h.config.clone());
+        // Applied before the message arrives (the scheduler answers in
+        // order), or it could still go to the good upstream.
+        assert!(h.outbound().ping().await);
         let id = h
             .submit(
                 "app@example.com",
