@@ -387,8 +387,15 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message() {
         let phase = sh.large_phase.load(Ordering::Relaxed);
         d.kill9();
         // A reply the fake was holding back may still go out (into a closed
-        // socket): let the counters settle before taking the new baseline.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // socket): the counters settle once the fake has seen every
+        // connection of the killed daemon end.
+        assert!(
+            up.gmail
+                .wait_for_stats(crate::fakes::T, |s| s.closed == s.connections)
+                .await,
+            "the fake still has connections from a killed daemon: {:?}",
+            up.gmail.stats()
+        );
         aborted = {
             let s = up.gmail.stats();
             s.mail_commands - s.messages - s.dropped_after_data
