@@ -418,7 +418,8 @@ async fn daily_limit_keeps_mail_queued_pauses_the_account_and_bounces_nothing() 
     // the status page counts it for the account: nothing in flight.
     let account = until("the account's status counting both", T, async || {
         let (code, body) = d.http_get("/status.json").await;
-        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{code} {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{code} {e}"))?;
         let a = v["accounts"][0].clone();
         match a["queued"].as_u64() {
             Some(2) => Ok(a),

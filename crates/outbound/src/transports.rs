@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use oauth::{TokenManager, TransportKind};
 
+use crate::clock::Clock;
 use crate::gmail_api::GmailApiTransport;
 use crate::smtp::SmtpTransport;
 use crate::smtp::session::AccountCtx;
@@ -25,6 +26,7 @@ impl AnyTransport {
         hostname: Arc<str>,
         connect_timeout: Duration,
         command_timeout: Duration,
+        clock: Clock,
     ) -> AnyTransport {
         match ctx.config.transport {
             TransportKind::Smtp => AnyTransport::Smtp(SmtpTransport::new(
@@ -34,7 +36,9 @@ impl AnyTransport {
                 connect_timeout,
                 command_timeout,
             )),
-            TransportKind::GmailApi => AnyTransport::GmailApi(GmailApiTransport::new(ctx, tokens)),
+            TransportKind::GmailApi => {
+                AnyTransport::GmailApi(GmailApiTransport::new(ctx, tokens, clock))
+            }
         }
     }
 

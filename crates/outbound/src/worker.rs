@@ -146,6 +146,7 @@ impl Shared {
             self.hostname.clone(),
             cfg.connect_timeout,
             cfg.command_timeout,
+            self.clock,
         )
     }
 }

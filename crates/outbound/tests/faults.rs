@@ -286,7 +286,11 @@ async fn the_next_attempt_counts_from_the_end_of_a_slow_attempt() {
     let env = h.view(id).unwrap();
     // Counted from the attempt's end (about a second after it began).
     let (_, next) = after_attempt(&h, Some(id), env.next_attempt.expect("next attempt"));
-    assert_jittered(next, Duration::from_millis(300), "retry_initial after the 451");
+    assert_jittered(
+        next,
+        Duration::from_millis(300),
+        "retry_initial after the 451",
+    );
     assert!(h.wait_gone(id, T).await);
 }
 
@@ -333,7 +337,12 @@ async fn upstream_down_then_up_delivers_everything_with_bounded_attempts() {
         "attempts while down: {}",
         deferred(&h)
     );
-    let mut ends: Vec<_> = h.outbound().recent_attempts().iter().map(|a| a.at).collect();
+    let mut ends: Vec<_> = h
+        .outbound()
+        .recent_attempts()
+        .iter()
+        .map(|a| a.at)
+        .collect();
     ends.sort();
     let gaps: Vec<Duration> = ends
         .windows(2)

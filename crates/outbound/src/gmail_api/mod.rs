@@ -21,7 +21,7 @@ pub(crate) mod recipients;
 
 use std::future::pending;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use oauth::{AccessToken, TokenManager};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER};
@@ -32,6 +32,7 @@ use self::errors::{ApiError, classify};
 use self::recipients::Plan;
 use crate::body::{self, Body, MAX_HEADER, rewrite_headers};
 use crate::classify::{AccountSignal, RcptOutcome};
+use crate::clock::Clock;
 use crate::reply::{Answer, Reply, Status};
 use crate::smtp::session::{AccountCtx, OpenError};
 use crate::transport::{Attempt, Outgoing, ProbeReport, Transport};
@@ -79,11 +80,17 @@ enum Sent {
 pub(crate) struct GmailApiTransport {
     ctx: Arc<AccountCtx>,
     tokens: TokenManager,
+    /// The delivery side's clock: "now" for pauses until a given time.
+    clock: Clock,
 }
 
 impl GmailApiTransport {
-    pub(crate) fn new(ctx: Arc<AccountCtx>, tokens: TokenManager) -> GmailApiTransport {
-        GmailApiTransport { ctx, tokens }
+    pub(crate) fn new(
+        ctx: Arc<AccountCtx>,
+        tokens: TokenManager,
+        clock: Clock,
+    ) -> GmailApiTransport {
+        GmailApiTransport { ctx, tokens, clock }
     }
 
     pub(crate) fn serves(&self, ctx: &Arc<AccountCtx>) -> bool {
@@ -247,7 +254,7 @@ impl Transport for GmailApiTransport {
                 Sent::Api(e) => {
                     a.connected = true;
                     a.transacted = true;
-                    let (o, s) = classify(&e, &acct.name, SystemTime::now());
+                    let (o, s) = classify(&e, &acct.name, self.clock.now());
                     all(o, &mut a);
                     a.signal = s;
                 }
