@@ -1,4 +1,5 @@
-//! The command line (names fixed by interface.md).
+//! The command line. Its names are a stable interface (scripts, unit
+//! files and the man pages generated from this file rely on them).
 //!
 //! This file depends on `clap`, `clap_complete`, `serde` and `std` only,
 //! never on `crate::`: `crates/xtask` includes it (`#[path]`) to generate

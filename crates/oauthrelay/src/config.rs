@@ -268,7 +268,7 @@ impl From<usize> for Key<'_> {
     }
 }
 
-/// Where the config file is, per interface.md: `--config`, then
+/// Where the config file is (`docs/configuration.md`): `--config`, then
 /// `$OAUTHRELAY_CONFIG`, then `/etc/oauthrelay/oauthrelay.toml`, then the
 /// per-user config dir. `None`: no file, run on defaults.
 pub fn find(explicit: Option<&Path>) -> Option<PathBuf> {

@@ -34,7 +34,8 @@ pub enum Request {
     Info,
 }
 
-/// One line of `queue list --json` (fields fixed by interface.md).
+/// One line of `queue list --json`: a stable interface for scripts
+/// (`docs/operations.md`, "The queue from scripts").
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     pub id: String,
