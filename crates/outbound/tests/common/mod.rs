@@ -1,6 +1,15 @@
 //! Test harness: a spool in a tempdir, the fake Google token endpoint, the
 //! fake Gmail (TLS with a generated CA, XOAUTH2 checked against the fake
 //! endpoint's tokens), a real TokenManager and a running Outbound.
+//!
+//! These tests run on the real clock. Tokio's paused clock jumps to the
+//! next timer whenever the runtime waits on something outside it, and here
+//! that is most of the time (the spool's writer thread, loopback sockets):
+//! a pause would end while the attempt before it is still being written.
+//! The decisions about time are unit-tested with paused time (`decide.rs`,
+//! `account.rs`, `pace.rs`); these tests wait for events
+//! ([`wait_until`], the fakes' counters, the scheduler's `ping`, log lines)
+//! and measure pauses on the scheduler's own clock ([`after_attempt`]).
 
 #![allow(dead_code)]
 
