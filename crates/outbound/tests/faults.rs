@@ -748,6 +748,7 @@ async fn shutdown_lets_the_running_transaction_finish_and_leaves_the_rest_queued
 
 #[tokio::test]
 async fn shutdown_grace_bounds_a_hanging_transaction() {
+    let (logs, _guard) = Logs::capture("info");
     let mut config = fast_config();
     config.shutdown_grace = Duration::from_millis(200);
     let mut h = Harness::with(Setup {
@@ -763,7 +764,9 @@ async fn shutdown_grace_bounds_a_hanging_transaction() {
         )
         .await;
     assert!(h.wait_gone(a, T).await);
-    h.gmail.set_reply_delay(Duration::from_secs(4));
+    // An upstream that would answer in a minute: the grace (0.2 s) ends
+    // the attempt long before.
+    h.gmail.set_reply_delay(Duration::from_secs(60));
     let b = h
         .submit(
             "app@example.com",
@@ -775,9 +778,15 @@ async fn shutdown_grace_bounds_a_hanging_transaction() {
     let t0 = std::time::Instant::now();
     h.stop().await;
     assert!(
-        t0.elapsed() < Duration::from_secs(2),
+        t0.elapsed() < Duration::from_secs(10),
         "stopped after the grace: {:?}",
         t0.elapsed()
+    );
+    assert_eq!(
+        logs.count("shutdown grace over: delivery attempt abandoned"),
+        1,
+        "{}",
+        logs.text()
     );
     let env = h.view(b).expect("still queued");
     assert_eq!(env.attempts, 0);
