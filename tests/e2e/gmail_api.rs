@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use testkit::ca::TestCa;
 use testkit::gmail::TlsMode;
 use testkit::gmail_api::{ApiFault, FakeGmailApi, SEND_PATH, UploadType};
 
@@ -26,6 +27,16 @@ impl Api {
         let api = FakeGmailApi::start(up.google.bearer_validator())
             .await
             .expect("fake Gmail API");
+        Api { up, api }
+    }
+
+    /// The fake over HTTPS with a certificate from `ca` (the upstream's
+    /// own CA, which the account trusts through `ca_file`, or another).
+    async fn start_tls(ca: Option<&TestCa>) -> Api {
+        let up = Upstream::start(TlsMode::Implicit).await;
+        let api = FakeGmailApi::start_with_tls(up.google.bearer_validator(), ca.unwrap_or(&up.ca))
+            .await
+            .expect("fake Gmail API over TLS");
         Api { up, api }
     }
 
@@ -134,6 +145,47 @@ async fn delivery_over_the_api_is_byte_exact_with_only_gmail_send() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_the_api_certificate_is_verified_against_ca_file() {
+    // Trusted through the account's ca_file: delivered, connection reused.
+    let a = Api::start_tls(None).await;
+    assert!(a.api.url().starts_with("https://127.0.0.1:"));
+    let d = a.relay("", "");
+    for i in 0..3 {
+        let original = message(&format!("tls{i}"), "over HTTPS", "b\r\n");
+        submit(&d, "app@example.com", &["r@example.org"], &original).await;
+    }
+    let msgs = a.wait_messages(3).await;
+    assert!(msgs.iter().all(|m| m.recipients == ["r@example.org"]));
+    assert_eq!(a.api.stats().connections, 1, "one TLS connection, reused");
+
+    // A certificate from a CA the account does not trust: nothing is
+    // sent, the mail waits with the reason.
+    let other = TestCa::new();
+    let a = Api::start_tls(Some(&other)).await;
+    let d = a.relay("", "");
+    let id = submit(
+        &d,
+        "app@example.com",
+        &["r@example.org"],
+        &message("tls-bad", "s", "b\r\n"),
+    )
+    .await;
+    d.wait_log("status=deferred", T);
+    let m = state_of(&d, &id).expect("still queued");
+    assert!(
+        m["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .contains("certificate"),
+        "{m}\n{}",
+        d.logs()
+    );
+    assert_eq!(a.api.stats().requests, 0);
+    assert!(a.api.messages().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

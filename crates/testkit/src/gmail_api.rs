@@ -24,8 +24,11 @@
 //!   after the request (the response is lost), a connection dropped half
 //!   way through an upload.
 //!
-//! Plain HTTP/1.1 on loopback, written by hand so a fault can cut a
-//! connection in the middle of a body.
+//! HTTP/1.1 on loopback, plain ([`FakeGmailApi::start`]) or over TLS with
+//! a [`TestCa`] certificate ([`FakeGmailApi::start_with_tls`], as Google
+//! serves it), written by hand so a fault can cut a connection in the
+//! middle of a body. For benchmarks, [`FakeGmailApi::keep_data`] keeps only
+//! each message's header section.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -33,9 +36,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::ca::TestCa;
 
 /// `users.messages.send`'s upload path.
 pub const SEND_PATH: &str = "/upload/gmail/v1/users/me/messages/send";
@@ -67,13 +73,23 @@ pub struct ApiMessage {
     pub id: String,
     /// The user the bearer token was issued for.
     pub user: String,
-    /// The raw bytes as uploaded.
+    /// The raw bytes as uploaded; only the header section when
+    /// [`FakeGmailApi::keep_data`] is off.
     pub raw: Vec<u8>,
+    /// The size of the message as uploaded (also when `raw` is cut).
+    pub size: usize,
     /// The addresses in `To`, `Cc` and `Bcc` (whom Gmail would mail).
     pub recipients: Vec<String>,
     pub upload: UploadType,
     /// Requests (`PUT`s) it took to upload, for resumable uploads.
     pub puts: usize,
+    /// Which connection (1-based, in accept order) carried the request
+    /// that completed it.
+    pub connection: u64,
+    /// When the head of the request that completed it was read (the
+    /// simple upload's `POST`, the resumable upload's last `PUT`).
+    pub request_at: Instant,
+    /// When the fake accepted it (just before its `200`).
     pub at: Instant,
 }
 
@@ -131,6 +147,9 @@ pub struct ApiStats {
     pub status_queries: u64,
     /// Answers lost on purpose ([`ApiFault::DropResponse`], drops mid-body).
     pub dropped: u64,
+    /// Messages accepted (`200` with an id), also those cleared by
+    /// [`FakeGmailApi::clear_messages`].
+    pub messages: u64,
 }
 
 struct Session {
@@ -161,12 +180,29 @@ struct State {
     next_id: u64,
     /// Every request line seen (`METHOD path`).
     log: Vec<String>,
+    /// Keep whole messages (or only their header sections).
+    keep_data: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
     addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
+    /// Signalled whenever a message is accepted.
+    changed: tokio::sync::Notify,
 }
+
+/// The request being answered: which connection, when its head arrived.
+#[derive(Clone, Copy)]
+struct Req {
+    connection: u64,
+    at: Instant,
+}
+
+/// A connection, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -192,6 +228,23 @@ impl FakeGmailApi {
     pub async fn start(
         validator: impl Fn(&str) -> Option<(String, Vec<String>)> + Send + Sync + 'static,
     ) -> io::Result<FakeGmailApi> {
+        FakeGmailApi::start_inner(validator, None).await
+    }
+
+    /// The same on `https://127.0.0.1:<free port>` with a server
+    /// certificate from `ca` (HTTP/1.1: no ALPN `h2`); clients trust it
+    /// with `ca.write_to(dir)`'s `ca.pem` as their `ca_file`.
+    pub async fn start_with_tls(
+        validator: impl Fn(&str) -> Option<(String, Vec<String>)> + Send + Sync + 'static,
+        ca: &TestCa,
+    ) -> io::Result<FakeGmailApi> {
+        FakeGmailApi::start_inner(validator, Some(TlsAcceptor::from(ca.server_config()))).await
+    }
+
+    async fn start_inner(
+        validator: impl Fn(&str) -> Option<(String, Vec<String>)> + Send + Sync + 'static,
+        tls: Option<TlsAcceptor>,
+    ) -> io::Result<FakeGmailApi> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -205,32 +258,90 @@ impl FakeGmailApi {
                 buckets: HashMap::new(),
                 next_id: 0x18c2_0000_0000_0000,
                 log: Vec::new(),
+                keep_data: true,
             }),
             addr,
+            scheme: if tls.is_some() { "https" } else { "http" },
+            changed: tokio::sync::Notify::new(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                s.lock().stats.connections += 1;
+                let connection = {
+                    let mut st = s.lock();
+                    st.stats.connections += 1;
+                    st.stats.connections
+                };
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = serve(s, stream).await;
+                    let _ = stream.set_nodelay(true);
+                    match tls {
+                        None => {
+                            let _ = serve(s, stream, connection).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(Ok(stream)) =
+                                tokio::time::timeout(READ_TIMEOUT, acceptor.accept(stream)).await
+                            {
+                                let _ = serve(s, stream, connection).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         Ok(FakeGmailApi { shared, task })
     }
 
-    /// The base URL (`api_url`).
+    /// The base URL (`api_url`): `http://127.0.0.1:PORT`, or `https://`
+    /// when started with TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.shared.addr)
+        format!("{}://{}", self.shared.scheme, self.shared.addr)
     }
 
     pub fn messages(&self) -> Vec<ApiMessage> {
         self.shared.lock().messages.clone()
+    }
+
+    /// Forget the messages accepted so far and the request log (the
+    /// counters keep counting).
+    pub fn clear_messages(&self) {
+        let mut st = self.shared.lock();
+        st.messages.clear();
+        st.log.clear();
+    }
+
+    /// Keep each message whole (the default) or only its header section
+    /// (at most 64 KiB: enough for [`ApiMessage::header`]), so a
+    /// benchmark's memory does not grow with what it sends.
+    pub fn keep_data(&self, keep: bool) {
+        self.shared.lock().keep_data = keep;
+    }
+
+    /// Wait until `pred` holds for the counters or `timeout` passes;
+    /// returns whether it held.
+    pub async fn wait_for_stats(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&ApiStats) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if pred(&self.stats()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return pred(&self.stats());
+            }
+        }
     }
 
     pub fn stats(&self) -> ApiStats {
@@ -468,11 +579,15 @@ const HEAD_LIMIT: usize = 64 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Requests on one connection, until it closes.
-async fn serve(shared: Arc<Shared>, stream: TcpStream) -> io::Result<()> {
+async fn serve(shared: Arc<Shared>, stream: impl Io, connection: u64) -> io::Result<()> {
     let mut stream = BufReader::new(stream);
     loop {
         let Some(head) = read_head(&mut stream).await? else {
             return Ok(());
+        };
+        let req = Req {
+            connection,
+            at: Instant::now(),
         };
         let close = head
             .header("connection")
@@ -482,7 +597,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> io::Result<()> {
             st.stats.requests += 1;
             st.log.push(format!("{} {}", head.method, head.target));
         }
-        match handle(&shared, &head, &mut stream).await? {
+        match handle(&shared, &head, &mut stream, req).await? {
             Some(reply) => write_reply(stream.get_mut(), &reply).await?,
             None => {
                 shared.lock().stats.dropped += 1;
@@ -491,22 +606,35 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> io::Result<()> {
             }
         }
         if close {
+            let _ = stream.get_mut().shutdown().await;
             return Ok(());
         }
     }
 }
 
-async fn read_head(s: &mut BufReader<TcpStream>) -> io::Result<Option<Head>> {
+/// The request line and header fields; `None` at a clean end of the
+/// connection.
+async fn read_head(s: &mut BufReader<impl Io>) -> io::Result<Option<Head>> {
     let mut buf = Vec::new();
     loop {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(READ_TIMEOUT, s.read(&mut byte))
+        let before = buf.len();
+        let limited = (&mut *s).take((HEAD_LIMIT + 1 - before) as u64);
+        tokio::pin!(limited);
+        let n = tokio::time::timeout(READ_TIMEOUT, limited.read_until(b'\n', &mut buf))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "head"))??;
         if n == 0 {
-            return Ok(None);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "head"));
         }
-        buf.push(byte[0]);
+        if buf == b"\r\n" {
+            // An empty line before the request line is ignored (RFC 9112
+            // section 2.2).
+            buf.clear();
+            continue;
+        }
         if buf.ends_with(b"\r\n\r\n") {
             break;
         }
@@ -533,7 +661,7 @@ async fn read_head(s: &mut BufReader<TcpStream>) -> io::Result<Option<Head>> {
 
 /// Read the body into `out`; `Ok(false)`: cut at `cut` bytes (a fault).
 async fn read_body(
-    s: &mut BufReader<TcpStream>,
+    s: &mut BufReader<impl Io>,
     head: &Head,
     out: &mut Vec<u8>,
     cut: Option<u64>,
@@ -576,7 +704,7 @@ async fn read_body(
 
 /// Read `n` bytes into `out`, unless the cut comes first (`Ok(false)`).
 async fn take(
-    s: &mut BufReader<TcpStream>,
+    s: &mut BufReader<impl Io>,
     n: u64,
     out: &mut Vec<u8>,
     cut: Option<u64>,
@@ -601,7 +729,7 @@ async fn take(
     Ok(n2 == n)
 }
 
-async fn write_reply(s: &mut TcpStream, r: &Reply) -> io::Result<()> {
+async fn write_reply(s: &mut impl Io, r: &Reply) -> io::Result<()> {
     let reason = match r.status {
         200 => "OK",
         308 => "Resume Incomplete",
@@ -748,7 +876,15 @@ fn rate_check(st: &mut State, user: &str) -> Option<Reply> {
     )
 }
 
-fn complete(st: &mut State, user: String, raw: Vec<u8>, upload: UploadType, puts: usize) -> Reply {
+fn complete(
+    shared: &Shared,
+    st: &mut State,
+    req: Req,
+    user: String,
+    mut raw: Vec<u8>,
+    upload: UploadType,
+    puts: usize,
+) -> Reply {
     let recipients = header_recipients(&raw);
     if recipients.is_empty() {
         return google_error(
@@ -762,15 +898,29 @@ fn complete(st: &mut State, user: String, raw: Vec<u8>, upload: UploadType, puts
     }
     st.next_id += 0x1_0237;
     let id = format!("{:x}", st.next_id);
+    let size = raw.len();
+    if !st.keep_data {
+        let head = memchr::memmem::find(&raw, b"\r\n\r\n")
+            .map(|i| i + 4)
+            .unwrap_or(raw.len())
+            .min(HEAD_LIMIT);
+        raw.truncate(head);
+        raw.shrink_to_fit();
+    }
     st.messages.push(ApiMessage {
         id: id.clone(),
         user,
         raw,
+        size,
         recipients,
         upload,
         puts,
+        connection: req.connection,
+        request_at: req.at,
         at: Instant::now(),
     });
+    st.stats.messages += 1;
+    shared.changed.notify_waiters();
     sent(&id)
 }
 
@@ -784,7 +934,8 @@ fn sent(id: &str) -> Reply {
 async fn handle(
     shared: &Arc<Shared>,
     head: &Head,
-    s: &mut BufReader<TcpStream>,
+    s: &mut BufReader<impl Io>,
+    req: Req,
 ) -> io::Result<Option<Reply>> {
     let mut body = Vec::new();
     if head.path() != SEND_PATH {
@@ -846,7 +997,7 @@ async fn handle(
             if let Some(r) = rate_check(&mut st, &user) {
                 return Ok(Some(r));
             }
-            complete(&mut st, user, body, UploadType::Media, 1)
+            complete(shared, &mut st, req, user, body, UploadType::Media, 1)
         }
         ("POST", "resumable") if head.query("upload_id").is_none() => {
             let total: u64 = match head
@@ -894,8 +1045,8 @@ async fn handle(
             Reply::json(200, serde_json::json!({})).with(
                 "Location",
                 format!(
-                    "http://{}{SEND_PATH}?uploadType=resumable&upload_id={upload_id}",
-                    shared.addr
+                    "{}://{}{SEND_PATH}?uploadType=resumable&upload_id={upload_id}",
+                    shared.scheme, shared.addr
                 ),
             )
         }
@@ -957,7 +1108,7 @@ async fn handle(
                         if sess.data.len() as u64 == sess.total {
                             let raw = std::mem::take(&mut sess.data);
                             let (u, puts) = (sess.user.clone(), sess.puts);
-                            let r = complete(st, u, raw, UploadType::Resumable, puts);
+                            let r = complete(shared, st, req, u, raw, UploadType::Resumable, puts);
                             if r.status == 200
                                 && let Some(m) = st.messages.last()
                                 && let Some(sess) = st.sessions.get_mut(&id)
