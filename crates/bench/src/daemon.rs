@@ -36,6 +36,17 @@ pub struct Spec {
     pub server_extra: String,
     /// `[[server.users]]`: name and PHC hash.
     pub users: Vec<(String, String)>,
+    /// `transport = "gmail-api"` for the account (else SMTP).
+    pub api: Option<ApiSpec>,
+}
+
+/// The account's Gmail API settings.
+#[derive(Debug, Clone)]
+pub struct ApiSpec {
+    /// `api_url`: the fake Gmail API (HTTPS, trusted through `ca_file`).
+    pub url: String,
+    /// `max_rate`; `None`: the transport's default (2.5 a second).
+    pub max_rate: Option<f64>,
 }
 
 /// A state directory with its config; daemons run on it one at a time.
@@ -88,6 +99,15 @@ token_url = "{token_url}"
             server_extra = spec.server_extra,
         );
         let mut text = text;
+        if let Some(api) = &spec.api {
+            text.push_str(&format!(
+                "transport = \"gmail-api\"\napi_url = \"{}\"\n",
+                api.url
+            ));
+            if let Some(rate) = api.max_rate {
+                text.push_str(&format!("max_rate = {rate:?}\n"));
+            }
+        }
         for (name, hash) in &spec.users {
             text.push_str(&format!(
                 "\n[[server.users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n"

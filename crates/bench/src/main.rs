@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! cargo build --release -p oauthrelay -p bench
-//! target/release/oauthrelay-bench [--vs-postfix] [--workloads 1k,1m,idle,memory,logins,startup]
+//! target/release/oauthrelay-bench [--vs-postfix] [--workloads 1k,1m,idle,memory,logins,startup,api]
 //! ```
 //!
-//! The fakes (`testkit`: token endpoint, fake Gmail over TLS + XOAUTH2) run
+//! The fakes (`testkit`: token endpoint, fake Gmail over TLS + XOAUTH2,
+//! fake Gmail API over HTTPS) run
 //! in this process on their own threads; the real `oauthrelay` binary runs
 //! as a child with a generated config; with `--vs-postfix` a private Postfix
 //! instance (`bench/postfix.sh`) relays to a second fake Gmail, and the two
@@ -34,11 +35,12 @@ use clap::Parser;
 )]
 pub struct Args {
     /// Workloads to run, comma-separated: 1k, 1m, idle, memory, logins,
-    /// startup.
+    /// startup, api (1 KB and 1 MB through the Gmail API transport beside
+    /// SMTP, then pacing at the default max_rate).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1k,1m,idle,memory,logins,startup"
+        default_value = "1k,1m,idle,memory,logins,startup,api"
     )]
     pub workloads: Vec<String>,
     /// Also run a private Postfix instance through bench/postfix.sh and
@@ -65,6 +67,15 @@ pub struct Args {
     /// oauthrelay's `[delivery] concurrency` (upstream connections).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// `max_rate` of the Gmail API account in the `api` workload's
+    /// throughput runs (sends per second; high, so the relay and not its
+    /// pacing is measured: the transport's default is 2.5).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub api_max_rate: f64,
+    /// Messages of the `api` workload's pacing run (at the default
+    /// max_rate of 2.5 a second; 0: skip it).
+    #[arg(long, default_value_t = 20)]
+    pub api_paced_messages: usize,
     /// Messages for the `idle` workload.
     #[arg(long, default_value_t = 200)]
     pub idle_messages: usize,

@@ -7,8 +7,11 @@ use crate::stats::{Latency, median, ms};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum System {
+    /// oauthrelay relaying over SMTP (XOAUTH2) to the fake Gmail.
     Oauthrelay,
     Postfix,
+    /// oauthrelay with `transport = "gmail-api"`, to the fake Gmail API.
+    GmailApi,
 }
 
 impl System {
@@ -16,6 +19,16 @@ impl System {
         match self {
             System::Oauthrelay => "oauthrelay",
             System::Postfix => "postfix",
+            System::GmailApi => "gmail-api",
+        }
+    }
+
+    /// Tags Message-IDs and state directories apart.
+    pub fn letter(self) -> char {
+        match self {
+            System::Oauthrelay => 'o',
+            System::Postfix => 'p',
+            System::GmailApi => 'g',
         }
     }
 }
@@ -40,6 +53,9 @@ pub struct Cpu {
 #[derive(Debug, Clone)]
 pub struct LoadRun {
     pub system: System,
+    /// The name in the run's line (the system's, or the transport's in
+    /// the `api` workload).
+    pub label: &'static str,
     pub window: Duration,
     /// Client `250`s within the window.
     pub accepted: u64,
@@ -91,7 +107,7 @@ impl LoadRun {
     pub fn line(&self) -> String {
         let mut s = format!(
             "  {:<10} accept {:>8.1}/s  end-to-end {:>8.1}/s  p50 {:>7.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  peak RSS {:>6.1} MB  upstream conns {:>3}  acked {} delivered {}",
-            self.system.name(),
+            self.label,
             self.accept_rate(),
             self.e2e_rate(),
             ms(self.latency.p50),
@@ -105,9 +121,19 @@ impl LoadRun {
         if let Some(d) = self.drained_after {
             let _ = write!(s, " (all by {:.2} s)", d.as_secs_f64());
         }
+        let (tx, gap) = match self.system {
+            System::GmailApi => (
+                "upstream request (request head -> 200)",
+                "between requests on a connection (200 -> next request)",
+            ),
+            _ => (
+                "upstream transaction (MAIL -> 250)",
+                "between transactions on a connection (250 -> next MAIL)",
+            ),
+        };
         let _ = write!(
             s,
-            "\n             upstream transaction (MAIL -> 250): mean {:.2} ms  p50 {:.2} ms  p99 {:.2} ms; between transactions on a connection (250 -> next MAIL): mean {:.2} ms  p50 {:.2} ms  p99 {:.2} ms",
+            "\n             {tx}: mean {:.2} ms  p50 {:.2} ms  p99 {:.2} ms; {gap}: mean {:.2} ms  p50 {:.2} ms  p99 {:.2} ms",
             ms(self.upstream_tx.mean),
             ms(self.upstream_tx.p50),
             ms(self.upstream_tx.p99),
@@ -216,21 +242,37 @@ impl Row {
 }
 
 pub fn table(title: &str, rows: &[Row], with_postfix: bool) -> String {
+    let footnote = "(advantage: how many times better oauthrelay is; rates oauthrelay/postfix, latency and memory postfix/oauthrelay)";
+    table_of(
+        title,
+        rows,
+        "oauthrelay",
+        with_postfix.then_some(("postfix", "advantage", footnote)),
+    )
+}
+
+/// A side-by-side table: the `ours` column, and, with `theirs`, its name,
+/// the ratio column's name and a footnote saying how to read the ratio.
+pub fn table_of(
+    title: &str,
+    rows: &[Row],
+    ours: &str,
+    theirs: Option<(&str, &str, &str)>,
+) -> String {
     let mut s = format!("\n{title}\n");
     let _ = writeln!(
         s,
         "  {:<30} {:>14}{}",
         "",
-        "oauthrelay",
-        if with_postfix {
-            format!(" {:>14} {:>11}", "postfix", "advantage")
-        } else {
-            String::new()
+        ours,
+        match theirs {
+            Some((name, ratio, _)) => format!(" {name:>14} {ratio:>11}"),
+            None => String::new(),
         }
     );
     for r in rows {
         let _ = write!(s, "  {:<30} {:>14.*}", r.label, r.decimals, r.ours);
-        if with_postfix {
+        if theirs.is_some() {
             match r.theirs {
                 Some(t) => {
                     let _ = write!(s, " {:>14.*}", r.decimals, t);
@@ -250,8 +292,8 @@ pub fn table(title: &str, rows: &[Row], with_postfix: bool) -> String {
         }
         s.push('\n');
     }
-    if with_postfix {
-        s.push_str("  (advantage: how many times better oauthrelay is; rates oauthrelay/postfix, latency and memory postfix/oauthrelay)\n");
+    if let Some((_, _, footnote)) = theirs {
+        let _ = writeln!(s, "  {footnote}");
     }
     s
 }

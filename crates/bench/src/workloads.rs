@@ -1,7 +1,9 @@
 //! The workloads: `1k`, `1m` (throughput), `idle` (latency on an idle
-//! relay), `memory`, `logins` (memory under password guessing) and
-//! `startup`.
+//! relay), `memory`, `logins` (memory under password guessing),
+//! `startup`, and `api` (1 KB and 1 MB through the Gmail API transport
+//! beside SMTP, plus pacing at the default `max_rate`).
 
+mod api;
 mod logins;
 
 use std::collections::HashMap;
@@ -12,17 +14,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use testkit::gmail::FakeGmail;
 use tokio::runtime::Handle;
 
 use crate::Args;
 use crate::client::{self, Conn, Load, MessageTemplate};
-use crate::daemon::{Daemon, Instance, Spec};
+use crate::daemon::{ApiSpec, Daemon, Instance, Spec};
 use crate::postfix::{self, Postfix};
 use crate::procfs;
 use crate::report::{self, Cpu, IdleRun, LoadRun, Row, System, Target, med};
 use crate::stats::{Latency, ms};
-use crate::upstream::{Arrivals, Upstreams};
+use crate::upstream::{Arrivals, Sink, Upstreams};
 
 /// How long a run may take to hand everything it accepted upstream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -124,7 +125,10 @@ pub async fn run_all(args: Args, upstream: Handle) -> anyhow::Result<()> {
             "memory" => b.memory(&mut targets).await?,
             "logins" => b.logins(&mut targets).await?,
             "startup" => b.startup(&mut targets).await?,
-            other => bail!("unknown workload {other:?} (1k, 1m, idle, memory, logins, startup)"),
+            "api" => b.api().await?,
+            other => {
+                bail!("unknown workload {other:?} (1k, 1m, idle, memory, logins, startup, api)")
+            }
         }
     }
     print!("{}", report::targets(&targets));
@@ -311,8 +315,14 @@ impl Bench {
 
     /// A state directory with its config (account not yet authorized).
     fn instance(&mut self, what: &str, listen: SocketAddr) -> anyhow::Result<Instance> {
+        let spec = self.spec(listen);
+        self.instance_of(what, spec)
+    }
+
+    /// A state directory with its config from `spec`.
+    fn instance_of(&mut self, what: &str, spec: Spec) -> anyhow::Result<Instance> {
         let dir = self.next_dir(what);
-        let mut inst = Instance::create(&self.bin, &dir, self.spec(listen))?;
+        let mut inst = Instance::create(&self.bin, &dir, spec)?;
         for kv in &self.args.daemon_env {
             let (k, v) = kv
                 .split_once('=')
@@ -332,6 +342,7 @@ impl Bench {
             token_url: self.up.google.token_url(),
             server_extra: String::new(),
             users: Vec::new(),
+            api: None,
         }
     }
 
@@ -343,10 +354,30 @@ impl Bench {
         Ok((inst, d))
     }
 
-    fn upstream_of(&self, system: System) -> &FakeGmail {
+    /// The same with `transport = "gmail-api"` (the fake Gmail API over
+    /// HTTPS) and a token with only the `gmail.send` scope; `max_rate`:
+    /// `None` for the transport's default pacing.
+    async fn fresh_api_daemon(
+        &mut self,
+        what: &str,
+        max_rate: Option<f64>,
+    ) -> anyhow::Result<(Instance, Daemon)> {
+        let mut spec = self.spec(free_addr_any());
+        spec.api = Some(ApiSpec {
+            url: self.up.gmail_api.url(),
+            max_rate,
+        });
+        let mut inst = self.instance_of(what, spec)?;
+        inst.import_token(&self.up.send_refresh_token())?;
+        let d = inst.start().await?;
+        Ok((inst, d))
+    }
+
+    fn upstream_of(&self, system: System) -> Sink<'_> {
         match system {
-            System::Oauthrelay => &self.up.gmail,
-            System::Postfix => &self.up.gmail_postfix,
+            System::Oauthrelay => Sink::Smtp(&self.up.gmail),
+            System::Postfix => Sink::Smtp(&self.up.gmail_postfix),
+            System::GmailApi => Sink::Api(&self.up.gmail_api),
         }
     }
 
@@ -398,38 +429,13 @@ impl Bench {
             self.args.rounds,
             conditions().await
         );
-        let mut runs: HashMap<&'static str, Vec<LoadRun>> = HashMap::new();
-        for round in 1..=self.args.rounds {
-            for system in self.systems() {
-                let tag = format!("{name}{round}{}", &system.name()[..1]);
-                let r = self.load_run(system, &tpl, &load, &tag).await?;
-                println!("  round {round}:{}", r.line().trim_start_matches(' '));
-                runs.entry(system.name()).or_default().push(r);
-            }
-        }
+        let systems = self.systems();
+        let runs = self
+            .load_rounds(name, &tpl, &load, &systems, |s| s.name())
+            .await?;
         let ours = &runs["oauthrelay"];
         let theirs = runs.get("postfix");
-        let row = |label, f: &dyn Fn(&LoadRun) -> f64, hib, decimals| Row {
-            label,
-            ours: med(ours, f),
-            theirs: theirs.map(|t| med(t, f)),
-            higher_is_better: hib,
-            decimals,
-        };
-        let rows = vec![
-            row("accept rate (msg/s)", &|r| r.accept_rate(), true, 1),
-            row("end-to-end rate (msg/s)", &|r| r.e2e_rate(), true, 1),
-            row("incl. catch-up (msg/s)", &|r| r.drain_rate(), true, 1),
-            row("client latency p50 (ms)", &|r| ms(r.latency.p50), false, 2),
-            row("client latency p99 (ms)", &|r| ms(r.latency.p99), false, 2),
-            row("client latency max (ms)", &|r| ms(r.latency.max), false, 2),
-            row(
-                "peak RSS (MB)",
-                &|r| r.peak_rss_kib as f64 / 1024.0,
-                false,
-                1,
-            ),
-        ];
+        let rows = load_rows(ours, theirs.map(Vec::as_slice));
         print!(
             "{}",
             report::table(
@@ -483,6 +489,29 @@ impl Bench {
         Ok(())
     }
 
+    /// `rounds` rounds of `load`, the systems taking turns; each run's
+    /// line printed as it ends. By system label.
+    async fn load_rounds(
+        &mut self,
+        name: &str,
+        tpl: &MessageTemplate,
+        load: &Load,
+        systems: &[System],
+        label: impl Fn(System) -> &'static str,
+    ) -> anyhow::Result<HashMap<&'static str, Vec<LoadRun>>> {
+        let mut runs: HashMap<&'static str, Vec<LoadRun>> = HashMap::new();
+        for round in 1..=self.args.rounds {
+            for &system in systems {
+                let tag = format!("{name}{round}{}", system.letter());
+                let mut r = self.load_run(system, tpl, load, &tag).await?;
+                r.label = label(system);
+                println!("  round {round}:{}", r.line().trim_start_matches(' '));
+                runs.entry(r.label).or_default().push(r);
+            }
+        }
+        Ok(runs)
+    }
+
     async fn load_run(
         &mut self,
         system: System,
@@ -491,8 +520,13 @@ impl Bench {
         tag: &str,
     ) -> anyhow::Result<LoadRun> {
         match system {
-            System::Oauthrelay => {
-                let (_inst, mut d) = self.fresh_daemon(tag).await?;
+            System::Oauthrelay | System::GmailApi => {
+                let (_inst, mut d) = if system == System::GmailApi {
+                    let rate = self.args.api_max_rate;
+                    self.fresh_api_daemon(tag, Some(rate)).await?
+                } else {
+                    self.fresh_daemon(tag).await?
+                };
                 let addr = d.smtp();
                 let pid = d.pid();
                 let syncs = spool_syncs(&d).await?;
@@ -533,9 +567,9 @@ impl Bench {
         let gmail = self.upstream_of(system);
         warm_up(addr, gmail, &format!("{tag}w")).await?;
         let background = background_cpu().await;
-        gmail.clear_messages();
-        let base = gmail.stats().messages;
-        let conns0 = gmail.stats().connections;
+        gmail.clear();
+        let base = gmail.count();
+        let conns0 = gmail.connections();
         let mark = CpuMark::now(relay_pid);
         let t0 = Instant::now();
         let res = client::run(addr, tpl, load, tag, t0).await;
@@ -549,6 +583,7 @@ impl Bench {
         let last = arrivals.accepted.values().map(|(_, a)| *a).max();
         Ok(LoadRun {
             system,
+            label: system.name(),
             window: load.duration,
             accepted: res.acks.iter().filter(|a| a.at <= deadline).count() as u64,
             e2e: arrivals
@@ -571,7 +606,7 @@ impl Bench {
             errors: res.errors,
             first_error: res.first_error,
             peak_rss_kib: 0,
-            upstream_connections: gmail.stats().connections - conns0,
+            upstream_connections: gmail.connections() - conns0,
             cpu,
             spool_syncs: None,
         })
@@ -589,7 +624,7 @@ impl Bench {
         let mut runs: HashMap<&'static str, Vec<IdleRun>> = HashMap::new();
         for round in 1..=self.args.rounds {
             for system in self.systems() {
-                let tag = format!("idle{round}{}", &system.name()[..1]);
+                let tag = format!("idle{round}{}", system.letter());
                 let r = match system {
                     System::Oauthrelay => {
                         let (_inst, mut d) = self.fresh_daemon(&tag).await?;
@@ -603,6 +638,7 @@ impl Bench {
                         self.stop_postfix()?;
                         r?
                     }
+                    System::GmailApi => bail!("the idle workload runs over SMTP"),
                 };
                 println!("  round {round}:{}", r.line().trim_start_matches(' '));
                 runs.entry(system.name()).or_default().push(r);
@@ -657,9 +693,9 @@ impl Bench {
     ) -> anyhow::Result<IdleRun> {
         let gmail = self.upstream_of(system);
         warm_up(addr, gmail, &format!("{tag}w")).await?;
-        gmail.clear_messages();
-        let base = gmail.stats().messages;
-        let conns0 = gmail.stats().connections;
+        gmail.clear();
+        let base = gmail.count();
+        let conns0 = gmail.connections();
         let tpl = MessageTemplate::new(1024);
         let mut conn = Conn::open(addr).await?;
         let mut to_250 = Vec::with_capacity(n);
@@ -681,7 +717,7 @@ impl Bench {
                 }
                 None => missing += 1,
             }
-            gmail.clear_messages();
+            gmail.clear();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = conn.quit().await;
@@ -689,7 +725,7 @@ impl Bench {
             system,
             to_250: Latency::of(&to_250),
             to_mail: Latency::of(&to_mail),
-            upstream_connections: gmail.stats().connections - conns0,
+            upstream_connections: gmail.connections() - conns0,
             missing,
             upstream_first,
         })
@@ -747,7 +783,13 @@ impl Bench {
         let before = d.memory();
         inst.import_token(&self.up.refresh_token())?;
         let wanted = HashMap::from([("<memory.big@bench.test>".to_string(), Instant::now())]);
-        let got = Arrivals::wait(&self.up.gmail, base, &wanted, Duration::from_secs(60)).await;
+        let got = Arrivals::wait(
+            Sink::Smtp(&self.up.gmail),
+            base,
+            &wanted,
+            Duration::from_secs(60),
+        )
+        .await;
         let after = d.memory();
         let outbound_increase = after.peak_kib.saturating_sub(before.rss_kib);
         if got.accepted.is_empty() {
@@ -890,7 +932,8 @@ impl Bench {
             .await;
         let first = self.up.gmail.messages().iter().map(|m| m.accepted_at).min();
         let wanted = res.ids();
-        let arrivals = Arrivals::wait(&self.up.gmail, base, &wanted, DRAIN_TIMEOUT).await;
+        let arrivals =
+            Arrivals::wait(Sink::Smtp(&self.up.gmail), base, &wanted, DRAIN_TIMEOUT).await;
         let all = arrivals.accepted.values().map(|(_, a)| *a).max();
         let recovered = std::fs::read_to_string(&d.log)
             .unwrap_or_default()
@@ -938,6 +981,31 @@ impl Bench {
     }
 }
 
+/// The summary rows of throughput runs: medians of `ours` and `theirs`.
+fn load_rows(ours: &[LoadRun], theirs: Option<&[LoadRun]>) -> Vec<Row> {
+    let row = |label, f: &dyn Fn(&LoadRun) -> f64, hib, decimals| Row {
+        label,
+        ours: med(ours, f),
+        theirs: theirs.map(|t| med(t, f)),
+        higher_is_better: hib,
+        decimals,
+    };
+    vec![
+        row("accept rate (msg/s)", &|r| r.accept_rate(), true, 1),
+        row("end-to-end rate (msg/s)", &|r| r.e2e_rate(), true, 1),
+        row("incl. catch-up (msg/s)", &|r| r.drain_rate(), true, 1),
+        row("client latency p50 (ms)", &|r| ms(r.latency.p50), false, 2),
+        row("client latency p99 (ms)", &|r| ms(r.latency.p99), false, 2),
+        row("client latency max (ms)", &|r| ms(r.latency.max), false, 2),
+        row(
+            "peak RSS (MB)",
+            &|r| r.peak_rss_kib as f64 / 1024.0,
+            false,
+            1,
+        ),
+    ]
+}
+
 /// The load average and the background CPU use, for a workload's header.
 async fn conditions() -> String {
     let load = procfs::load_average();
@@ -962,9 +1030,9 @@ fn free_addr_any() -> SocketAddr {
 }
 
 /// One message end to end, so connections, processes and tokens are warm.
-async fn warm_up(addr: SocketAddr, gmail: &FakeGmail, tag: &str) -> anyhow::Result<()> {
-    gmail.clear_messages();
-    let base = gmail.stats().messages;
+async fn warm_up(addr: SocketAddr, gmail: Sink<'_>, tag: &str) -> anyhow::Result<()> {
+    gmail.clear();
+    let base = gmail.count();
     let tpl = MessageTemplate::new(1024);
     let mut c = Conn::open(addr).await.context("warm-up: connecting")?;
     let id = format!("<{tag}@bench.test>");

@@ -234,11 +234,12 @@ impl FakeGmailApi {
     /// The same on `https://127.0.0.1:<free port>` with a server
     /// certificate from `ca` (HTTP/1.1: no ALPN `h2`); clients trust it
     /// with `ca.write_to(dir)`'s `ca.pem` as their `ca_file`.
-    pub async fn start_with_tls(
+    /// (The future does not borrow `ca`: it can be spawned.)
+    pub fn start_with_tls(
         validator: impl Fn(&str) -> Option<(String, Vec<String>)> + Send + Sync + 'static,
         ca: &TestCa,
-    ) -> io::Result<FakeGmailApi> {
-        FakeGmailApi::start_inner(validator, Some(TlsAcceptor::from(ca.server_config()))).await
+    ) -> impl Future<Output = io::Result<FakeGmailApi>> + Send + 'static {
+        FakeGmailApi::start_inner(validator, Some(TlsAcceptor::from(ca.server_config())))
     }
 
     async fn start_inner(
