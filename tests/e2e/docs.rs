@@ -1,7 +1,9 @@
 //! Documentation that must not drift from the code: every message quoted
-//! in docs/troubleshooting.md is one the program really prints, and every
-//! test that can skip for a missing program shows its SKIPPED line after
-//! the nextest summary (.config/nextest.toml).
+//! in docs/troubleshooting.md is one the program really prints (and
+//! tests elsewhere check what the daemon really logs against those
+//! quotes: [`assert_troubleshooting_quotes`]), and every test that can
+//! skip for a missing program shows its SKIPPED line after the nextest
+//! summary (.config/nextest.toml).
 
 use std::path::{Path, PathBuf};
 
@@ -55,15 +57,61 @@ fn program_text() -> String {
     text
 }
 
-#[test]
-fn every_message_in_troubleshooting_md_is_one_the_program_prints() {
+/// The messages docs/troubleshooting.md quotes (lines `> ...`).
+pub fn troubleshooting_quotes() -> Vec<String> {
     let doc = std::fs::read_to_string(Path::new(ROOT).join("docs/troubleshooting.md")).unwrap();
-    let source = program_text();
-    let quoted: Vec<&str> = doc
-        .lines()
+    doc.lines()
         .filter_map(|l| l.trim_start().strip_prefix("> "))
         .filter(|q| *q != "this")
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether `text` (a log line, a hold reason) contains `quote`, each `…`
+/// standing for any text: the fixed pieces appear in order.
+pub fn quote_matches(quote: &str, text: &str) -> bool {
+    // A quote may start anywhere in a log line (after its timestamp and
+    // fields): only the order of the pieces counts.
+    let mut rest = text;
+    for piece in quote.split('…').filter(|p| !p.is_empty()) {
+        let Some(at) = rest.find(piece) else {
+            return false;
+        };
+        rest = &rest[at + piece.len()..];
+    }
+    true
+}
+
+/// Each of `quotes` (copied from docs/troubleshooting.md) is quoted there
+/// and matches `text`, what the program really printed.
+#[track_caller]
+pub fn assert_troubleshooting_quotes(text: &str, quotes: &[&str]) {
+    let doc = troubleshooting_quotes();
+    for q in quotes {
+        assert!(
+            doc.iter().any(|d| d == q),
+            "docs/troubleshooting.md does not quote {q:?}"
+        );
+        assert!(
+            quote_matches(q, text),
+            "docs/troubleshooting.md quotes {q:?}, but the program printed:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn quotes_match_with_their_gaps() {
+    assert!(quote_matches("a needs …; held until …", "x: a needs y; held until z"));
+    assert!(quote_matches("scope (…) cannot", "the scope (s) cannot be"));
+    assert!(!quote_matches("held until …; needs", "needs x; held until y"));
+    assert!(!quote_matches("scope (…) cannot", "the scope (s) can"));
+}
+
+#[test]
+fn every_message_in_troubleshooting_md_is_one_the_program_prints() {
+    let source = program_text();
+    let quotes = troubleshooting_quotes();
+    let quoted: Vec<&str> = quotes.iter().map(String::as_str).collect();
     assert!(quoted.len() >= 30, "only {} quoted messages", quoted.len());
     let mut missing = Vec::new();
     for q in quoted {

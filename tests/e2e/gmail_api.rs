@@ -258,6 +258,70 @@ async fn a_gmail_send_token_cannot_be_used_for_smtp_and_a_token_without_a_send_s
     assert_eq!(a.api.stats().requests, 0);
 }
 
+/// The troubleshooting entry for a scope that does not fit the transport,
+/// checked against what the daemon logs and holds, and its first fix:
+/// switching to the transport the token serves releases the held mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_mismatch_is_logged_as_troubleshooting_md_says_and_switching_transport_releases_the_mail()
+ {
+    let a = Api::start().await;
+    let smtp = a.up.config(
+        FAST_DELIVERY,
+        &[a.up.account("default", EMAIL, &["*"], true)],
+    );
+    a.up.import_scoped(&smtp, "default", EMAIL, SEND_SCOPE);
+    let d = Daemon::start(&smtp);
+    let id = submit(
+        &d,
+        "app@example.com",
+        &["r@example.org"],
+        &message("mismatch", "s", "b\r\n"),
+    )
+    .await;
+    let held = wait_state(&d, &id, "held").await;
+    let line = d.wait_log("account needs authorization: the token's scope", T);
+    let expected = format!(
+        "account needs authorization: the token's scope ({SEND_SCOPE}) cannot be used with \
+         transport = \"smtp\", which needs https://mail.google.com/ (Gmail's SMTP server takes \
+         no other); its mail is held until you set transport = \"gmail-api\" (the token serves \
+         it), or set scopes = [\"https://mail.google.com/\"] (or remove `scopes`) and run: \
+         oauthrelay authorize --account default"
+    );
+    assert!(line.contains(&expected), "{line}");
+    crate::docs::assert_troubleshooting_quotes(
+        &line,
+        &[
+            "account needs authorization: …; its mail is held until you …",
+            "the token's scope (…) cannot be used with transport = \"…\", which needs …",
+            "(Gmail's SMTP server takes no other)",
+            "set transport = \"…\" (the token serves it), or …",
+            "set scopes = [\"…\"] (or remove `scopes`) and run: oauthrelay authorize --account …",
+        ],
+    );
+    let reason = held["last_error"].as_str().unwrap_or_default();
+    crate::docs::assert_troubleshooting_quotes(
+        reason,
+        &["the token's scope (…) cannot be used with transport = \"…\", which needs …"],
+    );
+
+    // The fix the line names first: the transport the token serves, and
+    // a reload. The held message goes out over the API.
+    crate::harness::config_in(&d.dir, &a.up.config(FAST_DELIVERY, &[a.account("")]));
+    d.signal("HUP");
+    d.wait_log("configuration reloaded", T);
+    let m = until("the held message over the API", T, async || {
+        match a.api.messages().pop() {
+            Some(m) => Ok(m),
+            None => Err(format!("{:?}\n{}", state_of(&d, &id), d.logs())),
+        }
+    })
+    .await;
+    assert_eq!(m.recipients, ["r@example.org"]);
+    assert!(m.text().contains("Subject: s"), "{}", m.text());
+    d.wait_log("account is authorized again; held mail can go", T);
+    assert!(a.up.offered.lock().unwrap().is_empty(), "never offered to SMTP");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_recipients_missing_from_the_headers_go_as_bcc() {
     let a = Api::start().await;

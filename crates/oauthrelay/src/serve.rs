@@ -619,13 +619,22 @@ async fn apply_reload(
             return;
         }
     };
-    if let Err(e) = tokens.reload(Some(resolved)).await {
+    // The delivery side first: when the token manager's reload lifts a
+    // hold (a token whose scope fits the account's new `transport`), the
+    // mail it releases must go through the new transport, not the old one
+    // (a `gmail.send` token offered to SMTP). The scheduler takes commands
+    // before token events, so this reload is in place before the
+    // "authorized again" event is handled; `tokens_reloaded` then releases
+    // the accounts the token manager has just learned of.
+    outbound.reload(accounts(new), delivery(new));
+    let reloaded = tokens.reload(Some(resolved)).await;
+    outbound.tokens_reloaded();
+    if let Err(e) = reloaded {
         error!("accounts not reloaded: {e}");
         return;
     }
     *route_accounts.write().unwrap_or_else(|p| p.into_inner()) = accounts(new);
     inbound.reload(settings);
-    outbound.reload(accounts(new), delivery(new));
     spool.set_min_free_space(new.config.spool.min_free_space.0);
     info!("configuration reloaded");
 }

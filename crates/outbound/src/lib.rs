@@ -176,11 +176,23 @@ impl Outbound {
     /// New accounts and `[delivery]` settings (SIGHUP). Messages are routed
     /// again; connections whose account settings changed are replaced;
     /// holds are lifted for one more try.
+    ///
+    /// Call it before the token manager's reload, then
+    /// [`tokens_reloaded`](Self::tokens_reloaded) after it: a hold the
+    /// token manager lifts (a token whose scope fits the account's new
+    /// `transport`) then releases the mail into the new settings, and an
+    /// account the token manager learns of is not left held as unknown.
     pub fn reload(&self, accounts: Vec<AccountConfig>, config: DeliveryConfig) {
         let _ = self.commands.send(Command::Reload {
             accounts,
             config: Box::new(config),
         });
+    }
+
+    /// The token manager has reloaded: every held account it now holds a
+    /// usable token for is released.
+    pub fn tokens_reloaded(&self) {
+        let _ = self.commands.send(Command::TokensReloaded);
     }
 
     /// `queue retry ID`: make the message due now (and give its account,

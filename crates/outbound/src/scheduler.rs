@@ -54,6 +54,10 @@ pub(crate) enum Command {
         accounts: Vec<AccountConfig>,
         config: Box<DeliveryConfig>,
     },
+    /// The token manager reloaded after a `Reload`: release the held
+    /// accounts it has a usable token for (those it did not know yet when
+    /// the `Reload` came).
+    TokensReloaded,
     /// Liveness: answered when the loop gets to it.
     Ping { reply: oneshot::Sender<()> },
 }
@@ -272,6 +276,9 @@ fn with_postmaster(mut cfg: DeliveryConfig, accounts: &[AccountConfig]) -> Deliv
 
 fn same_delivery_settings(a: &AccountConfig, b: &AccountConfig) -> bool {
     a.email == b.email
+        && a.transport == b.transport
+        && a.api_url == b.api_url
+        && a.max_rate == b.max_rate
         && a.smtp_host == b.smtp_host
         && a.smtp_port == b.smtp_port
         && a.smtp_tls == b.smtp_tls
@@ -1075,6 +1082,30 @@ impl Scheduler {
         match c {
             Command::Ping { reply } => {
                 let _ = reply.send(());
+            }
+            Command::TokensReloaded => {
+                let held: Vec<String> = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.rt.hold.is_some())
+                    .map(|s| s.name.clone())
+                    .collect();
+                for name in held {
+                    if self.token_hold(&name).is_some() {
+                        continue;
+                    }
+                    // Held only because the token manager had not loaded
+                    // the account yet: nothing for the log.
+                    if let Some(i) = self.slot_index(&name)
+                        && matches!(
+                            self.slots[i].rt.hold,
+                            Some(HoldReason::UnknownToTokenManager { .. })
+                        )
+                    {
+                        self.slots[i].rt.hold = None;
+                    }
+                    self.release(&name);
+                }
             }
             Command::Retry {
                 id: Some(id),
