@@ -101,9 +101,15 @@ pub fn assert_troubleshooting_quotes(text: &str, quotes: &[&str]) {
 
 #[test]
 fn quotes_match_with_their_gaps() {
-    assert!(quote_matches("a needs …; held until …", "x: a needs y; held until z"));
+    assert!(quote_matches(
+        "a needs …; held until …",
+        "x: a needs y; held until z"
+    ));
     assert!(quote_matches("scope (…) cannot", "the scope (s) cannot be"));
-    assert!(!quote_matches("held until …; needs", "needs x; held until y"));
+    assert!(!quote_matches(
+        "held until …; needs",
+        "needs x; held until y"
+    ));
     assert!(!quote_matches("scope (…) cannot", "the scope (s) can"));
 }
 

@@ -319,7 +319,10 @@ async fn a_scope_mismatch_is_logged_as_troubleshooting_md_says_and_switching_tra
     assert_eq!(m.recipients, ["r@example.org"]);
     assert!(m.text().contains("Subject: s"), "{}", m.text());
     d.wait_log("account is authorized again; held mail can go", T);
-    assert!(a.up.offered.lock().unwrap().is_empty(), "never offered to SMTP");
+    assert!(
+        a.up.offered.lock().unwrap().is_empty(),
+        "never offered to SMTP"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
