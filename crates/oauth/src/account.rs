@@ -9,7 +9,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{AccountConfig, Endpoint};
+use crate::client_cert::{CertError, ClientCertificate};
+use crate::config::{AccountConfig, Endpoint, Provider};
 use crate::perms::{self, PrivateFileError, TooOpen};
 use crate::service_account::{KeyError, ServiceAccountKey};
 
@@ -111,10 +112,15 @@ pub enum Credentials {
     /// `authorize` or `token import` is exchanged for access tokens.
     Client {
         client_id: String,
-        client_secret: SecretString,
+        /// `None`: a public client (Microsoft "Mobile and desktop
+        /// applications" platform), which proves nothing but PKCE.
+        client_secret: Option<SecretString>,
         /// Where the secret came from (for messages).
         secret_source: SecretSource,
     },
+    /// A Microsoft 365 application sending as a mailbox without a user
+    /// (client credentials grant, `.default` scope): no refresh token.
+    AppOnly { client_id: String, auth: AppAuth },
     /// A Workspace service account with domain-wide delegation: JWT bearer
     /// grant, no refresh token.
     ServiceAccount(ServiceAccountKey),
@@ -140,11 +146,42 @@ impl fmt::Debug for Credentials {
                 .field("client_secret", &"[REDACTED]")
                 .field("secret_source", secret_source)
                 .finish(),
+            Credentials::AppOnly { client_id, auth } => f
+                .debug_struct("AppOnly")
+                .field("client_id", client_id)
+                .field("auth", auth)
+                .finish(),
             Credentials::ServiceAccount(key) => f.debug_tuple("ServiceAccount").field(key).finish(),
             Credentials::NotLoaded { service_account } => f
                 .debug_struct("NotLoaded")
                 .field("service_account", service_account)
                 .finish(),
+        }
+    }
+}
+
+/// How an app-only application proves who it is.
+#[derive(Clone)]
+pub enum AppAuth {
+    /// A client secret from the app registration.
+    Secret {
+        secret: SecretString,
+        source: SecretSource,
+    },
+    /// A certificate uploaded to the app registration; its key signs a
+    /// client assertion.
+    Certificate(ClientCertificate),
+}
+
+impl fmt::Debug for AppAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AppAuth::Secret { source, .. } => f
+                .debug_struct("Secret")
+                .field("secret", &"[REDACTED]")
+                .field("source", source)
+                .finish(),
+            AppAuth::Certificate(c) => f.debug_tuple("Certificate").field(c).finish(),
         }
     }
 }
@@ -198,6 +235,18 @@ impl Account {
                 reason: format!("scopes: {problem}; {fix}"),
             });
         }
+        if config.provider == Provider::Microsoft && config.service_account_key_file.is_some() {
+            return Err(AccountError::Invalid {
+                account: name,
+                reason: "service_account_key_file is Google's; a Microsoft 365 application sends app-only with scopes = [\"https://outlook.office365.com/.default\"] and a client secret or certificate".into(),
+            });
+        }
+        if config.client_certificate_file.is_some() && !config.is_app_only() {
+            return Err(AccountError::Invalid {
+                account: name,
+                reason: "client_certificate_file is for app-only sending: set scopes = [\"https://outlook.office365.com/.default\"] and a tenant id".into(),
+            });
+        }
 
         let credentials = match &config.service_account_key_file {
             Some(key_file) => {
@@ -223,6 +272,7 @@ impl Account {
                     Credentials::ServiceAccount(ServiceAccountKey::load(&path)?)
                 }
             }
+            None if config.is_app_only() => resolve_app_only(config, ctx)?,
             None => resolve_client(config, ctx)?,
         };
 
@@ -268,20 +318,34 @@ impl Account {
         &self.extra_roots
     }
 
-    /// Whether this account uses a Workspace service account.
+    /// Whether this account gets tokens without a refresh token: a
+    /// Workspace service account, or a Microsoft app-only application.
     pub fn is_service_account(&self) -> bool {
         matches!(
             self.credentials,
             Credentials::ServiceAccount(_)
+                | Credentials::AppOnly { .. }
                 | Credentials::NotLoaded {
                     service_account: true
                 }
         )
     }
 
+    /// A Microsoft app-only account (client credentials).
+    pub fn is_app_only(&self) -> bool {
+        self.config.is_app_only()
+    }
+
+    /// The provider's name for people (`Google`, `Microsoft`).
+    pub fn provider_name(&self) -> &'static str {
+        self.config.provider.display_name()
+    }
+
     /// The command that gives this account new credentials.
     pub fn fix_command(&self) -> String {
-        if self.is_service_account() {
+        if self.is_app_only() {
+            "fix the application's client secret or certificate, its Exchange service principal or mailbox permission, then run: systemctl reload oauthrelay".into()
+        } else if self.is_service_account() {
             "fix the service account key or its domain-wide delegation, then run: systemctl reload oauthrelay".into()
         } else {
             format!(
@@ -328,27 +392,134 @@ fn validate_name(name: &str) -> Result<(), AccountError> {
     }
 }
 
+fn required_client_id(config: &AccountConfig) -> Result<String, AccountError> {
+    let hint = match config.provider {
+        Provider::Google => {
+            "the \"Desktop app\" OAuth client id, or set service_account_key_file for a Workspace service account"
+        }
+        Provider::Microsoft => {
+            "the Application (client) ID of the app registration in Microsoft Entra"
+        }
+    };
+    config
+        .client_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| AccountError::Invalid {
+            account: config.name.clone(),
+            reason: format!("client_id is missing ({hint})"),
+        })
+}
+
 fn resolve_client(
     config: &AccountConfig,
     ctx: &AccountContext,
 ) -> Result<Credentials, AccountError> {
     let name = &config.name;
-    let client_id = config
-        .client_id
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| AccountError::Invalid {
-            account: name.clone(),
-            reason: "client_id is missing (the \"Desktop app\" OAuth client id, or set service_account_key_file for a Workspace service account)".into(),
-        })?
-        .to_string();
+    let client_id = required_client_id(config)?;
     if ctx.skip_secrets {
         return Ok(Credentials::NotLoaded {
             service_account: false,
         });
     }
+    match read_client_secret(config, ctx)? {
+        Some((secret, source)) => Ok(Credentials::Client {
+            client_id,
+            client_secret: Some(secret),
+            secret_source: source,
+        }),
+        // Microsoft's public clients ("Allow public client flows", the
+        // "Mobile and desktop applications" platform) have no secret: PKCE
+        // alone protects the code.
+        None if config.provider == Provider::Microsoft => Ok(Credentials::Client {
+            client_id,
+            client_secret: None,
+            secret_source: SecretSource::Inline,
+        }),
+        None => Err(no_secret(name, ctx)),
+    }
+}
 
+/// Microsoft app-only: a tenant id, and a secret or a certificate.
+fn resolve_app_only(
+    config: &AccountConfig,
+    ctx: &AccountContext,
+) -> Result<Credentials, AccountError> {
+    let name = &config.name;
+    let client_id = required_client_id(config)?;
+    if let Some(reason) = config.app_only_tenant_problem() {
+        return Err(AccountError::Invalid {
+            account: name.clone(),
+            reason,
+        });
+    }
+    if ctx.skip_secrets {
+        return Ok(Credentials::NotLoaded {
+            service_account: true,
+        });
+    }
+    if let (Some(cert), Some(key)) = (
+        &config.client_certificate_file,
+        &config.client_certificate_key_file,
+    ) {
+        if config.client_secret.is_some() || config.client_secret_file.is_some() {
+            return Err(AccountError::Invalid {
+                account: name.clone(),
+                reason: "give the application a client secret or a certificate, not both (remove client_secret / client_secret_file or the client_certificate_* keys)".into(),
+            });
+        }
+        let cert = ctx
+            .credential(name, "client_certificate")
+            .unwrap_or_else(|| ctx.absolute(cert));
+        let key = ctx
+            .credential(name, "client_certificate_key")
+            .unwrap_or_else(|| ctx.absolute(key));
+        perms::check_secret_file(&key, ctx.credentials_dir.as_deref())
+            .map_err(|e| unreadable(e, name, "client_certificate_key"))?;
+        let loaded = ClientCertificate::load(&cert, &key)?;
+        return Ok(Credentials::AppOnly {
+            client_id,
+            auth: AppAuth::Certificate(loaded),
+        });
+    }
+    match read_client_secret(config, ctx)? {
+        Some((secret, source)) => Ok(Credentials::AppOnly {
+            client_id,
+            auth: AppAuth::Secret { secret, source },
+        }),
+        None => Err(AccountError::Invalid {
+            account: name.clone(),
+            reason: "app-only sending needs the application's client secret (client_secret_file, client_secret or the systemd credential NAME.client_secret) or its certificate (client_certificate_file + client_certificate_key_file)".into(),
+        }),
+    }
+}
+
+fn no_secret(name: &str, ctx: &AccountContext) -> AccountError {
+    let credential = format!("{name}.client_secret");
+    let reason = match &ctx.credentials_dir {
+        Some(dir) => format!(
+            "no client secret: set client_secret_file, or provide the systemd credential {credential} (LoadCredential=; {} has no such file), or client_secret",
+            dir.display()
+        ),
+        None => format!(
+            "no client secret: set client_secret_file, or provide the systemd credential {credential} (LoadCredential=), or client_secret. $CREDENTIALS_DIRECTORY is not set here (as for every command run outside the systemd unit): with a credential, also set client_secret_file to the file the unit loads (LoadCredential={credential}:FILE) so these commands can read it"
+        ),
+    };
+    AccountError::Invalid {
+        account: name.to_string(),
+        reason,
+    }
+}
+
+/// The client secret from the systemd credential, `client_secret_file` or
+/// `client_secret`; `None` when none is given.
+fn read_client_secret(
+    config: &AccountConfig,
+    ctx: &AccountContext,
+) -> Result<Option<(SecretString, SecretSource)>, AccountError> {
+    let name = &config.name;
     let credential = ctx.credential(name, "client_secret");
     // An inline secret next to another source is a mistake: which one is
     // meant? A credential next to client_secret_file is the documented
@@ -388,20 +559,7 @@ fn resolve_client(
     } else if let Some(s) = &config.client_secret {
         (s.expose_secret().trim().to_string(), SecretSource::Inline)
     } else {
-        let credential = format!("{name}.client_secret");
-        let reason = match &ctx.credentials_dir {
-            Some(dir) => format!(
-                "no client secret: set client_secret_file, or provide the systemd credential {credential} (LoadCredential=; {} has no such file), or client_secret",
-                dir.display()
-            ),
-            None => format!(
-                "no client secret: set client_secret_file, or provide the systemd credential {credential} (LoadCredential=), or client_secret. $CREDENTIALS_DIRECTORY is not set here (as for every command run outside the systemd unit): with a credential, also set client_secret_file to the file the unit loads (LoadCredential={credential}:FILE) so these commands can read it"
-            ),
-        };
-        return Err(AccountError::Invalid {
-            account: name.clone(),
-            reason,
-        });
+        return Ok(None);
     };
     if secret.is_empty() {
         return Err(AccountError::Invalid {
@@ -409,11 +567,7 @@ fn resolve_client(
             reason: "the client secret is empty".into(),
         });
     }
-    Ok(Credentials::Client {
-        client_id,
-        client_secret: SecretString::from(secret),
-        secret_source: source,
-    })
+    Ok(Some((SecretString::from(secret), source)))
 }
 
 fn read_secret_file(
@@ -491,6 +645,8 @@ pub enum AccountError {
     },
     #[error(transparent)]
     ServiceAccountKey(#[from] KeyError),
+    #[error(transparent)]
+    ClientCertificate(#[from] CertError),
     #[error("ca_file '{}': {reason}", path.display())]
     CaFile { path: PathBuf, reason: String },
 }

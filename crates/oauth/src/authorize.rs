@@ -70,6 +70,8 @@ pub enum Via {
     Redirect,
     /// The user pasted the redirect address.
     Pasted,
+    /// Device-code sign-in (RFC 8628).
+    Device,
 }
 
 /// What was stored; `Display` tells the user what to do next.
@@ -117,6 +119,10 @@ pub enum AuthorizeError {
         "account {0:?} uses a service account (service_account_key_file): there is nothing to authorize; a Workspace admin sets up domain-wide delegation instead (see docs/gmail-setup.md)"
     )]
     ServiceAccount(String),
+    #[error(
+        "account {0:?} sends app-only (scope https://outlook.office365.com/.default): there is nothing to authorize; an administrator grants the application SMTP.SendAsApp and registers its Exchange service principal for the mailbox instead (see docs/microsoft-setup.md)"
+    )]
+    AppOnly(String),
     #[error(
         "cannot listen on {addr} for Google's redirect: {source} (choose another --port, or 0 for any free port)"
     )]
@@ -195,6 +201,9 @@ impl Flow {
                 client_secret,
                 ..
             } => (client_id.clone(), client_secret.clone()),
+            Credentials::AppOnly { .. } => {
+                return Err(AuthorizeError::AppOnly(account.name.clone()));
+            }
             Credentials::ServiceAccount(_)
             | Credentials::NotLoaded {
                 service_account: true,
@@ -219,18 +228,26 @@ impl Flow {
         let redirect_uri = format!("http://127.0.0.1:{port}/");
         let redirect = RedirectUrl::new(redirect_uri.clone())
             .map_err(|e| AuthorizeError::Setup(format!("redirect URI: {e}")))?;
-        let client = BasicClient::new(ClientId::new(client_id))
-            .set_client_secret(ClientSecret::new(client_secret.expose_secret().to_string()))
+        let mut client = BasicClient::new(ClientId::new(client_id));
+        if let Some(secret) = &client_secret {
+            client =
+                client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
+        }
+        let client = client
             .set_auth_uri(AuthUrl::from_url(account.auth_url.url().clone()))
             .set_token_uri(TokenUrl::from_url(account.token_url.url().clone()))
             .set_redirect_uri(redirect)
             .set_auth_type(AuthType::RequestBody);
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-        let (url, state) = client
+        let mut request = client
             .authorize_url(CsrfToken::new_random)
             .add_scopes(account.scopes.iter().cloned().map(Scope::new))
-            .set_pkce_challenge(challenge)
-            .add_extra_param("access_type", "offline")
+            .set_pkce_challenge(challenge);
+        if account.config.provider == crate::config::Provider::Google {
+            // Microsoft gives a refresh token for the offline_access scope.
+            request = request.add_extra_param("access_type", "offline");
+        }
+        let (url, state) = request
             .add_extra_param("prompt", "consent")
             .add_extra_param("login_hint", account.email.clone())
             .url();
@@ -480,24 +497,7 @@ async fn complete(
         Some(s) if !s.is_empty() => s.iter().map(|s| s.to_string()).collect(),
         _ => account.scopes.clone(),
     };
-    let stored_scopes = scopes.clone();
-    let now = SystemTime::now();
-    store::update(&account.token_file, |f| {
-        f.account = account.name.clone();
-        f.email = account.email.clone();
-        f.refresh_token = Some(refresh);
-        f.access_token = Some(access);
-        f.access_token_expires_at = Some(expires_at);
-        f.scopes = stored_scopes;
-        f.authorized_at = Some(now);
-        f.last_refresh = Some(RefreshRecord {
-            at: now,
-            result: RefreshResult::Ok,
-            error_code: None,
-            error: None,
-        });
-        f.needs_authorization = false;
-    })?;
+    store_authorized(account, refresh, access, expires_at, scopes.clone())?;
     tracing::info!(account = %account.name, file = %account.token_file.display(), "authorized; refresh token stored");
     if !scopes.iter().any(|s| account.scopes.contains(s)) {
         tracing::warn!(account = %account.name, granted = %scopes.join(" "), "Google granted other scopes than requested");
@@ -510,6 +510,36 @@ async fn complete(
         access_token_expires_at: expires_at,
         via,
     })
+}
+
+/// Store a new grant from a first sign-in (code or device flow): the
+/// refresh token and access token, atomically, clearing any refusal.
+pub(crate) fn store_authorized(
+    account: &Account,
+    refresh: SecretString,
+    access: SecretString,
+    expires_at: SystemTime,
+    scopes: Vec<String>,
+) -> Result<(), StoreError> {
+    let now = SystemTime::now();
+    store::update(&account.token_file, |f| {
+        f.account = account.name.clone();
+        f.email = account.email.clone();
+        f.refresh_token = Some(refresh);
+        f.access_token = Some(access);
+        f.access_token_expires_at = Some(expires_at);
+        f.scopes = scopes;
+        f.authorized_at = Some(now);
+        f.last_refresh = Some(RefreshRecord {
+            at: now,
+            result: RefreshResult::Ok,
+            error_code: None,
+            error: None,
+        });
+        f.needs_authorization = false;
+        f.refresh_started_at = None;
+    })?;
+    Ok(())
 }
 
 fn google_error(code: String, description: Option<String>, at_exchange: bool) -> AuthorizeError {

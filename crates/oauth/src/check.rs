@@ -52,12 +52,14 @@ pub async fn check_refresh_token(
         Ok(c) => c,
         Err(e) => return TokenCheck::Unreachable(e),
     };
-    let form = [
+    let mut form = vec![
         ("grant_type", "refresh_token"),
         ("client_id", client_id.as_str()),
-        ("client_secret", client_secret.expose_secret()),
         ("refresh_token", refresh_token.trim()),
     ];
+    if let Some(secret) = client_secret {
+        form.push(("client_secret", secret.expose_secret()));
+    }
     match http::post_token(&client, account.token_url.url(), &form, timeout).await {
         Ok(_) => TokenCheck::Works,
         Err(Failure::Rejected {

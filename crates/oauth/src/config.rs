@@ -20,10 +20,59 @@ pub const GMAIL_SEND_SCOPE: &str = "https://www.googleapis.com/auth/gmail.send";
 /// The Gmail API's base URL.
 pub const GMAIL_API_URL: &str = "https://gmail.googleapis.com";
 
-/// One `[[accounts]]` entry.
+/// Microsoft's defaults.
+pub const MICROSOFT_SMTP_HOST: &str = "smtp.office365.com";
+/// Outlook.com (personal Microsoft accounts, `tenant = "consumers"`).
+pub const OUTLOOK_SMTP_HOST: &str = "smtp-mail.outlook.com";
+pub const MICROSOFT_LOGIN: &str = "https://login.microsoftonline.com";
+/// Delegated permission to send over SMTP AUTH.
+pub const MICROSOFT_SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
+/// Asks Microsoft for a refresh token.
+pub const OFFLINE_ACCESS: &str = "offline_access";
+/// App-only (client credentials) scope for Exchange Online SMTP.
+pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+pub const MICROSOFT_DEFAULT_TENANT: &str = "common";
+/// Exchange Online's limits per mailbox: 3 concurrent connections, 30
+/// messages a minute.
+pub const MICROSOFT_MAX_CONCURRENCY: usize = 3;
+pub const MICROSOFT_MAX_RATE: f64 = 0.5;
+
+/// One `[[accounts]]` entry, with every default filled in for its
+/// `provider` (what `check-config` prints).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawAccountConfig")]
 pub struct AccountConfig {
+    /// Whose endpoints the defaults are: `google` (Gmail) or `microsoft`
+    /// (Microsoft 365 and Outlook.com).
+    pub provider: Provider,
+    /// Microsoft's tenant: `common`, `organizations`, `consumers`
+    /// (Outlook.com) or a tenant id / domain. `None` for Google.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The device authorization endpoint (RFC 8628) for `authorize
+    /// --device`. Microsoft's by default; Google accounts have none unless
+    /// set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_auth_url: Option<Endpoint>,
+    /// Sends per second for this account (a token bucket with a small
+    /// burst), so the provider never has to delay or refuse them. `None`:
+    /// the provider's and transport's default
+    /// ([`AccountConfig::effective_max_rate`]: 0.5 for Microsoft, i.e.
+    /// Exchange's 30 messages a minute; 2.5 for the Gmail API; unpaced
+    /// Gmail SMTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<f64>,
+    /// Simultaneous connections for this account. Default: `[delivery]
+    /// concurrency`, at most 3 for Microsoft (Exchange's limit per mailbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    /// Microsoft app-only: the application's certificate (PEM), whose key
+    /// signs the client assertion, instead of a client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_file: Option<PathBuf>,
+    /// The certificate's private key (PEM, PKCS#8 or PKCS#1 RSA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_key_file: Option<PathBuf>,
     /// Short name used on the command line (`--account NAME`), in logs and
     /// metrics labels.
     pub name: String,
@@ -92,11 +141,6 @@ pub struct AccountConfig {
     /// The Gmail API's base URL (`transport = "gmail-api"`).
     #[serde(default = "default_api_url")]
     pub api_url: Endpoint,
-    /// Sends per second for this account (a token bucket with a small
-    /// burst). Default: the transport's (2.5 for the Gmail API, unpaced
-    /// SMTP).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_rate: Option<f64>,
 }
 
 /// `transport`: how an account's mail goes upstream.
@@ -164,6 +208,34 @@ impl TransportKind {
 impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Whose service an account uses: sets every endpoint default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Gmail and Google Workspace.
+    #[default]
+    Google,
+    /// Microsoft 365 (Exchange Online) and Outlook.com.
+    Microsoft,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Google => "google",
+            Provider::Microsoft => "microsoft",
+        }
+    }
+
+    /// The provider's name for people.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Provider::Google => "Google",
+            Provider::Microsoft => "Microsoft",
+        }
     }
 }
 
@@ -268,12 +340,154 @@ fn default_token_url() -> Endpoint {
 fn default_api_url() -> Endpoint {
     Endpoint(url::Url::parse(GMAIL_API_URL).expect("constant URL"))
 }
+/// A delegated Microsoft account's scopes: SMTP AUTH, and a refresh token.
+fn microsoft_default_scopes() -> Vec<String> {
+    vec![MICROSOFT_SMTP_SCOPE.to_string(), OFFLINE_ACCESS.to_string()]
+}
+
+/// `[[accounts]]` as written: the provider-dependent keys may be absent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccountConfig {
+    #[serde(default)]
+    provider: Provider,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    device_auth_url: Option<Endpoint>,
+    #[serde(default)]
+    max_rate: Option<f64>,
+    #[serde(default)]
+    concurrency: Option<usize>,
+    #[serde(default)]
+    client_certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    client_certificate_key_file: Option<PathBuf>,
+    name: String,
+    email: String,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    client_secret: Option<SecretString>,
+    #[serde(default)]
+    client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default = "default_senders")]
+    senders: Vec<String>,
+    #[serde(default)]
+    rewrite_from: Option<bool>,
+    #[serde(default)]
+    envelope_from: Option<String>,
+    #[serde(default)]
+    service_account_key_file: Option<PathBuf>,
+    #[serde(default)]
+    smtp_host: Option<String>,
+    #[serde(default)]
+    smtp_port: Option<u16>,
+    #[serde(default)]
+    smtp_tls: Option<SmtpTls>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    auth_url: Option<Endpoint>,
+    #[serde(default)]
+    token_url: Option<Endpoint>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    transport: TransportKind,
+    #[serde(default)]
+    api_url: Option<Endpoint>,
+}
+
+/// A tenant as it may appear in a URL path: `common`, `organizations`,
+/// `consumers`, a GUID or a domain.
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 253
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+/// `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{what}`.
+pub fn microsoft_endpoint(tenant: &str, what: &str) -> Result<Endpoint, String> {
+    format!("{MICROSOFT_LOGIN}/{tenant}/oauth2/v2.0/{what}").parse()
+}
+
+impl TryFrom<RawAccountConfig> for AccountConfig {
+    type Error = String;
+
+    /// Fill in the provider's defaults, then what the file says. Values
+    /// that do not fit together (a tenant on a Google account, half a
+    /// certificate, the Gmail API for Microsoft) are kept as written and
+    /// reported by the configuration's checks, which point at the key.
+    fn try_from(r: RawAccountConfig) -> Result<AccountConfig, String> {
+        let mut c = AccountConfig::with_provider(r.name, r.email, r.provider)?;
+        if let Some(t) = r.tenant {
+            let t = t.trim().to_string();
+            if r.provider == Provider::Microsoft && valid_tenant(&t) {
+                c.set_tenant(&t)?;
+            } else {
+                c.tenant = Some(t);
+            }
+        }
+        c.max_rate = r.max_rate;
+        c.concurrency = r.concurrency;
+        c.client_certificate_file = r.client_certificate_file;
+        c.client_certificate_key_file = r.client_certificate_key_file;
+        c.client_id = r.client_id;
+        c.client_secret = r.client_secret;
+        c.client_secret_file = r.client_secret_file;
+        c.token_file = r.token_file;
+        c.senders = r.senders;
+        if let Some(v) = r.rewrite_from {
+            c.rewrite_from = v;
+        }
+        c.envelope_from = r.envelope_from;
+        c.service_account_key_file = r.service_account_key_file;
+        if let Some(h) = r.smtp_host {
+            c.smtp_host = h;
+        }
+        if let Some(p) = r.smtp_port {
+            c.smtp_port = p;
+        }
+        if let Some(t) = r.smtp_tls {
+            c.smtp_tls = t;
+        }
+        c.ca_file = r.ca_file;
+        if let Some(u) = r.auth_url {
+            c.auth_url = u;
+        }
+        if let Some(u) = r.token_url {
+            c.token_url = u;
+        }
+        if let Some(u) = r.device_auth_url {
+            c.device_auth_url = Some(u);
+        }
+        if let Some(s) = r.scopes {
+            c.scopes = s;
+        }
+        c.transport = r.transport;
+        if let Some(u) = r.api_url {
+            c.api_url = u;
+        }
+        Ok(c)
+    }
+}
 
 impl AccountConfig {
     /// An entry with Gmail's defaults: everything but the name and email
     /// left to be filled in.
     pub fn new(name: impl Into<String>, email: impl Into<String>) -> AccountConfig {
         AccountConfig {
+            provider: Provider::Google,
+            tenant: None,
+            device_auth_url: None,
+            max_rate: None,
+            concurrency: None,
+            client_certificate_file: None,
+            client_certificate_key_file: None,
             name: name.into(),
             email: email.into(),
             client_id: None,
@@ -293,29 +507,40 @@ impl AccountConfig {
             scopes: Vec::new(),
             transport: TransportKind::default(),
             api_url: default_api_url(),
-            max_rate: None,
         }
     }
 
-    /// The scopes to request: `scopes`, or the transport's default.
+    /// The scopes to request: `scopes`, or the provider's and transport's
+    /// default.
     pub fn effective_scopes(&self) -> Vec<String> {
-        if self.scopes.is_empty() {
-            self.transport.default_scopes()
-        } else {
+        if !self.scopes.is_empty() {
             self.scopes.clone()
+        } else if self.provider == Provider::Microsoft {
+            microsoft_default_scopes()
+        } else {
+            self.transport.default_scopes()
         }
     }
 
-    /// Sends per second for pacing: `max_rate`, else the transport's
-    /// default (`None`: unpaced).
+    /// Sends per second for pacing: `max_rate`, else the provider's
+    /// default (Microsoft: [`MICROSOFT_MAX_RATE`], Exchange's 30 messages
+    /// a minute per mailbox), else the transport's (`None`: unpaced).
     pub fn effective_max_rate(&self) -> Option<f64> {
-        self.max_rate.or(self.transport.default_max_rate())
+        self.max_rate.or(match self.provider {
+            Provider::Microsoft => Some(MICROSOFT_MAX_RATE),
+            Provider::Google => self.transport.default_max_rate(),
+        })
     }
 
     /// Why a token granted `granted` cannot serve this account's
     /// transport, with the fix; `None` when it can (or nothing is known).
+    /// (Google's scopes only: a Microsoft token's scopes are Microsoft's
+    /// to judge.)
     pub fn scope_problem(&self, granted: &[String]) -> Option<(String, String)> {
-        if granted.is_empty() || self.transport.served_by(granted) {
+        if self.provider != Provider::Google
+            || granted.is_empty()
+            || self.transport.served_by(granted)
+        {
             return None;
         }
         let t = self.transport;
@@ -350,6 +575,74 @@ impl AccountConfig {
             )
         };
         Some((problem, fix))
+    }
+
+    /// An entry with `provider`'s defaults. For Microsoft: tenant `common`,
+    /// `smtp.office365.com:587` STARTTLS, the identity platform's v2.0
+    /// endpoints, the delegated `SMTP.Send` scope with `offline_access`,
+    /// `rewrite_from` on (Exchange checks send-as on the envelope sender
+    /// and `From:`). Pacing at 30 messages a minute comes from
+    /// [`AccountConfig::effective_max_rate`].
+    pub fn with_provider(
+        name: impl Into<String>,
+        email: impl Into<String>,
+        provider: Provider,
+    ) -> Result<AccountConfig, String> {
+        let mut c = AccountConfig::new(name, email);
+        if provider == Provider::Microsoft {
+            c.provider = provider;
+            c.smtp_port = 587;
+            c.smtp_tls = SmtpTls::Starttls;
+            c.scopes = microsoft_default_scopes();
+            c.rewrite_from = true;
+            c.set_tenant(MICROSOFT_DEFAULT_TENANT)?;
+        }
+        Ok(c)
+    }
+
+    /// Set a Microsoft account's tenant and the endpoints that depend on it
+    /// (the SMTP host too: Outlook.com for `consumers`).
+    fn set_tenant(&mut self, tenant: &str) -> Result<(), String> {
+        self.tenant = Some(tenant.to_string());
+        self.auth_url = microsoft_endpoint(tenant, "authorize")?;
+        self.token_url = microsoft_endpoint(tenant, "token")?;
+        self.device_auth_url = Some(microsoft_endpoint(tenant, "devicecode")?);
+        self.smtp_host = if tenant.eq_ignore_ascii_case("consumers") {
+            OUTLOOK_SMTP_HOST
+        } else {
+            MICROSOFT_SMTP_HOST
+        }
+        .to_string();
+        Ok(())
+    }
+
+    /// A Microsoft account sending app-only (client credentials): its scope
+    /// is a `/.default` one (`https://outlook.office365.com/.default`).
+    pub fn is_app_only(&self) -> bool {
+        self.provider == Provider::Microsoft && self.scopes.iter().any(|s| s.ends_with("/.default"))
+    }
+
+    /// For an app-only account whose tenant is not one directory (`common`,
+    /// `organizations`, `consumers`): why Microsoft will refuse it
+    /// (AADSTS9001023) and what to set instead.
+    pub fn app_only_tenant_problem(&self) -> Option<String> {
+        let tenant = self.tenant.as_deref().unwrap_or(MICROSOFT_DEFAULT_TENANT);
+        let shared = ["common", "organizations", "consumers"]
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(tenant));
+        (self.is_app_only() && shared).then(|| crate::explain::app_only_tenant(tenant))
+    }
+
+    /// Simultaneous connections for this account, given `[delivery]
+    /// concurrency`: the account's own setting, else the global one (for
+    /// Microsoft at most [`MICROSOFT_MAX_CONCURRENCY`]).
+    pub fn effective_concurrency(&self, global: usize) -> usize {
+        match (self.concurrency, self.provider) {
+            (Some(n), _) => n,
+            (None, Provider::Microsoft) => global.min(MICROSOFT_MAX_CONCURRENCY),
+            (None, Provider::Google) => global,
+        }
+        .max(1)
     }
 
     /// Whether this account's `senders` patterns accept `sender`

@@ -66,7 +66,9 @@
 pub mod account;
 pub mod authorize;
 pub mod check;
+pub mod client_cert;
 pub mod config;
+pub mod device;
 mod explain;
 mod http;
 pub mod manager;
@@ -79,8 +81,10 @@ mod timefmt;
 pub mod token;
 pub mod xoauth2;
 
-pub use account::{Account, AccountContext, AccountError, Credentials, SecretSource, resolve_all};
-pub use config::{AccountConfig, Endpoint, SmtpTls, TransportKind, sender_matches};
+pub use account::{
+    Account, AccountContext, AccountError, AppAuth, Credentials, SecretSource, resolve_all,
+};
+pub use config::{AccountConfig, Endpoint, Provider, SmtpTls, TransportKind, sender_matches};
 pub use explain::explain;
 pub use manager::{AccountEvent, ManagerError, ManagerOptions, TokenError, TokenManager};
 pub use metrics::OAuthMetrics;

@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Mutex, broadcast};
 use tokio::time::Instant;
 
-use crate::account::{Account, Credentials};
+use crate::account::{Account, AppAuth, Credentials};
 use crate::http::{self, Failure, Grant};
 use crate::metrics::OAuthMetrics;
 use crate::service_account::{JWT_BEARER_GRANT, ServiceAccountKey};
@@ -177,6 +177,12 @@ struct State {
     account: Account,
     http: reqwest::Client,
     refresh_token: Option<SecretString>,
+    /// The refresh token the file held when we last read or wrote it.
+    on_disk: Option<SecretString>,
+    /// A refresh of a rotating refresh token (Microsoft) was started at
+    /// this time and its outcome never stored: the process stopped between
+    /// the request and the write.
+    interrupted_refresh: Option<SystemTime>,
     cached: Option<Cached>,
     blocked: Option<Blocked>,
     cooldown: Option<(Instant, String)>,
@@ -380,9 +386,8 @@ impl TokenManager {
             return;
         }
         st.blocked = None;
-        let used = st.refresh_token.clone();
         self.inner
-            .persist(&slot, &mut st, used, move |f| {
+            .persist(&slot, &mut st, move |f| {
                 f.needs_authorization = false;
             })
             .await;
@@ -436,16 +441,23 @@ impl TokenManager {
             return;
         }
         let code = SMTP_AUTH_REJECTED.to_string();
-        let likely = match st.account.config.transport {
-            crate::TransportKind::Smtp => {
-                "without the https://mail.google.com/ scope, or SMTP access is disabled for this user"
-            }
-            crate::TransportKind::GmailApi => "or the Gmail API is not allowed for this user",
+        let reason = if st.account.config.provider == crate::config::Provider::Microsoft {
+            format!(
+                "Exchange Online refused a freshly refreshed access token for {} ({reply}): the token is for another mailbox, lacks SMTP.Send (delegated) or SMTP.SendAsApp (app-only, with the Exchange service principal given FullAccess to the mailbox), or SMTP AUTH is disabled for the mailbox",
+                st.account.email
+            )
+        } else {
+            let likely = match st.account.config.transport {
+                crate::TransportKind::Smtp => {
+                    "without the https://mail.google.com/ scope, or SMTP access is disabled for this user"
+                }
+                crate::TransportKind::GmailApi => "or the Gmail API is not allowed for this user",
+            };
+            format!(
+                "Gmail refused a freshly refreshed access token for {} ({reply}): it was probably authorized with another Google account, {likely}",
+                st.account.email
+            )
         };
-        let reason = format!(
-            "Gmail refused a freshly refreshed access token for {} ({reply}): it was probably authorized with another Google account, {likely}",
-            st.account.email
-        );
         st.blocked = Some(Blocked {
             code: code.clone(),
             reason: reason.clone(),
@@ -460,9 +472,8 @@ impl TokenManager {
             error: Some(reason),
         };
         st.last_refresh = Some(record.clone());
-        let used = st.refresh_token.clone();
         self.inner
-            .persist(&slot, &mut st, used, move |f| {
+            .persist(&slot, &mut st, move |f| {
                 f.access_token = None;
                 f.access_token_expires_at = None;
                 f.last_refresh = Some(record);
@@ -657,6 +668,8 @@ impl Slot {
             account,
             http,
             refresh_token: None,
+            on_disk: None,
+            interrupted_refresh: None,
             cached: None,
             blocked: None,
             cooldown: None,
@@ -701,7 +714,13 @@ impl Slot {
 fn key_fingerprint(account: &Account) -> Option<Fingerprint> {
     match &account.credentials {
         Credentials::ServiceAccount(key) => store::fingerprint(&key.path),
-        Credentials::Client { .. } | Credentials::NotLoaded { .. } => None,
+        Credentials::AppOnly {
+            auth: AppAuth::Certificate(c),
+            ..
+        } => store::fingerprint(&c.key_path),
+        Credentials::Client { .. }
+        | Credentials::AppOnly { .. }
+        | Credentials::NotLoaded { .. } => None,
     }
 }
 
@@ -736,6 +755,9 @@ pub(crate) fn fix_for(account: &Account, code: &str) -> String {
             return fix;
         }
     }
+    if account.is_app_only() {
+        return "fix the application's client secret or certificate in the config (or its permissions: SMTP.SendAsApp with admin consent, the Exchange service principal with FullAccess to the mailbox), then reload the daemon (systemctl reload oauthrelay)".into();
+    }
     if account.is_service_account() {
         return "fix the service account key or its domain-wide delegation, then reload the daemon (systemctl reload oauthrelay)".into();
     }
@@ -766,6 +788,12 @@ impl State {
         self.account.is_service_account()
     }
 
+    /// Microsoft issues a new refresh token with every refresh.
+    fn rotates_refresh_tokens(&self) -> bool {
+        !self.is_service_account()
+            && self.account.config.provider == crate::config::Provider::Microsoft
+    }
+
     /// Take the token file's content as the truth about the refresh token
     /// and the needs-authorization flag. With `fresh_try`, a flag set by
     /// anything but `invalid_grant` on a refresh token is ignored (startup,
@@ -788,6 +816,8 @@ impl State {
             self.last_refresh = file.last_refresh.clone();
             return;
         } else {
+            self.on_disk = file.refresh_token.clone();
+            self.interrupted_refresh = file.refresh_started_at;
             let changed = match (&self.refresh_token, &file.refresh_token) {
                 (Some(a), Some(b)) => a.expose_secret() != b.expose_secret(),
                 (None, None) => false,
@@ -983,22 +1013,26 @@ impl Inner {
         let opts = &self.options;
         let mut delay = opts.backoff_initial;
         let mut attempt: u32 = 1;
+        if st.rotates_refresh_tokens() && st.refresh_token.is_some() {
+            // Microsoft answers with a new refresh token: if this process
+            // dies between its answer and the write, the file must say so.
+            let started = SystemTime::now();
+            self.persist(slot, st, move |f| f.refresh_started_at = Some(started))
+                .await;
+        }
         loop {
-            let used = st.refresh_token.clone();
             let outcome = request(st, opts.request_timeout).await;
             if let Some(m) = &opts.metrics {
                 m.refresh(&slot.name, outcome.is_ok());
             }
             match outcome {
-                Ok(grant) => return self.on_success(slot, st, grant, used, lift).await,
+                Ok(grant) => return self.on_success(slot, st, grant, lift).await,
                 Err(Failure::Rejected {
                     status,
                     code,
                     description,
                 }) => {
-                    return Err(self
-                        .on_rejected(slot, st, status, code, description, used)
-                        .await);
+                    return Err(self.on_rejected(slot, st, status, code, description).await);
                 }
                 Err(Failure::Temporary(reason)) => {
                     if attempt >= opts.attempts.max(1) {
@@ -1023,7 +1057,6 @@ impl Inner {
         slot: &Slot,
         st: &mut State,
         grant: Grant,
-        used: Option<SecretString>,
         lift: bool,
     ) -> Result<AccessToken, TokenError> {
         let was_blocked = st.blocked.is_some();
@@ -1036,7 +1069,7 @@ impl Inner {
             // A token this account's transport cannot use (a gmail.send
             // token for SMTP...): never offered upstream; held with the fix.
             return Err(self
-                .on_scope_mismatch(slot, st, problem, granted, used, was_blocked)
+                .on_scope_mismatch(slot, st, problem, granted, was_blocked)
                 .await);
         }
         let lifetime = grant.expires_in;
@@ -1077,7 +1110,7 @@ impl Inner {
             .scope
             .map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>());
         let new_rt = grant.refresh_token;
-        self.persist(slot, st, used, move |f| {
+        self.persist(slot, st, move |f| {
             f.access_token = Some(access);
             f.access_token_expires_at = Some(expires_at);
             if let Some(s) = scopes {
@@ -1092,8 +1125,10 @@ impl Inner {
                 f.last_refresh = Some(record);
                 f.needs_authorization = false;
             }
+            f.refresh_started_at = None;
         })
         .await;
+        st.interrupted_refresh = None;
         self.publish(slot, st, was_blocked);
         Ok(token)
     }
@@ -1108,7 +1143,6 @@ impl Inner {
         st: &mut State,
         problem: String,
         granted: Vec<String>,
-        used: Option<SecretString>,
         was_blocked: bool,
     ) -> TokenError {
         let code = SCOPE_MISMATCH.to_string();
@@ -1126,12 +1160,13 @@ impl Inner {
             error: Some(problem),
         };
         st.last_refresh = Some(record.clone());
-        self.persist(slot, st, used, move |f| {
+        self.persist(slot, st, move |f| {
             f.access_token = None;
             f.access_token_expires_at = None;
             f.scopes = granted;
             f.last_refresh = Some(record);
             f.needs_authorization = true;
+            f.refresh_started_at = None;
         })
         .await;
         self.publish(slot, st, was_blocked);
@@ -1151,14 +1186,25 @@ impl Inner {
         status: u16,
         code: String,
         description: Option<String>,
-        used: Option<SecretString>,
     ) -> TokenError {
         let was_blocked = st.blocked.is_some();
-        let reason = if st.is_service_account() {
+        let microsoft = st.account.config.provider == crate::config::Provider::Microsoft;
+        let mut reason = if microsoft {
+            crate::explain::describe_microsoft(&code, description.as_deref())
+        } else if st.is_service_account() {
             crate::explain::describe_jwt(&code, description.as_deref())
         } else {
             crate::explain::describe(&code, description.as_deref())
         };
+        if code == "invalid_grant"
+            && let Some(at) = st.interrupted_refresh
+        {
+            reason.push_str(&format!(
+                "; a refresh sent at {} was interrupted before its answer was stored (the daemon stopped between {}'s answer and writing the new refresh token), so the provider may have replaced this refresh token then: the new one is lost and the account must be signed in again",
+                crate::timefmt::rfc3339(at),
+                st.account.provider_name()
+            ));
+        }
         let reason = format!("the token endpoint refused (HTTP {status}): {reason}");
         let probe = may_heal(&code).then(|| {
             let previous = st.blocked.as_ref().and_then(|b| b.probe);
@@ -1189,7 +1235,7 @@ impl Inner {
             error: Some(reason),
         };
         st.last_refresh = Some(record.clone());
-        self.persist(slot, st, used, move |f| {
+        self.persist(slot, st, move |f| {
             f.access_token = None;
             f.access_token_expires_at = None;
             f.last_refresh = Some(record);
@@ -1233,8 +1279,7 @@ impl Inner {
             error: Some(reason.clone()),
         };
         st.last_refresh = Some(record.clone());
-        let used = st.refresh_token.clone();
-        self.persist(slot, st, used, move |f| f.last_refresh = Some(record))
+        self.persist(slot, st, move |f| f.last_refresh = Some(record))
             .await;
         let was_blocked = st.blocked.is_some();
         self.publish(slot, st, was_blocked);
@@ -1260,7 +1305,7 @@ impl Inner {
     /// Write the refresh outcome to the token file, unless the file now
     /// holds another refresh token than the one used (`authorize` or
     /// `token import` ran meanwhile): then take that file instead.
-    async fn persist<F>(&self, slot: &Slot, st: &mut State, used: Option<SecretString>, f: F)
+    async fn persist<F>(&self, slot: &Slot, st: &mut State, f: F)
     where
         F: FnOnce(&mut TokenFile) + Send + 'static,
     {
@@ -1268,6 +1313,9 @@ impl Inner {
         let name = st.account.name.clone();
         let email = st.account.email.clone();
         let is_sa = st.is_service_account();
+        // What the file held when last read or written by us: if it holds
+        // something else now, `authorize` or `token import` replaced it.
+        let used = st.on_disk.clone();
         let task = tokio::task::spawn_blocking(move || {
             store::update_if(&path, |file| {
                 let same = is_sa
@@ -1288,6 +1336,7 @@ impl Inner {
             Ok(Ok((written, wrote))) => {
                 if wrote {
                     st.token_seen = store::fingerprint(&st.account.token_file);
+                    st.on_disk = written.as_ref().and_then(|w| w.refresh_token.clone());
                 }
                 if !is_sa {
                     let on_disk = written.as_ref().and_then(|w| w.refresh_token.as_ref());
@@ -1327,12 +1376,44 @@ async fn request(st: &State, timeout: Duration) -> Result<Grant, Failure> {
                     description: Some("no refresh token stored".into()),
                 });
             };
-            let form = [
+            let mut form = vec![
                 ("grant_type", "refresh_token"),
                 ("client_id", client_id.as_str()),
-                ("client_secret", client_secret.expose_secret()),
                 ("refresh_token", rt.expose_secret()),
             ];
+            if let Some(secret) = client_secret {
+                form.push(("client_secret", secret.expose_secret()));
+            }
+            let scope = st.account.scopes.join(" ");
+            if st.account.config.provider == crate::config::Provider::Microsoft {
+                // Microsoft's v2.0 endpoint wants the scopes on refresh too.
+                form.push(("scope", scope.as_str()));
+            }
+            http::post_token(&st.http, url, &form, timeout).await
+        }
+        Credentials::AppOnly { client_id, auth } => {
+            let scope = st.account.scopes.join(" ");
+            let mut form = vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id.as_str()),
+                ("scope", scope.as_str()),
+            ];
+            let assertion;
+            match auth {
+                AppAuth::Secret { secret, .. } => {
+                    form.push(("client_secret", secret.expose_secret()));
+                }
+                AppAuth::Certificate(cert) => {
+                    assertion = cert
+                        .assertion(client_id, url.as_str(), SystemTime::now())
+                        .map_err(|e| Failure::Temporary(e.to_string()))?;
+                    form.push((
+                        "client_assertion_type",
+                        crate::client_cert::CLIENT_ASSERTION_TYPE,
+                    ));
+                    form.push(("client_assertion", assertion.as_str()));
+                }
+            }
             http::post_token(&st.http, url, &form, timeout).await
         }
         Credentials::ServiceAccount(key) => {

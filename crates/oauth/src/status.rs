@@ -17,6 +17,8 @@ pub enum AccountKind {
     OauthClient,
     /// Workspace service account (JWT bearer grant).
     ServiceAccount,
+    /// Microsoft 365 application, app-only (client credentials).
+    AppOnly,
 }
 
 /// Why an account cannot get access tokens until something changes.
@@ -134,7 +136,9 @@ impl AccountStatus {
         AccountStatus {
             account: account.name.clone(),
             email: account.email.clone(),
-            kind: if account.is_service_account() {
+            kind: if account.is_app_only() {
+                AccountKind::AppOnly
+            } else if account.is_service_account() {
                 AccountKind::ServiceAccount
             } else {
                 AccountKind::OauthClient

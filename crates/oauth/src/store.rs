@@ -64,6 +64,13 @@ pub struct TokenFile {
     /// Google refused the credentials for good (`invalid_grant`...): the
     /// account waits for `authorize` / `token import` (or a config fix).
     pub needs_authorization: bool,
+    /// A refresh of a rotating refresh token (Microsoft) was sent at this
+    /// time and its answer is not stored yet. Written (and fsynced) before
+    /// the request, cleared with the new refresh token: still set after a
+    /// restart, it means the process stopped in between, so a refusal of
+    /// the old refresh token can be explained.
+    #[serde(with = "crate::timefmt::opt", skip_serializing_if = "Option::is_none")]
+    pub refresh_started_at: Option<SystemTime>,
 }
 
 /// Outcome of the latest token refresh.

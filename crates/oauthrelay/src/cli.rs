@@ -44,8 +44,9 @@ pub enum Command {
     /// Validate the configuration and print the effective settings
     /// (secrets redacted). Exit 1 with `file:line:col: message` on errors.
     CheckConfig,
-    /// First consent for an account: opens Google's consent page, receives
-    /// the answer on a loopback port (PKCE), stores the refresh token.
+    /// First consent for an account: opens the provider's consent page,
+    /// receives the answer on a loopback port (PKCE), stores the refresh
+    /// token. With --device: device-code sign-in (RFC 8628).
     Authorize {
         /// The account to authorize (its `name` in [[accounts]]).
         #[arg(long, value_name = "NAME")]
@@ -55,8 +56,13 @@ pub enum Command {
         no_browser: bool,
         /// Loopback port for the redirect (default: a free one). Fix it to
         /// forward it with `ssh -L PORT:127.0.0.1:PORT`.
-        #[arg(long, value_name = "PORT")]
+        #[arg(long, value_name = "PORT", conflicts_with = "device")]
         port: Option<u16>,
+        /// Device-code sign-in (RFC 8628) for machines without a browser:
+        /// prints a code and an address to enter it at on any device, and
+        /// waits for the sign-in.
+        #[arg(long)]
+        device: bool,
     },
     /// Manage stored tokens.
     Token {

@@ -224,8 +224,21 @@ pub async fn authorize(
     name: &str,
     no_browser: bool,
     port: Option<u16>,
+    device: bool,
 ) -> anyhow::Result<ExitCode> {
     let account = find_account(loaded, paths, name, Secrets::Read)?;
+    if account.is_app_only() {
+        bail!(
+            "account {name:?} sends app-only (scope https://outlook.office365.com/.default): it needs no authorize step; an administrator grants the application SMTP.SendAsApp and registers its Exchange service principal (docs/microsoft-setup.md)"
+        );
+    }
+    if device {
+        let mut out = Stdout::new();
+        let summary =
+            oauth::device::run(&account, &oauth::device::Options::default(), &mut out).await?;
+        outln!("{summary}");
+        return Ok(ExitCode::SUCCESS);
+    }
     if account.is_service_account() {
         bail!(
             "account {name:?} uses a service account (service_account_key_file): it needs no authorize step"
@@ -270,7 +283,12 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
                     .trim()
                     .chars()
                     .any(|c| c.is_whitespace() || c.is_control());
-            let check = if plausible {
+            // Microsoft answers a refresh with a new refresh token, and a
+            // provider may retire the one used: trying the token here
+            // would use it up (the new one would have to be stored
+            // instead). The daemon's first refresh tries it.
+            let rotates = account.config.provider == oauth::Provider::Microsoft;
+            let check = if plausible && !rotates {
                 match find_account(loaded, paths, &name, Secrets::Read) {
                     Ok(with_secret) => {
                         oauth::check::check_refresh_token(&with_secret, raw, IMPORT_CHECK_TIMEOUT)

@@ -737,6 +737,15 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
         {
             errs.push(l.error_at(&at("scopes"), format!("{problem}; {fix}")));
         }
+        if let Some(problem) = a.app_only_tenant_problem() {
+            let key = if a.tenant.is_some() && source_has_key(l, i, "tenant") {
+                "tenant"
+            } else {
+                "scopes"
+            };
+            errs.push(l.error_at(&at(key), format!("account {:?}: {problem}", a.name)));
+        }
+        errs.extend(provider_problems(a).into_iter().map(|(key, msg)| l.error_at(&at(key), msg)));
         if a.senders.is_empty() {
             errs.push(l.error_at(
                 &at("senders"),
@@ -747,6 +756,65 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
     errs
 }
 
+/// The keys of one account that do not fit its `provider`, with what to
+/// do about each.
+fn provider_problems(a: &oauth::AccountConfig) -> Vec<(&'static str, String)> {
+    use oauth::{Provider, TransportKind};
+    let microsoft = a.provider == Provider::Microsoft;
+    let mut out = Vec::new();
+    if let Some(t) = &a.tenant {
+        if !microsoft {
+            out.push((
+                "tenant",
+                "tenant is a Microsoft setting: add provider = \"microsoft\" (or remove tenant)".to_string(),
+            ));
+        } else if !oauth::config::valid_tenant(t) {
+            out.push((
+                "tenant",
+                format!("tenant {t:?} is not a tenant: use \"common\", \"organizations\", \"consumers\" (Outlook.com), the tenant id (a GUID) or its domain"),
+            ));
+        }
+    }
+    if microsoft && a.transport != TransportKind::Smtp {
+        out.push((
+            "transport",
+            format!(
+                "transport = \"{}\" is Google's Gmail API; a Microsoft account sends over SMTP (remove transport, or set transport = \"smtp\")",
+                a.transport
+            ),
+        ));
+    }
+    match a.concurrency {
+        Some(0) => out.push(("concurrency", "concurrency must be at least 1".to_string())),
+        Some(n) if microsoft && n > oauth::config::MICROSOFT_MAX_CONCURRENCY => out.push((
+            "concurrency",
+            format!(
+                "concurrency = {n}: Exchange Online allows {} simultaneous connections per mailbox and refuses more; set at most {0} (or remove it: the default is {0})",
+                oauth::config::MICROSOFT_MAX_CONCURRENCY
+            ),
+        )),
+        _ => {}
+    }
+    match (&a.client_certificate_file, &a.client_certificate_key_file) {
+        (Some(_), None) => out.push((
+            "client_certificate_file",
+            "client_certificate_file needs client_certificate_key_file (the certificate's private key)".to_string(),
+        )),
+        (None, Some(_)) => out.push((
+            "client_certificate_key_file",
+            "client_certificate_key_file needs client_certificate_file (the certificate it belongs to)".to_string(),
+        )),
+        _ => {}
+    }
+    if !microsoft && a.client_certificate_file.is_some() {
+        out.push((
+            "client_certificate_file",
+            "client_certificate_file is for Microsoft app-only accounts (provider = \"microsoft\")".to_string(),
+        ));
+    }
+    out
+}
+
 /// `local-part@domain`, both non-empty, no spaces or angle brackets.
 fn is_address(s: &str) -> bool {
     s.rsplit_once('@')
@@ -754,6 +822,25 @@ fn is_address(s: &str) -> bool {
         && !s
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>'))
+}
+
+/// Whether account `i`'s table in the file spells out `key` (a default
+/// filled in by the provider is not in the file).
+fn source_has_key(l: &Loaded, i: usize, key: &str) -> bool {
+    use toml::de::DeValue;
+    let Ok(doc) = toml::de::DeTable::parse(&l.source) else {
+        return false;
+    };
+    let Some(accounts) = doc.get_ref().get("accounts") else {
+        return false;
+    };
+    match accounts.get_ref() {
+        DeValue::Array(a) => match a.get(i).map(|v| v.get_ref()) {
+            Some(DeValue::Table(t)) => t.get(key).is_some(),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Byte span of the value at `key` in `source`, falling back to the

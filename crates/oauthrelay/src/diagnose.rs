@@ -136,10 +136,14 @@ fn files(loaded: &Loaded, paths: &Paths, i: usize) -> Vec<(&'static str, PathBuf
     for (key, p) in [
         ("client_secret_file", &a.client_secret_file),
         ("service_account_key_file", &a.service_account_key_file),
+        ("client_certificate_file", &a.client_certificate_file),
+        ("client_certificate_key_file", &a.client_certificate_key_file),
         ("ca_file", &a.ca_file),
     ] {
         let what = match key {
             "client_secret_file" => "client_secret",
+            "client_certificate_file" => "client_certificate",
+            "client_certificate_key_file" => "client_certificate_key",
             _ => "service_account_key",
         };
         if key != "ca_file" && credential(what) {
@@ -165,7 +169,7 @@ fn key_path(i: usize, key: &str) -> Vec<Key<'_>> {
 /// What is wrong with one file, in the words `serve` uses.
 fn check_file(key: &str, path: &Path, paths: &Paths) -> Option<String> {
     match key {
-        "client_secret_file" | "service_account_key_file" => {
+        "client_secret_file" | "service_account_key_file" | "client_certificate_key_file" => {
             if let Err(e) = oauth::perms::check_secret_file(path, paths.credentials_dir.as_deref())
             {
                 return Some(e.to_string());
@@ -174,9 +178,9 @@ fn check_file(key: &str, path: &Path, paths: &Paths) -> Option<String> {
                 .err()
                 .map(|e| format!("cannot read '{}': {e}", path.display()))
         }
-        "ca_file" => readable(path)
+        "ca_file" | "client_certificate_file" => readable(path)
             .err()
-            .map(|e| format!("ca_file '{}': {e}", path.display())),
+            .map(|e| format!("{key} '{}': {e}", path.display())),
         // The token file: its directory must not be writable by others,
         // and the file (once it exists) private.
         _ => match oauth::perms::check_token_dir(path) {
@@ -224,6 +228,7 @@ pub fn account_error(
         E::TooOpen(t) => Some(&t.path),
         E::Read { path, .. } | E::Unreadable { path, .. } | E::CaFile { path, .. } => Some(path),
         E::ServiceAccountKey(k) => Some(&k.path),
+        E::ClientCertificate(c) => Some(&c.path),
         E::Invalid { .. } => None,
     };
     let key = about

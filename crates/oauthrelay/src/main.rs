@@ -135,7 +135,8 @@ async fn run(cli: Cli, sendmail_mode: sendmail::args::Mode) -> ExitCode {
             account,
             no_browser,
             port,
-        } => commands::authorize(&loaded, &paths, &account, no_browser, port).await,
+            device,
+        } => commands::authorize(&loaded, &paths, &account, no_browser, port, device).await,
         Command::Token { command } => commands::token(&loaded, &paths, command).await,
         Command::SendTest { account, to } => {
             commands::send_test(&loaded, &paths, &account, &to).await
