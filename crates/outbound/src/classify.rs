@@ -123,7 +123,7 @@ impl TxReplies {
             .iter()
             .chain(self.rcpts.iter().flatten())
             .chain(self.data.iter())
-            .find(|r| r.is_auth_failure())
+            .find(|r| r.is_auth_failure() && !r.is_smtp_auth_disabled())
     }
 }
 
@@ -138,8 +138,30 @@ pub(crate) struct Classified {
 }
 
 /// A reply that is not a success, as an outcome and maybe a signal.
-fn negative(r: &Reply) -> (RcptOutcome, Option<AccountSignal>) {
+/// `mailbox` is the account's address (for the words of a hold).
+fn negative(r: &Reply, mailbox: &str) -> (RcptOutcome, Option<AccountSignal>) {
     let answer = Answer::Reply(r.clone());
+    if r.is_outbound_spam_block() {
+        return (
+            RcptOutcome::Deferred(answer),
+            Some(crate::exchange::outbound_spam(r, mailbox)),
+        );
+    }
+    if r.is_smtp_auth_disabled() {
+        return (
+            RcptOutcome::Deferred(answer),
+            Some(crate::exchange::auth_disabled(r, mailbox)),
+        );
+    }
+    if r.is_rate_limited() {
+        return (
+            RcptOutcome::Deferred(answer.clone()),
+            Some(AccountSignal::RateLimited {
+                answer,
+                until: None,
+            }),
+        );
+    }
     if r.is_daily_limit() {
         return (
             RcptOutcome::Deferred(answer.clone()),
@@ -155,7 +177,7 @@ fn negative(r: &Reply) -> (RcptOutcome, Option<AccountSignal>) {
             Some(AccountSignal::Unreachable(answer)),
         );
     }
-    if r.is_auth_failure() {
+    if r.is_auth_failure() && !r.is_smtp_auth_disabled() {
         // 530/535 after a successful AUTH: the session lost its
         // authentication. Never a verdict on the message: hold.
         return (
@@ -176,14 +198,14 @@ fn negative(r: &Reply) -> (RcptOutcome, Option<AccountSignal>) {
 }
 
 /// Classify a complete transaction of `n` recipients.
-pub(crate) fn classify(replies: &TxReplies, n: usize) -> Classified {
+pub(crate) fn classify(replies: &TxReplies, n: usize, mailbox: &str) -> Classified {
     let mut out = Classified::default();
     let Some(mail) = &replies.mail else {
         out.rcpts = vec![RcptOutcome::Deferred(Answer::error("no reply to MAIL FROM")); n];
         return out;
     };
     if !mail.is_positive() {
-        let (o, s) = negative(mail);
+        let (o, s) = negative(mail, mailbox);
         out.closed = mail.is_closing();
         out.rcpts = vec![o; n];
         out.signal = s;
@@ -201,7 +223,7 @@ pub(crate) fn classify(replies: &TxReplies, n: usize) -> Classified {
             }
             (Some(r), None) if r.is_too_many_recipients() => RcptOutcome::Again,
             (Some(r), None) => {
-                let (o, s) = negative(r);
+                let (o, s) = negative(r, mailbox);
                 if r.is_closing() {
                     closing = Some(Answer::Reply(r.clone()));
                     out.closed = true;
@@ -219,7 +241,7 @@ pub(crate) fn classify(replies: &TxReplies, n: usize) -> Classified {
             Some(d) if d.is_positive() => (RcptOutcome::Delivered(Answer::Reply(d.clone())), None),
             Some(d) => {
                 out.closed |= d.is_closing();
-                negative(d)
+                negative(d, mailbox)
             }
             None => (
                 RcptOutcome::Deferred(
@@ -275,7 +297,7 @@ mod tests {
             data: r(250, [2, 0, 0], "OK  123 id - gsmtp"),
             chunk_refused: false,
         };
-        let c = classify(&replies, 4);
+        let c = classify(&replies, 4, "me@example.com");
         assert!(matches!(c.rcpts[0], RcptOutcome::Delivered(_)));
         assert_eq!(
             c.rcpts[1].clone(),
@@ -305,7 +327,7 @@ mod tests {
                 1 => replies.rcpts[0] = bad,
                 _ => replies.data = bad,
             }
-            let c = classify(&replies, 1);
+            let c = classify(&replies, 1, "me@example.com");
             assert!(
                 matches!(c.rcpts[0], RcptOutcome::Deferred(_)),
                 "{stage}: {c:?}"
@@ -325,7 +347,7 @@ mod tests {
             data: None,
             chunk_refused: false,
         };
-        let c = classify(&replies, 1);
+        let c = classify(&replies, 1, "me@example.com");
         assert!(matches!(c.rcpts[0], RcptOutcome::Deferred(_)));
     }
 }

@@ -359,7 +359,7 @@ mod tests {
             1 => tx.rcpts[0] = ok(line),
             _ => tx.data = ok(line),
         }
-        let c = classify(&tx, 1);
+        let c = classify(&tx, 1, "relay@contoso.com");
         Attempt {
             outcomes: c.rcpts.into_iter().enumerate().collect(),
             signal: c.signal,
@@ -542,6 +542,93 @@ mod tests {
         assert_eq!(v, Delivered);
         assert_eq!(d.result, AttemptResult::Sent);
         assert!(d.done && d.bounce.is_empty());
+    }
+
+    /// Every row of docs/microsoft-replies.md that comes in a transaction,
+    /// at every stage it can come at, young and past `max_age`.
+    #[tokio::test(start_paused = true)]
+    async fn each_row_of_the_microsoft_reply_table() {
+        use Verdict::*;
+        let clock = Clock::new();
+        let young = Duration::from_secs(60);
+        let old = Duration::from_secs(6 * 86_400);
+        let rows: &[(&str, Verdict, Verdict, &str)] = &[
+            (
+                "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+                Bounced,
+                Bounced,
+                "",
+            ),
+            (
+                "554 5.2.252 SendAsDenied; relay@contoso.com not allowed to send as app@example.com",
+                Bounced,
+                Bounced,
+                "",
+            ),
+            (
+                "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+                Deferred,
+                Deferred,
+                "rate_limited",
+            ),
+            (
+                "421 4.4.2 Message submission rate for this client has exceeded the configured limit",
+                Deferred,
+                Deferred,
+                "rate_limited",
+            ),
+            (
+                "554 5.2.0 STOREDRV.Submission.Exception:OutboundSpamException; Failed to process message due to a permanent exception",
+                Held,
+                Held,
+                "restricted entities",
+            ),
+            (
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox",
+                Held,
+                Held,
+                "Set-CASMailbox -Identity relay@contoso.com -SmtpClientAuthenticationDisabled $false",
+            ),
+            (
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+                Held,
+                Held,
+                "Set-TransportConfig -SmtpClientAuthenticationDisabled $false",
+            ),
+            (
+                "535 5.7.139 Authentication unsuccessful, the user is locked by your organization's security defaults policy",
+                Held,
+                Held,
+                "security defaults",
+            ),
+            (
+                "535 5.7.3 Authentication unsuccessful [SN4PR0601CA0005.namprd06.prod.outlook.com]",
+                Held,
+                Held,
+                "",
+            ),
+        ];
+        for (line, when_young, when_old, words) in rows {
+            for stage in 0..3u8 {
+                let a = at_stage(stage, line);
+                let (v, _) = verdict(&a, young, &clock);
+                assert_eq!(&v, when_young, "{line} at stage {stage}");
+                let (v, _) = verdict(&a, old, &clock);
+                assert_eq!(&v, when_old, "{line} at stage {stage}, past max_age");
+                match (&a.signal, *words) {
+                    (Some(AccountSignal::Refused { problem, fix, .. }), w) if !w.is_empty() => {
+                        assert!(
+                            problem.contains(w) || fix.contains(w),
+                            "{line}: {problem}; {fix}"
+                        );
+                    }
+                    (Some(AccountSignal::RateLimited { .. }), "rate_limited") => {}
+                    (_, "") => {}
+                    (s, w) => panic!("{line}: signal {s:?}, expected {w}"),
+                }
+                tokio::time::advance(Duration::from_secs(1)).await;
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

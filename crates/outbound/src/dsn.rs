@@ -170,6 +170,13 @@ pub(crate) fn build(d: &DsnInput<'_>) -> Vec<u8> {
         };
         m.push_str(&fold_text(&line, 76));
         m.push_str("\r\n\r\n");
+        if let Some(Answer::Reply(reply)) = &r.answer
+            && reply.is_send_as_denied()
+        {
+            let hint = crate::exchange::send_as_hint(d.from, &env.sender);
+            m.push_str(&fold_text(&hint, 76));
+            m.push_str("\r\n\r\n");
+        }
     }
 
     // Part 2: for machines.

@@ -63,6 +63,21 @@ impl<'de> Deserialize<'de> for Status {
     }
 }
 
+/// The variant of Exchange's `5.7.139` (SMTP AUTH disabled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthDisabled {
+    /// `SmtpClientAuthentication is disabled for the Tenant`.
+    Tenant,
+    /// `SmtpClientAuthentication is disabled for the Mailbox`.
+    Mailbox,
+    /// `the user is locked by your organization's security defaults policy`.
+    SecurityDefaults,
+    /// A Conditional Access policy blocks it.
+    ConditionalAccess,
+    /// `5.7.139` without words we know.
+    Unspecified,
+}
+
 /// One (possibly multi-line) reply from the upstream server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
@@ -157,6 +172,62 @@ impl Reply {
     pub fn is_too_many_recipients(&self) -> bool {
         self.code == 452
             && (self.has_status([4, 5, 3]) || self.text_contains("too many recipients"))
+    }
+
+    /// Exchange Online: `535 5.7.139 Authentication unsuccessful, ...`:
+    /// SMTP AUTH is disabled (tenant, mailbox, security defaults or
+    /// Conditional Access). No token fixes it: an administrator must.
+    pub fn is_smtp_auth_disabled(&self) -> bool {
+        self.has_status([5, 7, 139])
+            || (self.code == 535
+                && (self.text_contains("smtpclientauthentication is disabled")
+                    || self.text_contains("security defaults")))
+    }
+
+    /// Which variant of `5.7.139` Exchange named.
+    pub fn smtp_auth_disabled_for(&self) -> AuthDisabled {
+        if self.text_contains("security defaults") {
+            AuthDisabled::SecurityDefaults
+        } else if self.text_contains("conditional access") || self.text_contains("policy") {
+            AuthDisabled::ConditionalAccess
+        } else if self.text_contains("for the mailbox") {
+            AuthDisabled::Mailbox
+        } else if self.text_contains("for the tenant") {
+            AuthDisabled::Tenant
+        } else {
+            AuthDisabled::Unspecified
+        }
+    }
+
+    /// Exchange Online: the mailbox may not send as the envelope sender or
+    /// `From:` (`550 5.7.60 SMTP; Client does not have permissions to send
+    /// as this sender`, `554 5.2.252 SendAsDenied`). A verdict on this
+    /// message: bounce it.
+    pub fn is_send_as_denied(&self) -> bool {
+        self.is_permanent()
+            && (self.has_status([5, 7, 60])
+                || self.has_status([5, 2, 252])
+                || self.text_contains("sendasdenied")
+                || self.text_contains("permissions to send as this sender"))
+    }
+
+    /// Exchange Online: `432 4.3.2 STOREDRV.ClientSubmit; sender thread
+    /// limit exceeded`, or `421 4.4.2 Message submission rate for this
+    /// client has exceeded the configured limit`: slow down.
+    pub fn is_rate_limited(&self) -> bool {
+        (self.is_temporary() && self.has_status([4, 3, 2]))
+            || (self.code == 421
+                && self.has_status([4, 4, 2])
+                && (self.text_contains("rate") || self.text_contains("limit")))
+    }
+
+    /// Exchange Online: `554 5.2.0 STOREDRV.Submission.Exception:
+    /// OutboundSpamException`: the mailbox is blocked from sending.
+    pub fn is_outbound_spam_block(&self) -> bool {
+        self.is_permanent()
+            && (self.text_contains("outboundspamexception")
+                || self.text_contains("banned sender")
+                || self.text_contains("restricted from sending"))
     }
 
     /// `421`: the server is closing the connection.

@@ -285,6 +285,9 @@ fn same_delivery_settings(a: &AccountConfig, b: &AccountConfig) -> bool {
         && a.ca_file == b.ca_file
         && a.rewrite_from == b.rewrite_from
         && a.envelope_from == b.envelope_from
+        && a.transport == b.transport
+        && a.api_url == b.api_url
+        && a.effective_max_rate() == b.effective_max_rate()
 }
 
 impl Scheduler {
@@ -453,7 +456,7 @@ impl Scheduler {
     }
 
     fn resize_workers(&mut self, slot: &mut Slot) {
-        let want = self.cfg.concurrency.max(1);
+        let want = slot.config.effective_concurrency(self.cfg.concurrency);
         // Growing again: workers still finishing a job stay.
         let mut active = slot.workers.iter().filter(|w| !w.retiring).count();
         for w in &mut slot.workers {
@@ -829,7 +832,7 @@ impl Scheduler {
             let limit = if probing {
                 1
             } else {
-                self.cfg.concurrency.max(1)
+                slot.config.effective_concurrency(self.cfg.concurrency)
             };
             while slot.busy() < limit {
                 let Some(wi) = slot.idle.pop() else { break };

@@ -201,7 +201,7 @@ impl Transport for GmailApiTransport {
             let token = match self.tokens.access_token(&acct.name).await {
                 Ok(t) => t,
                 Err(e) => {
-                    let sig = OpenError::Token(e).signal();
+                    let sig = OpenError::Token(e).signal(&acct.email);
                     all(RcptOutcome::Deferred(sig.answer().clone()), &mut a);
                     a.signal = Some(sig);
                     return a;
@@ -316,7 +316,7 @@ impl Transport for GmailApiTransport {
             Err(e) => {
                 let step = format!("access token: {e}");
                 ProbeReport {
-                    failed: Some(OpenError::Token(e).signal()),
+                    failed: Some(OpenError::Token(e).signal(&self.ctx.config.email)),
                     steps: vec![step],
                 }
             }

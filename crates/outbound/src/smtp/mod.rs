@@ -110,7 +110,7 @@ impl Transport for SmtpTransport {
                         // One line per failed connection attempt: the e2e
                         // test `upstream_down_then_up_...` counts them.
                         tracing::debug!(account = %acct.name, "cannot open a session: {e}");
-                        let signal = e.signal();
+                        let signal = e.signal(&self.ctx.config.email);
                         let answer = signal.answer().clone();
                         a.outcomes.extend(
                             todo.drain(..)
@@ -214,7 +214,7 @@ impl Transport for SmtpTransport {
                 }
             }
             Err(e) => ProbeReport {
-                failed: Some(e.signal()),
+                failed: Some(e.signal(&self.ctx.config.email)),
                 steps,
             },
         }
@@ -302,7 +302,7 @@ impl SmtpTransport {
                     tracing::debug!(relay = %p.conn.relay, "a reply the connection did not expect: not reusing it");
                     self.pool = None;
                 }
-                let c = classify(&replies, batch.len());
+                let c = classify(&replies, batch.len(), &self.ctx.config.email);
                 let mut again = Vec::new();
                 for (&i, o) in batch.iter().zip(c.rcpts) {
                     match o {
@@ -342,7 +342,7 @@ impl SmtpTransport {
                 self.pool = None;
                 let answer = Answer::error(&error);
                 // Definitive refusals before the failure still count.
-                let c = classify(&replies, batch.len());
+                let c = classify(&replies, batch.len(), &self.ctx.config.email);
                 for (&i, o) in batch.iter().zip(c.rcpts) {
                     let o = match o {
                         RcptOutcome::Failed(t) => RcptOutcome::Failed(t),

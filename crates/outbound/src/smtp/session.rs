@@ -22,7 +22,8 @@ pub(crate) struct AccountCtx {
     /// The Gmail API's HTTP client (`transport = "gmail-api"`), shared by
     /// the account's workers.
     pub api: Option<Result<reqwest::Client, String>>,
-    /// The account's pacing (`max_rate` or the transport's default).
+    /// The account's pacing (`max_rate`, else the provider's or the
+    /// transport's default), shared by its workers.
     pub pace: Option<Arc<crate::pace::Pacer>>,
 }
 
@@ -69,10 +70,18 @@ pub enum OpenError {
 }
 
 impl OpenError {
-    /// What this means for the account.
-    pub(crate) fn signal(&self) -> AccountSignal {
+    /// What this means for the account (`mailbox`: the account's address,
+    /// for the words of a hold).
+    pub(crate) fn signal(&self, mailbox: &str) -> AccountSignal {
         let answer = Answer::error(self);
         match self {
+            OpenError::AuthRefused(r) if r.is_smtp_auth_disabled() => {
+                crate::exchange::auth_disabled(r, mailbox)
+            }
+            OpenError::AuthRefused(r) if r.is_rate_limited() => AccountSignal::RateLimited {
+                answer: Answer::Reply(r.clone()),
+                until: None,
+            },
             OpenError::Token(TokenError::Temporary { .. }) => AccountSignal::Unreachable(answer),
             OpenError::Token(_) | OpenError::AuthRejected { .. } => {
                 AccountSignal::AuthFailed(answer)

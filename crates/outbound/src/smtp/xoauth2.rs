@@ -111,7 +111,11 @@ pub(crate) async fn authenticate(
                 _ => Err(AuthError::Refused(last)),
             }
         }
-        // A bare 535 is the same verdict without the challenge.
+        // Exchange's 5.7.139: SMTP AUTH is off for the tenant or mailbox.
+        // No new token changes that: an administrator must.
+        535 if reply.is_smtp_auth_disabled() => Err(AuthError::Refused(reply)),
+        // A bare 535 is the same verdict without the challenge (Exchange
+        // Online's `535 5.7.3 Authentication unsuccessful`).
         535 => Err(AuthError::TokenRejected { reply }),
         _ => Err(AuthError::Refused(reply)),
     }
