@@ -57,6 +57,39 @@ const MAX_LINE: usize = 16 * 1024;
 /// [`FakeGmailBuilder::keep_data`] is off.
 const HEAD_KEEP: usize = 64 * 1024;
 
+/// Whose SMTP submission server the fake plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// `smtp.gmail.com`: the XOAUTH2 refusal is the `334` dance then
+    /// `535 5.7.8`.
+    #[default]
+    Gmail,
+    /// Exchange Online (`smtp.office365.com:587`): STARTTLS, `AUTH LOGIN
+    /// XOAUTH2` only after TLS, a refused token gets `535 5.7.3
+    /// Authentication unsuccessful` at once, `SIZE 157286400`, and at most
+    /// 3 concurrent authenticated connections per mailbox (a 4th gets
+    /// `421 4.3.2`).
+    Exchange,
+}
+
+/// Exchange Online's replies, for scripting faults (`crate::exchange`
+/// re-exports them).
+pub mod exchange_replies {
+    pub const AUTH_UNSUCCESSFUL: &str =
+        "535 5.7.3 Authentication unsuccessful [SN4PR0601CA0005.namprd06.prod.outlook.com]";
+    pub const AUTH_DISABLED_TENANT: &str = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [SN4PR0601CA0005.namprd06.prod.outlook.com]";
+    pub const AUTH_DISABLED_MAILBOX: &str = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information. [SN4PR0601CA0005.namprd06.prod.outlook.com]";
+    pub const AUTH_SECURITY_DEFAULTS: &str = "535 5.7.139 Authentication unsuccessful, the user is locked by your organization's security defaults policy. Contact your administrator. [SN4PR0601CA0005.namprd06.prod.outlook.com]";
+    pub const SEND_AS_DENIED: &str = "550 5.7.60 SMTP; Client does not have permissions to send as this sender [SN4PR0601CA0005.namprd06.prod.outlook.com]";
+    pub const SEND_AS_DENIED_STOREDRV: &str = "554 5.2.252 SendAsDenied; relay@contoso.com not allowed to send as someone@example.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied";
+    pub const THREAD_LIMIT: &str =
+        "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=SN4PR0601MB3728]";
+    pub const SUBMISSION_RATE: &str =
+        "421 4.4.2 Message submission rate for this client has exceeded the configured limit";
+    pub const OUTBOUND_SPAM: &str = "554 5.2.0 STOREDRV.Submission.Exception:OutboundSpamException; Failed to process message due to a permanent exception with message WASCL UserAction verdict is not None. Actual verdict is Suspend, ShowTierUpgrade.";
+    pub const TOO_MANY_CONNECTIONS: &str = "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel";
+}
+
 /// Decides whether an XOAUTH2 `(user, access token)` pair is good. Plug the
 /// fake token endpoint's check in here.
 pub type TokenValidator = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
@@ -192,6 +225,9 @@ pub struct Stats {
     pub quits: u64,
     /// Connections over (closed by either side, or cut by the fake).
     pub closed: u64,
+    /// Exchange: the most authenticated connections one mailbox had open
+    /// at once.
+    pub peak_concurrent: u64,
 }
 
 #[derive(Debug)]
@@ -229,10 +265,16 @@ struct Counters {
     messages: AtomicU64,
     dropped_after_data: AtomicU64,
     quits: AtomicU64,
+    peak_concurrent: AtomicU64,
     ids: AtomicU64,
 }
 
 struct Shared {
+    dialect: Dialect,
+    /// Exchange: authenticated connections per mailbox.
+    open_per_user: Mutex<HashMap<String, u64>>,
+    /// Hold every new connection's greeting while true.
+    hold_greeting: watch::Sender<bool>,
     mode: TlsMode,
     chunking: bool,
     pipelining: bool,
@@ -277,6 +319,7 @@ impl Shared {
 
 /// Configures a [`FakeGmail`] before it starts.
 pub struct FakeGmailBuilder {
+    dialect: Dialect,
     mode: TlsMode,
     chunking: bool,
     pipelining: bool,
@@ -288,6 +331,14 @@ pub struct FakeGmailBuilder {
 }
 
 impl FakeGmailBuilder {
+    /// Play Exchange Online instead of Gmail (see [`Dialect::Exchange`]);
+    /// STARTTLS.
+    pub fn exchange(mut self) -> Self {
+        self.dialect = Dialect::Exchange;
+        self.mode = TlsMode::Starttls;
+        self
+    }
+
     /// Plain connection upgraded with `STARTTLS` (like port 587).
     pub fn starttls(mut self) -> Self {
         self.mode = TlsMode::Starttls;
@@ -353,6 +404,9 @@ impl FakeGmailBuilder {
         let addr = listener.local_addr()?;
         let (epoch, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
+            dialect: self.dialect,
+            open_per_user: Mutex::new(HashMap::new()),
+            hold_greeting: watch::channel(false).0,
             mode: self.mode,
             chunking: self.chunking,
             pipelining: self.pipelining,
@@ -399,6 +453,7 @@ impl FakeGmail {
     /// accepted, data kept.
     pub fn builder(ca: &TestCa) -> FakeGmailBuilder {
         FakeGmailBuilder {
+            dialect: Dialect::Gmail,
             mode: TlsMode::Implicit,
             chunking: true,
             pipelining: true,
@@ -425,6 +480,13 @@ impl FakeGmail {
 
     pub fn tls_mode(&self) -> TlsMode {
         self.shared.mode
+    }
+
+    /// While `true`, new connections get no greeting (they wait); `false`
+    /// releases them. For catching a client between getting a token and
+    /// using it.
+    pub fn hold_greeting(&self, hold: bool) {
+        self.shared.hold_greeting.send_replace(hold);
     }
 
     /// Replace the token validator.
@@ -494,6 +556,7 @@ impl FakeGmail {
             dropped_after_data: c.dropped_after_data.load(Ordering::Relaxed),
             quits: c.quits.load(Ordering::Relaxed),
             closed: c.closed.load(Ordering::Relaxed),
+            peak_concurrent: c.peak_concurrent.load(Ordering::Relaxed),
         }
     }
 
@@ -620,6 +683,50 @@ impl Drop for FakeGmail {
     }
 }
 
+/// Exchange allows 3 concurrent connections per mailbox.
+const EXCHANGE_MAX_CONNECTIONS: u64 = 3;
+
+/// One of a mailbox's authenticated connections, released on drop.
+struct UserSlot {
+    shared: Arc<Shared>,
+    user: String,
+}
+
+impl UserSlot {
+    fn take(shared: &Arc<Shared>, user: &str) -> Option<UserSlot> {
+        let mut open = shared
+            .open_per_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(user.to_ascii_lowercase()).or_insert(0);
+        if *n >= EXCHANGE_MAX_CONNECTIONS {
+            return None;
+        }
+        *n += 1;
+        shared
+            .counters
+            .peak_concurrent
+            .fetch_max(*n, Ordering::Relaxed);
+        Some(UserSlot {
+            shared: shared.clone(),
+            user: user.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .open_per_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -691,6 +798,8 @@ struct Session {
     tls: bool,
     greeted: bool,
     user: Option<String>,
+    /// Exchange: this session counts as one of its mailbox's connections.
+    counted: Option<UserSlot>,
     tx: Option<Transaction>,
     messages: usize,
 }
@@ -708,6 +817,7 @@ impl Session {
             tls: false,
             greeted: false,
             user: None,
+            counted: None,
             tx: None,
             messages: 0,
         }
@@ -717,8 +827,18 @@ impl Session {
         if self.shared.mode == TlsMode::Implicit && self.upgrade().await.is_err() {
             return;
         }
+        let mut hold = self.shared.hold_greeting.subscribe();
+        if hold.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
         let id = self.shared.next_id();
-        self.reply(&format!("220 smtp.gmail.com ESMTP {id} - gsmtp"));
+        if self.shared.dialect == Dialect::Exchange {
+            self.reply(
+                "220 SN4PR0601CA0005.outlook.office365.com Microsoft ESMTP MAIL Service ready",
+            );
+        } else {
+            self.reply(&format!("220 smtp.gmail.com ESMTP {id} - gsmtp"));
+        }
         let end = self.serve().await;
         if let End::Close = end {
             let _ = self.flush().await;
@@ -868,6 +988,32 @@ impl Session {
         self.greeted = true;
         self.tx = None;
         let ip = self.peer.ip();
+        if self.shared.dialect == Dialect::Exchange {
+            let mut lines = vec![
+                format!("SN4PR0601CA0005.outlook.office365.com Hello [{ip}]"),
+                "SIZE 157286400".to_string(),
+                "PIPELINING".to_string(),
+                "DSN".to_string(),
+                "ENHANCEDSTATUSCODES".to_string(),
+            ];
+            if !self.tls {
+                lines.push("STARTTLS".to_string());
+            } else {
+                lines.push("AUTH LOGIN XOAUTH2".to_string());
+            }
+            lines.push("8BITMIME".to_string());
+            lines.push("BINARYMIME".to_string());
+            if self.shared.chunking {
+                lines.push("CHUNKING".to_string());
+            }
+            lines.push("SMTPUTF8".to_string());
+            let last = lines.len() - 1;
+            for (i, l) in lines.iter().enumerate() {
+                let sep = if i == last { ' ' } else { '-' };
+                self.reply(&format!("250{sep}{l}"));
+            }
+            return;
+        }
         if !extended {
             self.reply("250 smtp.gmail.com at your service");
             return;
@@ -983,13 +1129,27 @@ impl Session {
                 (st.validator.clone())(&user, &token)
             }
         };
+        if good && self.shared.dialect == Dialect::Exchange {
+            match UserSlot::take(&self.shared, &user) {
+                Some(slot) => self.counted = Some(slot),
+                None => {
+                    self.reply(exchange_replies::TOO_MANY_CONNECTIONS);
+                    return Err(End::Close);
+                }
+            }
+        }
         if good {
             self.shared.bump(&self.shared.counters.auth_ok);
             self.user = Some(user);
-            self.reply("235 2.7.0 Accepted");
+            self.reply("235 2.7.0 Authentication successful");
             return Ok(());
         }
         self.shared.bump(&self.shared.counters.auth_rejected);
+        if self.shared.dialect == Dialect::Exchange {
+            // No challenge: the verdict at once.
+            self.reply(exchange_replies::AUTH_UNSUCCESSFUL);
+            return Ok(());
+        }
         self.reply(&format!("334 {}", B64.encode(replies::XOAUTH2_ERROR_JSON)));
         // Gmail waits for the client's answer, which must be an empty line
         // (RFC 4954 4: the client's response to a challenge; XOAUTH2 has

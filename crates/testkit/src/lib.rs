@@ -13,3 +13,4 @@ pub mod daemon;
 pub mod gmail;
 pub mod gmail_api;
 pub mod google;
+pub mod microsoft;

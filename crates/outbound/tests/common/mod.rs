@@ -125,6 +125,13 @@ impl Harness {
         let gmail = (setup.gmail)(builder).start().await.expect("fake gmail");
 
         let account = AccountConfig {
+            provider: oauth::Provider::Google,
+            tenant: None,
+            device_auth_url: None,
+            max_rate: None,
+            concurrency: None,
+            client_certificate_file: None,
+            client_certificate_key_file: None,
             name: "default".into(),
             email: EMAIL.into(),
             client_id: Some(CLIENT_ID.into()),
