@@ -30,6 +30,7 @@ mod faults;
 mod load;
 mod logs;
 mod metrics;
+mod microsoft;
 mod postmaster;
 mod served;
 mod status;
