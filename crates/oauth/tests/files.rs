@@ -50,7 +50,7 @@ fn a_readable_secret_file_is_refused_ssh_style() {
             secret_source,
             ..
         } => {
-            assert_eq!(client_secret.expose_secret(), "GOCSPX-x", "trimmed");
+            assert_eq!(client_secret.as_ref().unwrap().expose_secret(), "GOCSPX-x", "trimmed");
             assert_eq!(secret_source, &SecretSource::File(secret.clone()));
         }
         other => panic!("{other:?}"),
@@ -117,7 +117,7 @@ fn exactly_one_client_secret_source() {
             secret_source,
             ..
         } => {
-            assert_eq!(client_secret.expose_secret(), "from-credential");
+            assert_eq!(client_secret.as_ref().unwrap().expose_secret(), "from-credential");
             assert!(matches!(secret_source, SecretSource::Credential(_)));
         }
         other => panic!("{other:?}"),
@@ -275,7 +275,7 @@ fn client_secret_of(account: &Account) -> (String, SecretSource) {
             secret_source,
             ..
         } => (
-            client_secret.expose_secret().to_string(),
+            client_secret.as_ref().unwrap().expose_secret().to_string(),
             secret_source.clone(),
         ),
         other => panic!("{other:?}"),
