@@ -167,3 +167,57 @@ impl ClientCertificate {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::{KeyPair, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey};
+
+    #[test]
+    fn assertion_is_ps256_with_the_sha256_thumbprint_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        std::fs::write(&cert, any_cert_pem()).unwrap();
+        std::fs::write(&key, testkit::google::SERVICE_ACCOUNT_TEST_KEY).unwrap();
+        let c = ClientCertificate::load(&cert, &key).unwrap();
+        assert_eq!(c.thumbprint_s256.len(), 43);
+        assert!(!format!("{c:?}").contains("PRIVATE"));
+        let jwt = c
+            .assertion(
+                "client-1",
+                "https://login.example/t/oauth2/v2.0/token",
+                SystemTime::now(),
+            )
+            .unwrap();
+        let parts: Vec<&str> = jwt.split('.').collect();
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!(header["alg"], "PS256");
+        assert_eq!(header["x5t#S256"], c.thumbprint_s256.as_str());
+        assert_eq!(claims["iss"], "client-1");
+        assert_eq!(claims["sub"], "client-1");
+        assert_eq!(claims["aud"], "https://login.example/t/oauth2/v2.0/token");
+        assert_eq!(claims["jti"].as_str().unwrap().len(), 36);
+        let public = c.key.public_key().as_ref().to_vec();
+        UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, &public)
+            .verify(
+                format!("{}.{}", parts[0], parts[1]).as_bytes(),
+                &URL_SAFE_NO_PAD.decode(parts[2]).unwrap(),
+            )
+            .expect("signature verifies");
+        // A key that is not a key.
+        std::fs::write(&key, "not a key").unwrap();
+        assert!(ClientCertificate::load(&cert, &key).is_err());
+    }
+
+    /// Any certificate PEM: the thumbprint is over its DER, whatever it
+    /// is (the fake identity platform checks the pairing end to end).
+    fn any_cert_pem() -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = testkit::ca::TestCa::new().write_to(dir.path());
+        std::fs::read_to_string(path).unwrap()
+    }
+}

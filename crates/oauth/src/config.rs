@@ -696,6 +696,72 @@ mod tests {
         assert!(!sender_matches("a@b.c", "aa@b.c"));
     }
 
+    fn parse(text: &str) -> Result<AccountConfig, String> {
+        #[derive(Deserialize)]
+        struct W {
+            a: AccountConfig,
+        }
+        toml::from_str::<W>(&format!(
+            "[a]\nname = \"x\"\nemail = \"x@contoso.com\"\n{text}"
+        ))
+        .map(|w| w.a)
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn microsoft_defaults_follow_the_tenant() {
+        let g = parse("").unwrap();
+        assert_eq!(
+            (g.provider, g.smtp_host.as_str(), g.smtp_port),
+            (Provider::Google, "smtp.gmail.com", 465)
+        );
+        assert!(!g.rewrite_from && g.max_rate.is_none() && g.device_auth_url.is_none());
+        let m = parse("provider = \"microsoft\"").unwrap();
+        assert_eq!(
+            (m.smtp_host.as_str(), m.smtp_port, m.smtp_tls),
+            ("smtp.office365.com", 587, SmtpTls::Starttls)
+        );
+        assert_eq!(
+            m.token_url.as_str(),
+            "https://login.microsoftonline.com/common/oauth2/v2.0/token"
+        );
+        assert_eq!(m.scopes, [MICROSOFT_SMTP_SCOPE, OFFLINE_ACCESS]);
+        assert!(m.rewrite_from && m.max_rate == Some(0.5));
+        assert_eq!(m.effective_concurrency(8), 3);
+        assert_eq!(g.effective_concurrency(8), 8);
+        let o = parse("provider = \"microsoft\"\ntenant = \"consumers\"\nrewrite_from = false")
+            .unwrap();
+        assert_eq!(o.smtp_host, OUTLOOK_SMTP_HOST);
+        assert!(!o.rewrite_from);
+        assert_eq!(
+            o.device_auth_url.unwrap().as_str(),
+            "https://login.microsoftonline.com/consumers/oauth2/v2.0/devicecode"
+        );
+        // Explicit endpoints win over the tenant's.
+        let t = parse("provider = \"microsoft\"\ntoken_url = \"http://127.0.0.1:9/t\"\ntenant = \"contoso.onmicrosoft.com\"").unwrap();
+        assert_eq!(t.token_url.as_str(), "http://127.0.0.1:9/t");
+        assert!(t.auth_url.as_str().contains("/contoso.onmicrosoft.com/"));
+        let app = parse(
+            "provider = \"microsoft\"\nscopes = [\"https://outlook.office365.com/.default\"]",
+        )
+        .unwrap();
+        assert!(app.is_app_only());
+        assert!(
+            app.app_only_tenant_problem()
+                .unwrap()
+                .contains("AADSTS9001023")
+        );
+        assert!(
+            parse("tenant = \"common\"")
+                .unwrap_err()
+                .contains("provider")
+        );
+        assert!(parse("provider = \"microsoft\"\ntenant = \"a/b\"").is_err());
+        assert!(parse("max_rate = 0").is_err());
+        assert!(parse("provider = \"microsoft\"\nclient_certificate_file = \"c\"").is_err());
+        assert!(parse("bogus = 1").unwrap_err().contains("bogus"));
+    }
+
     #[test]
     fn endpoints_refuse_plain_http_off_loopback() {
         assert!("http://127.0.0.1:8080/token".parse::<Endpoint>().is_ok());

@@ -50,7 +50,11 @@ fn a_readable_secret_file_is_refused_ssh_style() {
             secret_source,
             ..
         } => {
-            assert_eq!(client_secret.as_ref().unwrap().expose_secret(), "GOCSPX-x", "trimmed");
+            assert_eq!(
+                client_secret.as_ref().unwrap().expose_secret(),
+                "GOCSPX-x",
+                "trimmed"
+            );
             assert_eq!(secret_source, &SecretSource::File(secret.clone()));
         }
         other => panic!("{other:?}"),
@@ -117,7 +121,10 @@ fn exactly_one_client_secret_source() {
             secret_source,
             ..
         } => {
-            assert_eq!(client_secret.as_ref().unwrap().expose_secret(), "from-credential");
+            assert_eq!(
+                client_secret.as_ref().unwrap().expose_secret(),
+                "from-credential"
+            );
             assert!(matches!(secret_source, SecretSource::Credential(_)));
         }
         other => panic!("{other:?}"),
