@@ -264,6 +264,12 @@ pub async fn token(loaded: &Loaded, paths: &Paths, cmd: TokenCommand) -> anyhow:
     match cmd {
         TokenCommand::Import { account: name } => {
             let account = find_account(loaded, paths, &name, Secrets::Skip)?;
+            if account.is_app_only() {
+                bail!(
+                    "account {:?} sends app-only (scope https://outlook.office365.com/.default); it has no refresh token to import",
+                    account.name
+                );
+            }
             if account.is_service_account() {
                 bail!(
                     "account {:?} uses a service account (service_account_key_file); it has no refresh token to import",
