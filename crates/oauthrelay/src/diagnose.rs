@@ -137,7 +137,10 @@ fn files(loaded: &Loaded, paths: &Paths, i: usize) -> Vec<(&'static str, PathBuf
         ("client_secret_file", &a.client_secret_file),
         ("service_account_key_file", &a.service_account_key_file),
         ("client_certificate_file", &a.client_certificate_file),
-        ("client_certificate_key_file", &a.client_certificate_key_file),
+        (
+            "client_certificate_key_file",
+            &a.client_certificate_key_file,
+        ),
         ("ca_file", &a.ca_file),
     ] {
         let what = match key {
