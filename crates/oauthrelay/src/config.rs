@@ -745,7 +745,11 @@ fn validate(l: &Loaded) -> Vec<ConfigError> {
             };
             errs.push(l.error_at(&at(key), format!("account {:?}: {problem}", a.name)));
         }
-        errs.extend(provider_problems(a).into_iter().map(|(key, msg)| l.error_at(&at(key), msg)));
+        errs.extend(
+            provider_problems(a)
+                .into_iter()
+                .map(|(key, msg)| l.error_at(&at(key), msg)),
+        );
         if a.senders.is_empty() {
             errs.push(l.error_at(
                 &at("senders"),
@@ -766,7 +770,8 @@ fn provider_problems(a: &oauth::AccountConfig) -> Vec<(&'static str, String)> {
         if !microsoft {
             out.push((
                 "tenant",
-                "tenant is a Microsoft setting: add provider = \"microsoft\" (or remove tenant)".to_string(),
+                "tenant is a Microsoft setting: add provider = \"microsoft\" (or remove tenant)"
+                    .to_string(),
             ));
         } else if !oauth::config::valid_tenant(t) {
             out.push((
@@ -809,7 +814,8 @@ fn provider_problems(a: &oauth::AccountConfig) -> Vec<(&'static str, String)> {
     if !microsoft && a.client_certificate_file.is_some() {
         out.push((
             "client_certificate_file",
-            "client_certificate_file is for Microsoft app-only accounts (provider = \"microsoft\")".to_string(),
+            "client_certificate_file is for Microsoft app-only accounts (provider = \"microsoft\")"
+                .to_string(),
         ));
     }
     out
@@ -825,12 +831,15 @@ fn is_address(s: &str) -> bool {
 }
 
 /// Whether account `i`'s table in the file spells out `key` (a default
-/// filled in by the provider is not in the file).
+/// filled in by the provider is not in the file). `i` counts the accounts
+/// that were read, as [`Loaded::error_at`] does: entries taken out for a
+/// bad value are taken out here too.
 fn source_has_key(l: &Loaded, i: usize, key: &str) -> bool {
     use toml::de::DeValue;
-    let Ok(doc) = toml::de::DeTable::parse(&l.source) else {
-        return false;
-    };
+    let (mut doc, _) = toml::de::DeTable::parse_recoverable(&l.source);
+    for path in &l.pruned {
+        remove_at(doc.get_mut(), path);
+    }
     let Some(accounts) = doc.get_ref().get("accounts") else {
         return false;
     };
@@ -877,10 +886,11 @@ fn line_col(source: &str, offset: usize) -> (usize, usize) {
 
 /// The effective configuration as TOML, secrets redacted (`check-config`).
 pub fn render(config: &Config) -> String {
-    // The effective scopes, not "the transport's default".
+    // The effective scopes and pacing, not "the provider's default".
     let mut config = config.clone();
     for a in &mut config.accounts {
         a.scopes = a.effective_scopes();
+        a.max_rate = a.effective_max_rate();
     }
     toml::to_string_pretty(&config).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
 }
@@ -924,6 +934,66 @@ mod tests {
     /// serde stops at the first bad value; the file is read again without
     /// it until every one is found, and the checks across keys still run
     /// on what is left, with places that match the file.
+    /// Keys that do not fit the account's provider are errors at the key.
+    #[test]
+    fn provider_keys_that_do_not_fit_are_errors_at_the_key() {
+        let src = "\
+[[accounts]]
+name = \"broken\"
+client_id = \"x\"
+
+[[accounts]]
+name = \"g\"
+email = \"g@example.com\"
+client_id = \"x\"
+tenant = \"common\"
+client_certificate_file = \"/etc/oauthrelay/app.crt\"
+
+[[accounts]]
+name = \"m\"
+provider = \"microsoft\"
+email = \"relay@contoso.com\"
+client_id = \"x\"
+tenant = \"contoso/x\"
+transport = \"gmail-api\"
+concurrency = 5
+client_certificate_key_file = \"/etc/oauthrelay/app.key\"
+max_rate = 0
+
+[[accounts]]
+name = \"app\"
+provider = \"microsoft\"
+email = \"relay@contoso.com\"
+client_id = \"x\"
+client_secret = \"s\"
+scopes = [\"https://outlook.office365.com/.default\"]
+senders = [\"*\"]
+";
+        let e = err(src);
+        let has = |at: &str, what: &str| {
+            e.lines().any(|l| {
+                l.starts_with(&format!("/etc/oauthrelay/oauthrelay.toml:{at}: "))
+                    && l.contains(what)
+            })
+        };
+        assert!(has("9:10", "tenant is a Microsoft setting"), "{e}");
+        assert!(has("10:27", "for Microsoft app-only accounts"), "{e}");
+        assert!(has("17:10", "is not a tenant"), "{e}");
+        assert!(has("18:13", "a Microsoft account sends over SMTP"), "{e}");
+        assert!(has("19:15", "Exchange Online allows 3"), "{e}");
+        assert!(has("20:31", "needs client_certificate_file"), "{e}");
+        assert!(has("21:12", "max_rate must be a positive number"), "{e}");
+        // No tenant in the file: the problem is placed at the scope.
+        assert!(has("29:10", "AADSTS9001023"), "{e}");
+        // A Microsoft account within Exchange's limits is fine.
+        let ok = "[[accounts]]\nname = \"m\"\nprovider = \"microsoft\"\nemail = \"relay@contoso.com\"\nclient_id = \"x\"\nconcurrency = 3\nmax_rate = 0.25\n";
+        let l = parse(ok, None).unwrap();
+        assert_eq!(l.config.accounts[0].effective_max_rate(), Some(0.25));
+        assert!(render(&l.config).contains("max_rate = 0.25"));
+        let d = parse("[[accounts]]\nname = \"m\"\nprovider = \"microsoft\"\nemail = \"relay@contoso.com\"\nclient_id = \"x\"\n", None).unwrap();
+        assert!(render(&d.config).contains("max_rate = 0.5"));
+    }
+
     #[test]
     fn every_problem_is_reported_in_one_run() {
         let src = "\

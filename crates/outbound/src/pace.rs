@@ -135,6 +135,44 @@ mod tests {
         assert!(waited >= Duration::from_millis(99), "{waited:?}");
     }
 
+    /// Microsoft's default (`max_rate` 0.5, Exchange Online's 30 messages a
+    /// minute per mailbox) through three connections: a burst of one, then
+    /// one every 2 s, so no minute ever holds a 31st message for Exchange
+    /// to delay or refuse.
+    #[tokio::test(start_paused = true)]
+    async fn exchanges_default_rate_keeps_every_minute_at_30() {
+        let p = Arc::new(Pacer::new(oauth::config::MICROSOFT_MAX_RATE));
+        assert_eq!(p.burst(), 1.0);
+        let start = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..3 {
+            let p = p.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    p.acquire().await;
+                    let _ = tx.send(Instant::now());
+                }
+            });
+        }
+        drop(tx);
+        let mut at = Vec::new();
+        while let Some(t) = rx.recv().await {
+            at.push(t.duration_since(start));
+        }
+        assert_eq!(at.len(), 120);
+        at.sort();
+        for w in at.windows(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(1999), "{w:?}");
+        }
+        let minute = Duration::from_secs(60);
+        let busiest = (0..at.len())
+            .map(|i| at[i..].iter().take_while(|&&u| u < at[i] + minute).count())
+            .max();
+        assert_eq!(busiest, Some(30), "messages within one minute");
+        assert!(at[119] >= Duration::from_secs(238), "{:?}", at[119]);
+    }
+
     #[test]
     fn rates_below_one_still_allow_one_message() {
         assert_eq!(Pacer::new(0.2).burst(), 1.0);

@@ -68,7 +68,9 @@ pub enum Dialect {
     /// XOAUTH2` only after TLS, a refused token gets `535 5.7.3
     /// Authentication unsuccessful` at once, `SIZE 157286400`, and at most
     /// 3 concurrent authenticated connections per mailbox (a 4th gets
-    /// `421 4.3.2`).
+    /// `421 4.3.2`), and 30 messages a minute per mailbox (the 31st
+    /// `MAIL FROM` within a minute gets `421 4.4.2`; see
+    /// [`FakeGmail::set_submission_limit`]).
     Exchange,
 }
 
@@ -228,6 +230,9 @@ pub struct Stats {
     /// Exchange: the most authenticated connections one mailbox had open
     /// at once.
     pub peak_concurrent: u64,
+    /// Exchange: `MAIL FROM`s refused with `421 4.4.2` because the mailbox
+    /// went over its submission rate.
+    pub rate_refused: u64,
 }
 
 #[derive(Debug)]
@@ -250,6 +255,11 @@ struct State {
     reply_delay: Duration,
     max_recipients: usize,
     validator: TokenValidator,
+    /// Exchange: at most this many `MAIL FROM` per mailbox within the
+    /// window (a sliding window); `None`: no limit.
+    submission_limit: Option<(usize, Duration)>,
+    /// Exchange: when each mailbox's recent `MAIL FROM`s were taken.
+    submissions: HashMap<String, std::collections::VecDeque<Instant>>,
 }
 
 #[derive(Default)]
@@ -266,6 +276,7 @@ struct Counters {
     dropped_after_data: AtomicU64,
     quits: AtomicU64,
     peak_concurrent: AtomicU64,
+    rate_refused: AtomicU64,
     ids: AtomicU64,
 }
 
@@ -426,6 +437,9 @@ impl FakeGmailBuilder {
                 reply_delay: Duration::ZERO,
                 max_recipients: MAX_RECIPIENTS,
                 validator: self.validator,
+                submission_limit: (self.dialect == Dialect::Exchange)
+                    .then_some(EXCHANGE_SUBMISSION_LIMIT),
+                submissions: HashMap::new(),
             }),
             counters: Counters::default(),
             changed: Notify::new(),
@@ -557,6 +571,7 @@ impl FakeGmail {
             quits: c.quits.load(Ordering::Relaxed),
             closed: c.closed.load(Ordering::Relaxed),
             peak_concurrent: c.peak_concurrent.load(Ordering::Relaxed),
+            rate_refused: c.rate_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -631,6 +646,17 @@ impl FakeGmail {
         self.shared.state().max_recipients = n;
     }
 
+    /// Exchange: take at most `max` messages (`MAIL FROM`s) per mailbox
+    /// within any `window` (Exchange Online: 30 a minute, the default);
+    /// over it, `421 4.4.2 Message submission rate for this client has
+    /// exceeded the configured limit` and the connection closes. `None`:
+    /// no limit. Tests scale the window down to keep their runs short.
+    pub fn set_submission_limit(&self, limit: Option<(usize, Duration)>) {
+        let mut st = self.shared.state();
+        st.submission_limit = limit;
+        st.submissions.clear();
+    }
+
     /// Wait this long before sending each batch of replies.
     pub fn set_reply_delay(&self, d: Duration) {
         self.shared.state().reply_delay = d;
@@ -685,6 +711,8 @@ impl Drop for FakeGmail {
 
 /// Exchange allows 3 concurrent connections per mailbox.
 const EXCHANGE_MAX_CONNECTIONS: u64 = 3;
+/// Exchange allows 30 messages a minute per mailbox.
+const EXCHANGE_SUBMISSION_LIMIT: (usize, Duration) = (30, Duration::from_secs(60));
 
 /// One of a mailbox's authenticated connections, released on drop.
 struct UserSlot {
@@ -1181,6 +1209,27 @@ impl Session {
         Ok(())
     }
 
+    /// Exchange's submission rate: whether `user` may start one more
+    /// message at `now` (counted when allowed).
+    fn submission_allowed(&self, user: &str, now: Instant) -> bool {
+        let mut st = self.shared.state();
+        let Some((max, window)) = st.submission_limit else {
+            return true;
+        };
+        let recent = st.submissions.entry(user.to_ascii_lowercase()).or_default();
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= max {
+            return false;
+        }
+        recent.push_back(now);
+        true
+    }
+
     fn mail(&mut self, arg: &str) -> Result<(), End> {
         self.shared.bump(&self.shared.counters.mail_commands);
         let mail_at = Instant::now();
@@ -1226,6 +1275,14 @@ impl Session {
             } else {
                 Ok(())
             };
+        }
+        if self.shared.dialect == Dialect::Exchange
+            && let Some(user) = &self.user
+            && !self.submission_allowed(user, mail_at)
+        {
+            self.shared.bump(&self.shared.counters.rate_refused);
+            self.reply(exchange_replies::SUBMISSION_RATE);
+            return Err(End::Close);
         }
         self.tx = Some(Transaction {
             from,
