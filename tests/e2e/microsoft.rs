@@ -323,7 +323,7 @@ async fn delegated_authorization_code_with_pkce_then_delivery_as_the_mailbox() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn device_code_sign_in_pending_slow_down_approved_declined_and_expired() {
+async fn device_code_sign_in_pending_slow_down_approved_declined_unknown_and_expired() {
     let up = Ms::start().await;
     up.ms.set_device_interval(1);
     let config = up.config(&[up.delegated("m365", "\"*\"", "")]);
@@ -358,6 +358,17 @@ async fn device_code_sign_in_pending_slow_down_approved_declined_and_expired() {
     let (ok, out, err) = run.finish();
     assert!(!ok, "{out}");
     assert!(err.contains("declined"), "{err}");
+
+    // bad_verification_code: the service no longer knows the code.
+    let mut run = Running::start(&cfg, &["authorize", "--account", "m365", "--device"]);
+    let code = run.wait_for("user code", user_code);
+    assert!(up.ms.forget_device(&code));
+    let (ok, out, err) = run.finish();
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("does not recognise the device code") && err.contains("--device again"),
+        "{err}"
+    );
 
     // Expired: nobody enters the code.
     up.ms.set_device_lifetime(Duration::from_secs(2));

@@ -331,6 +331,15 @@ impl FakeMicrosoft {
         self.device_status(user_code, DeviceStatus::Declined)
     }
 
+    /// Forget the device code behind `user_code` (the service lost it):
+    /// its next poll gets `bad_verification_code`.
+    pub fn forget_device(&self, user_code: &str) -> bool {
+        let mut st = lock(&self.shared);
+        let before = st.devices.len();
+        st.devices.retain(|_, d| d.user_code != user_code);
+        st.devices.len() < before
+    }
+
     fn device_status(&self, user_code: &str, status: DeviceStatus) -> bool {
         let mut st = lock(&self.shared);
         match st.devices.values_mut().find(|d| d.user_code == user_code) {
