@@ -105,6 +105,16 @@ fn the_example_config_is_valid_and_documents_every_key() {
         "auth_url",
         "token_url",
         "scopes",
+        "transport",
+        "api_url",
+        "max_rate",
+        "envelope_from",
+        "provider",
+        "tenant",
+        "device_auth_url",
+        "concurrency",
+        "client_certificate_file",
+        "client_certificate_key_file",
     ] {
         assert!(text.contains(&format!("{key} = ")), "example lacks {key}");
     }

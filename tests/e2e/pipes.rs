@@ -181,38 +181,114 @@ fn completions_need_no_configuration() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: bash, zsh, fish"));
 }
 
-/// oauthrelay.toml(5) is written by hand: every key `check-config` prints
-/// must be named in it, so a new setting cannot go undocumented there.
-#[test]
-fn the_config_man_page_names_every_key() {
+/// A Microsoft account with every key that only shows when set (a
+/// certificate needs real files: [`MICROSOFT_ONLY_KEYS`] covers those).
+const MICROSOFT_ACCOUNT: &str = "\
+[[accounts]]
+name = \"m365\"
+provider = \"microsoft\"
+tenant = \"contoso.onmicrosoft.com\"
+email = \"relay@contoso.com\"
+client_id = \"0e6d1a52-7d3b-4a4b-9d51-1c2f00aa1001\"
+device_auth_url = \"https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/devicecode\"
+concurrency = 2
+max_rate = 0.25
+envelope_from = \"relay@contoso.com\"
+";
+
+/// Keys of a Microsoft account that `check-config` prints only when their
+/// files exist.
+const MICROSOFT_ONLY_KEYS: &[&str] = &["client_certificate_file", "client_certificate_key_file"];
+
+/// Every key `check-config` prints for the example configuration and for
+/// [`MICROSOFT_ACCOUNT`], and [`MICROSOFT_ONLY_KEYS`].
+fn every_key() -> Vec<String> {
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../config/oauthrelay.example.toml"
     );
-    let page = concat!(env!("CARGO_MANIFEST_DIR"), "/../../man/oauthrelay.toml.5");
-    let out = Command::new(BIN)
-        .args(["--config", example, "check-config"])
-        .env_remove("STATE_DIRECTORY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let bold = bold_words(&std::fs::read_to_string(page).unwrap());
-    let mut missing = Vec::new();
-    let mut keys = 0;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some((key, _)) = line.split_once(" = ") else {
-            continue;
-        };
-        let key = key.trim().trim_start_matches("# ");
-        keys += 1;
-        if !bold.iter().any(|b| b == key) {
-            missing.push(key.to_string());
+    let tmp = tempfile::tempdir().unwrap();
+    let microsoft = config_in(tmp.path(), MICROSOFT_ACCOUNT);
+    let mut keys: Vec<String> = MICROSOFT_ONLY_KEYS.iter().map(|k| k.to_string()).collect();
+    for config in [std::path::Path::new(example), microsoft.as_path()] {
+        let out = Command::new(BIN)
+            .args([
+                "--config".as_ref(),
+                config.as_os_str(),
+                "check-config".as_ref(),
+            ])
+            .env_remove("STATE_DIRECTORY")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            let key = key.trim().trim_start_matches("# ").to_string();
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
         }
     }
-    assert!(keys > 20, "check-config printed only {keys} keys");
+    for key in [
+        "provider",
+        "tenant",
+        "device_auth_url",
+        "concurrency",
+        "max_rate",
+    ] {
+        assert!(
+            keys.iter().any(|k| k == key),
+            "check-config printed no {key}"
+        );
+    }
+    keys
+}
+
+/// oauthrelay.toml(5) is written by hand: every key `check-config` prints
+/// (Gmail's and Microsoft's) must be named in it, so a new setting cannot
+/// go undocumented there.
+#[test]
+fn the_config_man_page_names_every_key() {
+    let page = concat!(env!("CARGO_MANIFEST_DIR"), "/../../man/oauthrelay.toml.5");
+    let bold = bold_words(&std::fs::read_to_string(page).unwrap());
+    let keys = every_key();
+    assert!(
+        keys.len() > 20,
+        "check-config printed only {} keys",
+        keys.len()
+    );
+    let missing: Vec<_> = keys.iter().filter(|k| !bold.contains(k)).collect();
     assert!(
         missing.is_empty(),
         "man/oauthrelay.toml.5 does not name: {missing:?}"
+    );
+}
+
+/// docs/configuration.md and the example configuration name every key too.
+#[test]
+fn the_configuration_guide_and_the_example_name_every_key() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let guide = std::fs::read_to_string(format!("{root}/docs/configuration.md")).unwrap();
+    let example =
+        std::fs::read_to_string(format!("{root}/config/oauthrelay.example.toml")).unwrap();
+    let keys = every_key();
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !guide.contains(&format!("`{k}`")) && !guide.contains(&format!("`{k} =")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md does not name: {missing:?}"
+    );
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !example.contains(&format!("{k} = ")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "config/oauthrelay.example.toml does not name: {missing:?}"
     );
 }
 
