@@ -689,6 +689,10 @@ async fn each_exchange_reply_class_through_the_daemon() {
         held.contains("Exchange Online refused a freshly refreshed access token"),
         "{held}"
     );
+    assert!(
+        held.contains("the hold lifts when Exchange Online takes it"),
+        "{held}"
+    );
     // Nothing bounced but the send-as message.
     assert!(ex.messages().iter().all(|m| !m.mail_from.is_empty()));
 }

@@ -774,10 +774,18 @@ pub(crate) fn fix_for(account: &Account, code: &str) -> String {
             "ask the Workspace administrator to trust the OAuth client, then run: oauthrelay authorize --account {name}"
         ),
         "invalid_scope" => format!(
-            "fix `scopes` in the config (SMTP needs https://mail.google.com/), then run: oauthrelay authorize --account {name}"
+            "fix `scopes` in the config (SMTP needs {}), then run: oauthrelay authorize --account {name}",
+            match account.config.provider {
+                crate::config::Provider::Microsoft => crate::config::MICROSOFT_SMTP_SCOPE,
+                crate::config::Provider::Google => crate::config::GMAIL_SCOPE,
+            }
         ),
         SMTP_AUTH_REJECTED => format!(
-            "run: {authorize}; if the account is right, its login is probed now and then and the hold lifts when Gmail takes it (`oauthrelay queue retry --all` probes at once)"
+            "run: {authorize}; if the account is right, its login is probed now and then and the hold lifts when {} takes it (`oauthrelay queue retry --all` probes at once)",
+            match account.config.provider {
+                crate::config::Provider::Microsoft => "Exchange Online",
+                crate::config::Provider::Google => "Gmail",
+            }
         ),
         _ => format!("run: {authorize}"),
     }
