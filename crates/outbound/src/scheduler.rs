@@ -276,18 +276,16 @@ fn with_postmaster(mut cfg: DeliveryConfig, accounts: &[AccountConfig]) -> Deliv
 
 fn same_delivery_settings(a: &AccountConfig, b: &AccountConfig) -> bool {
     a.email == b.email
+        && a.provider == b.provider
         && a.transport == b.transport
         && a.api_url == b.api_url
-        && a.max_rate == b.max_rate
+        && a.effective_max_rate() == b.effective_max_rate()
         && a.smtp_host == b.smtp_host
         && a.smtp_port == b.smtp_port
         && a.smtp_tls == b.smtp_tls
         && a.ca_file == b.ca_file
         && a.rewrite_from == b.rewrite_from
         && a.envelope_from == b.envelope_from
-        && a.transport == b.transport
-        && a.api_url == b.api_url
-        && a.effective_max_rate() == b.effective_max_rate()
 }
 
 impl Scheduler {
