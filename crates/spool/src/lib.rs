@@ -26,6 +26,7 @@
 //! listener does), reads nothing of the delivery record, and is told by the
 //! caller whether a message may use the free-space reserve ([`Reserve`]).
 
+mod batch;
 mod envelope;
 mod error;
 mod id;
@@ -34,6 +35,7 @@ mod record;
 mod recover;
 mod segment;
 mod space;
+mod sync;
 mod writer;
 
 use std::collections::HashMap;
@@ -134,6 +136,8 @@ pub(crate) struct Shared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<MessageId>>>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     health: Mutex<Option<SpoolError>>,
+    /// Writes and syncs that failed so far (changed under `health`'s lock).
+    write_failures: AtomicU64,
     /// The spool directory, for `statvfs` from the async side.
     dir_file: File,
     /// [`Options::min_free_space`], changeable while running.
@@ -185,7 +189,26 @@ impl Shared {
     }
 
     pub(crate) fn set_unhealthy(&self, e: &SpoolError) {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
+        *h = Some(e.clone());
+    }
+
+    /// How many writes and syncs failed so far (see
+    /// [`set_healthy_unless_failed_since`](Self::set_healthy_unless_failed_since)).
+    pub(crate) fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// A sync made a batch durable that was written when `failures` writes
+    /// had failed: the spool works again, unless a write failed since (the
+    /// writer appends while the sync thread syncs).
+    pub(crate) fn set_healthy_unless_failed_since(&self, failures: u64) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_some() && self.write_failures.load(Ordering::Relaxed) == failures {
+            tracing::info!("spool writes work again");
+            *h = None;
+        }
     }
 
     pub(crate) fn reserve(&self) -> u64 {
@@ -318,6 +341,7 @@ impl Spool {
             subscribers: Mutex::new(Vec::new()),
             files: Mutex::new(HashMap::new()),
             health: Mutex::new(None),
+            write_failures: AtomicU64::new(0),
             dir_file: File::open(dir).map_err(open_err)?,
             reserve: AtomicU64::new(options.min_free_space),
             below_reserve: AtomicBool::new(false),
@@ -333,12 +357,23 @@ impl Spool {
             shared.hit_reserve();
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let weak = tx.downgrade();
+        let syncer = sync::Syncer::start(
+            shared.clone(),
+            Box::new(move || {
+                if let Some(tx) = weak.upgrade() {
+                    let _ = tx.send(Op::Reclaim);
+                }
+            }),
+        )
+        .map_err(open_err)?;
         let writer = Writer::new(
             shared.clone(),
             writer::Active::new(active_no, file, seed),
             // The seal records lengths in 32 bits.
             options.segment_size.clamp(1, MAX_SEGMENT_SIZE),
             lock,
+            syncer,
         );
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -609,7 +644,7 @@ impl MessageWriter {
                 id: self.id.as_u64(),
                 data,
                 reserve: self.reserve,
-                _permits: [own, shared],
+                permits: [own, shared],
             })
             .map_err(|_| SpoolError::Closed)
     }

@@ -48,28 +48,35 @@ pub(crate) struct Extent {
 
 pub(crate) const EXTENT_LEN: usize = 8 + 8 + 4;
 
-/// Append one framed record to `buf`, checksummed with the segment's
-/// `seed` (the CRC of its salt); returns the offset of its payload within
-/// `buf`.
-pub(crate) fn encode(buf: &mut Vec<u8>, seed: u32, kind: Kind, parts: &[&[u8]]) -> usize {
+/// The header of a record whose payload is `parts` (in order),
+/// checksummed with the segment's `seed` (the CRC of its salt). The
+/// payload itself is not copied: the writer hands it to the kernel as it
+/// came (a vectored write).
+pub(crate) fn frame(seed: u32, kind: Kind, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let start = buf.len();
-    buf.extend_from_slice(MAGIC);
-    buf.push(kind as u8);
-    buf.extend_from_slice(&[0, 0, 0]);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    buf.extend_from_slice(&[0; 8]); // checksums, filled below
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(MAGIC);
+    h[4] = kind as u8;
+    h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    let pcrc = parts
+        .iter()
+        .fold(crc32c::crc32c_append(seed, &h[4..12]), |crc, p| {
+            crc32c::crc32c_append(crc, p)
+        });
+    h[12..16].copy_from_slice(&pcrc.to_le_bytes());
+    let hcrc = crc32c::crc32c_append(seed, &h[..16]);
+    h[16..20].copy_from_slice(&hcrc.to_le_bytes());
+    h
+}
+
+/// Append one framed record to `buf`, checksummed with the segment's
+/// `seed`; returns the offset of its payload within `buf`.
+pub(crate) fn encode(buf: &mut Vec<u8>, seed: u32, kind: Kind, parts: &[&[u8]]) -> usize {
+    buf.extend_from_slice(&frame(seed, kind, parts));
     let payload = buf.len();
     for p in parts {
         buf.extend_from_slice(p);
     }
-    let pcrc = crc32c::crc32c_append(
-        crc32c::crc32c_append(seed, &buf[start + 4..start + 12]),
-        &buf[payload..],
-    );
-    buf[start + 12..start + 16].copy_from_slice(&pcrc.to_le_bytes());
-    let hcrc = crc32c::crc32c_append(seed, &buf[start..start + 16]);
-    buf[start + 16..start + 20].copy_from_slice(&hcrc.to_le_bytes());
     payload
 }
 

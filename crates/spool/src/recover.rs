@@ -183,6 +183,11 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
     // Segments that lost acknowledged records, with how many commits
     // (`None`: cannot be known).
     let mut losses: Vec<(u64, Option<usize>, PathBuf, String)> = Vec::new();
+    // Unsealed segments: where their readable records end. The sync
+    // thread seals a segment before it acknowledges anything written after
+    // it, so a body piece past that end belongs to a message that was
+    // never acknowledged, even when its commit is in a later segment.
+    let mut unsynced_from: HashMap<u64, u64> = HashMap::new();
 
     for (i, &seg) in segs.iter().enumerate() {
         let newest = i + 1 == segs.len();
@@ -199,8 +204,8 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
                 continue;
             }
             // Not one of our segments, or its header is damaged, or it was
-            // emptied while newer ones exist (a new segment is started only
-            // once the one before is synced): what it held is lost.
+            // emptied while newer ones exist (a segment's header is synced
+            // when the file is created): what it held is lost.
             let saved = keep_segment(dir, seg, "unreadable", false);
             report.moved_aside += 1;
             losses.push((
@@ -341,6 +346,9 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
             pos += HEADER_LEN + header.len;
         }
         let end = torn_at.unwrap_or(data.len());
+        if head.sealed.is_none() {
+            unsynced_from.insert(seg, end as u64);
+        }
         match head.sealed {
             // Written to its end, synced and sealed: anything short of that
             // lost acknowledged records.
@@ -393,8 +401,15 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
         .filter(|id| !removed.contains(id) && !index.messages.contains_key(id))
         .collect();
     for (id, d) in damaged {
-        keep_damaged(dir, id, &d);
+        let mut missing = d.pieces.iter().filter(|(_, ok)| !ok).peekable();
+        let never_acknowledged = missing.peek().is_some()
+            && missing.all(|(e, _)| unsynced_from.get(&e.seg).is_some_and(|&end| e.off >= end));
+        keep_damaged(dir, id, &d, !never_acknowledged);
         report.moved_aside += 1;
+        if never_acknowledged {
+            lost_ids.remove(&id);
+            continue;
+        }
         report.lost += 1;
         lost_ids.remove(&id);
         report.lost_ids.push(id);
@@ -430,7 +445,11 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
 /// for a person to rebuild it: its envelope and every body piece that was
 /// found, numbered in order (a missing piece is named in the log; a
 /// damaged region holding it is in `corrupt/` too).
-fn keep_damaged(dir: &Path, id: MessageId, d: &Damaged) {
+///
+/// A message whose missing pieces were all in the unsynced tail of a
+/// segment (`acknowledged` false) was never acknowledged: the client got
+/// no `250` and sends it again. It is kept all the same, with a warning.
+fn keep_damaged(dir: &Path, id: MessageId, d: &Damaged, acknowledged: bool) {
     let mut envelope = d.envelope.clone();
     envelope.extend_from_slice(b"\n");
     let saved = save_aside(dir, &format!("{id}.envelope.json"), &envelope);
@@ -455,6 +474,18 @@ fn keep_damaged(dir: &Path, id: MessageId, d: &Damaged) {
                 missing.push((k + 1).to_string());
             }
         }
+    }
+    if !acknowledged {
+        warn!(
+            id = %id,
+            file = %segment::path(dir, d.seg).display(),
+            offset = d.pos,
+            saved = %saved.display(),
+            parts_kept = kept,
+            parts_missing = %missing.join(","),
+            "message whose body was still being synced at a crash was never acknowledged (the client sends it again); what was found is kept in corrupt/ as {id}.*"
+        );
+        return;
     }
     error!(
         id = %id,

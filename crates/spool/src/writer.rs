@@ -1,6 +1,10 @@
-//! The group-commit writer: one thread owns the active segment, appends every
-//! record that was queued while it was busy with one `write`, makes them
-//! durable with one `fdatasync`, and only then answers the callers.
+//! The group-commit writer: one thread owns the active segment and appends
+//! every record that was queued while it was busy with one vectored write;
+//! the sync thread (`sync.rs`) makes the batches durable with one
+//! `fdatasync` per round and only then answers the callers. The writer
+//! never waits for a sync, except to switch to a new file layout it must
+//! be sure of (compaction, giving an emptied segment back, a failure, the
+//! stop).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -8,15 +12,18 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::{debug, error, info, warn};
 
+use crate::batch::{Batch, Mark};
 use crate::envelope::{DeliveryRecord, Envelope, Reserve};
 use crate::error::SpoolError;
 use crate::index::Entry;
 use crate::record::{self, Extent, Kind};
 use crate::segment;
 use crate::space::{self, Room};
+pub(crate) use crate::sync::Reply;
+use crate::sync::{Done, Job, Syncer};
 use crate::{MessageId, Shared};
 
 /// Largest batch the writer takes before writing (bytes of payload).
@@ -30,8 +37,6 @@ const COMPACT_AT_SEGMENTS: usize = 4;
 /// the only one it is cut back at any size).
 const SEAL_EMPTIED_AT: u64 = 256 << 10;
 
-pub(crate) type Reply = oneshot::Sender<Result<(), SpoolError>>;
-
 pub(crate) enum Op {
     /// A piece of a body still being received. Not acknowledged.
     Chunk {
@@ -39,8 +44,8 @@ pub(crate) enum Op {
         data: Vec<u8>,
         reserve: Reserve,
         /// The message's and the shared in-flight budget, released once
-        /// the bytes are copied into the batch.
-        _permits: [OwnedSemaphorePermit; 2],
+        /// the bytes are written.
+        permits: [OwnedSemaphorePermit; 2],
     },
     /// The last piece plus the envelope: make the message exist.
     Commit {
@@ -76,6 +81,9 @@ pub(crate) enum Op {
     Ping {
         reply: Reply,
     },
+    /// From the sync thread: removals were published or a segment sealed,
+    /// so a segment may have nothing left in it.
+    Reclaim,
 }
 
 impl Op {
@@ -114,61 +122,31 @@ struct Open {
     failed: Option<SpoolError>,
 }
 
-/// What to do once the batch is durable.
-enum Done {
-    Commit {
-        id: MessageId,
-        entry: Box<Entry>,
-        reserve: Reserve,
-        reply: Reply,
-    },
-    Update {
-        id: MessageId,
-        delivery: DeliveryRecord,
-        reply: Reply,
-    },
-    Remove {
-        id: MessageId,
-        reply: Reply,
-    },
-    Sync {
-        reply: Reply,
-    },
-}
-
-impl Done {
-    fn fail(self, e: &SpoolError) {
-        let reply = match self {
-            Done::Commit { reply, .. }
-            | Done::Update { reply, .. }
-            | Done::Remove { reply, .. }
-            | Done::Sync { reply } => reply,
-        };
-        let _ = reply.send(Err(e.clone()));
-    }
-}
-
 pub(crate) struct Active {
     pub no: u64,
-    pub file: File,
+    pub file: Arc<File>,
     pub len: u64,
     /// CRC seed from the segment's salt.
     pub seed: u32,
-    /// Length covered by the last successful `fdatasync`.
+    /// Length covered by the last successful `fdatasync` the writer knows
+    /// of (brought up to date by [`Writer::drain`]).
     pub synced: u64,
-    /// `Commit` records made durable in this segment (for its seal).
+    /// `Commit` records written to this segment (for its seal).
     pub commits: u32,
+    /// Of those, the ones up to `synced`.
+    pub synced_commits: u32,
 }
 
 impl Active {
     pub(crate) fn new(no: u64, file: File, seed: u32) -> Active {
         Active {
             no,
-            file,
+            file: Arc::new(file),
             len: segment::FILE_HEADER_LEN,
             seed,
             synced: segment::FILE_HEADER_LEN,
             commits: 0,
+            synced_commits: 0,
         }
     }
 }
@@ -178,9 +156,12 @@ pub(crate) struct Writer {
     active: Active,
     segment_size: u64,
     open: HashMap<u64, Open>,
-    buf: Vec<u8>,
+    batch: Batch,
     /// Sizes of the segment files other than the active one.
     sealed: BTreeMap<u64, u64>,
+    /// Stopped (and waited for) when the writer ends, before the lock is
+    /// released.
+    syncer: Syncer,
     /// The spool's lock file, held while this thread runs.
     _lock: File,
 }
@@ -191,14 +172,16 @@ impl Writer {
         active: Active,
         segment_size: u64,
         lock: File,
+        syncer: Syncer,
     ) -> Writer {
         Writer {
             shared,
             active,
             segment_size,
             open: HashMap::new(),
-            buf: Vec::with_capacity(256 << 10),
+            batch: Batch::default(),
             sealed: BTreeMap::new(),
+            syncer,
             _lock: lock,
         }
     }
@@ -226,18 +209,25 @@ impl Writer {
                 }
             }
             if let Some(reply) = self.process(&mut batch) {
-                let r = self.active.file.sync_data().map_err(SpoolError::io);
+                let r = match self.drain() {
+                    Some(e) => Err(e),
+                    None => self.active.file.sync_data().map_err(SpoolError::io),
+                };
                 // A clean stop: the segment's length and commits are final.
                 let r = r.and_then(|()| {
                     segment::seal(&self.active.file, self.active.len, self.active.commits)
                         .map_err(SpoolError::io)
                 });
-                // Release the lock before answering, so whoever waited for
-                // the close can open the spool at once.
+                // Stop the sync thread and release the lock before
+                // answering, so whoever waited for the close can open the
+                // spool at once.
                 drop(self);
                 let _ = reply.send(r);
                 debug!("spool writer stopped");
                 return;
+            }
+            if self.syncer.has_failed() {
+                self.abandon_segment();
             }
             if self.active.len >= self.segment_size {
                 self.rotate(true);
@@ -248,20 +238,23 @@ impl Writer {
         debug!("spool writer stopped");
     }
 
-    /// Write and sync one batch. Returns the reply of a `Stop` if one came.
-    fn process(&mut self, batch: &mut Vec<Op>) -> Option<Reply> {
+    /// Write one batch and hand what waits for it to the sync thread.
+    /// Returns the reply of a `Stop` if one came.
+    fn process(&mut self, ops: &mut Vec<Op>) -> Option<Reply> {
         let base = self.active.len;
         let seg = self.active.no;
-        self.buf.clear();
+        self.batch.clear();
         let mut done: Vec<Done> = Vec::new();
         let mut touched: BTreeSet<u64> = BTreeSet::new();
         let mut stop = None;
         // Bookkeeping first (stable: each message's records keep their
         // order), new mail after it, so a batch that does not fit can be
         // cut back to the bookkeeping.
-        batch.sort_by_key(Op::is_inbound);
-        let mut split: Option<(usize, usize)> = None;
+        ops.sort_by_key(Op::is_inbound);
+        let mut split: Option<(Mark, usize)> = None;
         let mut inbound_touched: BTreeSet<u64> = BTreeSet::new();
+        // Lowest segment the batch's commits have pieces in.
+        let mut pins = seg;
         // New mail may not use the reserve; the file system is asked once,
         // at the batch's first inbound record.
         let mut room = Room::Unchecked;
@@ -273,9 +266,9 @@ impl Writer {
             None => Room::Unlimited,
         };
 
-        for op in batch.drain(..) {
+        for op in ops.drain(..) {
             if split.is_none() && op.is_inbound() {
-                split = Some((self.buf.len(), done.len()));
+                split = Some((self.batch.mark(), done.len()));
             }
             let inbound = split.is_some();
             match op {
@@ -283,32 +276,30 @@ impl Writer {
                     id,
                     data,
                     reserve,
-                    _permits,
+                    permits,
                 } => {
                     let open = self.open.entry(id).or_default();
                     if open.failed.is_some() {
                         continue;
                     }
-                    let before = self.buf.len();
-                    let p = record::encode(
-                        &mut self.buf,
-                        self.active.seed,
-                        Kind::Data,
-                        &[&record::id_bytes(id), &data],
-                    );
-                    let n = (self.buf.len() - before) as u64;
+                    let id_bytes = record::id_bytes(id);
+                    let n = Batch::record_len(&[&id_bytes], &data);
                     if reserve == Reserve::Respect && !room.take(n, || check(&self.shared)) {
-                        self.buf.truncate(before);
                         open.failed = Some(SpoolError::DiskFull);
                         self.shared.hit_reserve();
                         continue;
                     }
+                    let len = data.len() as u32;
+                    let p = self
+                        .batch
+                        .record(self.active.seed, Kind::Data, &[&id_bytes], data);
+                    self.batch.hold_permits(permits);
                     open.extents.push(Extent {
                         seg,
                         off: base + p as u64 + 8,
-                        len: data.len() as u32,
+                        len,
                     });
-                    open.size += data.len() as u64;
+                    open.size += u64::from(len);
                     if inbound {
                         inbound_touched.insert(id);
                     } else {
@@ -340,31 +331,28 @@ impl Writer {
                         let _ = reply.send(Err(SpoolError::EnvelopeTooLarge));
                         continue;
                     }
-                    let before = self.buf.len();
-                    let p = record::encode(
-                        &mut self.buf,
-                        self.active.seed,
-                        Kind::Commit,
-                        &[&head, &tail],
-                    );
                     // The caller says whether the message may use the
                     // reserve (a bounce: the message it reports on can only
                     // be removed once the bounce is queued).
-                    let n = (self.buf.len() - before) as u64;
+                    let n = Batch::record_len(&[&head], &tail);
                     if reserve == Reserve::Respect && !room.take(n, || check(&self.shared)) {
-                        self.buf.truncate(before);
                         // Health says so before the caller hears of it.
                         self.shared.hit_reserve();
                         let _ = reply.send(Err(SpoolError::DiskFull));
                         continue;
                     }
-                    if !tail.is_empty() {
+                    let tail_len = tail.len() as u32;
+                    let p = self
+                        .batch
+                        .record(self.active.seed, Kind::Commit, &[&head], tail);
+                    if tail_len > 0 {
                         extents.push(Extent {
                             seg,
                             off: base + (p + head.len()) as u64,
-                            len: tail.len() as u32,
+                            len: tail_len,
                         });
                     }
+                    pins = extents.iter().map(|e| e.seg).fold(pins, u64::min);
                     done.push(Done::Commit {
                         id: MessageId::from_u64(id),
                         entry: Box::new(Entry {
@@ -391,7 +379,8 @@ impl Writer {
                         let _ = reply.send(Err(SpoolError::EnvelopeTooLarge));
                         continue;
                     }
-                    record::encode(&mut self.buf, self.active.seed, Kind::Update, &[&payload]);
+                    self.batch
+                        .record(self.active.seed, Kind::Update, &[], payload);
                     done.push(Done::Update {
                         id,
                         delivery,
@@ -403,11 +392,11 @@ impl Writer {
                         let _ = reply.send(Err(SpoolError::NotFound(id)));
                         continue;
                     }
-                    record::encode(
-                        &mut self.buf,
+                    self.batch.record(
                         self.active.seed,
                         Kind::Remove,
                         &[&record::id_bytes(id.as_u64())],
+                        Vec::new(),
                     );
                     done.push(Done::Remove { id, reply });
                 }
@@ -416,12 +405,13 @@ impl Writer {
                 Op::Ping { reply } => {
                     let _ = reply.send(Ok(()));
                 }
+                Op::Reclaim => {}
             }
         }
 
-        if !self.buf.is_empty() {
-            let mut written = self.buf.len();
-            if let Err(e) = self.active.file.write_all_at(&self.buf, base) {
+        if !self.batch.is_empty() {
+            let mut written = self.batch.len();
+            if let Err(e) = self.batch.write_at(&self.active.file, base, None) {
                 let err = SpoolError::io(e);
                 self.report(&err);
                 // Leave no partial record behind: cut the file back.
@@ -429,53 +419,77 @@ impl Writer {
                     warn!(error = %t, file = %segment::path(&self.shared.dir, seg).display(), "cannot truncate spool segment after a failed write; continuing in a new segment");
                     touched.extend(inbound_touched);
                     self.fail_batch(&err, touched, done);
+                    self.batch.clear();
                     self.abandon_segment();
                     return stop;
                 }
                 // New mail did not fit: the bookkeeping before it (removals
                 // that free space, delivery results, bounces) may still.
-                let (at, n) = split.unwrap_or((self.buf.len(), done.len()));
+                let (at, n) = split.unwrap_or((self.batch.mark(), done.len()));
                 let retried = err.is_disk_full()
-                    && at > 0
-                    && at < self.buf.len()
-                    && self.active.file.write_all_at(&self.buf[..at], base).is_ok();
+                    && at.len() > 0
+                    && at.len() < self.batch.len()
+                    && self
+                        .batch
+                        .write_at(&self.active.file, base, Some(at))
+                        .is_ok();
                 if !retried {
+                    self.batch.clear();
                     self.cut_back(base);
                     touched.extend(inbound_touched);
                     self.fail_batch(&err, touched, done);
                     return stop;
                 }
-                self.fail_open_past(base + at as u64);
+                self.fail_open_past(base + at.len() as u64);
                 let refused = done.split_off(n);
                 self.fail_batch(&err, inbound_touched, refused);
-                written = at;
+                written = at.len();
             }
             self.active.len = base + written as u64;
         }
+        // Written: the chunks and their share of the in-flight budget go
+        // back before the sync.
+        self.batch.clear();
 
         if !done.is_empty() {
-            if let Err(e) = self.active.file.sync_data() {
-                // After a failed fsync the state of the file's tail is unknown
-                // (the kernel may have dropped the dirty pages): nothing in it
-                // that was not already acknowledged can be trusted.
-                let err = SpoolError::io(e);
-                self.report(&err);
-                for d in done {
-                    d.fail(&err);
-                }
-                self.abandon_segment();
-                return stop;
-            }
-            self.active.synced = self.active.len;
-            self.shared.set_healthy();
-            self.shared.counted_sync(
-                done.iter()
-                    .filter(|d| !matches!(d, Done::Sync { .. }))
-                    .count(),
-            );
-            self.apply(done);
+            let commits = done
+                .iter()
+                .filter(|d| matches!(d, Done::Commit { .. }))
+                .count();
+            self.active.commits = self.active.commits.saturating_add(commits as u32);
+            self.syncer.push(Job {
+                file: self.active.file.clone(),
+                seg,
+                end: self.active.len,
+                commits: self.active.commits,
+                seal: false,
+                pins,
+                failures: self.shared.write_failures(),
+                done,
+            });
         }
         stop
+    }
+
+    /// Wait until the sync thread has made everything written so far
+    /// durable and answered it, and learn how far the active segment is
+    /// synced. A failed sync is returned (and cleared once the caller has
+    /// abandoned the segment): every unfinished message fails with it, as
+    /// its pieces may be in the tail that was lost.
+    fn drain(&mut self) -> Option<SpoolError> {
+        let d = self.syncer.drain();
+        if let Some((seg, len, commits)) = d.synced
+            && seg == self.active.no
+        {
+            self.active.synced = len;
+            self.active.synced_commits = commits;
+        }
+        if let Some(e) = &d.failed {
+            for o in self.open.values_mut() {
+                o.failed.get_or_insert_with(|| e.clone());
+            }
+        }
+        d.failed
     }
 
     /// Fail a batch's waiting callers and the unfinished messages it
@@ -573,13 +587,27 @@ impl Writer {
             let index = self.shared.lock_index();
             index.files.len() == 1 && index.files.contains(&self.active.no)
         };
+        if !only && self.active.len < SEAL_EMPTIED_AT {
+            // Little to give back: not worth a new file per batch while
+            // an old segment is pinned by long-deferred mail.
+            return;
+        }
+        // Commits still waiting for their sync are not in the index yet:
+        // wait for them before judging the segment dead.
+        if self.drain().is_some() {
+            self.abandon_segment();
+            return;
+        }
+        if self.active.len <= segment::FILE_HEADER_LEN || !self.active_is_dead() {
+            return;
+        }
         if !only {
-            if self.active.len < SEAL_EMPTIED_AT {
-                // Little to give back: not worth a new file per batch while
-                // an old segment is pinned by long-deferred mail.
+            self.rotate(true);
+            // The finished segment can be deleted once it is sealed.
+            if self.drain().is_some() {
+                self.abandon_segment();
                 return;
             }
-            self.rotate(true);
             self.reclaim();
             if self.active.len <= segment::FILE_HEADER_LEN || !self.active_is_dead() {
                 return;
@@ -599,6 +627,7 @@ impl Writer {
                 self.active.len = segment::FILE_HEADER_LEN;
                 self.active.synced = segment::FILE_HEADER_LEN;
                 self.active.commits = 0;
+                self.active.synced_commits = 0;
                 info!(file = %file.display(), bytes = freed, "spool segment held only delivered mail: cut back to give the space back");
                 if let Some(room) = self.shared.room_for_mail() {
                     self.shared.room_again(room);
@@ -618,86 +647,25 @@ impl Writer {
         self.shared.set_unhealthy(err);
     }
 
-    /// Publish durable changes and answer the callers.
-    fn apply(&mut self, done: Vec<Done>) {
-        let mut committed = Vec::new();
-        if done.iter().any(|d| {
-            matches!(
-                d,
-                Done::Commit {
-                    reserve: Reserve::Respect,
-                    ..
-                }
-            )
-        }) {
-            // New mail fits again: the refusal is over (it may come back
-            // with the next message that does not). Said before anyone is
-            // answered.
-            self.shared.took_mail();
-        }
-        {
-            let mut index = self.shared.lock_index();
-            for d in &done {
-                match d {
-                    Done::Commit { .. } | Done::Sync { .. } => {}
-                    Done::Update { .. } => {}
-                    Done::Remove { id, .. } => {
-                        index.remove(*id);
-                    }
-                }
-            }
-            for d in done {
-                match d {
-                    Done::Commit {
-                        id, entry, reply, ..
-                    } => {
-                        self.active.commits = self.active.commits.saturating_add(1);
-                        index.insert(id, *entry);
-                        committed.push(id);
-                        let _ = reply.send(Ok(()));
-                    }
-                    Done::Update {
-                        id,
-                        delivery,
-                        reply,
-                    } => {
-                        if let Some(e) = index.messages.get_mut(&id) {
-                            e.delivery = delivery;
-                        }
-                        let _ = reply.send(Ok(()));
-                    }
-                    Done::Remove { reply, .. } | Done::Sync { reply } => {
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-            }
-        }
-        if !committed.is_empty() {
-            self.shared.notify(&committed);
-        }
-    }
-
-    /// Sync the active segment (when `sync`) and continue in a new one.
-    fn rotate(&mut self, sync: bool) {
-        if sync && let Err(e) = self.active.file.sync_data() {
-            let err = SpoolError::io(e);
-            self.report(&err);
-            self.abandon_segment();
-            return;
-        }
-        if sync {
-            self.active.synced = self.active.len;
-        }
+    /// Continue in a new segment. With `seal`, the finished one is handed
+    /// to the sync thread, which syncs and seals it before it answers
+    /// anything written after it (so the writer does not wait); without,
+    /// it is abandoned (its tail is unknown) and never sealed.
+    fn rotate(&mut self, seal: bool) {
         match segment::create(&self.shared.dir, self.active.no + 1) {
             Ok((file, seed)) => {
                 debug!(segment = self.active.no + 1, "spool segment started");
-                // Only a segment written to its end and synced is sealed:
-                // an abandoned one's tail is unknown.
-                if sync
-                    && let Err(e) =
-                        segment::seal(&self.active.file, self.active.len, self.active.commits)
-                {
-                    warn!(file = %segment::path(&self.shared.dir, self.active.no).display(), error = %e, "cannot record a spool segment's final length");
+                if seal {
+                    self.syncer.push(Job {
+                        file: self.active.file.clone(),
+                        seg: self.active.no,
+                        end: self.active.len,
+                        commits: self.active.commits,
+                        seal: true,
+                        pins: self.active.no,
+                        failures: self.shared.write_failures(),
+                        done: Vec::new(),
+                    });
                 }
                 self.sealed.insert(self.active.no, self.active.len);
                 self.shared.lock_index().files.insert(self.active.no + 1);
@@ -711,10 +679,13 @@ impl Writer {
     }
 
     /// Give up on the active segment after a failure that leaves its tail
-    /// unknown: unfinished messages with pieces in it fail, and writing goes
-    /// on in a fresh segment.
+    /// unknown (a failed write that cannot be cut back, a failed sync):
+    /// unfinished messages with pieces in it fail, and writing goes on in
+    /// a fresh segment. Waits for the sync thread first: whatever it was
+    /// still syncing is answered (or failed) before the tail is dropped.
     fn abandon_segment(&mut self) {
         let seg = self.active.no;
+        let failed = self.drain();
         let err = SpoolError::Io(Arc::new(io::Error::other(
             "spool segment abandoned after a write or sync failure",
         )));
@@ -730,11 +701,18 @@ impl Writer {
             // tail, so bookkeeping can go on and space come back.
             let synced = self.active.synced;
             match self.active.file.set_len(synced) {
-                Ok(()) => self.active.len = synced,
+                Ok(()) => {
+                    self.active.len = synced;
+                    self.active.commits = self.active.synced_commits;
+                }
                 Err(e) => {
                     warn!(file = %segment::path(&self.shared.dir, seg).display(), error = %e, "cannot cut back a spool segment after a failure");
                 }
             }
+        }
+        if failed.is_some() {
+            // What failed is behind us: later batches are synced again.
+            self.syncer.clear_failure();
         }
     }
 
@@ -762,7 +740,9 @@ impl Writer {
             let Some((seg, live, pinned_by_open)) = oldest else {
                 return;
             };
-            if pinned_by_open {
+            // Commits still waiting for their sync are not in the index
+            // yet: the segments they point into stay.
+            if pinned_by_open || self.syncer.pinned_from().is_some_and(|p| p <= seg) {
                 return;
             }
             if live > 0 {
@@ -810,6 +790,12 @@ impl Writer {
     /// On any failure the copies are abandoned with the segment they were
     /// written to (the originals stay valid). Returns whether `seg` is free.
     fn compact(&mut self, seg: u64) -> bool {
+        // The index must be final: a removal written but not yet synced
+        // would otherwise be followed by a copy of the message it removes.
+        if self.drain().is_some() {
+            self.abandon_segment();
+            return false;
+        }
         let ids = self.shared.lock_index().pinning(seg);
         info!(
             segment = seg,
@@ -822,6 +808,7 @@ impl Writer {
         let no = self.active.no;
         let start = self.active.len;
         let mut moved = Vec::with_capacity(ids.len());
+        let mut buf = Vec::new();
         for id in ids {
             let (envelope, delivery, extents) = {
                 let index = self.shared.lock_index();
@@ -839,10 +826,10 @@ impl Writer {
                         return false;
                     }
                 };
-                self.buf.clear();
+                buf.clear();
                 let base = self.active.len;
                 let p = record::encode(
-                    &mut self.buf,
+                    &mut buf,
                     self.active.seed,
                     Kind::Data,
                     &[&record::id_bytes(id.as_u64()), &piece],
@@ -852,15 +839,15 @@ impl Writer {
                     off: base + p as u64 + 8,
                     len: piece.len() as u32,
                 });
-                if !self.append_unsynced(start) {
+                if !self.append_unsynced(&buf, start) {
                     return false;
                 }
             }
             let env = record::encode_envelope(&envelope);
             let head = record::commit_head(id.as_u64(), &env, &delivery, &new_extents);
-            self.buf.clear();
-            record::encode(&mut self.buf, self.active.seed, Kind::Commit, &[&head]);
-            if !self.append_unsynced(start) {
+            buf.clear();
+            record::encode(&mut buf, self.active.seed, Kind::Commit, &[&head]);
+            if !self.append_unsynced(&buf, start) {
                 return false;
             }
             moved.push((id, new_extents));
@@ -873,10 +860,11 @@ impl Writer {
         }
         self.active.synced = self.active.len;
         self.active.commits = self.active.commits.saturating_add(moved.len() as u32);
+        self.active.synced_commits = self.active.commits;
         let mut index = self.shared.lock_index();
         for (id, extents) in moved {
-            // Only this thread changes the index, so the message is still
-            // there, with the record just copied.
+            // Nothing was queued for the sync thread since the drain, so
+            // the message is still there, with the record just copied.
             if let Some(old) = index.messages.get(&id) {
                 let (envelope, delivery) = (old.envelope.clone(), old.delivery.clone());
                 index.insert(
@@ -893,13 +881,13 @@ impl Writer {
         index.segments.get(&seg).copied().unwrap_or(0) == 0
     }
 
-    /// Append `self.buf` to the active segment without syncing (copies
-    /// made by compaction); on failure the copies are cut off back to
-    /// `start` (the originals stay valid).
-    fn append_unsynced(&mut self, start: u64) -> bool {
-        match self.active.file.write_all_at(&self.buf, self.active.len) {
+    /// Append `buf` to the active segment without syncing (copies made
+    /// by compaction); on failure the copies are cut off back to `start`
+    /// (the originals stay valid).
+    fn append_unsynced(&mut self, buf: &[u8], start: u64) -> bool {
+        match self.active.file.write_all_at(buf, self.active.len) {
             Ok(()) => {
-                self.active.len += self.buf.len() as u64;
+                self.active.len += buf.len() as u64;
                 true
             }
             Err(e) => {
