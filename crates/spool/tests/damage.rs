@@ -250,3 +250,51 @@ async fn junk_and_wrapping_names_are_set_aside_and_never_counted() {
         assert!(name.as_str() < "seg-0001", "{name}");
     }
 }
+
+/// The sync thread syncs and seals a finished segment before it
+/// acknowledges anything written after it, while the writer already goes
+/// on in the next one. A power failure in between can leave the older
+/// segment unsealed with its tail unwritten and the newer one holding the
+/// commit of a message whose body was in that tail: the message was never
+/// acknowledged, so it is no loss (and no ERROR), but what was found is
+/// still kept.
+#[tokio::test]
+async fn a_commit_whose_body_was_in_an_unsynced_tail_was_never_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        segment_size: 100 << 10,
+        ..Options::default()
+    };
+    let (spool, _) = Spool::open_with(dir.path(), opts.clone()).unwrap();
+    let first = put(&spool, &pattern(30_000, 1)).await;
+    // Four 64 KiB chunks: the first two in segment 1, the commit in 2.
+    let big = put(&spool, &noise(4 * 65_536 + 100, 7)).await;
+    spool.close().await.unwrap();
+    drop(spool);
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 2, "{segs:?}");
+
+    // What a crash before the seal of segment 1 completed looks like: no
+    // seal, and its last chunk never reached the disk.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segs[0])
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0u8; 8], 24).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 1000).unwrap();
+    drop(f);
+
+    let (spool, rec) = Spool::open_with(dir.path(), opts).unwrap();
+    assert_eq!(rec.lost, 0, "never acknowledged, so not lost: {rec:?}");
+    assert!(rec.lost_ids.is_empty(), "{rec:?}");
+    assert_eq!(rec.damaged_segments, 0, "{rec:?}");
+    assert!(spool.message(first).is_some(), "the message before is intact");
+    assert!(spool.message(big).is_none(), "an incomplete body is never sent");
+    let kept = corrupt(dir.path());
+    assert!(
+        kept.contains(&format!("{big}.envelope.json")),
+        "what there is stays for a person: {kept:?}"
+    );
+}
