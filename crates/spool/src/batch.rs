@@ -158,7 +158,8 @@ fn pwritev_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut off: u64) -> io::R
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         let count = bufs.len().min(IOV_MAX);
-        let at = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let at =
+            libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the
         // slices borrow live buffers for the duration of the call, and the
         // descriptor is open while `file` is borrowed.

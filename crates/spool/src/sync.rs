@@ -25,9 +25,9 @@ use std::thread::JoinHandle;
 use tracing::{error, warn};
 
 use crate::envelope::DeliveryRecord;
+use crate::envelope::Reserve;
 use crate::error::SpoolError;
 use crate::index::Entry;
-use crate::envelope::Reserve;
 use crate::{MessageId, Shared, segment};
 
 pub(crate) type Reply = tokio::sync::oneshot::Sender<Result<(), SpoolError>>;
@@ -239,9 +239,9 @@ fn run(inner: &Inner, shared: &Shared, nudge: &Nudge) {
                 if jobs.iter().any(|j| !j.done.is_empty()) {
                     shared.counted_sync(ops);
                 }
-                freed = jobs.iter().any(|j| {
-                    j.seal || j.done.iter().any(|d| matches!(d, Done::Remove { .. }))
-                });
+                freed = jobs
+                    .iter()
+                    .any(|j| j.seal || j.done.iter().any(|d| matches!(d, Done::Remove { .. })));
                 apply(shared, jobs.into_iter().flat_map(|j| j.done).collect());
             }
             Err(e) => {

@@ -290,8 +290,14 @@ async fn a_commit_whose_body_was_in_an_unsynced_tail_was_never_acknowledged() {
     assert_eq!(rec.lost, 0, "never acknowledged, so not lost: {rec:?}");
     assert!(rec.lost_ids.is_empty(), "{rec:?}");
     assert_eq!(rec.damaged_segments, 0, "{rec:?}");
-    assert!(spool.message(first).is_some(), "the message before is intact");
-    assert!(spool.message(big).is_none(), "an incomplete body is never sent");
+    assert!(
+        spool.message(first).is_some(),
+        "the message before is intact"
+    );
+    assert!(
+        spool.message(big).is_none(),
+        "an incomplete body is never sent"
+    );
     let kept = corrupt(dir.path());
     assert!(
         kept.contains(&format!("{big}.envelope.json")),

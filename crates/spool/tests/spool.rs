@@ -284,7 +284,10 @@ async fn messages_spanning_many_segment_switches_survive_with_true_seals() {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             for i in 0..6u8 {
-                let b = pattern(20_000 + usize::from(t) * 17_000 + usize::from(i) * 9_000, t ^ i);
+                let b = pattern(
+                    20_000 + usize::from(t) * 17_000 + usize::from(i) * 9_000,
+                    t ^ i,
+                );
                 mine.push((put(&spool, &b).await, b));
             }
             mine
@@ -294,7 +297,11 @@ async fn messages_spanning_many_segment_switches_survive_with_true_seals() {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    assert!(segments(dir.path()).len() > 10, "{:?}", segments(dir.path()));
+    assert!(
+        segments(dir.path()).len() > 10,
+        "{:?}",
+        segments(dir.path())
+    );
     spool.close().await.unwrap();
     drop(spool);
     let (spool, rec) = Spool::open_with(dir.path(), opts).unwrap();
