@@ -267,8 +267,19 @@ async fn a_commit_whose_body_was_in_an_unsynced_tail_was_never_acknowledged() {
     };
     let (spool, _) = Spool::open_with(dir.path(), opts.clone()).unwrap();
     let first = put(&spool, &pattern(30_000, 1)).await;
-    // Four 64 KiB chunks: the first two in segment 1, the commit in 2.
-    let big = put(&spool, &noise(4 * 65_536 + 100, 7)).await;
+    // Four 64 KiB chunks, at least one of them in segment 1; once they
+    // are written (the barrier) the writer has moved on to a new segment,
+    // where the commit goes.
+    let mut w = spool.begin(Reserve::Respect);
+    w.write(&noise(4 * 65_536 + 100, 7)).await.unwrap();
+    spool.sync().await.unwrap();
+    let big = w
+        .commit(
+            Envelope::new("a@example.com", ["b@example.com".to_string()]),
+            DeliveryRecord::default(),
+        )
+        .await
+        .unwrap();
     spool.close().await.unwrap();
     drop(spool);
     let segs = segments(dir.path());
