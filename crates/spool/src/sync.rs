@@ -28,7 +28,7 @@ use crate::envelope::DeliveryRecord;
 use crate::envelope::Reserve;
 use crate::error::SpoolError;
 use crate::index::Entry;
-use crate::{MessageId, Shared, segment};
+use crate::{MessageId, Shared, segment, space};
 
 pub(crate) type Reply = tokio::sync::oneshot::Sender<Result<(), SpoolError>>;
 
@@ -239,10 +239,13 @@ fn run(inner: &Inner, shared: &Shared, nudge: &Nudge) {
                 if jobs.iter().any(|j| !j.done.is_empty()) {
                     shared.counted_sync(ops);
                 }
-                freed = jobs
+                let sealed = jobs.iter().any(|j| j.seal);
+                let removed = jobs
                     .iter()
-                    .any(|j| j.seal || j.done.iter().any(|d| matches!(d, Done::Remove { .. })));
+                    .any(|j| j.done.iter().any(|d| matches!(d, Done::Remove { .. })));
                 apply(shared, jobs.into_iter().flat_map(|j| j.done).collect());
+                freed = sealed
+                    || (removed && worth_reclaiming(shared, last.map_or(0, |(_, end, ..)| end)));
             }
             Err(e) => {
                 for d in jobs.into_iter().flat_map(|j| j.done) {
@@ -268,6 +271,27 @@ fn run(inner: &Inner, shared: &Shared, nudge: &Nudge) {
             nudge();
         }
     }
+}
+
+/// Whether removals just published may let the writer give space back:
+/// the oldest segment is left without a live message, or space is short
+/// (the writer then also gives back an emptied active segment of
+/// `active_len` bytes). Otherwise the writer is not woken for nothing.
+fn worth_reclaiming(shared: &Shared, active_len: u64) -> bool {
+    {
+        let index = shared.lock_index();
+        let mut files = index.files.iter();
+        if let (Some(oldest), Some(_)) = (files.next(), files.next())
+            && index.segments.get(oldest).copied().unwrap_or(0) == 0
+        {
+            return true;
+        }
+    }
+    shared.is_below_reserve()
+        || shared.write_failed_full()
+        || shared
+            .room_for_mail()
+            .is_some_and(|room| room < active_len.saturating_add(space::RESUME_ROOM))
 }
 
 /// One `fdatasync` per segment the jobs wrote to (in order), and the seal
