@@ -281,7 +281,13 @@ fn zsh(out: &Path, nodes: &[Node], problems: &mut Vec<String>) -> anyhow::Result
             }
         }
         for flag in long_flags(&node.cmd) {
-            if !text.contains(&format!("'{flag}[")) && !text.contains(&format!("'{flag}=[")) {
+            // A flag that conflicts with others starts with their list:
+            // '(--device)--port=[HELP]'.
+            let listed = ["'", ")"].iter().any(|before| {
+                text.contains(&format!("{before}{flag}["))
+                    || text.contains(&format!("{before}{flag}=["))
+            });
+            if !listed {
                 problems.push(format!("zsh: no entry for {flag}"));
             }
         }
