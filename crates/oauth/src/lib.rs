@@ -1,5 +1,7 @@
-//! oauthrelay's Google accounts: configuration, first consent, token
-//! storage, access-token refresh and SASL XOAUTH2.
+//! oauthrelay's accounts (Google and Microsoft): configuration, first
+//! consent (browser with PKCE, device code, service accounts, app-only),
+//! token storage (rotating refresh tokens included), access-token refresh
+//! and the SASL XOAUTH2 initial response.
 //!
 //! # For the binary (CLI and daemon)
 //!

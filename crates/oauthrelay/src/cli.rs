@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "oauthrelay",
     version,
-    about = "Relay plain SMTP to Gmail with OAuth2: a durable queue, retries, metrics",
+    about = "Relay plain SMTP to Gmail or Microsoft 365 with OAuth2: a durable queue, retries, metrics",
     long_about = "oauthrelay accepts mail over plain SMTP (printers, scanners, cron, legacy apps), \
                   stores it durably, and relays it to smtp.gmail.com authenticating with OAuth2 \
                   (XOAUTH2). Run `oauthrelay serve` to start the relay; see `oauthrelay help <command>`."

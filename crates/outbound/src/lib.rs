@@ -1,6 +1,7 @@
 //! oauthrelay's delivery side: every queued message goes upstream through
-//! its account's transport (SMTP with XOAUTH2 today), and is retried until
-//! it is delivered or fails for good.
+//! its account's transport (SMTP with XOAUTH2 to Gmail or Exchange Online,
+//! or the Gmail API), and is retried until it is delivered or fails for
+//! good.
 //!
 //! ```text
 //! spool.subscribe() ──ids──▶ scheduler ──jobs──▶ workers (concurrency per account)
@@ -14,7 +15,8 @@
 //! - A [`Transport`] delivers one message over one authenticated channel
 //!   and reports typed facts: per recipient [`RcptOutcome`]s and an
 //!   account-wide [`AccountSignal`]. Replies are [`Reply`]s from the wire
-//!   to the queue (`docs/gmail-replies.md` says what each means).
+//!   to the queue (`docs/gmail-replies.md` and `docs/microsoft-replies.md`
+//!   say what each means).
 //! - What an attempt means for the message is a pure function
 //!   (`decide.rs`); what it means for the account, the scheduler decides
 //!   alone (pauses on the retry schedule, login throttling, the daily
