@@ -2,10 +2,9 @@
 //! (browser and paste), secret files others can read, `send-test`, and
 //! SIGHUP bringing new routing and accounts to a running daemon.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::gmail::TlsMode;
@@ -15,106 +14,15 @@ use crate::fakes::{
     CLIENT_SECRET, EMAIL, FAST_DELIVERY, T, Upstream, message, metric, metrics, queue, submit,
     until, wait_queue_empty, with_id,
 };
-use crate::harness::{BASE, BIN, Daemon, Smtp, config_in, run_cli};
+use crate::harness::{BASE, BIN, Daemon, Interactive, Smtp, config_in, run_cli};
 
-/// `oauthrelay authorize --account NAME --no-browser`, its stdout read
-/// line by line as it runs.
-struct Authorize {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Authorize {
-    fn start(config: &std::path::Path, account: &str, paste: bool) -> Authorize {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(["authorize", "--account", account, "--no-browser"])
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("DISPLAY")
-            .env_remove("WAYLAND_DISPLAY")
-            .stdin(if paste { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn authorize");
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Authorize {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first printed line containing `needle`, waiting for it.
-    fn wait_line(&mut self, needle: &str, limit: Duration) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!(
-                    "authorize printed no line with {needle:?} within {limit:?}:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// The authorization URL it printed.
-    fn url(&mut self, auth_url: &str) -> String {
-        self.wait_line(auth_url, T).trim().to_string()
-    }
-
-    fn paste(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().expect("stdin piped");
-        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Wait for the exit (bounded): (success, all stdout, stderr).
-    fn finish(mut self, limit: Duration) -> (bool, String, String) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!(
-                    "authorize did not exit within {limit:?}:\n{}",
-                    self.seen.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            self.seen.push(l);
-        }
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        (status.success(), self.seen.join("\n"), err)
-    }
+/// `oauthrelay authorize --account NAME --no-browser`, read as it runs.
+fn authorize(config: &std::path::Path, account: &str, paste: bool) -> Interactive {
+    Interactive::start(
+        config,
+        &["authorize", "--account", account, "--no-browser"],
+        paste,
+    )
 }
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -149,8 +57,8 @@ async fn authorize_in_a_browser_then_the_running_daemon_sends_the_held_mail() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"account\":\"default\""), "{body}");
 
-    let mut auth = Authorize::start(&d.config, "default", false);
-    let url = auth.url(&up.google.auth_url());
+    let mut auth = authorize(&d.config, "default", false);
+    let url = auth.wait_line(&up.google.auth_url(), T).trim().to_string();
     let visit = browse(&url, T).await.expect("the browser's visit");
     assert_eq!(visit.consent_status, 302, "{visit:?}");
     let back = visit.redirected_to.clone().unwrap();
@@ -229,8 +137,8 @@ async fn authorize_by_pasting_the_redirect_address() {
             &[up.account("default", EMAIL, &["*"], false)],
         ),
     );
-    let mut auth = Authorize::start(&cfg, "default", true);
-    let url = auth.url(&up.google.auth_url());
+    let mut auth = authorize(&cfg, "default", true);
+    let url = auth.wait_line(&up.google.auth_url(), T).trim().to_string();
     // The browser is on another machine: it gets Google's redirect but
     // cannot load it; the user copies the address from its address bar.
     let (status, headers, _) = testkit::google::http_get(&url, T).await.unwrap();

@@ -314,3 +314,115 @@ pub fn have_tool(tool: &str) -> bool {
     }
     found
 }
+
+/// A CLI command (`authorize`, ...) whose stdout is read line by line while
+/// it runs, as a person at the terminal would: wait for a line, answer on
+/// stdin, wait for the exit.
+pub struct Interactive {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Interactive {
+    /// `oauthrelay --config CONFIG ARGS...` with no display (no browser
+    /// opens) and no systemd directories; stdin piped when `stdin`.
+    pub fn start(config: &Path, args: &[&str], stdin: bool) -> Interactive {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("DISPLAY")
+            .env_remove("WAYLAND_DISPLAY")
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn oauthrelay");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout piped");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Interactive {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first printed line for which `pick` gives something, waiting
+    /// up to `limit` for it.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut pick: impl FnMut(&str) -> Option<String>,
+    ) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        let mut i = 0;
+        loop {
+            while i < self.seen.len() {
+                if let Some(v) = pick(&self.seen[i]) {
+                    return v;
+                }
+                i += 1;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no {what} within {limit:?}:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// The first printed line containing `needle`, waiting up to `limit`.
+    pub fn wait_line(&mut self, needle: &str, limit: Duration) -> String {
+        self.wait_for(&format!("line with {needle:?}"), limit, |l| {
+            l.contains(needle).then(|| l.to_string())
+        })
+    }
+
+    /// Type `line` and Enter.
+    pub fn paste(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin piped");
+        std::io::Write::write_all(stdin, format!("{line}\n").as_bytes()).expect("write stdin");
+        std::io::Write::flush(stdin).expect("flush stdin");
+    }
+
+    /// Wait for the exit (bounded by `limit`): (success, all stdout, stderr).
+    pub fn finish(mut self, limit: Duration) -> (bool, String, String) {
+        let deadline = std::time::Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "the command did not exit within {limit:?}:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(l);
+        }
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status.success(), self.seen.join("\n"), err)
+    }
+}

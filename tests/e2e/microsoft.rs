@@ -5,11 +5,8 @@
 //! pacing inside Exchange's limits. Against the fake identity platform and
 //! the fake Exchange Online in crates/testkit.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use testkit::ca::TestCa;
@@ -18,7 +15,7 @@ use testkit::google::browse;
 use testkit::microsoft::{APP_SCOPE, FakeMicrosoft, Grant};
 
 use crate::fakes::{FAST_DELIVERY, T, Upstream, message, queue, submit, until, wait_queue_empty};
-use crate::harness::{BASE, BIN, Daemon, config_in, run_cli};
+use crate::harness::{BASE, Daemon, Interactive, config_in, run_cli};
 
 const TENANT: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
 const PUBLIC_CLIENT: &str = "0e6d1a52-7d3b-4a4b-9d51-1c2f00aa1001";
@@ -133,89 +130,6 @@ fn stored_refresh_token(path: &Path) -> Option<String> {
     v["refresh_token"].as_str().map(str::to_string)
 }
 
-/// A CLI command whose stdout is read line by line while it runs.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(config: &Path, args: &[&str]) -> Running {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("DISPLAY")
-            .env_remove("WAYLAND_DISPLAY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first line after the one containing `after` for which `pick`
-    /// gives something.
-    fn wait_for(&mut self, what: &str, mut pick: impl FnMut(&str) -> Option<String>) -> String {
-        let deadline = Instant::now() + T;
-        let mut i = 0;
-        loop {
-            while i < self.seen.len() {
-                if let Some(v) = pick(&self.seen[i]) {
-                    return v;
-                }
-                i += 1;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no {what} within {T:?}:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// Wait for the exit; (success, stdout, stderr).
-    fn finish(mut self) -> (bool, String, String) {
-        let deadline = Instant::now() + T;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "command did not end: {:?}",
-                self.seen
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            self.seen.push(l);
-        }
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        (status.success(), self.seen.join("\n"), err)
-    }
-}
-
 fn user_code(line: &str) -> Option<String> {
     let t = line.trim();
     (t.len() == 9 && t.chars().all(|c| c.is_ascii_alphanumeric())).then(|| t.to_string())
@@ -280,8 +194,12 @@ async fn delegated_authorization_code_with_pkce_then_delivery_as_the_mailbox() {
     let config = up.config(&[up.delegated("m365", "\"*\"", "")]);
     let cfg = config_in(up.aux.path(), &config);
 
-    let mut auth = Running::start(&cfg, &["authorize", "--account", "m365", "--no-browser"]);
-    let url = auth.wait_for("authorization URL", |l| {
+    let mut auth = Interactive::start(
+        &cfg,
+        &["authorize", "--account", "m365", "--no-browser"],
+        false,
+    );
+    let url = auth.wait_for("authorization URL", T, |l| {
         let t = l.trim();
         t.contains("/common/oauth2/v2.0/authorize?")
             .then(|| t.to_string())
@@ -291,7 +209,7 @@ async fn delegated_authorization_code_with_pkce_then_delivery_as_the_mailbox() {
     assert!(!url.contains("access_type"), "Google's parameter: {url}");
     let visit = browse(&url, T).await.expect("browser");
     assert_eq!(visit.final_status, Some(200), "{}", visit.final_body);
-    let (ok, out, err) = auth.finish();
+    let (ok, out, err) = auth.finish(T);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("Authorized"), "{out}");
     assert_eq!(up.ms.requests(Grant::AuthorizationCode), 1);
@@ -330,40 +248,40 @@ async fn device_code_sign_in_pending_slow_down_approved_declined_unknown_and_exp
     let cfg = config_in(up.aux.path(), &config);
 
     // Approved, after a pending poll and a slow_down.
-    let mut run = Running::start(&cfg, &["authorize", "--account", "m365", "--device"]);
-    let code = run.wait_for("user code", user_code);
-    run.wait_for("the address", |l| {
+    let mut run = Interactive::start(&cfg, &["authorize", "--account", "m365", "--device"], false);
+    let code = run.wait_for("user code", T, user_code);
+    run.wait_for("the address", T, |l| {
         l.contains("https://microsoft.com/devicelogin")
             .then(String::new)
     });
-    run.wait_for("the pending line", |l| {
+    run.wait_for("the pending line", T, |l| {
         l.contains("Waiting for you to enter the code")
             .then(String::new)
     });
     up.ms.slow_down_next(1);
-    run.wait_for("the slow_down line", |l| {
+    run.wait_for("the slow_down line", T, |l| {
         l.contains("asks to poll less often: now every 6s")
             .then(String::new)
     });
     assert!(up.ms.approve_device(&code, MAILBOX));
-    let (ok, out, err) = run.finish();
+    let (ok, out, err) = run.finish(T);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("Authorized"), "{out}");
     assert!(stored_refresh_token(&up.token_file("m365")).is_some());
 
     // Declined.
-    let mut run = Running::start(&cfg, &["authorize", "--account", "m365", "--device"]);
-    let code = run.wait_for("user code", user_code);
+    let mut run = Interactive::start(&cfg, &["authorize", "--account", "m365", "--device"], false);
+    let code = run.wait_for("user code", T, user_code);
     assert!(up.ms.decline_device(&code));
-    let (ok, out, err) = run.finish();
+    let (ok, out, err) = run.finish(T);
     assert!(!ok, "{out}");
     assert!(err.contains("declined"), "{err}");
 
     // bad_verification_code: the service no longer knows the code.
-    let mut run = Running::start(&cfg, &["authorize", "--account", "m365", "--device"]);
-    let code = run.wait_for("user code", user_code);
+    let mut run = Interactive::start(&cfg, &["authorize", "--account", "m365", "--device"], false);
+    let code = run.wait_for("user code", T, user_code);
     assert!(up.ms.forget_device(&code));
-    let (ok, out, err) = run.finish();
+    let (ok, out, err) = run.finish(T);
     assert!(!ok, "{out}");
     assert!(
         err.contains("does not recognise the device code") && err.contains("--device again"),
@@ -372,8 +290,8 @@ async fn device_code_sign_in_pending_slow_down_approved_declined_unknown_and_exp
 
     // Expired: nobody enters the code.
     up.ms.set_device_lifetime(Duration::from_secs(2));
-    let run = Running::start(&cfg, &["authorize", "--account", "m365", "--device"]);
-    let (ok, out, err) = run.finish();
+    let run = Interactive::start(&cfg, &["authorize", "--account", "m365", "--device"], false);
+    let (ok, out, err) = run.finish(T);
     assert!(!ok, "{out}");
     assert!(
         err.contains("expired") && err.contains("--device again"),

@@ -830,7 +830,10 @@ async fn a_big_live_queue_does_not_make_every_commit_copy_segments() {
             u64::from_str_radix(name.trim_start_matches("seg-"), 16).unwrap()
         })
         .collect();
-    assert!(numbers.len() >= 8, "the queue spans several segments: {numbers:?}");
+    assert!(
+        numbers.len() >= 8,
+        "the queue spans several segments: {numbers:?}"
+    );
     let span = numbers[numbers.len() - 1] - numbers[0] + 1;
     assert_eq!(
         span,
