@@ -18,9 +18,11 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::{RSA_PSS_SHA256, RsaKeyPair};
+use ring::signature::RsaKeyPair;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::jwt;
 
 /// `client_assertion_type` for a JWT client assertion.
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -129,15 +131,8 @@ impl ClientCertificate {
             &hex[16..20],
             &hex[20..32]
         );
-        let iat = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let header = serde_json::json!({
-            "alg": "PS256",
-            "typ": "JWT",
-            "x5t#S256": self.thumbprint_s256,
-        });
+        let iat = jwt::unix_seconds(now);
+        let header = serde_json::json!({ "x5t#S256": self.thumbprint_s256 });
         let claims = serde_json::json!({
             "aud": audience,
             "iss": client_id,
@@ -147,24 +142,8 @@ impl ClientCertificate {
             "iat": iat,
             "exp": iat + ASSERTION_LIFETIME.as_secs(),
         });
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let mut signature = vec![0u8; self.key.public().modulus_len()];
-        self.key
-            .sign(
-                &RSA_PSS_SHA256,
-                &rng,
-                signing_input.as_bytes(),
-                &mut signature,
-            )
-            .map_err(|_| err("RSA-PSS signing failed"))?;
-        Ok(format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(&signature)
-        ))
+        jwt::sign(&self.key, jwt::Alg::Ps256, header, &claims, &rng)
+            .ok_or_else(|| err("RSA-PSS signing failed"))
     }
 }
 

@@ -73,6 +73,7 @@ pub mod config;
 pub mod device;
 mod explain;
 mod http;
+mod jwt;
 pub mod manager;
 pub mod metrics;
 pub mod perms;

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SystemRandom;
-use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+use ring::signature::RsaKeyPair;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
+
+use crate::jwt;
 
 /// The grant type Google expects for service-account assertions.
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -137,15 +137,8 @@ impl ServiceAccountKey {
         audience: &str,
         now: SystemTime,
     ) -> Result<String, KeyError> {
-        let iat = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let header = serde_json::json!({
-            "alg": "RS256",
-            "typ": "JWT",
-            "kid": self.private_key_id,
-        });
+        let iat = jwt::unix_seconds(now);
+        let header = serde_json::json!({ "kid": self.private_key_id });
         let claims = serde_json::json!({
             "iss": self.client_email,
             "sub": subject,
@@ -154,26 +147,16 @@ impl ServiceAccountKey {
             "iat": iat,
             "exp": iat + ASSERTION_LIFETIME.as_secs(),
         });
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let mut signature = vec![0u8; self.key.public().modulus_len()];
-        self.key
-            .sign(
-                &RSA_PKCS1_SHA256,
-                &SystemRandom::new(),
-                signing_input.as_bytes(),
-                &mut signature,
-            )
-            .map_err(|_| KeyError {
-                path: self.path.clone(),
-                reason: "RSA signing failed".into(),
-            })?;
-        Ok(format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(&signature)
-        ))
+        jwt::sign(
+            &self.key,
+            jwt::Alg::Rs256,
+            header,
+            &claims,
+            &SystemRandom::new(),
+        )
+        .ok_or_else(|| KeyError {
+            path: self.path.clone(),
+            reason: "RSA signing failed".into(),
+        })
     }
 }
