@@ -11,8 +11,8 @@ use testkit::gmail::TlsMode;
 use testkit::google::{Consent, browse};
 
 use crate::fakes::{
-    CLIENT_SECRET, EMAIL, FAST_DELIVERY, T, Upstream, message, metric, metrics, queue, submit,
-    until, wait_queue_empty, with_id,
+    CLIENT_SECRET, EMAIL, FAST_DELIVERY, T, Upstream, message, metric, metrics, submit, until,
+    wait_queue_empty, wait_state, with_id,
 };
 use crate::harness::{BASE, BIN, Daemon, Interactive, Smtp, config_in, run_cli};
 
@@ -45,14 +45,7 @@ async fn authorize_in_a_browser_then_the_running_daemon_sends_the_held_mail() {
         &message("auth1", "before consent", "x\r\n"),
     )
     .await;
-    until("mail held before authorization", T, async || {
-        let q = queue(&d);
-        match q.iter().find(|e| e["id"] == id.as_str()) {
-            Some(e) if e["state"] == "held" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_state(&d, &id, "held").await;
     let (status, body) = d.http_get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"account\":\"default\""), "{body}");

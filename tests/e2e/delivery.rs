@@ -15,7 +15,7 @@ use testkit::google::GrantType;
 use crate::fakes::{
     BOUNCED, DEFERRED, DELIVERED, EMAIL, FAILED, RECEIVED, SENT, T, Upstream, field_names, message,
     metric, metrics, prepended_fields, queue, squash, submit, until, wait_metric, wait_queue_empty,
-    with_id,
+    wait_state, with_id,
 };
 use crate::harness::{Smtp, have_tool, queued_id};
 
@@ -580,14 +580,7 @@ async fn invalid_grant_holds_mail_until_token_import_then_it_flows_without_resta
         &message("ig2", "held", "x\r\n"),
     )
     .await;
-    let held = until("the message held", T, async || {
-        let q = queue(&d);
-        match q.iter().find(|e| e["id"] == b.as_str()) {
-            Some(e) if e["state"] == "held" => Ok(e.clone()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let held = wait_state(&d, &b, "held").await;
     let why = held["held"].as_str().unwrap_or_default();
     assert!(
         why.contains("oauthrelay authorize --account default"),
@@ -640,14 +633,7 @@ async fn invalid_grant_holds_mail_until_token_import_then_it_flows_without_resta
         &message("ig3", "held too", "x\r\n"),
     )
     .await;
-    until("the second message held", T, async || {
-        let q = queue(&d);
-        match q.iter().find(|e| e["id"] == c.as_str()) {
-            Some(e) if e["state"] == "held" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_state(&d, &c, "held").await;
     assert_eq!(up.gmail.messages().len(), 1);
     assert_eq!(metric(&metrics(&d).await, BOUNCED), 0.0);
     let fix_logged = d.wait_log("oauthrelay authorize --account default", T);

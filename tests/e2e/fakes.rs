@@ -228,6 +228,18 @@ pub fn queue(d: &Daemon) -> Vec<serde_json::Value> {
     queue_at(&d.config)
 }
 
+/// Wait (up to `T`) until message `id` is in `state` in `queue list
+/// --json`; its entry.
+pub async fn wait_state(d: &Daemon, id: &str, state: &str) -> serde_json::Value {
+    until(&format!("{id} {state}"), T, async || {
+        match queue(d).into_iter().find(|m| m["id"] == id) {
+            Some(m) if m["state"] == state => Ok(m),
+            other => Err(format!("{other:?}\n{}", d.logs())),
+        }
+    })
+    .await
+}
+
 pub fn queue_at(config: &Path) -> Vec<serde_json::Value> {
     let out = run_cli(config, &["queue", "list", "--json"], None);
     assert!(

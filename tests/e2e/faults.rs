@@ -14,7 +14,7 @@ use testkit::google::{Fault, GrantType};
 
 use crate::fakes::{
     BOUNCED, DEFERRED, EMAIL, FAILED, SENT, T, Upstream, message, metric, metrics,
-    prepended_fields, queue, submit, until, wait_queue_empty, with_id,
+    prepended_fields, queue, submit, until, wait_queue_empty, wait_state, with_id,
 };
 use crate::harness::{Daemon, Smtp};
 
@@ -512,14 +512,7 @@ async fn a_535_blip_holds_the_account_until_a_probe_logs_in() {
         &message("blip", "held by a blip", "x\r\n"),
     )
     .await;
-    let held = async || {
-        let q = queue(&d);
-        match q.iter().find(|e| e["id"] == id.as_str()) {
-            Some(e) if e["state"] == "held" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    };
-    until("the message held", T, held).await;
+    wait_state(&d, &id, "held").await;
     assert_eq!(up.gmail.stats().auth_rejected, 2, "a refresh, one more try");
     d.wait_log("held: probing its login in 5m", T);
 
@@ -538,7 +531,7 @@ async fn a_535_blip_holds_the_account_until_a_probe_logs_in() {
     );
     let s = up.gmail.stats();
     assert_eq!((s.auth_rejected, s.mail_commands), (3, 0), "{s:?}");
-    until("the message still held", T, held).await;
+    wait_state(&d, &id, "held").await;
 
     // `queue retry --all`: the next probe is taken; the mail goes.
     let out = d.cli(&["queue", "retry", "--all"], None);

@@ -10,7 +10,7 @@ use testkit::gmail::TlsMode;
 use testkit::gmail_api::{ApiFault, FakeGmailApi, SEND_PATH, UploadType};
 
 use crate::fakes::{
-    EMAIL, FAST_DELIVERY, T, Upstream, message, prepended_fields, queue, submit, until,
+    EMAIL, FAST_DELIVERY, T, Upstream, message, prepended_fields, queue, submit, until, wait_state,
 };
 use crate::harness::Daemon;
 
@@ -78,16 +78,6 @@ impl Api {
 
 fn state_of(d: &Daemon, id: &str) -> Option<serde_json::Value> {
     queue(d).into_iter().find(|m| m["id"] == id)
-}
-
-async fn wait_state(d: &Daemon, id: &str, state: &str) -> serde_json::Value {
-    until(&format!("{id} {state}"), T, async || {
-        match state_of(d, id) {
-            Some(m) if m["state"] == state => Ok(m),
-            other => Err(format!("{other:?}\n{}", d.logs())),
-        }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
