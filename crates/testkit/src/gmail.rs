@@ -521,38 +521,17 @@ impl FakeGmail {
     /// Wait until at least `n` messages have been accepted or `timeout`
     /// passes; returns the messages accepted by then (check the length).
     pub async fn wait_for_messages(&self, n: usize, timeout: Duration) -> Vec<ReceivedMessage> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let st = self.shared.state();
-                if st.messages.len() >= n {
-                    return st.messages.clone();
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.messages();
-            }
-        }
+        crate::notify::until_changed(&self.shared.changed, timeout, || {
+            self.shared.state().messages.len() >= n
+        })
+        .await;
+        self.messages()
     }
 
     /// Wait until `pred(stats)` holds or `timeout` passes; returns whether it
     /// held.
     pub async fn wait_for_stats(&self, timeout: Duration, pred: impl Fn(&Stats) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if pred(&self.stats()) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return pred(&self.stats());
-            }
-        }
+        crate::notify::until_changed(&self.shared.changed, timeout, || pred(&self.stats())).await
     }
 
     /// The counters so far.
@@ -886,6 +865,15 @@ impl Session {
         Ok(())
     }
 
+    /// A multi-line reply: `CODE-` on every line but the last.
+    fn reply_lines(&mut self, code: u16, lines: &[String]) {
+        let last = lines.len().saturating_sub(1);
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.reply(&format!("{code}{sep}{l}"));
+        }
+    }
+
     fn reply(&mut self, text: &str) {
         self.wbuf.extend_from_slice(text.as_bytes());
         self.wbuf.extend_from_slice(b"\r\n");
@@ -1035,11 +1023,7 @@ impl Session {
                 lines.push("CHUNKING".to_string());
             }
             lines.push("SMTPUTF8".to_string());
-            let last = lines.len() - 1;
-            for (i, l) in lines.iter().enumerate() {
-                let sep = if i == last { ' ' } else { '-' };
-                self.reply(&format!("250{sep}{l}"));
-            }
+            self.reply_lines(250, &lines);
             return;
         }
         if !extended {
@@ -1064,11 +1048,7 @@ impl Session {
             lines.push("CHUNKING".to_string());
         }
         lines.push("SMTPUTF8".to_string());
-        let last = lines.len() - 1;
-        for (i, l) in lines.iter().enumerate() {
-            let sep = if i == last { ' ' } else { '-' };
-            self.reply(&format!("250{sep}{l}"));
-        }
+        self.reply_lines(250, &lines);
     }
 
     async fn starttls(&mut self) -> Result<(), End> {

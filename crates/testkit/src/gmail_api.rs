@@ -331,18 +331,7 @@ impl FakeGmailApi {
         timeout: Duration,
         pred: impl Fn(&ApiStats) -> bool,
     ) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if pred(&self.stats()) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return pred(&self.stats());
-            }
-        }
+        crate::notify::until_changed(&self.shared.changed, timeout, || pred(&self.stats())).await
     }
 
     pub fn stats(&self) -> ApiStats {

@@ -21,3 +21,4 @@ pub mod gmail;
 pub mod gmail_api;
 pub mod google;
 pub mod microsoft;
+mod notify;
