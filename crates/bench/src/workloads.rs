@@ -409,6 +409,17 @@ impl Bench {
 
     // ---- 1k / 1m ------------------------------------------------------------
 
+    /// `sessions` clients sending for the measurement window (`--duration`,
+    /// `--reuse`), as many messages as they can.
+    pub(super) fn window_load(&self, sessions: usize) -> Load {
+        Load {
+            sessions,
+            duration: Duration::from_secs_f64(self.args.duration),
+            reuse: self.args.reuse,
+            max_messages: None,
+        }
+    }
+
     async fn throughput(
         &mut self,
         name: &str,
@@ -417,12 +428,7 @@ impl Bench {
         targets: &mut Vec<Target>,
     ) -> anyhow::Result<()> {
         let tpl = MessageTemplate::new(size);
-        let load = Load {
-            sessions,
-            duration: Duration::from_secs_f64(self.args.duration),
-            reuse: self.args.reuse,
-            max_messages: None,
-        };
+        let load = self.window_load(sessions);
         println!(
             "\n== {name}: {size}-byte messages, {sessions} sessions, {:.0} s window, {} round(s), {}",
             self.args.duration,

@@ -262,6 +262,18 @@ impl Shared {
         Some(free.saturating_sub(self.reserve().max(space::BOOKKEEPING_FLOOR)))
     }
 
+    /// Whether space is short: new mail was refused (the reserve, or the
+    /// file system really full), or the free room above the reserve is
+    /// smaller than what an emptied active segment of `active_len` bytes
+    /// would give back.
+    pub(crate) fn short_of_space(&self, active_len: u64) -> bool {
+        self.is_below_reserve()
+            || self.write_failed_full()
+            || self
+                .room_for_mail()
+                .is_some_and(|room| room < active_len.saturating_add(space::RESUME_ROOM))
+    }
+
     pub(crate) fn forget_segment(&self, seg: u64) {
         self.files
             .lock()

@@ -28,7 +28,7 @@ use crate::envelope::DeliveryRecord;
 use crate::envelope::Reserve;
 use crate::error::SpoolError;
 use crate::index::Entry;
-use crate::{MessageId, Shared, segment, space};
+use crate::{MessageId, Shared, segment};
 
 pub(crate) type Reply = tokio::sync::oneshot::Sender<Result<(), SpoolError>>;
 
@@ -287,11 +287,7 @@ fn worth_reclaiming(shared: &Shared, active_len: u64) -> bool {
             return true;
         }
     }
-    shared.is_below_reserve()
-        || shared.write_failed_full()
-        || shared
-            .room_for_mail()
-            .is_some_and(|room| room < active_len.saturating_add(space::RESUME_ROOM))
+    shared.short_of_space(active_len)
 }
 
 /// One `fdatasync` per segment the jobs wrote to (in order), and the seal

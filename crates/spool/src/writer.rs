@@ -21,7 +21,7 @@ use crate::error::SpoolError;
 use crate::index::Entry;
 use crate::record::{self, Extent, Kind};
 use crate::segment;
-use crate::space::{self, Room};
+use crate::space::Room;
 pub(crate) use crate::sync::Reply;
 use crate::sync::{Done, Job, Syncer};
 use crate::{MessageId, Shared};
@@ -556,18 +556,6 @@ impl Writer {
                 .any(|o| o.extents.iter().any(|e| e.seg == no))
     }
 
-    /// Whether space is short: new mail was refused (the reserve, or the
-    /// file system really full), or the free room above the reserve is
-    /// smaller than what the active segment would give back.
-    fn short_of_space(&self) -> bool {
-        self.shared.is_below_reserve()
-            || self.shared.write_failed_full()
-            || self
-                .shared
-                .room_for_mail()
-                .is_some_and(|room| room < self.active.len.saturating_add(space::RESUME_ROOM))
-    }
-
     /// While space is short, an active segment whose messages are all gone
     /// is given back at once instead of waiting to fill up to
     /// `segment_size` (which it cannot: the file system is full). On a
@@ -579,7 +567,7 @@ impl Writer {
     fn give_back_active(&mut self) {
         if self.active.len <= segment::FILE_HEADER_LEN
             || !self.active_is_dead()
-            || !self.short_of_space()
+            || !self.shared.short_of_space(self.active.len)
         {
             return;
         }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::client::{Conn, Load, MessageTemplate};
+use crate::client::{Conn, MessageTemplate};
 use crate::report::{self, LoadRun, System};
 use crate::upstream::{Arrivals, Sink};
 
@@ -55,12 +55,7 @@ impl Bench {
         sessions: usize,
     ) -> anyhow::Result<()> {
         let tpl = MessageTemplate::new(size);
-        let load = Load {
-            sessions,
-            duration: Duration::from_secs_f64(self.args.duration),
-            reuse: self.args.reuse,
-            max_messages: None,
-        };
+        let load = self.window_load(sessions);
         println!(
             "\n== api {name}: {size}-byte messages, {sessions} sessions, {:.0} s window, {} round(s); \
              smtp: XOAUTH2 over implicit TLS to the fake Gmail; gmail-api: users.messages.send over \

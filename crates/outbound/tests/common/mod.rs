@@ -125,23 +125,10 @@ impl Harness {
         let gmail = (setup.gmail)(builder).start().await.expect("fake gmail");
 
         let account = AccountConfig {
-            provider: oauth::Provider::Google,
-            tenant: None,
-            device_auth_url: None,
-            max_rate: None,
-            concurrency: None,
-            client_certificate_file: None,
-            client_certificate_key_file: None,
-            name: "default".into(),
-            email: EMAIL.into(),
             client_id: Some(CLIENT_ID.into()),
             client_secret: Some(SecretString::from(CLIENT_SECRET)),
-            client_secret_file: None,
-            token_file: None,
             senders: setup.senders.clone(),
             rewrite_from: setup.rewrite_from,
-            envelope_from: None,
-            service_account_key_file: None,
             smtp_host: "127.0.0.1".into(),
             smtp_port: gmail.port(),
             smtp_tls: if setup.starttls {
