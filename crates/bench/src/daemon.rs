@@ -254,18 +254,7 @@ impl Daemon {
 
     /// The value of a counter or gauge on its `/metrics` page.
     pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self
-            .process
-            .metrics_addr()
-            .context("no `metrics listening on` line in the daemon log")?;
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-            .await?;
-        let mut page = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut page))
-            .await
-            .context("/metrics did not answer within 5 s")??;
+        let page = self.page("/metrics").await?;
         page.lines()
             .find_map(|l| {
                 let v = l.strip_prefix(name)?.strip_prefix(' ')?;
@@ -273,6 +262,24 @@ impl Daemon {
             })
             .map(|v| v as u64)
             .with_context(|| format!("no {name} on /metrics"))
+    }
+
+    /// A page of its HTTP listener (`/metrics`, `/readyz`, the status
+    /// page `/`): the whole response, status line and headers included.
+    pub async fn page(&self, path: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self
+            .process
+            .metrics_addr()
+            .context("no `metrics listening on` line in the daemon log")?;
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
+            .await?;
+        let mut page = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut page))
+            .await
+            .with_context(|| format!("{path} did not answer within 5 s"))??;
+        Ok(page)
     }
 
     /// SIGTERM, then wait (bounded) for the exit.
