@@ -813,12 +813,7 @@ impl Bench {
         // connection (closed after its idle timeout or not).
         tokio::time::sleep(Duration::from_secs(2)).await;
         let idle_after = d.memory();
-        println!(
-            "  idle after delivering: RSS {:.2} MB (anonymous {:.2} MB, file-backed {:.2} MB)",
-            idle_after.rss_kib as f64 / 1024.0,
-            idle_after.anon_kib as f64 / 1024.0,
-            idle_after.file_kib as f64 / 1024.0
-        );
+        println!("  idle after delivering: {idle_after}");
 
         // Watched: what Prometheus scrapes and a person looks at.
         for path in ["/metrics", "/readyz", "/"] {
@@ -829,12 +824,7 @@ impl Bench {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let watched = d.memory();
-        println!(
-            "  after /metrics, /readyz and the status page: RSS {:.2} MB (anonymous {:.2} MB, file-backed {:.2} MB)",
-            watched.rss_kib as f64 / 1024.0,
-            watched.anon_kib as f64 / 1024.0,
-            watched.file_kib as f64 / 1024.0
-        );
+        println!("  after /metrics, /readyz and the status page: {watched}");
 
         // Idle sessions.
         let before = d.memory();
