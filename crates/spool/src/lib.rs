@@ -31,6 +31,7 @@ mod envelope;
 mod error;
 mod id;
 mod index;
+mod pread;
 mod record;
 mod recover;
 mod segment;
@@ -721,10 +722,7 @@ impl BodyReader {
             return Ok(None);
         };
         self.next += 1;
-        let read = move || {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, off).map(|_| buf)
-        };
+        let read = move || pread::read_exact_at(&file, len as usize, off);
         // Small reads come from the page cache in microseconds; larger ones
         // may hit the disk and go to the blocking pool.
         let r = if len as usize <= 16 << 10 {
