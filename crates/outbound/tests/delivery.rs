@@ -762,7 +762,14 @@ async fn a_message_deleted_while_deferred_is_skipped() {
     // The deleted one due now too: its attempt finds it gone.
     h.outbound().retry_all().await;
     assert!(h.outbound().ping().await);
-    assert!(wait_until(T, || h.outbound().account_states()[0].in_flight == 0).await);
+    assert!(
+        wait_until(T, || h
+            .outbound()
+            .account_states()
+            .first()
+            .is_some_and(|a| a.in_flight == 0))
+        .await
+    );
     let msgs = h.gmail.messages();
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].message_id.as_deref(), Some("<kept@example.com>"));

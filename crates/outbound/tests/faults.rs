@@ -440,8 +440,11 @@ async fn login_throttling_pauses_the_account_then_delivers() {
         )
         .await;
     assert!(
-        wait_until(T, || h.outbound().account_states()[0].pause_kind
-            == Some(PauseKind::LoginThrottled))
+        wait_until(T, || h
+            .outbound()
+            .account_states()
+            .first()
+            .is_some_and(|a| a.pause_kind == Some(PauseKind::LoginThrottled)))
         .await
     );
     let until = h.outbound().account_states()[0].paused_until.unwrap();

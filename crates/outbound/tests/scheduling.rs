@@ -38,7 +38,12 @@ async fn shrinking_concurrency_retires_idle_workers_and_lets_busy_ones_finish() 
         )
         .await;
     assert!(
-        wait_until(T, || h.outbound().account_states()[0].in_flight == 1).await,
+        wait_until(T, || h
+            .outbound()
+            .account_states()
+            .first()
+            .is_some_and(|a| a.in_flight == 1))
+        .await,
         "one worker busy, two idle"
     );
 
