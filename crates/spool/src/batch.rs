@@ -163,26 +163,19 @@ fn pwritev_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut off: u64) -> io::R
         // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the
         // slices borrow live buffers for the duration of the call, and the
         // descriptor is open while `file` is borrowed.
-        let r = unsafe {
+        let r = crate::pread::uninterrupted(|| unsafe {
             libc::pwritev(
                 file.as_raw_fd(),
                 bufs.as_ptr().cast::<libc::iovec>(),
                 count as libc::c_int,
                 at,
             )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        })?;
         if r == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }
         off += r as u64;
-        IoSlice::advance_slices(&mut bufs, r as usize);
+        IoSlice::advance_slices(&mut bufs, r);
     }
     Ok(())
 }

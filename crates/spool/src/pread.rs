@@ -24,28 +24,35 @@ pub(crate) fn read_exact_at(file: &File, len: usize, off: u64) -> io::Result<Vec
         // SAFETY: `pread` writes at most `spare.len()` bytes into `spare`,
         // memory this vector owns; the descriptor is open while `file` is
         // borrowed.
-        let r = unsafe {
+        let r = uninterrupted(|| unsafe {
             libc::pread(
                 file.as_raw_fd(),
                 spare.as_mut_ptr().cast::<libc::c_void>(),
                 spare.len(),
                 at,
             )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        })?;
         if r == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         }
         // SAFETY: `pread` initialised the next `r` bytes (r <= spare.len()).
-        unsafe { buf.set_len(buf.len() + r as usize) };
+        unsafe { buf.set_len(buf.len() + r) };
     }
     Ok(buf)
+}
+
+/// Run a read or write system call (`pread`, `pwritev`) again while it is
+/// interrupted by a signal; the byte count it returned, or its error.
+pub(crate) fn uninterrupted(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        if let Ok(n) = usize::try_from(call()) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 #[cfg(test)]
