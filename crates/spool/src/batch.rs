@@ -163,7 +163,7 @@ fn pwritev_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut off: u64) -> io::R
         // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the
         // slices borrow live buffers for the duration of the call, and the
         // descriptor is open while `file` is borrowed.
-        let r = crate::pread::uninterrupted(|| unsafe {
+        let r = crate::fileio::uninterrupted(|| unsafe {
             libc::pwritev(
                 file.as_raw_fd(),
                 bufs.as_ptr().cast::<libc::iovec>(),

@@ -29,9 +29,9 @@
 mod batch;
 mod envelope;
 mod error;
+mod fileio;
 mod id;
 mod index;
-mod pread;
 mod record;
 mod recover;
 mod segment;
@@ -722,7 +722,7 @@ impl BodyReader {
             return Ok(None);
         };
         self.next += 1;
-        let read = move || pread::read_exact_at(&file, len as usize, off);
+        let read = move || fileio::read_exact_at(&file, len as usize, off);
         // Small reads come from the page cache in microseconds; larger ones
         // may hit the disk and go to the blocking pool.
         let r = if len as usize <= 16 << 10 {

@@ -1,4 +1,6 @@
-//! Reading a stored piece back without zeroing a buffer first.
+//! Positional file I/O the spool's threads share: reading a stored piece
+//! back without zeroing a buffer first, and retrying `pread`/`pwritev`
+//! when a signal interrupts them.
 //!
 //! Every message body goes out through [`read_exact_at`], 64 KiB at a
 //! time; `vec![0; len]` followed by `FileExt::read_exact_at` spent about 3%
