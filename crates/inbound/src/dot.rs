@@ -21,12 +21,32 @@
 //!   the data too. `CR . CR` never ends anything.
 //!
 //! The decoder keeps its state between calls, so input may be split anywhere.
+//!
+//! So the output differs from the input only at a bare LF, at a dot that
+//! starts a line, and at the end-of-data line. In ordinary text the decoder
+//! therefore looks only at the LFs: a run of lines that each end with CRLF
+//! and do not start with a dot goes to the [`Sink`] unchanged, in one
+//! [`Sink::put_input`] call. A byte-at-a-time state machine handles the
+//! rest: a bare LF, a line that starts with a dot, and a CR at the end of
+//! the input (written only once the next byte shows what it is). With
+//! [`Borrowing`] a caller gets the decoded bytes as a slice of its own
+//! input when they are one unchanged piece of it, without a copy.
 
-use memchr::memchr2;
+use std::ops::Range;
+
+use memchr::memchr_iter;
 
 /// Where decoded bytes go.
 pub trait Sink {
     fn put(&mut self, bytes: &[u8]);
+
+    /// Bytes copied unchanged from the input of the [`DotDecoder::decode`]
+    /// call in progress: `bytes` is `input[at..at + bytes.len()]`. The
+    /// default forgets where they came from.
+    fn put_input(&mut self, at: usize, bytes: &[u8]) {
+        let _ = at;
+        self.put(bytes);
+    }
 }
 
 impl Sink for Vec<u8> {
@@ -40,6 +60,84 @@ pub struct Discard;
 
 impl Sink for Discard {
     fn put(&mut self, _: &[u8]) {}
+}
+
+/// A sink for one [`DotDecoder::decode`] call that copies only when it
+/// must: while everything decoded is one contiguous, unchanged piece of the
+/// input (no dot removed, no bare LF rewritten, no CR carried over from
+/// the call before), it only notes where that piece is; otherwise it
+/// copies what was decoded into its buffer. [`Borrowing::into_bytes`]
+/// gives the decoded bytes either way. (The end-of-data line is not
+/// decoded output: a message's last piece is usually borrowed too.)
+pub struct Borrowing<'a> {
+    input: &'a [u8],
+    buf: &'a mut Vec<u8>,
+    /// While nothing is copied: where in `input` the decoded bytes are.
+    span: Range<usize>,
+    /// The decoded bytes are in `buf`.
+    copied: bool,
+}
+
+impl<'a> Borrowing<'a> {
+    /// A sink for decoding `input`, copying into `buf` (cleared) if it must.
+    pub fn new(input: &'a [u8], buf: &'a mut Vec<u8>) -> Borrowing<'a> {
+        buf.clear();
+        Borrowing {
+            input,
+            buf,
+            span: 0..0,
+            copied: false,
+        }
+    }
+
+    /// What was decoded: a slice of the input, or of the buffer.
+    pub fn into_bytes(self) -> &'a [u8] {
+        if self.copied {
+            self.buf
+        } else {
+            self.input.get(self.span).unwrap_or_default()
+        }
+    }
+
+    /// Whether the decoded bytes are a slice of the input (nothing copied).
+    pub fn is_borrowed(&self) -> bool {
+        !self.copied
+    }
+
+    /// From now on the decoded bytes are copied: copy what was noted.
+    #[cold]
+    fn spill(&mut self) {
+        self.copied = true;
+        let kept = self.input.get(self.span.clone()).unwrap_or_default();
+        self.buf.reserve(self.input.len());
+        self.buf.extend_from_slice(kept);
+    }
+}
+
+impl Sink for Borrowing<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if !self.copied {
+            self.spill();
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn put_input(&mut self, at: usize, bytes: &[u8]) {
+        debug_assert_eq!(
+            self.input.get(at..at.saturating_add(bytes.len())),
+            Some(bytes),
+            "put_input: not the input's bytes at {at}"
+        );
+        if self.copied {
+            self.buf.extend_from_slice(bytes);
+        } else if self.span.is_empty() {
+            self.span = at..at.saturating_add(bytes.len());
+        } else if self.span.end == at {
+            self.span.end = at.saturating_add(bytes.len());
+        } else {
+            self.put(bytes);
+        }
+    }
 }
 
 /// Which lone-dot lines end the data.
@@ -57,7 +155,8 @@ enum St {
     /// At the start of a line; `bare`: the line before it ended with a
     /// bare LF.
     LineStart { bare: bool },
-    /// Inside a line.
+    /// Inside a line (or at the start of one that does not start with a
+    /// dot): ordinary text, copied through by [`DotDecoder::text`].
     Mid,
     /// Inside a line, just after a CR that is not yet written out.
     Cr,
@@ -105,48 +204,25 @@ impl DotDecoder {
         while let Some(&b) = input.get(i) {
             match self.st {
                 St::Done => return (i, true),
-                St::Mid => {
-                    let rest = input.get(i..).unwrap_or_default();
-                    match memchr2(b'\r', b'\n', rest) {
-                        None => {
-                            out.put(rest);
-                            return (input.len(), false);
-                        }
-                        Some(k) => {
-                            out.put(rest.get(..k).unwrap_or_default());
-                            i += k + 1;
-                            if rest.get(k) == Some(&b'\r') {
-                                self.st = St::Cr;
-                            } else {
-                                self.bare_lf(out);
-                            }
-                        }
+                St::Mid => i = self.text(input, i, out),
+                St::LineStart { bare } => match b {
+                    b'.' => {
+                        i += 1;
+                        self.st = St::Dot { bare };
                     }
-                }
-                St::LineStart { bare } => {
-                    i += 1;
-                    match b {
-                        b'.' => self.st = St::Dot { bare },
-                        b'\r' => self.st = St::Cr,
-                        b'\n' => self.bare_lf(out),
-                        _ => {
-                            out.put(&[b]);
-                            self.st = St::Mid;
-                        }
-                    }
-                }
+                    // Any other line is text from its first byte (a CR,
+                    // or a bare LF, which `text` writes as CRLF).
+                    _ => self.st = St::Mid,
+                },
                 St::Cr => match b {
                     b'\n' => {
                         i += 1;
                         out.put(b"\r\n");
                         self.st = St::LineStart { bare: false };
                     }
-                    b'\r' => {
-                        i += 1;
-                        out.put(b"\r");
-                    }
                     _ => {
-                        // A bare CR: keep it; the byte after it is ordinary.
+                        // A bare CR: keep it; `text` goes on from the byte
+                        // after it (another CR included).
                         out.put(b"\r");
                         self.st = St::Mid;
                     }
@@ -197,10 +273,54 @@ impl DotDecoder {
         (input.len(), self.st == St::Done)
     }
 
+    /// Ordinary text from `input[start]` on, in state `Mid` (no CR waiting
+    /// before it, and `input[start]` is not a dot that starts a line):
+    /// written out unchanged and in one piece, across CRLF line endings, up
+    /// to the first bare LF (written as CRLF), line that starts with a dot,
+    /// or the end of the input. Returns where decoding goes on.
+    fn text(&mut self, input: &[u8], start: usize, out: &mut impl Sink) -> usize {
+        let rest = input.get(start..).unwrap_or_default();
+        for lf in memchr_iter(b'\n', rest) {
+            let crlf = lf
+                .checked_sub(1)
+                .and_then(|p| rest.get(p))
+                .is_some_and(|&b| b == b'\r');
+            if !crlf {
+                put_text(out, start, rest.get(..lf).unwrap_or_default());
+                self.bare_lf(out);
+                return start + lf + 1;
+            }
+            // A CRLF: the next line is text too unless it starts with a
+            // dot, or starts in the next call.
+            let next = lf + 1;
+            if matches!(rest.get(next), Some(b'.') | None) {
+                put_text(out, start, rest.get(..next).unwrap_or_default());
+                self.st = St::LineStart { bare: false };
+                return start + next;
+            }
+        }
+        // No line ending left: all text, but a CR at the very end waits for
+        // the next call to show what follows it.
+        let (len, st) = match rest.split_last() {
+            Some((b'\r', head)) => (head.len(), St::Cr),
+            _ => (rest.len(), St::Mid),
+        };
+        put_text(out, start, rest.get(..len).unwrap_or_default());
+        self.st = st;
+        input.len()
+    }
+
     /// A bare LF: written as CRLF; it ends the line.
     fn bare_lf(&mut self, out: &mut impl Sink) {
         out.put(b"\r\n");
         self.st = St::LineStart { bare: true };
+    }
+}
+
+/// Write `text`, `input[at..]`, unless it is empty.
+fn put_text(out: &mut impl Sink, at: usize, text: &[u8]) {
+    if !text.is_empty() {
+        out.put_input(at, text);
     }
 }
 
@@ -237,111 +357,4 @@ pub fn stuff(content: &[u8], out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(trusted: bool, input: &[u8]) -> (Vec<u8>, usize, bool) {
-        let mut d = DotDecoder::new(if trusted {
-            EndOfData::AnyLineEnding
-        } else {
-            EndOfData::CrlfDotCrlf
-        });
-        let mut out = Vec::new();
-        let (n, done) = d.decode(input, &mut out);
-        (out, n, done)
-    }
-
-    #[test]
-    fn standard_end_and_unstuffing() {
-        let (out, n, done) = run(false, b"a\r\n..b\r\n.c\r\n.\r\nQUIT\r\n");
-        assert!(done);
-        assert_eq!(n, 15);
-        assert_eq!(out, b"a\r\n.b\r\nc\r\n");
-    }
-
-    #[test]
-    fn empty_message() {
-        let (out, n, done) = run(false, b".\r\n");
-        assert!(done);
-        assert_eq!(n, 3);
-        assert!(out.is_empty());
-    }
-
-    #[test]
-    fn bare_lf_ends_data_only_for_trusted() {
-        for end in [&b"\n.\n"[..], b"\r\n.\n", b"\n.\r\n"] {
-            let mut input = b"hello".to_vec();
-            input.extend_from_slice(end);
-            input.extend_from_slice(b"MAIL FROM:<x@y>\r\n");
-            let (out, n, done) = run(true, &input);
-            assert!(done, "{end:?}");
-            assert_eq!(n, 5 + end.len());
-            assert_eq!(out, b"hello\r\n");
-            let (_, n, done) = run(false, &input);
-            assert!(!done, "{end:?} must not end DATA from an untrusted client");
-            assert_eq!(n, input.len());
-        }
-    }
-
-    #[test]
-    fn cr_dot_cr_never_ends() {
-        for trusted in [true, false] {
-            let (out, _, done) = run(trusted, b"a\r.\rb\r\n.\rc\r.\r\n");
-            assert!(!done);
-            assert_eq!(out, b"a\r.\rb\r\n\rc\r.\r\n");
-        }
-    }
-
-    #[test]
-    fn bare_lf_is_normalised() {
-        let (out, _, done) = run(false, b"a\nb\r\n.\r\n");
-        assert!(done);
-        assert_eq!(out, b"a\r\nb\r\n");
-        let (out, _, done) = run(true, b"a\n..b\n.\n");
-        assert!(done);
-        assert_eq!(out, b"a\r\n.b\r\n");
-    }
-
-    #[test]
-    fn bare_lf_ends_content_lines_from_everyone() {
-        // smtplib given bytes with LF endings: its stuffed dots go.
-        for trusted in [true, false] {
-            let (out, _, done) = run(trusted, b"a\n...two\n..one\n\r\n.\r\n");
-            assert!(done);
-            assert_eq!(out, b"a\r\n..two\r\n.one\r\n\r\n", "trusted: {trusted}");
-        }
-        // A lone dot next to a bare LF is an empty line for the others.
-        let (out, _, done) = run(false, b"a\n.\nb\r\n.\nc\n.\r\nd\r\n.\r\n");
-        assert!(done);
-        assert_eq!(out, b"a\r\n\r\nb\r\n\r\nc\r\n\r\nd\r\n");
-    }
-
-    #[test]
-    fn split_anywhere() {
-        let input = b"x\r\n..y\r\n\r\n.\r\n";
-        for cut in 0..input.len() {
-            let mut d = DotDecoder::new(EndOfData::CrlfDotCrlf);
-            let mut out = Vec::new();
-            let (a, done) = d.decode(&input[..cut], &mut out);
-            assert_eq!(a, cut);
-            assert!(!done);
-            let (b, done) = d.decode(&input[cut..], &mut out);
-            assert!(done);
-            assert_eq!(a + b, input.len());
-            assert_eq!(out, b"x\r\n.y\r\n\r\n");
-        }
-    }
-
-    #[test]
-    fn stuffing() {
-        let mut out = Vec::new();
-        stuff(b".a\r\nb\r\n.\r\n", &mut out);
-        assert_eq!(out, b"..a\r\nb\r\n..\r\n.\r\n");
-        out.clear();
-        stuff(b"no newline", &mut out);
-        assert_eq!(out, b"no newline\r\n.\r\n");
-        out.clear();
-        stuff(b"", &mut out);
-        assert_eq!(out, b".\r\n");
-    }
-}
+mod tests;

@@ -5,7 +5,7 @@ use tokio::time::Instant;
 
 use super::reply::Reply;
 use super::{Discard, Session, SessionEnd, State, Step};
-use crate::dot::DotDecoder;
+use crate::dot::{Borrowing, DotDecoder};
 use crate::message::BodyError;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -38,12 +38,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Step::Again);
         };
         let input = self.rbuf.get(self.pos..).unwrap_or_default();
-        self.scratch.clear();
-        let (used, done) = dot.decode(input, &mut self.scratch);
+        // Usually the decoded bytes are a piece of the input itself (no
+        // stuffed dot, no bare LF): then they go to the spool from `rbuf`,
+        // and only otherwise through `scratch`.
+        let mut sink = Borrowing::new(input, &mut self.scratch);
+        let (used, done) = dot.decode(input, &mut sink);
+        let decoded = sink.into_bytes();
         self.pos += used;
         self.body_bytes += used as u64;
         let pushed = match self.txn.as_mut().and_then(|t| t.message.as_mut()) {
-            Some(m) => m.push(&self.scratch).await,
+            Some(m) => m.push(decoded).await,
             None => Err(BodyError::Spool(spool::SpoolError::Closed)),
         };
         if let Err(e) = pushed {
