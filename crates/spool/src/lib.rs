@@ -32,6 +32,7 @@ mod error;
 mod fileio;
 mod id;
 mod index;
+mod reaper;
 mod record;
 mod recover;
 mod segment;
@@ -722,17 +723,20 @@ impl BodyReader {
             return Ok(None);
         };
         self.next += 1;
-        let read = move || fileio::read_exact_at(&file, len as usize, off);
-        // Small reads come from the page cache in microseconds; larger ones
-        // may hit the disk and go to the blocking pool.
-        let r = if len as usize <= 16 << 10 {
-            read()
-        } else {
-            tokio::task::spawn_blocking(read)
-                .await
-                .map_err(|e| SpoolError::Io(Arc::new(std::io::Error::other(e))))?
-        };
-        r.map(Some).map_err(SpoolError::io)
+        let len = len as usize;
+        // A piece delivered soon after it was stored is in the page cache:
+        // read it here, without a trip through the blocking pool (a thread
+        // wake-up and a switch each way, per 64 KiB). Only what is not
+        // cached is read there, where waiting for the disk blocks no task.
+        let cached = fileio::read_cached_at(&file, len, off);
+        if cached.len() == len {
+            return Ok(Some(cached));
+        }
+        tokio::task::spawn_blocking(move || fileio::finish_read_at(&file, cached, len, off))
+            .await
+            .map_err(|e| SpoolError::Io(Arc::new(std::io::Error::other(e))))?
+            .map(Some)
+            .map_err(SpoolError::io)
     }
 
     /// The whole body in memory.
