@@ -18,8 +18,8 @@ use tracing::{debug, error, info, warn};
 use crate::batch::{Batch, Mark};
 use crate::envelope::{DeliveryRecord, Envelope, Reserve};
 use crate::error::SpoolError;
+use crate::housekeeper::Housekeeper;
 use crate::index::Entry;
-use crate::reaper::Reaper;
 use crate::record::{self, Extent, Kind};
 use crate::segment;
 use crate::space::Room;
@@ -34,7 +34,7 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 const COMPACT_AT_SEGMENTS: usize = 4;
 
 /// Once this much has been appended to the active segment since the last
-/// time, the writer asks the kernel to start writing it to the disk
+/// time, the kernel is asked to start writing it to the disk
 /// ([`Writer::start_writeback`]).
 const WRITEBACK_STEP: u64 = 256 << 10;
 
@@ -172,9 +172,9 @@ pub(crate) struct Writer {
     /// Stopped (and waited for) when the writer ends, before the lock is
     /// released.
     syncer: Syncer,
-    /// Deletes dead segments; stopped (its queue finished) when the writer
-    /// ends, before the lock is released.
-    reaper: Reaper,
+    /// Deletes dead segments and starts writeback; stopped (its queue
+    /// finished) when the writer ends, before the lock is released.
+    keeper: Housekeeper,
     /// The spool's lock file, held while this thread runs.
     _lock: File,
 }
@@ -187,7 +187,7 @@ impl Writer {
         lock: File,
         syncer: Syncer,
     ) -> Writer {
-        let reaper = Reaper::start(shared.clone());
+        let keeper = Housekeeper::start(shared.clone());
         Writer {
             shared,
             active,
@@ -196,7 +196,7 @@ impl Writer {
             batch: Batch::default(),
             sealed: BTreeMap::new(),
             syncer,
-            reaper,
+            keeper,
             _lock: lock,
         }
     }
@@ -418,7 +418,7 @@ impl Writer {
                 Op::Sync { reply } => {
                     // Everything before it is done when it is answered,
                     // deletions of dead segments included.
-                    self.reaper.wait();
+                    self.keeper.wait();
                     done.push(Done::Sync { reply });
                 }
                 Op::Stop { reply } => stop = Some(reply),
@@ -500,13 +500,14 @@ impl Writer {
     /// write everything since the previous sync itself, and the commits
     /// behind it would wait for all of that (Linux writes dirty pages back
     /// on its own only after 30 s). Costs no extra disk writes: every byte
-    /// is synced when its message commits.
+    /// is synced when its message commits. The housekeeper thread makes the
+    /// call: it can wait for the disk's queue.
     fn start_writeback(&mut self) {
         const PAGE: u64 = 4096;
         let from = self.active.written_back;
         let to = self.active.len & !(PAGE - 1);
         if to >= from.saturating_add(WRITEBACK_STEP) {
-            crate::fileio::start_writeback(&self.active.file, from, to - from);
+            self.keeper.writeback(&self.active.file, from, to - from);
             self.active.written_back = to;
         }
     }
@@ -793,8 +794,8 @@ impl Writer {
                 self.shared.forget_segment(seg);
             }
             self.sealed.remove(&seg);
-            // Off this thread, in order (reaper.rs).
-            self.reaper.delete(&self.shared, seg);
+            // Off this thread, in order (housekeeper.rs).
+            self.keeper.delete(&self.shared, seg);
         }
     }
 
