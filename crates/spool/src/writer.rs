@@ -210,6 +210,7 @@ impl Writer {
             self.sealed.insert(no, size);
         }
         self.reclaim();
+        self.keeper.prepare_segment(self.active.no + 1);
         let mut batch = Vec::new();
         while let Some(op) = rx.blocking_recv() {
             let mut bytes = op.bytes();
@@ -683,7 +684,7 @@ impl Writer {
     /// anything written after it (so the writer does not wait); without,
     /// it is abandoned (its tail is unknown) and never sealed.
     fn rotate(&mut self, seal: bool) {
-        match segment::create(&self.shared.dir, self.active.no + 1) {
+        match self.keeper.take_segment(self.active.no + 1) {
             Ok((file, seed)) => {
                 debug!(segment = self.active.no + 1, "spool segment started");
                 if seal {
@@ -701,6 +702,7 @@ impl Writer {
                 self.sealed.insert(self.active.no, self.active.len);
                 self.shared.lock_index().files.insert(self.active.no + 1);
                 self.active = Active::new(self.active.no + 1, file, seed);
+                self.keeper.prepare_segment(self.active.no + 1);
             }
             Err(e) => {
                 let err = SpoolError::io(e);

@@ -605,7 +605,18 @@ async fn on_a_small_disk_the_emptied_active_segment_is_given_back() {
         }
         assert!(ids.len() < 40, "a 4 MiB file system never filled up");
     }
-    assert_eq!(segments(&spool_dir).len(), 1, "one active segment");
+    // The active segment holds the queue; beside it at most the next one,
+    // made ahead and still empty (its 32-byte header).
+    let sizes: Vec<u64> = segments(&spool_dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect();
+    assert_eq!(
+        sizes.iter().filter(|&&n| n > 32).count(),
+        1,
+        "one active segment: {sizes:?}"
+    );
+    assert!(sizes.len() <= 2, "{sizes:?}");
     let free = free_space(fs.path());
     for id in ids {
         spool.remove(id).await.unwrap();
@@ -926,4 +937,48 @@ async fn a_spool_written_in_the_previous_format_opens_and_keeps_everything() {
     );
     assert_eq!(body(&spool, d).await, b"new");
     assert_eq!(body(&spool, c).await, bc);
+}
+
+#[tokio::test]
+async fn the_next_segment_is_made_ahead_used_at_the_switch_and_not_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        segment_size: 256 << 10,
+        ..Options::default()
+    };
+    let (spool, _) = Spool::open_with(dir.path(), opts.clone()).unwrap();
+    let first = put(&spool, b"Subject: one\r\n\r\nx\r\n").await;
+    spool.sync().await.unwrap();
+    // Beside the active segment, the next one is ready: header only.
+    let made: Vec<u64> = segments(dir.path())
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect();
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert_eq!(made[1], 32, "the next segment, empty: {made:?}");
+    // Switches take it (and make the next); everything survives them.
+    let mut ids = vec![first];
+    for i in 0..6u8 {
+        ids.push(put(&spool, &pattern(100_000, i)).await);
+    }
+    spool.close().await.unwrap();
+    drop(spool);
+    // A clean stop seals the active segment and deletes the one made
+    // ahead: every segment left is sealed (its length in the header's
+    // bytes 24-27).
+    let left = segments(dir.path());
+    assert!(left.len() >= 3, "the messages span segments: {left:?}");
+    for p in &left {
+        let head = std::fs::read(p).unwrap();
+        assert!(
+            head.get(24..28).is_some_and(|len| len != [0u8; 4]),
+            "{} is not sealed: an unused segment was left behind",
+            p.display()
+        );
+    }
+    let (spool, rec) = Spool::open_with(dir.path(), opts).unwrap();
+    assert_eq!(rec.messages, ids.len());
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        assert_eq!(body(&spool, *id).await, pattern(100_000, (i - 1) as u8));
+    }
 }
