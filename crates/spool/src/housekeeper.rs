@@ -8,7 +8,7 @@
 //! it between two batches: every append, and through the in-flight budget
 //! every client sending a body, waited for it. Under a 1 MB load that was
 //! several times a second, and it made the slowest 1% of transactions
-//! (docs/benchmarks.md, "Deleting segments off the writer").
+//! (docs/benchmarks.md, "What the 1 MB p99 waited for").
 //!
 //! Starting writeback (`sync_file_range`) usually takes tens of
 //! microseconds, but now and then waits for the disk's queue or the
