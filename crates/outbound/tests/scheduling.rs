@@ -297,7 +297,10 @@ fn tiny_fs(size: &str) -> Option<TinyFs> {
 
 const PAGE: u64 = 4096;
 
-fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
+/// The segment being written: the newest one with records in it (the
+/// spool makes the next segment ahead, an empty file with only its
+/// 32-byte header, beside it).
+fn active_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(Result::ok)
@@ -308,7 +311,8 @@ fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
         })
         .collect();
     segs.sort();
-    segs.pop().expect("a spool segment")
+    segs.retain(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 32));
+    segs.pop().expect("a spool segment with records")
 }
 
 /// Grow the active segment to a whole number of pages (a message committed
@@ -316,7 +320,7 @@ fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
 /// the last page's free bytes would still succeed; at a page boundary the
 /// next record needs a new page, and fails.
 async fn pad_segment_to_page(spool: &spool::Spool) {
-    let seg = newest_segment(spool.dir());
+    let seg = active_segment(spool.dir());
     let len = || std::fs::metadata(&seg).unwrap().len();
     let mut overhead: Option<u64> = None;
     for _ in 0..20 {
