@@ -44,11 +44,11 @@ use crate::{Shared, fileio, segment};
 
 /// What the writer hands over.
 enum Task {
-    /// Delete segment `0`.
+    /// Delete this segment.
     Delete(u64),
     /// Start writing `len` bytes of the file at `off` to the disk.
     Writeback { file: Arc<File>, off: u64, len: u64 },
-    /// Make segment `0` (`segment::create`).
+    /// Make this segment (`segment::create`).
     Create(u64),
 }
 
@@ -131,14 +131,14 @@ impl Housekeeper {
     }
 
     /// Delete segment `seg`, after every segment handed over before it.
-    pub(crate) fn delete(&self, shared: &Shared, seg: u64) {
+    pub(crate) fn delete(&self, seg: u64) {
         self.progress.counts().0 += 1;
         let sent = self
             .tx
             .as_ref()
             .is_some_and(|tx| tx.send(Task::Delete(seg)).is_ok());
         if !sent {
-            delete(shared, seg);
+            delete(&self.shared, seg);
             self.progress.counts().1 += 1;
         }
     }

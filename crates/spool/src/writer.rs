@@ -797,7 +797,7 @@ impl Writer {
             }
             self.sealed.remove(&seg);
             // Off this thread, in order (housekeeper.rs).
-            self.keeper.delete(&self.shared, seg);
+            self.keeper.delete(seg);
         }
     }
 
