@@ -38,7 +38,7 @@ pub(crate) fn finish_read_at(
     Ok(buf)
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Read {
     /// From the page cache only (`RWF_NOWAIT`).
     Cached,

@@ -56,11 +56,12 @@ enum Task {
 type Made = (u64, io::Result<(File, u32)>);
 
 pub(crate) struct Housekeeper {
-    tx: Option<mpsc::Sender<Task>>,
+    tx: mpsc::Sender<Task>,
+    /// Joined when dropped.
     thread: Option<JoinHandle<()>>,
     progress: Arc<Progress>,
-    /// The segment being made ahead, if one was asked for.
-    preparing: Option<u64>,
+    /// A segment is being made ahead (its number and result come on `made`).
+    preparing: bool,
     made: mpsc::Receiver<Made>,
     shared: Arc<Shared>,
 }
@@ -80,9 +81,7 @@ impl Progress {
 }
 
 impl Housekeeper {
-    /// Start the thread. If it cannot be started, segments are deleted by
-    /// the caller's thread, as before there was one.
-    pub(crate) fn start(shared: Arc<Shared>) -> Housekeeper {
+    pub(crate) fn start(shared: Arc<Shared>) -> io::Result<Housekeeper> {
         let (tx, rx) = mpsc::channel::<Task>();
         let (made_tx, made) = mpsc::channel::<Made>();
         let progress = Arc::new(Progress::default());
@@ -106,26 +105,24 @@ impl Housekeeper {
                         }
                     }
                 }
-            });
-        match thread {
-            Ok(t) => Housekeeper {
-                tx: Some(tx),
-                thread: Some(t),
-                progress,
-                preparing: None,
-                made,
-                shared,
-            },
-            Err(e) => {
-                warn!(error = %e, "cannot start the spool's housekeeping thread; the writer deletes segments itself");
-                Housekeeper {
-                    tx: None,
-                    thread: None,
-                    progress,
-                    preparing: None,
-                    made,
-                    shared,
-                }
+            })?;
+        Ok(Housekeeper {
+            tx,
+            thread: Some(thread),
+            progress,
+            preparing: false,
+            made,
+            shared,
+        })
+    }
+
+    /// Hand a task to the thread; if it is gone (it never panics, so only
+    /// while dropping), do it here.
+    fn send(&self, task: Task) {
+        if let Err(mpsc::SendError(task)) = self.tx.send(task) {
+            match task {
+                Task::Delete(seg) => delete(&self.shared, seg),
+                Task::Writeback { .. } | Task::Create(_) => {}
             }
         }
     }
@@ -133,38 +130,22 @@ impl Housekeeper {
     /// Delete segment `seg`, after every segment handed over before it.
     pub(crate) fn delete(&self, seg: u64) {
         self.progress.counts().0 += 1;
-        let sent = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.send(Task::Delete(seg)).is_ok());
-        if !sent {
-            delete(&self.shared, seg);
-            self.progress.counts().1 += 1;
-        }
+        self.send(Task::Delete(seg));
     }
 
     /// Start writing `len` bytes of `file` at `off` out to the disk, soon.
     pub(crate) fn writeback(&self, file: &Arc<File>, off: u64, len: u64) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Task::Writeback {
-                file: file.clone(),
-                off,
-                len,
-            });
-        }
+        self.send(Task::Writeback {
+            file: file.clone(),
+            off,
+            len,
+        });
     }
 
     /// Have segment `no` made ahead of need, for [`Self::take_segment`].
     pub(crate) fn prepare_segment(&mut self, no: u64) {
-        if self.preparing.is_some() {
-            return;
-        }
-        if self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.send(Task::Create(no)).is_ok())
-        {
-            self.preparing = Some(no);
+        if !self.preparing {
+            self.preparing = self.tx.send(Task::Create(no)).is_ok();
         }
     }
 
@@ -172,10 +153,10 @@ impl Housekeeper {
     /// made ahead (waiting for it if it is not ready yet), or, if none was
     /// or making it failed, one made now.
     pub(crate) fn take_segment(&mut self, no: u64) -> io::Result<(File, u32)> {
-        if self.preparing.take().is_some() {
+        if std::mem::take(&mut self.preparing) {
             match self.made.recv() {
                 Ok((made, Ok(file))) if made == no => return Ok(file),
-                Ok((made, Ok(_))) => discard(&self.shared, made),
+                Ok((made, Ok(_))) => delete(&self.shared, made),
                 // Made again below (the failed attempt left no file): the
                 // file system may have room again by now.
                 Ok((made, Err(e))) => {
@@ -203,24 +184,17 @@ impl Housekeeper {
 impl Drop for Housekeeper {
     fn drop(&mut self) {
         // Closing the channel ends the thread once its queue is done.
-        self.tx = None;
+        drop(std::mem::replace(&mut self.tx, mpsc::channel().0));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         // A segment made ahead and never used: empty, and not ours to
         // leave behind.
-        if self.preparing.take().is_some()
+        if self.preparing
             && let Ok((no, Ok(_))) = self.made.try_recv()
         {
-            discard(&self.shared, no);
+            delete(&self.shared, no);
         }
-    }
-}
-
-/// Delete a segment made ahead that will not be used.
-fn discard(shared: &Shared, no: u64) {
-    if let Err(e) = segment::remove(&shared.dir, no) {
-        warn!(file = %segment::path(&shared.dir, no).display(), error = %e, "cannot delete an unused, empty spool segment");
     }
 }
 

@@ -388,6 +388,7 @@ impl Spool {
             options.segment_size.clamp(1, MAX_SEGMENT_SIZE),
             lock,
             syncer,
+            housekeeper::Housekeeper::start(shared.clone()).map_err(open_err)?,
         );
         std::thread::Builder::new()
             .name("spool-writer".into())

@@ -186,8 +186,8 @@ impl Writer {
         segment_size: u64,
         lock: File,
         syncer: Syncer,
+        keeper: Housekeeper,
     ) -> Writer {
-        let keeper = Housekeeper::start(shared.clone());
         Writer {
             shared,
             active,

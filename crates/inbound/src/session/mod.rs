@@ -163,7 +163,9 @@ pub(crate) struct Session<S> {
     /// The last read filled the buffer (a body is streaming: grow it).
     read_full: bool,
     out: Vec<u8>,
-    /// Decoded DATA bytes on their way to the spool.
+    /// Decoded DATA bytes on their way to the spool, when they are not an
+    /// unchanged piece of `rbuf` (a stuffed dot, a bare LF: see
+    /// [`crate::dot::Borrowing`]).
     scratch: Vec<u8>,
     settings: Arc<Settings>,
     shared: Arc<Shared>,
